@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what vscsi needs on a fresh Debian bookworm machine (as root):
+# QEMU 10 from bookworm-backports, the pieces of the guest image (busybox, fio,
+# sg3_utils, cpio, kmod), then the project itself with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /etc/apt/sources.list.d/backports.sources ]; then
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  cat > /etc/apt/sources.list.d/backports.sources <<SRC
+Types: deb
+URIs: $mirror
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null \
+  || apt-get install -y -qq qemu-system-x86 >/dev/null
+apt-get install -y -qq busybox-static cpio kmod fio sg3-utils util-linux >/dev/null
+python3 -m pip install -q -e '.[dev]'

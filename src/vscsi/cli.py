@@ -1,0 +1,54 @@
+"""The `vscsi` command. Each subcommand lives with the layer it drives and offers
+``configure(parser)`` and ``run(args) -> int``; this module only dispatches.
+
+Errors a user can cause surface as :class:`UsageError` (or a LunSpecError / OSError from
+their input) and end in one line on stderr and exit status 2 (1 for OSError).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help); modules are imported only when used
+SUBCOMMANDS = {
+    "serve": ("vscsi.serve", "serve LUNs to QEMU over vhost-user-scsi"),
+    "bench": ("vscsi.bench.command", "run fio-like jobs through our driver"),
+    "simulate": ("vscsi.sim.command", "discrete-event model of the steering policies"),
+    "vm": ("vscsi.vm.command", "build and boot a Linux guest against a backend"),
+}
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vscsi", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (UsageError, ValueError) as exc:
+        print(f"vscsi {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vscsi {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
