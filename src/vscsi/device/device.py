@@ -1,0 +1,521 @@
+"""The virtio-scsi device (virtio 1.2 §5.6): request queues, control queue, event queue.
+
+It sits between the rings (vscsi.virtio hands it a :class:`~vscsi.virtio.Chain` per
+request and pushes the byte count it returns) and the SCSI target (vscsi.scsi executes the
+CDB straight into the chain's memoryviews). It never touches a socket or a ring itself.
+
+Processes and what is per-process
+---------------------------------
+The vhost-user backend builds ONE device, then forks one worker per request queue (and
+serves the control and event queues in one more). After the fork, each process has its own
+copy of this object, so:
+
+* per-process (never seen by the other workers): ``targets`` (the dict and the ScsiTarget
+  objects in it), ``config`` and the header structs derived from it, ``driver_features``,
+  the event queue, ``on_arrival``. Hot-plugging a LUN with :meth:`add_lun` /
+  :meth:`remove_lun` therefore changes only the calling process: the backend must make the
+  same call (``notify=False``) in every request worker, or re-fork them, before the
+  driver learns of the change from the event. Config writes likewise (the driver writes
+  sense_size / cdb_size before DRIVER_OK, i.e. before workers start).
+* shared (MAP_SHARED memory created before the fork): the task table (:mod:`.tasks`),
+  through which the control worker sees and cancels the task each request worker is
+  running. Backing storage is shared by the scsi layer (positional I/O on one file, or a
+  MAP_SHARED ram disk).
+* no state is shared between request queues at all: a request touches only its own
+  queue's task slot, so the per-request path takes no lock.
+
+Only the ``fork`` start method works (the task table is an anonymous mmap).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any
+
+from vscsi.device.events import EventQueue
+from vscsi.device.iov import gather, scatter, skip, total
+from vscsi.device.tasks import ALL_LUNS, TaskTable
+from vscsi.device.wire import (
+    AN_REQ,
+    AN_RESP,
+    CMD_REQ_FIXED,
+    CMD_RESP_FIXED,
+    CONTROL_QUEUE,
+    CTRL_TYPE,
+    EVENT_QUEUE,
+    FIRST_REQUEST_QUEUE,
+    TMF_REQ,
+    TMF_RESP,
+    VIRTIO_SCSI_EVT_RESET_REMOVED,
+    VIRTIO_SCSI_EVT_RESET_RESCAN,
+    VIRTIO_SCSI_F_CHANGE,
+    VIRTIO_SCSI_F_HOTPLUG,
+    VIRTIO_SCSI_S_ABORTED,
+    VIRTIO_SCSI_S_BAD_TARGET,
+    VIRTIO_SCSI_S_FAILURE,
+    VIRTIO_SCSI_S_FUNCTION_COMPLETE,
+    VIRTIO_SCSI_S_FUNCTION_REJECTED,
+    VIRTIO_SCSI_S_FUNCTION_SUCCEEDED,
+    VIRTIO_SCSI_S_INCORRECT_LUN,
+    VIRTIO_SCSI_S_OK,
+    VIRTIO_SCSI_S_OVERRUN,
+    VIRTIO_SCSI_S_RESET,
+    VIRTIO_SCSI_T_AN_QUERY,
+    VIRTIO_SCSI_T_AN_SUBSCRIBE,
+    VIRTIO_SCSI_T_PARAM_CHANGE,
+    VIRTIO_SCSI_T_TMF,
+    VIRTIO_SCSI_T_TMF_ABORT_TASK,
+    VIRTIO_SCSI_T_TMF_ABORT_TASK_SET,
+    VIRTIO_SCSI_T_TMF_CLEAR_ACA,
+    VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET,
+    VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET,
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
+    VIRTIO_SCSI_T_TRANSPORT_RESET,
+    ScsiConfig,
+    cmd_req_struct,
+    cmd_resp_struct,
+    decode_lun,
+    encode_lun,
+)
+from vscsi.virtio import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+
+if TYPE_CHECKING:
+    from vscsi.scsi import LogicalUnit, ScsiTarget
+    from vscsi.virtio import Chain
+
+log = logging.getLogger(__name__)
+
+#: What we offer. Not INOUT (no bidirectional commands), not T10_PI, not ANY_LAYOUT (a
+#: legacy bit: VERSION_1 implies it, and we parse any layout regardless).
+DEVICE_FEATURES = (
+    (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_SCSI_F_HOTPLUG)
+    | (1 << VIRTIO_SCSI_F_CHANGE)
+)
+
+
+def _luns_of(target: Any) -> Collection[int] | None:
+    """The LUNs a ScsiTarget serves, if it says (``luns`` mapping); None if unknown."""
+    luns = getattr(target, "luns", None)
+    return luns if isinstance(luns, Collection) else None
+
+
+class VirtioScsiDevice:
+    """One virtio-scsi device. See the module docstring for what is per-process.
+
+    Driving it (what a backend does per queue):
+
+    * request queue ``q >= 2``: ``drain(ring, device.handler_for(q))`` on every kick;
+    * control queue 0: ``drain(ring, device.handler_for(0))``;
+    * event queue 1: NEVER drain it (its buffers wait for events). Call
+      ``device.deliver_events(ring.pop, ring.push)`` on its kick and after
+      :meth:`add_lun` / :meth:`remove_lun` / :meth:`post_event`, and signal the driver if
+      it returned nonzero and ``ring.needs_notify()``. ``handler_for(1)`` is
+      :meth:`handle_event`, the fill-one-buffer step it uses.
+    """
+
+    features: int = DEVICE_FEATURES
+
+    def __init__(
+        self,
+        targets: dict[int, ScsiTarget],
+        config: ScsiConfig,
+        on_arrival: Callable[[int, int, int], None] | None = None,
+        *,
+        event_capacity: int = 16,
+        event_max_age: float | None = None,
+        tmf_timeout: float = 30.0,
+    ) -> None:
+        config.validate()
+        self.targets = targets
+        self.on_arrival = on_arrival
+        #: the features the driver acknowledged; None until the backend reports them
+        #: (events are then posted as if HOTPLUG and CHANGE were accepted)
+        self.driver_features: int | None = None
+        self.events = EventQueue(event_capacity, event_max_age)
+        self.tasks = TaskTable(config.num_queues)
+        #: how long a TMF waits for a running task to finish before answering FAILURE
+        self.tmf_timeout = tmf_timeout
+        self._set_config(config)
+
+    # -- config space ----------------------------------------------------------------------
+
+    def _set_config(self, config: ScsiConfig) -> None:
+        self.config = config
+        # Precompiled per-size structs: the request path unpacks the whole header (cdb
+        # included) with one call and packs the whole response (sense padded) with one.
+        self._req = cmd_req_struct(config.cdb_size)
+        self._resp = cmd_resp_struct(config.sense_size)
+        self._req_len = CMD_REQ_FIXED + config.cdb_size
+        self._resp_len = CMD_RESP_FIXED + config.sense_size
+        self._sense_size = config.sense_size
+
+    def read_config(self) -> bytes:
+        return self.config.pack()
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """A driver write to config space; ConfigError if it is not acceptable (nothing
+        changes then)."""
+        self._set_config(self.config.write(offset, data))
+
+    def set_driver_features(self, features: int) -> None:
+        self.driver_features = features
+
+    def reset(self) -> None:
+        """Device reset (status 0): writable config back to defaults (§5.6.4), events and
+        negotiated features forgotten. Targets stay: they are the machine, not the state."""
+        self._set_config(self.config.reset_writable())
+        self.events.clear()
+        self.driver_features = None
+
+    # -- queue dispatch ----------------------------------------------------------------------
+
+    def handler_for(self, queue_index: int) -> Callable[[Chain], int]:
+        if queue_index == CONTROL_QUEUE:
+            return self.handle_control
+        if queue_index == EVENT_QUEUE:
+            return self.handle_event
+        if FIRST_REQUEST_QUEUE <= queue_index < FIRST_REQUEST_QUEUE + self.config.num_queues:
+            return functools.partial(self.handle_request, queue_index=queue_index)
+        raise ValueError(
+            f"queue {queue_index} does not exist (device has {self.config.num_queues} "
+            f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
+        )
+
+    # -- request queues, §5.6.6.1 ----------------------------------------------------------
+
+    def handle_request(self, chain: Chain, queue_index: int = FIRST_REQUEST_QUEUE) -> int:
+        """Execute one request-queue chain; returns the bytes written into its writable
+        part (response header + data-in moved), or 0 if there is no room for a response.
+
+        ``queue_index`` names the queue's task slot: one caller at a time per queue.
+        Never raises for anything the driver wrote.
+        """
+        slot = queue_index - FIRST_REQUEST_QUEUE
+        if not 0 <= slot < self.tasks.queues:
+            raise ValueError(f"queue {queue_index} is not a request queue of this device")
+
+        # Response header first: without room for it we cannot answer at all. Common case
+        # (Linux): it is the whole first writable descriptor, data-in the following ones.
+        wr = chain.writable
+        resp_len = self._resp_len
+        if wr and len(wr[0]) >= resp_len:
+            resp_buf: memoryview | None = wr[0]
+            data_in = wr[1:] if len(wr[0]) == resp_len else [wr[0][resp_len:], *wr[1:]]
+        else:
+            split = skip(wr, resp_len)
+            if split is None:
+                log.debug("request %d: writable part too short for a response", chain.head)
+                return 0
+            resp_buf, data_in = None, split
+
+        # Request header: again fast when it fills the first readable descriptor.
+        rd = chain.readable
+        req_len = self._req_len
+        if rd and len(rd[0]) >= req_len:
+            lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack_from(rd[0])
+            data_out = rd[1:] if len(rd[0]) == req_len else [rd[0][req_len:], *rd[1:]]
+        else:
+            header = gather(rd, req_len)
+            if header is None:
+                log.debug("request %d: readable part too short for a header", chain.head)
+                return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+            lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack(header)
+            data_out = skip(rd, req_len) or []
+        # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
+        # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
+
+        addr = decode_lun(lun_field)
+        if addr is None:
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+        t, lun = addr
+        if self.on_arrival is not None:
+            self.on_arrival(t, lun, tag)
+        target = self.targets.get(t)
+        if target is None:
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+
+        out_len = total(data_out) if data_out else 0
+        in_len = total(data_in) if data_in else 0
+        if out_len and in_len:
+            # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
+            # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
+            # a SCSI CHECK CONDITION, since the target never saw the command.
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+
+        tasks = self.tasks
+        held = tasks.begin(slot, t, lun, tag)
+        if held:                        # a reset / abort of this LUN is in progress
+            return self._respond(wr, resp_buf, held)
+        try:
+            result = target.execute(lun, cdb, data_out, data_in)
+        except Exception:
+            # A bug or an unexpected I/O error in the target must fail the request, not
+            # the queue worker.
+            tasks.end(slot)
+            log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+        cancelled = tasks.end(slot)
+        if cancelled:                   # a TMF aborted / reset it while it ran
+            return self._respond(wr, resp_buf, cancelled)
+
+        if in_len:
+            moved = min(max(result.data_in, 0), in_len)
+            resid = in_len - moved
+        elif out_len:
+            moved = 0
+            resid = out_len - min(max(result.data_out, 0), out_len)
+        else:
+            moved = resid = 0
+        sense = result.sense
+        response = VIRTIO_SCSI_S_OVERRUN if result.overrun else VIRTIO_SCSI_S_OK
+        sense_len = min(len(sense), self._sense_size)
+        status = result.status & 0xFF
+        if resp_buf is not None:
+            # ``s`` truncates the sense to sense_size and zero-pads it: one store.
+            self._resp.pack_into(resp_buf, 0, sense_len, resid, 0, status, response, sense)
+        else:
+            scatter(wr, self._resp.pack(sense_len, resid, 0, status, response, sense))
+        return resp_len + moved
+
+    def _respond(self, wr: list[memoryview], resp_buf: memoryview | None,
+                 response: int) -> int:
+        """A response with no SCSI status, sense or data (transport-level outcome)."""
+        if resp_buf is not None:
+            self._resp.pack_into(resp_buf, 0, 0, 0, 0, 0, response, b"")
+        else:
+            scatter(wr, self._resp.pack(0, 0, 0, 0, response, b""))
+        return self._resp_len
+
+    # -- control queue, §5.6.6.2 -------------------------------------------------------------
+
+    def handle_control(self, chain: Chain) -> int:
+        """One control-queue chain (TMF or asynchronous notification); returns the bytes
+        written. Never raises for anything the driver wrote.
+
+        The response layout depends on the request type, so a request too short to carry
+        its type, with an unknown type, or without room for its response gets nothing
+        written and a used length of 0 (as QEMU does): there is no layout the driver could
+        read a FAILURE from, and 0 bytes is unambiguous. A known type with a short body
+        but room for the response is answered VIRTIO_SCSI_S_FAILURE.
+        """
+        rd, wr = chain.readable, chain.writable
+        head = gather(rd, CTRL_TYPE.size)
+        if head is None:
+            return 0
+        (kind,) = CTRL_TYPE.unpack(head)
+        if kind == VIRTIO_SCSI_T_TMF:
+            if total(wr) < TMF_RESP.size:
+                return 0
+            body = gather(rd, TMF_REQ.size)
+            if body is None:
+                response = VIRTIO_SCSI_S_FAILURE
+            else:
+                _, subtype, lun_field, tag = TMF_REQ.unpack(body)
+                response = self._tmf(subtype, lun_field, tag)
+            return scatter(wr, TMF_RESP.pack(response))
+        if kind in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE):
+            if total(wr) < AN_RESP.size:
+                return 0
+            body = gather(rd, AN_REQ.size)
+            if body is None:
+                response = VIRTIO_SCSI_S_FAILURE
+            else:
+                _, lun_field, _requested = AN_REQ.unpack(body)
+                response = self._an(lun_field)
+            # event_actual 0: we support no asynchronous notification class, for a query
+            # and a subscription alike (the driver then polls, §5.6.6.2).
+            return scatter(wr, AN_RESP.pack(0, response))
+        log.debug("control %d: unknown request type %d", chain.head, kind)
+        return 0
+
+    def _an(self, lun_field: bytes) -> int:
+        addr = decode_lun(lun_field)
+        if addr is None or addr[0] not in self.targets:
+            return VIRTIO_SCSI_S_BAD_TARGET
+        return VIRTIO_SCSI_S_OK
+
+    def _tmf(self, subtype: int, lun_field: bytes, tag: int) -> int:
+        """Run one task management function; returns its response code.
+
+        Requests complete synchronously inside their queue's worker, so the only tasks "in
+        the task set" are the ones other workers are executing right now (the task
+        table). SAM semantics follow: a task not there has completed (or not arrived), so
+        ABORT TASK / ABORT TASK SET / CLEAR TASK SET answer FUNCTION COMPLETE and the
+        QUERY functions FUNCTION COMPLETE ("not present"); a running one is marked
+        (ABORTED or RESET, its response when it finishes) and waited for, because the spec
+        requires the affected requests to complete before the TMF does. While a TMF runs,
+        new requests for the LUN (target, for I_T NEXUS RESET) are answered with the same
+        response instead of being executed.
+        """
+        addr = decode_lun(lun_field)
+        if addr is None:
+            return VIRTIO_SCSI_S_BAD_TARGET
+        t, lun = addr
+        target = self.targets.get(t)
+        if target is None:
+            return VIRTIO_SCSI_S_BAD_TARGET
+
+        if subtype == VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET:
+            luns = _luns_of(target)
+            return self._reset(target, t, ALL_LUNS, sorted(luns) if luns is not None else [lun])
+        if subtype == VIRTIO_SCSI_T_TMF_CLEAR_ACA:
+            # We report NormACA = 0 and never enter ACA, so there is none to clear.
+            return VIRTIO_SCSI_S_FUNCTION_REJECTED
+        if subtype not in _LUN_TMFS:
+            return VIRTIO_SCSI_S_FUNCTION_REJECTED
+
+        luns = _luns_of(target)
+        if luns is not None and lun not in luns:
+            return VIRTIO_SCSI_S_INCORRECT_LUN
+        tasks = self.tasks
+        if subtype == VIRTIO_SCSI_T_TMF_QUERY_TASK:
+            found = any(True for _ in tasks.running(t, lun, tag))
+            return VIRTIO_SCSI_S_FUNCTION_SUCCEEDED if found else VIRTIO_SCSI_S_FUNCTION_COMPLETE
+        if subtype == VIRTIO_SCSI_T_TMF_QUERY_TASK_SET:
+            found = any(True for _ in tasks.running(t, lun))
+            return VIRTIO_SCSI_S_FUNCTION_SUCCEEDED if found else VIRTIO_SCSI_S_FUNCTION_COMPLETE
+        if subtype == VIRTIO_SCSI_T_TMF_ABORT_TASK:
+            for q in tasks.running(t, lun, tag):
+                tasks.cancel(q, VIRTIO_SCSI_S_ABORTED)
+            ok = tasks.wait_idle(t, lun, tag, timeout=self.tmf_timeout)
+            return VIRTIO_SCSI_S_FUNCTION_COMPLETE if ok else VIRTIO_SCSI_S_FAILURE
+        if subtype in (VIRTIO_SCSI_T_TMF_ABORT_TASK_SET, VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET):
+            tasks.hold(t, lun, VIRTIO_SCSI_S_ABORTED)
+            try:
+                for q in tasks.running(t, lun):
+                    tasks.cancel(q, VIRTIO_SCSI_S_ABORTED)
+                ok = tasks.wait_idle(t, lun, timeout=self.tmf_timeout)
+            finally:
+                tasks.release(t)
+            return VIRTIO_SCSI_S_FUNCTION_COMPLETE if ok else VIRTIO_SCSI_S_FAILURE
+        # LOGICAL UNIT RESET: the target resets the LU (sets its unit attention); no event
+        # is posted, the driver initiated it and learns of it from this response.
+        return self._reset(target, t, lun, [lun])
+
+    def _reset(self, target: ScsiTarget, t: int, lun: int, reset: list[int]) -> int:
+        tasks = self.tasks
+        tasks.hold(t, lun, VIRTIO_SCSI_S_RESET)
+        try:
+            for q in tasks.running(t, lun):
+                tasks.cancel(q, VIRTIO_SCSI_S_RESET)
+            if not tasks.wait_idle(t, lun, timeout=self.tmf_timeout):
+                return VIRTIO_SCSI_S_FAILURE
+            for each in reset:
+                target.lun_reset(each)
+        except Exception:
+            log.exception("target %d: reset of lun(s) %s failed", t, reset)
+            return VIRTIO_SCSI_S_FAILURE
+        finally:
+            tasks.release(t)
+        return VIRTIO_SCSI_S_FUNCTION_COMPLETE
+
+    # -- event queue, §5.6.6.3 ---------------------------------------------------------------
+
+    def handle_event(self, chain: Chain) -> int:
+        """Fill one event-queue buffer with the next pending event (see :mod:`.events`);
+        returns the bytes written. Use through :meth:`deliver_events`, never ``drain``."""
+        return self.events.fill(chain)
+
+    def deliver_events(self, pop: Callable[[], Chain | None],
+                       push: Callable[[int, int], None]) -> int:
+        """Fill event buffers from ``pop`` while events are pending, returning each with
+        ``push(head, written)``; returns how many were pushed (signal the driver if > 0)."""
+        return self.events.deliver(pop, push)
+
+    @property
+    def events_pending(self) -> int:
+        """How many event buffers the device would fill now."""
+        return self.events.pending
+
+    def _accepts(self, bit: int) -> bool:
+        return self.driver_features is None or bool(self.driver_features >> bit & 1)
+
+    def post_event(self, event: int, target: int, lun: int, reason: int) -> bool:
+        """Queue an event about (target, lun) for delivery. Returns False (and queues
+        nothing) when the driver did not accept the feature the event needs: TRANSPORT_RESET
+        needs VIRTIO_SCSI_F_HOTPLUG, PARAM_CHANGE needs VIRTIO_SCSI_F_CHANGE."""
+        if event == VIRTIO_SCSI_T_TRANSPORT_RESET and not self._accepts(VIRTIO_SCSI_F_HOTPLUG):
+            return False
+        if event == VIRTIO_SCSI_T_PARAM_CHANGE and not self._accepts(VIRTIO_SCSI_F_CHANGE):
+            return False
+        self.events.post(event, encode_lun(target, lun), reason)
+        return True
+
+    def post_param_change(self, target: int, lun: int, asc: int, ascq: int) -> bool:
+        """A parameter change on (target, lun), reported as its sense code (the driver
+        reacts to e.g. CAPACITY DATA HAS CHANGED, 2Ah/09h, by rescanning the size)."""
+        return self.post_event(VIRTIO_SCSI_T_PARAM_CHANGE, target, lun,
+                               (asc & 0xFF) | (ascq & 0xFF) << 8)
+
+    # -- hotplug ---------------------------------------------------------------------------
+
+    def add_lun(self, target: int, lun: int, unit: LogicalUnit, *, notify: bool = True) -> bool:
+        """Attach ``unit`` as (target, lun), creating the target if needed, and (with
+        ``notify``) queue TRANSPORT_RESET / RESCAN for it. Returns whether an event was
+        queued. Per-process: see the module docstring."""
+        self._check_address(target, lun)
+        existing = self.targets.get(target)
+        if existing is None:
+            from vscsi.scsi import ScsiTarget
+
+            self.targets[target] = ScsiTarget({lun: unit})
+        else:
+            luns = self._mutable_luns(existing)
+            if lun in luns:
+                raise ValueError(f"LUN {target}:{lun} already exists")
+            luns[lun] = unit
+        if not notify:
+            return False
+        return self.post_event(VIRTIO_SCSI_T_TRANSPORT_RESET, target, lun,
+                               VIRTIO_SCSI_EVT_RESET_RESCAN)
+
+    def remove_lun(self, target: int, lun: int, *, notify: bool = True) -> LogicalUnit:
+        """Detach (target, lun) and return its LogicalUnit (the caller closes its backend);
+        a target left without LUNs disappears (its requests then get BAD_TARGET). With
+        ``notify``, queue TRANSPORT_RESET / REMOVED. KeyError if there is no such LUN."""
+        existing = self.targets.get(target)
+        if existing is None:
+            raise KeyError(f"no target {target}")
+        luns = self._mutable_luns(existing)
+        if lun not in luns:
+            raise KeyError(f"no LUN {target}:{lun}")
+        unit = luns.pop(lun)
+        if not luns:
+            del self.targets[target]
+        if notify:
+            self.post_event(VIRTIO_SCSI_T_TRANSPORT_RESET, target, lun,
+                            VIRTIO_SCSI_EVT_RESET_REMOVED)
+        return unit
+
+    def _check_address(self, target: int, lun: int) -> None:
+        if not 0 <= target <= self.config.max_target:
+            raise ValueError(f"target {target} outside 0..{self.config.max_target}")
+        if not 0 <= lun <= self.config.max_lun:
+            raise ValueError(f"lun {lun} outside 0..{self.config.max_lun}")
+
+    @staticmethod
+    def _mutable_luns(target: Any) -> dict[int, Any]:
+        luns = getattr(target, "luns", None)
+        if not isinstance(luns, dict):
+            raise TypeError(f"{type(target).__name__} has no 'luns' dict to hot-plug into")
+        return luns
+
+    def close(self) -> None:
+        self.tasks.close()
+
+
+_LUN_TMFS = frozenset((
+    VIRTIO_SCSI_T_TMF_ABORT_TASK,
+    VIRTIO_SCSI_T_TMF_ABORT_TASK_SET,
+    VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET,
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
+))
