@@ -30,12 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).configure(p)
+        try:
+            importlib.import_module(module).configure(p)
+        except ModuleNotFoundError as exc:  # a subcommand still being built
+            if exc.name != module:
+                raise
+            p.set_defaults(_missing=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "_missing", False):
+        print(f"vscsi {args.command}: not available in this build", file=sys.stderr)
+        return 2
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

@@ -1,0 +1,134 @@
+"""fio-like jobs: what each job submits next, and the data pattern that --verify checks.
+
+A job is bound to one (target, LUN) unit and one VCPU. Its I/O pattern (rw mode, block
+sizes, region) is seeded, so two runs with the same seed submit the same commands.
+
+The verify pattern depends only on the unit and the sector's LBA (a 16-byte header of
+sector number, target, LUN and seed, then filler), so a read verifies whatever order
+concurrent writes of the same pattern completed in, and data landing on the wrong LBA
+or the wrong LUN is caught.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass
+
+RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
+SECTOR = 512
+_HEADER = struct.Struct("<QHHI")
+
+
+def parse_size(text: str) -> int:
+    """'4k', '64K', '1M', '2g', '4096' -> bytes (binary multiples, as fio)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = 1
+    if t and t[-1] in "kmgt":
+        mult = 1024 ** ("kmgt".index(t[-1]) + 1)
+        t = t[:-1]
+    if not t.isdigit() or int(t) <= 0:
+        raise ValueError(f"bad size {text!r} (expected e.g. 4k, 64K, 1M)")
+    return int(t) * mult
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    rw: str = "randread"
+    bs_min: int = 4096
+    bs_max: int = 4096
+    iodepth: int = 1
+    size: int = 16 << 20  # bytes of each unit the job touches (from LBA 0)
+    rwmixread: int = 50
+
+    def __post_init__(self) -> None:
+        if self.rw not in RW_MODES:
+            raise ValueError(f"unknown rw mode {self.rw!r} (choose from {', '.join(RW_MODES)})")
+        if not 0 < self.bs_min <= self.bs_max:
+            raise ValueError("block size range must be positive and ascending")
+        if self.bs_min % SECTOR or self.bs_max % SECTOR:
+            raise ValueError("block sizes must be multiples of 512")
+        if self.iodepth < 1:
+            raise ValueError("iodepth must be at least 1")
+        if self.size < self.bs_max:
+            raise ValueError("size must hold at least one block of the largest size")
+
+    @classmethod
+    def from_options(
+        cls, rw: str, bs: str | None, bsrange: str | None, iodepth: int, size: str
+    ) -> JobSpec:
+        if bs and bsrange:
+            raise ValueError("give --bs or --bsrange, not both")
+        if bsrange:
+            lo, sep, hi = bsrange.partition("-")
+            if not sep:
+                raise ValueError(f"bad --bsrange {bsrange!r} (expected e.g. 4k-64k)")
+            bs_min, bs_max = parse_size(lo), parse_size(hi)
+        else:
+            bs_min = bs_max = parse_size(bs or "4k")
+        return cls(rw, bs_min, bs_max, iodepth, parse_size(size))
+
+
+class Job:
+    """One fio-like job: yields (write, offset, nbytes) commands over its unit's region."""
+
+    def __init__(self, index: int, spec: JobSpec, target: int, lun: int, cpu: int,
+                 capacity: int, block_size: int, seed: int) -> None:
+        self.index, self.spec, self.target, self.lun, self.cpu = index, spec, target, lun, cpu
+        self.block_size = block_size
+        align = max(block_size, SECTOR)
+        self.region = min(spec.size, capacity) // align * align
+        if self.region < spec.bs_max:
+            raise ValueError(f"target {target} LUN {lun} is smaller than one {spec.bs_max}-byte block")
+        self.align = align
+        self.rng = random.Random((seed << 16) ^ index)
+        self.offset = 0  # next sequential offset
+        self.seed = seed
+        self.in_flight = 0
+
+    def _length(self) -> int:
+        lo, hi = self.spec.bs_min, self.spec.bs_max
+        if lo == hi:
+            return lo
+        step = max(self.align, lo if lo % self.align == 0 else self.align)
+        return self.rng.randrange(lo // step, hi // step + 1) * step
+
+    def next_io(self) -> tuple[bool, int, int]:
+        rw = self.spec.rw
+        nbytes = self._length()
+        if rw in ("read", "write"):
+            if self.offset + nbytes > self.region:
+                self.offset = 0
+            offset = self.offset
+            self.offset += nbytes
+            return rw == "write", offset, nbytes
+        offset = self.rng.randrange(0, (self.region - nbytes) // self.align + 1) * self.align
+        if rw == "randrw":
+            write = self.rng.randrange(100) >= self.spec.rwmixread
+        else:
+            write = rw == "randwrite"
+        return write, offset, nbytes
+
+    def prefill_ios(self, chunk: int) -> list[tuple[int, int]]:
+        """(offset, nbytes) writes that lay the verify pattern over the whole region."""
+        return [(off, min(chunk, self.region - off)) for off in range(0, self.region, chunk)]
+
+    # -- verify pattern ----------------------------------------------------------------
+
+    def pattern(self, offset: int, nbytes: int) -> bytes:
+        return make_pattern(self.target, self.lun, self.seed, offset, nbytes)
+
+
+_FILLER_CACHE: dict[int, bytes] = {}
+
+
+def make_pattern(target: int, lun: int, seed: int, offset: int, nbytes: int) -> bytes:
+    filler = _FILLER_CACHE.get(seed)
+    if filler is None:
+        filler = random.Random(seed).randbytes(SECTOR - _HEADER.size)
+        _FILLER_CACHE[seed] = filler
+    first = offset // SECTOR
+    return b"".join(
+        _HEADER.pack(first + i, target, lun, seed & 0xFFFFFFFF) + filler
+        for i in range(nbytes // SECTOR)
+    )
