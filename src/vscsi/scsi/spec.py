@@ -1,0 +1,185 @@
+"""The command-line grammar of a logical unit: TARGET:LUN=BACKEND[,opt...].
+
+    0:0=file:disk.img
+    1:3=ram:64M,ro
+    0:300=null:1G,block-size=4096,serial=ABC
+
+BACKEND is file:PATH, ram:SIZE or null:SIZE. Options: ro, block-size=512|4096,
+serial=TEXT. A literal comma inside PATH or TEXT is written twice (",,"), as in QEMU's
+option syntax, so every path can be expressed.
+
+This module only parses text; it never touches the filesystem. Whether a file exists and
+how big it is are checked by open_backend (which raises the same LunSpecError), so a spec
+can be parsed, printed and tested anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_TARGET = 255
+MAX_LUN = 16383
+BLOCK_SIZES = (512, 4096)
+MAX_SERIAL_LEN = 64
+# Offsets are off_t (signed 64-bit): no LU may be larger.
+MAX_SIZE = (1 << 63) - 1
+KINDS = ("file", "ram", "null")
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+# ASCII digits only: str.isdigit() accepts "²" and other digits int() then rejects.
+_SIZE_RE = re.compile(r"([0-9]+)(?:([kmgtp])(?:i?b)?|b)?", re.IGNORECASE | re.ASCII)
+_NUMBER_RE = re.compile(r"[0-9]+", re.ASCII)
+
+
+class LunSpecError(ValueError):
+    """A logical-unit spec the user got wrong. str() is one line that names the problem."""
+
+
+@dataclass(frozen=True)
+class LunSpec:
+    target: int
+    lun: int
+    kind: str            # "file" | "ram" | "null"
+    arg: str             # path or size text
+    size: int | None     # bytes, for ram/null
+    read_only: bool = False
+    block_size: int = 512
+    serial: str | None = None
+
+    def __str__(self) -> str:
+        return format_lun_spec(self)
+
+
+def parse_size(text: str) -> int:
+    """'4096' -> 4096, '64M' -> 64 MiB, '1G' / '1GiB' / '1gb' -> 1 GiB (binary units:
+    disks are sized in blocks, and a decimal gigabyte is not a whole number of 4K blocks)."""
+    m = _SIZE_RE.fullmatch(text)
+    if m is None:
+        raise LunSpecError(f"bad size {text!r}: expected a number with an optional K/M/G/T/P")
+    # Guard int(): more than 4300 digits raise ValueError, and nothing that long fits.
+    if len(m.group(1).lstrip("0")) > 19:
+        raise LunSpecError(f"size {text!r} is too large")
+    value = int(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if value > MAX_SIZE:
+        raise LunSpecError(f"size {text!r} is too large")
+    return value
+
+
+def _number(text: str, what: str, limit: int) -> int:
+    if _NUMBER_RE.fullmatch(text) is None:
+        raise LunSpecError(f"bad {what} {text!r}: expected a number 0..{limit}")
+    if len(text.lstrip("0")) > 6 or int(text) > limit:
+        raise LunSpecError(f"{what} {text} out of range 0..{limit}")
+    value = int(text)
+    return value
+
+
+def _split_options(text: str) -> list[str]:
+    """Split on single commas; ',,' stands for a literal comma."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if text.startswith(",,", i):
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _escape(text: str) -> str:
+    return text.replace(",", ",,")
+
+
+def _check_serial(value: str) -> str:
+    if not value:
+        raise LunSpecError("empty serial")
+    if len(value) > MAX_SERIAL_LEN:
+        raise LunSpecError(f"serial longer than {MAX_SERIAL_LEN} characters")
+    # It goes into INQUIRY VPD pages as ASCII; spaces would be ambiguous with the padding.
+    if any(not ("!" <= c <= "~") for c in value):
+        raise LunSpecError(f"serial {value!r} must be printable ASCII without spaces")
+    return value
+
+
+def parse_lun_spec(text: str) -> LunSpec:
+    """Parse one spec; raises LunSpecError (one line, quoting the spec) on any mistake."""
+    try:
+        return _parse(text)
+    except LunSpecError as e:
+        raise LunSpecError(f"LUN spec {text!r}: {e}") from None
+
+
+def _parse(text: str) -> LunSpec:
+    addr, eq, rest = text.partition("=")
+    if not eq:
+        raise LunSpecError("expected TARGET:LUN=BACKEND, e.g. 0:0=file:disk.img")
+    t_text, colon, l_text = addr.partition(":")
+    if not colon:
+        raise LunSpecError(f"bad address {addr!r}: expected TARGET:LUN")
+    target = _number(t_text, "target", MAX_TARGET)
+    lun = _number(l_text, "LUN", MAX_LUN)
+
+    backend, *options = _split_options(rest)
+    kind, colon, arg = backend.partition(":")
+    if kind not in KINDS:
+        raise LunSpecError(f"unknown backend {kind!r}: expected file:PATH, ram:SIZE or null:SIZE")
+    if not colon or not arg:
+        raise LunSpecError(f"backend {kind} needs {'a PATH' if kind == 'file' else 'a SIZE'}")
+
+    read_only = False
+    block_size = 512
+    serial: str | None = None
+    seen: set[str] = set()
+    for opt in options:
+        name, eq, value = opt.partition("=")
+        if not name:
+            raise LunSpecError("empty option")
+        if name in seen:
+            raise LunSpecError(f"option {name!r} given twice")
+        seen.add(name)
+        if name == "ro":
+            if eq:
+                raise LunSpecError("option 'ro' takes no value")
+            read_only = True
+        elif name == "block-size":
+            if value not in ("512", "4096"):
+                raise LunSpecError(f"bad block-size {value!r}: expected 512 or 4096")
+            block_size = int(value)
+        elif name == "serial":
+            if not eq:
+                raise LunSpecError("option 'serial' needs a value: serial=TEXT")
+            serial = _check_serial(value)
+        else:
+            raise LunSpecError(f"unknown option {name!r}: expected ro, block-size=, serial=")
+
+    size: int | None = None
+    if kind != "file":
+        size = parse_size(arg)
+        if size == 0:
+            raise LunSpecError(f"{kind} size must not be zero")
+        if size % block_size:
+            raise LunSpecError(f"size {arg} ({size} bytes) is not a multiple of the "
+                               f"block size {block_size}")
+    return LunSpec(target, lun, kind, arg, size, read_only, block_size, serial)
+
+
+def format_lun_spec(spec: LunSpec) -> str:
+    """The canonical text of a spec; parse_lun_spec(format_lun_spec(s)) == s."""
+    parts = [f"{spec.target}:{spec.lun}={spec.kind}:{_escape(spec.arg)}"]
+    if spec.read_only:
+        parts.append("ro")
+    if spec.block_size != 512:
+        parts.append(f"block-size={spec.block_size}")
+    if spec.serial is not None:
+        parts.append(f"serial={_escape(spec.serial)}")
+    return ",".join(parts)

@@ -1,0 +1,251 @@
+"""Logical units and targets: the entry points of the SCSI layer.
+
+LogicalUnit.execute is called once per request from the device's queue workers, which
+may be forked processes: the unit's mutable state (WCE) lives in a small MAP_SHARED page
+so a MODE SELECT or LOGICAL UNIT RESET seen by one worker holds for all.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections.abc import Iterable, Sequence
+
+from .backends import BlockBackend, open_backend
+from .commands import (
+    LUN_NOT_SUPPORTED_SENSE,
+    build_dispatch,
+    inquiry_response,
+    report_luns_response,
+    request_sense_response,
+)
+from .constants import (
+    ASC_INTERNAL_TARGET_FAILURE,
+    ASC_INVALID_COMMAND_OPERATION_CODE,
+    ASC_INVALID_FIELD_IN_CDB,
+    ASC_LOGICAL_UNIT_NOT_SUPPORTED,
+    HARDWARE_ERROR,
+    ILLEGAL_REQUEST,
+    INQUIRY,
+    PQ_NOT_CAPABLE,
+    REPORT_LUNS,
+    REQUEST_SENSE,
+    TYPE_DISK,
+)
+from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
+from .sense import ScsiError, ScsiResult, check_condition
+from .sgl import Views
+from .spec import MAX_LUN, LunSpec, LunSpecError
+
+log = logging.getLogger("vscsi.scsi")
+
+_HANDLERS, _CDB_LENGTHS = build_dispatch()
+
+# Limits advertised in the block limits VPD page, in bytes (converted to blocks per unit).
+# 32 MiB matches virtio-scsi's default max_sectors (0xFFFF sectors); an UNMAP or WRITE SAME
+# of 1 GiB is one fallocate / madvise call, cheap enough to do inline.
+MAX_TRANSFER_BYTES = 32 << 20
+MAX_UNMAP_BYTES = 1 << 30
+MAX_UNMAP_DESCRIPTORS = 64
+MAX_WRITE_SAME_BYTES = 1 << 30
+
+_STATE_WCE = 0          # byte offsets in the shared state page
+
+
+class LogicalUnit:
+    """A direct-access block device (SBC-3) over a BlockBackend."""
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        *,
+        block_size: int = 512,
+        read_only: bool = False,
+        serial: str | None = None,
+        lun_id: int = 0,
+        target_id: int = 0,
+        product: str | None = None,
+    ) -> None:
+        if block_size < 512 or block_size & (block_size - 1):
+            raise ValueError(f"block size {block_size} is not a power of two >= 512")
+        self.backend = backend
+        self.block_size = block_size
+        self.block_shift = block_size.bit_length() - 1
+        self.num_blocks = backend.size // block_size
+        if self.num_blocks == 0:
+            raise ValueError(f"backend of {backend.size} bytes holds no {block_size}-byte block")
+        self.read_only = read_only
+        self.lun_id = lun_id
+        self.target_id = target_id
+        self.serial = serial if serial is not None else f"vscsi-{target_id}-{lun_id}"
+        # The LUN list REPORT LUNS gives when the unit is used on its own; a ScsiTarget
+        # replaces it with all of its LUNs.
+        self.report_lun_ids: Sequence[int] = (lun_id,)
+        self.zero_block = bytes(block_size)
+
+        self.max_transfer_blocks = min(0xFFFFFFFF, MAX_TRANSFER_BYTES // block_size)
+        self.max_unmap_blocks = min(0xFFFFFFFF, MAX_UNMAP_BYTES // block_size)
+        self.max_unmap_descriptors = MAX_UNMAP_DESCRIPTORS
+        self.max_write_same_blocks = MAX_WRITE_SAME_BYTES // block_size
+
+        key = f"serial/{serial}" if serial is not None else f"addr/{target_id}/{lun_id}"
+        self.identity = Identity(
+            peripheral=TYPE_DISK,
+            product=product or f"{backend.kind.upper()} DISK",
+            serial=self.serial,
+            naa=naa_locally_assigned(key),
+            block_size=block_size,
+            max_transfer_blocks=self.max_transfer_blocks,
+            max_unmap_blocks=self.max_unmap_blocks,
+            max_unmap_descriptors=self.max_unmap_descriptors,
+            max_write_same_blocks=self.max_write_same_blocks,
+        )
+        self.inquiry_data = standard_inquiry(TYPE_DISK, self.identity.product)
+        self.vpd = vpd_pages(self.identity)
+
+        # MAP_SHARED anonymous page: survives fork() as shared memory.
+        self._state = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def wce(self) -> bool:
+        """Write cache enabled: when False every write is flushed before it completes."""
+        return self._state[_STATE_WCE] != 0
+
+    @wce.setter
+    def wce(self, value: bool) -> None:
+        self._state[_STATE_WCE] = 1 if value else 0
+
+    def reset(self) -> None:
+        """LOGICAL UNIT RESET: mode parameters go back to their defaults (we have no saved
+        ones). Nothing else is kept per unit; commands are not queued here."""
+        self.wce = True
+
+    @property
+    def capacity(self) -> int:
+        """Bytes addressable through this unit."""
+        return self.num_blocks * self.block_size
+
+    # -- the entry point -----------------------------------------------------------------
+
+    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+        """Run one command. Never raises: every failure is a ScsiResult."""
+        try:
+            op = cdb[0]
+            if len(cdb) < _CDB_LENGTHS[op]:
+                raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
+            return _HANDLERS[op](self, cdb, data_out, data_in)
+        except ScsiError as e:
+            return e.result()
+        except Exception:
+            if len(cdb) == 0:
+                return check_condition(ILLEGAL_REQUEST, ASC_INVALID_COMMAND_OPERATION_CODE)
+            log.exception("internal error executing CDB %s", bytes(cdb).hex())
+            return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+
+    def close(self) -> None:
+        self.backend.close()
+        if not self._state.closed:
+            self._state.close()
+
+    def __repr__(self) -> str:
+        return (f"LogicalUnit({self.backend!r}, block_size={self.block_size}, "
+                f"read_only={self.read_only}, lun_id={self.lun_id})")
+
+
+# What INQUIRY says for a LUN that does not exist: peripheral qualifier 3, type 0x1F.
+_ABSENT_INQUIRY = standard_inquiry(PQ_NOT_CAPABLE, "NO LUN")
+_ABSENT_VPD = {0x00: bytes((PQ_NOT_CAPABLE, 0x00, 0x00, 0x01, 0x00))}
+
+
+class ScsiTarget:
+    """One SCSI target: its logical units by LUN, REPORT LUNS from any LUN, and the
+    answers SPC-4 prescribes for a LUN that is not there."""
+
+    def __init__(self, luns: dict[int, LogicalUnit]) -> None:
+        for lun in luns:
+            if not 0 <= lun <= MAX_LUN:
+                raise ValueError(f"LUN {lun} out of range 0..{MAX_LUN}")
+        self.luns = dict(luns)
+        self.lun_ids: tuple[int, ...] = tuple(sorted(self.luns))
+        for lu in self.luns.values():
+            lu.report_lun_ids = self.lun_ids
+
+    def __contains__(self, lun: object) -> bool:
+        return lun in self.luns
+
+    def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+        unit = self.luns.get(lun)
+        if unit is not None:
+            return unit.execute(cdb, data_out, data_in)
+        return self._absent(cdb, data_in)
+
+    def _absent(self, cdb: bytes, data_in: Views) -> ScsiResult:
+        try:
+            op = cdb[0] if len(cdb) else -1
+            if op == INQUIRY and len(cdb) >= 6:
+                return inquiry_response(cdb, _ABSENT_INQUIRY, _ABSENT_VPD, data_in)
+            if op == REPORT_LUNS and len(cdb) >= 12:
+                return report_luns_response(self.lun_ids, cdb, data_in)
+            if op == REQUEST_SENSE and len(cdb) >= 6:
+                # SPC-4 6.39: the sense data of REQUEST SENSE to a missing LUN says so.
+                return request_sense_response(cdb, LUN_NOT_SUPPORTED_SENSE, data_in)
+            return check_condition(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+        except ScsiError as e:
+            return e.result()
+        except Exception:
+            log.exception("internal error executing CDB %s", bytes(cdb).hex())
+            return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+
+    def lun_reset(self, lun: int) -> None:
+        """LOGICAL UNIT RESET of one LUN (a missing LUN has nothing to reset)."""
+        unit = self.luns.get(lun)
+        if unit is not None:
+            unit.reset()
+
+    def reset(self) -> None:
+        """TARGET RESET / I_T NEXUS RESET: every unit."""
+        for unit in self.luns.values():
+            unit.reset()
+
+    def close(self) -> None:
+        for unit in self.luns.values():
+            unit.close()
+
+
+def build_targets(specs: Iterable[LunSpec]) -> dict[int, ScsiTarget]:
+    """Open every spec's backend and group the units into targets.
+
+    Duplicate (target, LUN) pairs are refused before anything is opened; if a backend
+    fails to open, the ones already open are closed again.
+    """
+    specs = list(specs)
+    seen: dict[tuple[int, int], LunSpec] = {}
+    for spec in specs:
+        key = (spec.target, spec.lun)
+        if key in seen:
+            raise LunSpecError(f"LUN {spec.target}:{spec.lun} is given twice "
+                               f"({seen[key]} and {spec})")
+        seen[key] = spec
+
+    units: dict[int, dict[int, LogicalUnit]] = {}
+    opened: list[LogicalUnit] = []
+    try:
+        for spec in specs:
+            backend = open_backend(spec)
+            try:
+                unit = LogicalUnit(backend, block_size=spec.block_size,
+                                   read_only=spec.read_only, serial=spec.serial,
+                                   lun_id=spec.lun, target_id=spec.target)
+            except BaseException:
+                backend.close()
+                raise
+            opened.append(unit)
+            units.setdefault(spec.target, {})[spec.lun] = unit
+    except BaseException:
+        for unit in opened:
+            unit.close()
+        raise
+    return {t: ScsiTarget(units[t]) for t in sorted(units)}
