@@ -459,7 +459,11 @@ class VirtioScsiDevice:
     def add_lun(self, target: int, lun: int, unit: LogicalUnit, *, notify: bool = True) -> bool:
         """Attach ``unit`` as (target, lun), creating the target if needed, and (with
         ``notify``) queue TRANSPORT_RESET / RESCAN for it. Returns whether an event was
-        queued. Per-process: see the module docstring."""
+        queued. Per-process: see the module docstring.
+
+        The target is rebuilt (``type(old)({**old.luns, lun: unit})``) rather than edited,
+        so everything a ScsiTarget derives from its LUN set (REPORT LUNS) is recomputed
+        and a request already running on the old object finishes undisturbed."""
         self._check_address(target, lun)
         existing = self.targets.get(target)
         if existing is None:
@@ -467,10 +471,10 @@ class VirtioScsiDevice:
 
             self.targets[target] = ScsiTarget({lun: unit})
         else:
-            luns = self._mutable_luns(existing)
+            luns = self._luns_dict(existing)
             if lun in luns:
                 raise ValueError(f"LUN {target}:{lun} already exists")
-            luns[lun] = unit
+            self.targets[target] = type(existing)({**luns, lun: unit})
         if not notify:
             return False
         return self.post_event(VIRTIO_SCSI_T_TRANSPORT_RESET, target, lun,
@@ -483,11 +487,13 @@ class VirtioScsiDevice:
         existing = self.targets.get(target)
         if existing is None:
             raise KeyError(f"no target {target}")
-        luns = self._mutable_luns(existing)
+        luns = dict(self._luns_dict(existing))
         if lun not in luns:
             raise KeyError(f"no LUN {target}:{lun}")
         unit = luns.pop(lun)
-        if not luns:
+        if luns:
+            self.targets[target] = type(existing)(luns)
+        else:
             del self.targets[target]
         if notify:
             self.post_event(VIRTIO_SCSI_T_TRANSPORT_RESET, target, lun,
@@ -501,7 +507,7 @@ class VirtioScsiDevice:
             raise ValueError(f"lun {lun} outside 0..{self.config.max_lun}")
 
     @staticmethod
-    def _mutable_luns(target: Any) -> dict[int, Any]:
+    def _luns_dict(target: Any) -> dict[int, Any]:
         luns = getattr(target, "luns", None)
         if not isinstance(luns, dict):
             raise TypeError(f"{type(target).__name__} has no 'luns' dict to hot-plug into")

@@ -92,6 +92,10 @@ class TaskTable:
     def hold(self, target: int, lun: int, response: int) -> None:
         _HOLD.pack_into(self._mem, self._holds + target * _HOLD.size, response, lun)
 
+    def held(self, target: int) -> int:
+        """The response a hold on ``target`` imposes (0: none)."""
+        return self._mem[self._holds + target * _HOLD.size]
+
     def release(self, target: int) -> None:
         _HOLD.pack_into(self._mem, self._holds + target * _HOLD.size, 0, 0)
 
