@@ -1,0 +1,61 @@
+"""vscsi.vhost_user -- the vhost-user protocol: a sans-IO message codec, the back-end
+that serves a virtio device to QEMU (or our own front-end) with one worker process per
+request queue, and a small blocking front-end.
+
+Modules, in protocol order:
+    codec     messages, payload dataclasses, MessageReader / encode (sans-IO)
+    states    session and vring state tables
+    backend   Session: one front-end's state and the request dispatch table
+    server    BackendServer: the unix socket, the main loop, signals, stats file
+    workers   QueueHost: request queues in forked worker processes, control/event inline
+    stats     per-queue counters in shared memory (+ the JSON stats file)
+    frontend  FrontendClient: a blocking front-end (tests, our driver)
+"""
+
+from .backend import PROTOCOL_FEATURES, BackendError, Disconnect, Session, SessionOptions
+from .codec import (
+    LocalProtocolError,
+    Message,
+    MessageReader,
+    ProtocolFeature,
+    RemoteProtocolError,
+    Request,
+    Role,
+    encode,
+    make_ack,
+    make_reply,
+    make_request,
+)
+from .frontend import BackendGone, FrontendClient, RequestRefused, attach_ring
+from .server import BackendServer, ServerError, bind_unix_socket
+from .stats import QueueStats
+from .workers import QueueHost, cpu_list
+
+__all__ = [
+    "PROTOCOL_FEATURES",
+    "BackendError",
+    "BackendGone",
+    "BackendServer",
+    "Disconnect",
+    "FrontendClient",
+    "LocalProtocolError",
+    "Message",
+    "MessageReader",
+    "ProtocolFeature",
+    "QueueHost",
+    "QueueStats",
+    "RemoteProtocolError",
+    "Request",
+    "RequestRefused",
+    "Role",
+    "ServerError",
+    "Session",
+    "SessionOptions",
+    "attach_ring",
+    "bind_unix_socket",
+    "cpu_list",
+    "encode",
+    "make_ack",
+    "make_reply",
+    "make_request",
+]

@@ -1,0 +1,353 @@
+"""The vhost-user back-end server: a unix socket, one front-end at a time.
+
+The main process runs one select() loop over: the listening socket (while nobody is
+connected), the front-end's socket, the control and event queues' kick eventfds (those
+queues are served here), the request-queue workers' control channels (a worker reports a
+broken ring or dies), and a self-pipe for signals. Request queues run in worker
+processes (workers.py); the session logic is backend.py; the wire format codec.py.
+
+Reading: each recvmsg() asks for at most the rest of the message being assembled
+(``MessageReader.bytes_wanted``), with room for 8 fds, so a chunk never spans two
+messages and SCM_RIGHTS fds land on the message they were sent with.
+
+A disconnect ends the session (every queue stops, memory is unmapped, fds are closed)
+and the server waits for the next front-end: a guest reboot or a new QEMU needs no
+restart of ours. SIGINT/SIGTERM stop the loop: queues stop (their in-flight requests
+finish), the socket file is removed. SIGUSR1 logs the per-queue counters and rewrites
+the stats file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+
+from . import codec
+from .backend import PROTOCOL_FEATURES, Disconnect, Session, SessionOptions
+from .codec import MAX_FDS, MessageReader, RemoteProtocolError, Request, Role
+from .stats import QueueStats
+from .workers import QueueHost, VirtioDevice
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT = 10.0  # seconds a reply may wait for room in the socket buffer
+STATS_INTERVAL = 1.0  # seconds between periodic stats-file rewrites (when changed)
+
+
+class ServerError(Exception):
+    """Something the user can fix (socket path in use, not a socket...): one line."""
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """Listen on ``path`` with mode 0600. A live socket there (one that accepts a
+    connection) is an error; a stale one (nobody listening) is replaced."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ServerError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: its server is gone
+        except OSError as exc:
+            raise ServerError(f"cannot probe existing socket {path}: {exc.strerror}") from None
+        else:
+            raise ServerError(f"socket {path} is in use (another back-end is listening)")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bind() creates the file with the umask: make it 0600 from the start, so there is
+    # no window in which others could connect.
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(1)
+    return sock
+
+
+class BackendServer:
+    """Serve ``device`` over vhost-user on ``socket_path`` until :meth:`request_stop`.
+
+    ``num_queues``: request queues (virtqueues 2..num_queues+1). ``cpus``: CPUs the
+    request-queue workers are pinned to, in queue order (None: unpinned). ``stats_path``:
+    JSON file of per-queue counters (see stats.py), rewritten on changes (at most once
+    a second), at each session end, on SIGUSR1 and at exit.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        socket_path: str,
+        *,
+        num_queues: int,
+        cpus: Sequence[int] | None = None,
+        stats_path: str | None = None,
+        protocol_features: int = PROTOCOL_FEATURES,
+        max_sessions: int | None = None,
+    ) -> None:
+        self.device = device
+        self.socket_path = socket_path
+        self.num_queues = num_queues
+        self.stats_path = stats_path
+        self.protocol_features = protocol_features
+        self.max_sessions = max_sessions
+        self.stats = QueueStats(2 + num_queues)
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+        self.session: Session | None = None
+        self.reader: MessageReader | None = None
+        self.sessions = 0
+        self._stop = False
+        self._usr1 = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.queues = QueueHost(device, self.stats, cpus=cpus, inherited=self._main_sockets)
+        self._stats_dirty = True
+        self._stats_written = 0.0
+        self._stats_last: object = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _main_sockets(self) -> Iterator[socket.socket]:
+        """Sockets a forked worker must close (see workers.QueueHost)."""
+        for sock in (self.listener, self.conn, self._wake_r, self._wake_w):
+            if sock is not None:
+                yield sock
+
+    def bind(self) -> None:
+        self.listener = bind_unix_socket(self.socket_path)
+        log.info("listening on %s (%d request queues)", self.socket_path, self.num_queues)
+
+    def request_stop(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def serve(self, *, install_signals: bool = True) -> None:
+        """Run the loop until a stop is requested (or ``max_sessions`` ended)."""
+        if self.listener is None:
+            self.bind()
+        restore = self._install_signals() if install_signals else (lambda: None)
+        try:
+            while not self._stop:
+                self._loop_once()
+        finally:
+            restore()
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop every queue (in-flight requests finish), drop the front-end, remove the
+        socket file, write the final stats."""
+        self._end_session("back-end shutting down")
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        log.info("%s", self.stats.summary())
+        self._write_stats(force=True)
+
+    def close(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+        self.stats.close()
+
+    def _install_signals(self) -> Callable[[], None]:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self._stop = True
+
+        def usr1(signum: int, frame: FrameType | None) -> None:
+            self._usr1 = True
+
+        old = {
+            signal.SIGINT: signal.signal(signal.SIGINT, stop),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
+            signal.SIGUSR1: signal.signal(signal.SIGUSR1, usr1),
+        }
+        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop_once(self) -> None:
+        handlers: dict[int, Callable[[], None]] = {self._wake_r.fileno(): self._drain_wakeups}
+        if self.conn is None:
+            assert self.listener is not None
+            handlers[self.listener.fileno()] = self._accept
+        else:
+            conn = self.conn
+            handlers[conn.fileno()] = lambda: self._readable(conn)
+        handlers.update(self.queues.poll_fds())
+        try:
+            ready, _, _ = select.select(list(handlers), [], [], STATS_INTERVAL)
+        except InterruptedError:
+            ready = []
+        for fd in ready:
+            handlers[fd]()
+            if self._stop:
+                break
+        if self.session is not None:
+            self.session.poll_broken()
+        if self._usr1:
+            self._usr1 = False
+            log.info("%s", self.stats.summary())
+            self._write_stats(force=True)
+        self._write_stats()
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._wake_r.recv(256):
+                pass
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        conn.settimeout(SEND_TIMEOUT)
+        self.sessions += 1
+        name = f"front-end #{self.sessions}"
+        self.conn = conn
+        self.reader = MessageReader(Role.BACKEND)
+        self.session = Session(
+            self.device, self.queues,
+            SessionOptions(self.num_queues, protocol_features=self.protocol_features, name=name),
+        )
+        log.info("%s connected", name)
+
+    def _end_session(self, why: str) -> None:
+        if self.conn is None:
+            return
+        assert self.session is not None and self.reader is not None
+        name = self.session.options.name
+        try:
+            self.session.close()
+        finally:
+            for fd in self.reader.close():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.conn.close()
+            self.conn = self.session = self.reader = None
+        log.info("%s disconnected: %s; %s", name, why, self.stats.summary())
+        self._write_stats(force=True)
+        if self.max_sessions is not None and self.sessions >= self.max_sessions:
+            self._stop = True
+
+    def _readable(self, conn: socket.socket) -> None:
+        if conn is not self.conn:
+            return
+        assert self.reader is not None and self.session is not None
+        try:
+            data, fds, flags, _ = socket.recv_fds(conn, self.reader.bytes_wanted(), MAX_FDS)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return
+        except OSError as exc:
+            self._end_session(f"receive failed: {exc}")
+            return
+        if flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            self._end_session(f"more than {MAX_FDS} file descriptors in one message")
+            return
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._end_session("connection closed")
+            return
+        self.reader.feed(data, fds)
+        while self.conn is conn:
+            try:
+                msg = self.reader.next_message()
+            except RemoteProtocolError as exc:
+                for fd in exc.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                if not self._answer_bad(conn, exc):
+                    self._end_session(f"protocol error: {exc}")
+                continue
+            if msg is None:
+                return
+            log.debug("<- %s %s%s", msg.request.name, msg.payload,
+                      f" fds={list(msg.fds)}" if msg.fds else "")
+            try:
+                replies = self.session.handle(msg)
+            except Disconnect as exc:
+                self._end_session(f"refused {exc}")
+                return
+            self._stats_dirty = True
+            for reply in replies:
+                log.debug("-> %s %s", reply.request.name, reply.payload)
+                if not self._send(conn, codec.encode(reply), reply.fds):
+                    return
+
+    def _answer_bad(self, conn: socket.socket, exc: RemoteProtocolError) -> bool:
+        """A malformed or unknown request: answer it with an error ack when the stream
+        is intact and the front-end asked for an ack; False means disconnect."""
+        code = exc.request
+        if not (exc.recoverable and exc.need_reply and code is not None):
+            return False
+        try:
+            if Request(code) in codec.REPLY_PAYLOADS:
+                return False  # a GET_* has no "error" form: the front-end must not wait
+        except ValueError:
+            pass  # unknown code: a plain error ack
+        log.warning("refused a bad request: %s", exc)
+        return self._send(conn, codec.encode_raw_ack(code, False), ())
+
+    def _send(self, conn: socket.socket, data: bytes, fds: Sequence[int]) -> bool:
+        try:
+            if fds:
+                socket.send_fds(conn, [data], list(fds))
+            else:
+                conn.sendall(data)
+            return True
+        except OSError as exc:
+            self._end_session(f"send failed: {exc}")
+            return False
+
+    # ------------------------------------------------------------------ stats
+
+    def _write_stats(self, force: bool = False) -> None:
+        if not self.stats_path:
+            return
+        now = time.monotonic()
+        if not force and now - self._stats_written < STATS_INTERVAL:
+            return
+        snap = self.stats.snapshot()
+        snap.pop("time")
+        if not force and snap == self._stats_last:
+            return
+        try:
+            self.stats.write_json(self.stats_path, {"sessions": self.sessions})
+        except OSError as exc:
+            log.warning("cannot write stats to %s: %s", self.stats_path, exc)
+        self._stats_written = now
+        self._stats_last = snap
