@@ -1,0 +1,74 @@
+"""Run one configuration and report it with the keys of `vscsi bench --json`.
+
+The result is a plain dict (picklable, JSON-ready) so sweeps can ship it between
+processes and machines, and a model run and a bench run compare key by key.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from vscsi.sim.config import SimConfig
+from vscsi.sim.model import Model
+from vscsi.sim.params import SimParams
+
+#: bytes in the "MB" of mbps: fio's (and the 2012 table's) binary megabyte
+MB = 1 << 20
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def simulate(config: SimConfig, params: SimParams | None = None) -> dict[str, Any]:
+    """Run the model once; return the bench-shaped result (utilisations are not clamped:
+    the engine guarantees them <= 1, and the tests check it)."""
+    params = params or SimParams()
+    model = Model(config, params)
+    c = model.run()
+    elapsed_us = c.end if c.end > 0 else 1.0
+    secs = elapsed_us / 1e6
+    lat = sorted(c.latencies)
+    done = c.local + c.ipis
+    vcpu_util = [v.busy / elapsed_us for v in model.vcpus]
+    worker_util = [q.worker_busy / elapsed_us for q in model.queues]
+    host_util = sum(q.worker_busy for q in model.queues) / (elapsed_us * int(params.host_cpus))
+    return {
+        "iops": c.completed / secs,
+        "mbps": c.bytes / MB / secs,
+        "lat_us": {
+            "p50": _percentile(lat, 0.50),
+            "p99": _percentile(lat, 0.99),
+            "mean": statistics.fmean(lat) if lat else 0.0,
+        },
+        "requests": c.completed,
+        "errors": 0,
+        "verify_errors": 0,
+        "per_queue": [q.requests for q in model.queues],
+        "queue_switches": c.queue_switches,
+        "fifo_violations": c.fifo_violations,
+        "locality": c.local / done if done else 0.0,
+        "ipis": c.ipis,
+        "runtime_s": secs,
+        "config": config.bench_config(len(model.queues)),
+        "per_cpu": [
+            {"cpu": v.index, "submitted": v.submitted, "irqs": v.irqs,
+             "ipis_received": v.ipis_received, "utilisation": u}
+            for v, u in zip(model.vcpus, vcpu_util, strict=True)
+        ],
+        "utilisation": {"vcpu": vcpu_util, "worker": worker_util, "host": host_util},
+        "model": {
+            "submitted": c.submitted,
+            "completed": c.completed,
+            "kicks": sum(q.kicks for q in model.queues),
+            "interrupts": sum(q.interrupts for q in model.queues),
+            "lock_wait_us": c.lock_wait,
+            "balancer_applied": model.balancer.applied,
+            "migrations": sum(t.migrations for t in model.tasks),
+            "in_flight_end": sum(model.table.in_flight(t) for t in range(config.targets)),
+        },
+    }
