@@ -11,7 +11,7 @@ def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "k", "-4k", "4x", "0", "1.5M"])
+@pytest.mark.parametrize("text", ["", "k", "-4k", "4x", "1.5M"])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)

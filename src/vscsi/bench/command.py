@@ -8,7 +8,8 @@ import sys
 
 from vscsi.bench.jobs import JobSpec
 from vscsi.bench.loopback import Loopback
-from vscsi.bench.runner import RunOptions, run as run_jobs
+from vscsi.bench.runner import RunOptions
+from vscsi.bench.runner import run as run_jobs
 from vscsi.driver.steering import POLICIES
 from vscsi.scsi import LunSpec, parse_lun_spec
 
@@ -19,7 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                        help="driver and device in this process, joined by shared-memory rings")
     p.add_argument("--lun", action="append", default=[], metavar="SPEC",
                    help="TARGET:LUN=BACKEND[,opt...] (repeatable), e.g. 0:0=ram:64M")
-    p.add_argument("--targets", type=int, help="without --lun: this many RAM targets of --disk-size")
+    p.add_argument("--targets", type=int,
+                   help="without --lun: this many RAM targets of --disk-size")
     p.add_argument("--disk-size", default="64M", help="size of the RAM disks --targets makes")
     p.add_argument("--queues", type=int, default=2, help="request queues")
     p.add_argument("--vcpus", type=int, default=2, help="logical CPUs submitting")
@@ -83,18 +85,19 @@ def print_table(r: dict) -> None:
     title = (f"{cfg['transport']} · {cfg['policy']} · {cfg['queues']} queues · {cfg['vcpus']} vcpus"
              f" · {cfg['targets']} LUNs · {cfg['rw']} · iodepth {cfg['iodepth']}")
     t = Table(title=title)
-    for col in ("IOPS", "MB/s", "p50 µs", "p99 µs", "requests", "errors", "verify errors",
-                "FIFO violations", "queue switches", "locality", "IPIs"):
-        t.add_column(col, justify="right")
-    t.add_row(f"{r['iops']:.0f}", f"{r['mbps']:.1f}", f"{r['lat_us']['p50']:.0f}",
-              f"{r['lat_us']['p99']:.0f}", str(r["requests"]), str(r["errors"]),
-              str(r["verify_errors"]), str(r["fifo_violations"]), str(r["queue_switches"]),
-              f"{r['locality']:.3f}", str(r["ipis"]))
-    q = Table(title="per request queue")
-    q.add_column("queue")
-    q.add_column("requests", justify="right")
-    for i, n in enumerate(r["per_queue"]):
-        q.add_row(str(i), str(n))
-    console = Console()
-    console.print(t)
-    console.print(q)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    rows = [
+        ("IOPS", f"{r['iops']:.0f}"), ("MB/s", f"{r['mbps']:.1f}"),
+        ("latency p50 / p99 µs", f"{r['lat_us']['p50']:.0f} / {r['lat_us']['p99']:.0f}"),
+        ("requests", str(r["requests"])), ("errors", str(r["errors"])),
+        ("verify errors", str(r["verify_errors"])),
+        ("FIFO violations", str(r["fifo_violations"])),
+        ("queue switches", str(r["queue_switches"])),
+        ("locality", f"{r['locality']:.3f}"), ("IPIs", str(r["ipis"])),
+        ("requests per queue", " ".join(str(n) for n in r["per_queue"])),
+        ("interrupts per CPU", " ".join(str(n) for n in r["per_cpu"]["interrupts"])),
+    ]
+    for name, value in rows:
+        t.add_row(name, value)
+    Console().print(t)

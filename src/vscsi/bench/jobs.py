@@ -15,21 +15,11 @@ import random
 import struct
 from dataclasses import dataclass
 
+from vscsi.scsi import parse_size
+
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
 SECTOR = 512
 _HEADER = struct.Struct("<QHHI")
-
-
-def parse_size(text: str) -> int:
-    """'4k', '64K', '1M', '2g', '4096' -> bytes (binary multiples, as fio)."""
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = 1
-    if t and t[-1] in "kmgt":
-        mult = 1024 ** ("kmgt".index(t[-1]) + 1)
-        t = t[:-1]
-    if not t.isdigit() or int(t) <= 0:
-        raise ValueError(f"bad size {text!r} (expected e.g. 4k, 64K, 1M)")
-    return int(t) * mult
 
 
 @dataclass(frozen=True)
@@ -79,7 +69,7 @@ class Job:
         align = max(block_size, SECTOR)
         self.region = min(spec.size, capacity) // align * align
         if self.region < spec.bs_max:
-            raise ValueError(f"target {target} LUN {lun} is smaller than one {spec.bs_max}-byte block")
+            raise ValueError(f"{target}:{lun} is smaller than one {spec.bs_max}-byte block")
         self.align = align
         self.rng = random.Random((seed << 16) ^ index)
         self.offset = 0  # next sequential offset

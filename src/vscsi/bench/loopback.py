@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from vscsi.device import FIRST_REQUEST_QUEUE, ScsiConfig, VirtioScsiDevice
 from vscsi.driver.discovery import Unit, discover
-from vscsi.driver.initiator import FifoChecker, Initiator, Request, Completion
+from vscsi.driver.initiator import Completion, FifoChecker, Initiator, Request
 from vscsi.driver.steering import LocalTargetTable, make_policy
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.scsi import LunSpec, build_targets
@@ -88,9 +88,11 @@ class Loopback:
         self.initiator.submit(slot, cpu, target, lun, cdb, write=bool(data_out), nbytes=nbytes)
         for _ in range(3):
             for c in self.service():
-                if c.request is slot:
-                    data = b"" if data_out else bytes(self.mem.view(slot.data_addr, nbytes - c.resid))
-                    return c.ok, data
+                if c.request is not slot:
+                    raise RuntimeError("execute() needs an idle machine")
+                if data_out:
+                    return c.ok, b""
+                return c.ok, bytes(self.mem.view(slot.data_addr, nbytes - c.resid))
         raise StallError(f"synchronous command to {target}:{lun} never completed")
 
     def discover(self) -> list[Unit]:
@@ -98,7 +100,5 @@ class Loopback:
 
     def close(self) -> None:
         for target in self.targets.values():
-            for lu in getattr(target, "luns", {}).values():
-                backend = getattr(lu, "backend", None)
-                if backend is not None:
-                    backend.close()
+            target.close()
+        self.mem.close()

@@ -51,8 +51,8 @@ def prefill(machine: Loopback, jobs: list[Job], seed: int) -> None:
         done.add(key)
         for offset, nbytes in job.prefill_ios(PREFILL_CHUNK):
             cdb = rw16_cdb(True, offset // job.block_size, nbytes // job.block_size)
-            ok, _ = machine.execute(job.target, job.lun, cdb, 0,
-                                    data_out=make_pattern(job.target, job.lun, seed, offset, nbytes))
+            pattern = make_pattern(job.target, job.lun, seed, offset, nbytes)
+            ok, _ = machine.execute(job.target, job.lun, cdb, 0, data_out=pattern)
             if not ok:
                 raise RuntimeError(f"prefill of {job.target}:{job.lun} failed at offset {offset}")
 
@@ -141,6 +141,10 @@ def report(machine: Loopback, base: dict, opts: RunOptions, vcpus: int, units: i
            verify_errors: int) -> dict:
     """The bench JSON object (docs/interfaces.md), counting only the timed run."""
     now = _snapshot(machine)
+
+    def delta(key: str) -> list[int]:
+        return [a - b for a, b in zip(now[key], base[key], strict=True)]
+
     local = now["local"] - base["local"]
     ipis = now["ipis"] - base["ipis"]
     latencies.sort()
@@ -156,11 +160,8 @@ def report(machine: Loopback, base: dict, opts: RunOptions, vcpus: int, units: i
         "requests": completed,
         "errors": now["errors"] - base["errors"],
         "verify_errors": verify_errors,
-        "per_queue": [a - b for a, b in zip(now["per_queue"], base["per_queue"])],
-        "per_cpu": {
-            "submitted": [a - b for a, b in zip(now["per_cpu_submitted"], base["per_cpu_submitted"])],
-            "interrupts": [a - b for a, b in zip(now["per_cpu_irqs"], base["per_cpu_irqs"])],
-        },
+        "per_queue": delta("per_queue"),
+        "per_cpu": {"submitted": delta("per_cpu_submitted"), "interrupts": delta("per_cpu_irqs")},
         "queue_switches": now["queue_switches"] - base["queue_switches"],
         "fifo_violations": now["fifo"] - base["fifo"],
         "locality": local / (local + ipis) if local + ipis else 0.0,

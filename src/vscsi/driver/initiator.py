@@ -216,7 +216,8 @@ class Initiator:
             )
             sense = b""
             if sense_len:
-                sense = bytes(self.mem.view(req.resp_addr + CMD_RESP.size, min(sense_len, SENSE_SIZE)))
+                sense_addr = req.resp_addr + CMD_RESP.size
+                sense = bytes(self.mem.view(sense_addr, min(sense_len, SENSE_SIZE)))
             self.policy.done(req.target)
             c = Completion(req, irq_cpu, response, status, sense, resid)
             self.stats.completed += 1
