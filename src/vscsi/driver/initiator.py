@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vscsi.device import encode_lun
+from vscsi.device.wire import VIRTIO_SCSI_S_OK, cmd_req_struct, cmd_resp_struct
 from vscsi.driver.balancer import Balancer
 from vscsi.driver.steering import Policy
 from vscsi.memory import Allocator, GuestMemory
@@ -24,11 +25,10 @@ from vscsi.virtio import DriverRing, ring_bytes, ring_layout
 # virtio 1.2 §5.6.6.1: VirtIOSCSICmdReq with cdb_size 32, VirtIOSCSICmdResp with sense_size 96
 CDB_SIZE = 32
 SENSE_SIZE = 96
-CMD_REQ = struct.Struct(f"<8sQBBB{CDB_SIZE}s")
-CMD_RESP = struct.Struct("<IIHBB")
+CMD_REQ = cmd_req_struct(CDB_SIZE)
+CMD_RESP = cmd_resp_struct(0)  # the fixed part; sense follows
 RESP_SIZE = CMD_RESP.size + SENSE_SIZE
 
-VIRTIO_SCSI_S_OK = 0
 SCSI_GOOD = 0
 SCSI_CHECK_CONDITION = 2
 TASK_ATTR_SIMPLE = 0
@@ -211,7 +211,7 @@ class Initiator:
         done: list[Completion] = []
         for token, _written in self.rings[queue].reclaim():
             req: Request = token  # type: ignore[assignment]
-            sense_len, resid, _qual, status, response = CMD_RESP.unpack_from(
+            sense_len, resid, _qual, status, response, _ = CMD_RESP.unpack_from(
                 self.mem.view(req.resp_addr, RESP_SIZE)
             )
             sense = b""
