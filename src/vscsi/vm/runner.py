@@ -1,0 +1,637 @@
+"""Boot the guest under QEMU, run a script inside, return its output and exit status.
+
+The script travels as a second, uncompressed cpio archive appended to the image's
+initramfs (the kernel unpacks concatenated archives in order), so a run needs no disk
+image and no root. The guest's serial console goes to a file that is read as it grows;
+/init frames the script's output with markers carrying a per-run nonce (see
+:mod:`vscsi.vm.init`), which is how the exit status comes back.
+
+Two ways to use it:
+
+* :func:`run_guest` -- boot, run, wait, return a :class:`GuestResult`;
+* :class:`Guest` -- the same, step by step, for tests that act on the running guest:
+  ``wait_for()`` output the script prints, talk to QEMU over QMP (``qmp()``, e.g.
+  device_add / device_del for hot-plug), then ``wait()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .cpio import CpioWriter
+from .image import GuestImage
+from .init import MARKER_RE, render_config
+
+QEMU = "qemu-system-x86_64"
+
+# console=ttyS0: the only console; quiet: kernel messages at warning and above only
+# (each character on the emulated UART costs a VM exit); panic=-1 with -no-reboot: a
+# kernel panic ends QEMU at once instead of hanging until the timeout. The rest trims
+# boot time: no legacy keyboard/mouse probing, one UART, no timer and KASLR checks.
+BASE_CMDLINE = (
+    "console=ttyS0 quiet panic=-1 rdinit=/init "
+    "8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp no_timer_check "
+    "nokaslr mitigations=off random.trust_cpu=on"
+)
+
+# After the last exit marker, /init syncs and powers off. If QEMU has not gone by then
+# (a shutdown stuck on a dead backend), the result is returned anyway and QEMU killed.
+POWEROFF_GRACE = 20.0
+POLL = 0.05
+
+
+class GuestError(Exception):
+    """The guest did not deliver an exit status (QEMU failed, the kernel panicked, the
+    init reported an error). The message ends with the tail of the console."""
+
+    def __init__(self, message: str, *, console: str = "", seconds: float = 0.0,
+                 qemu_stderr: str = "", workdir: Path | None = None) -> None:
+        tail = "\n".join(console.splitlines()[-30:])
+        full = message
+        if qemu_stderr.strip():
+            full += "\nQEMU said:\n" + "\n".join(qemu_stderr.strip().splitlines()[-15:])
+        full += "\n--- guest console (last lines) ---\n" + (tail or "(nothing)")
+        if workdir is not None:
+            full += f"\n--- files kept in {workdir} ---"
+        super().__init__(full)
+        self.summary = message
+        self.console = console
+        self.seconds = seconds
+        self.qemu_stderr = qemu_stderr
+        self.workdir = workdir
+
+
+class GuestTimeout(GuestError):
+    """The run took longer than its timeout; QEMU was killed."""
+
+
+class GuestConfigError(ValueError):
+    """A bad argument (missing socket, missing disk file...): one line for the user."""
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    phase: int          # 1, or 2 after the reboot
+    output: str         # what the script printed (console text between the markers)
+    status: int         # its exit status
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    output: str         # all phases' script output, in order
+    status: int         # 0 if every phase exited 0, else the first non-zero status
+    seconds: float      # wall time from QEMU start to the last exit marker
+    phases: tuple[PhaseResult, ...] = ()
+    console: str = field(default="", repr=False)   # the whole serial console
+    powered_off: bool = True   # False: QEMU had to be killed after the script ended
+    boot_seconds: float = 0.0  # QEMU start -> first begin marker (boot + module load + settle)
+
+
+def run_guest(
+    image: GuestImage,
+    script: str,
+    *,
+    vhost_user_socket: str | os.PathLike[str] | None = None,
+    vcpus: int = 2,
+    queues: int = 2,
+    memory: str = "512M",
+    qemu_disks: Sequence[str | os.PathLike[str]] = (),
+    qemu_queues: int | None = None,
+    iothreads: bool = False,
+    timeout: float = 300,
+    extra_qemu_args: Sequence[str] = (),
+    after_reboot: str | None = None,
+    **options: Any,
+) -> GuestResult:
+    """Boot `image`, run `script` (busybox sh) as root, return its output and status.
+
+    vhost_user_socket: attach a vhost-user-scsi-pci device with `queues` request
+    queues to the backend listening there. qemu_disks: files served by QEMU's own
+    virtio-scsi-pci (`qemu_queues`, default `queues`), one target each (scsi-id i,
+    LUN 0); iothreads: one QEMU iothread per queue (iothread-vq-mapping).
+    after_reboot: a second script; the guest runs `script`, resets the machine (a
+    real reboot: firmware, new kernel, the device reset and set up again) and runs
+    this one. Other keyword options are those of :class:`Guest`.
+
+    Raises GuestTimeout after `timeout` seconds, GuestError if the guest never
+    reports a status, GuestConfigError for bad arguments.
+    """
+    with Guest(
+        image, script, vhost_user_socket=vhost_user_socket, vcpus=vcpus, queues=queues,
+        memory=memory, qemu_disks=qemu_disks, qemu_queues=qemu_queues, iothreads=iothreads,
+        timeout=timeout, extra_qemu_args=extra_qemu_args, after_reboot=after_reboot,
+        **options,
+    ) as guest:
+        return guest.wait()
+
+
+class Guest:
+    """One QEMU process running the guest. Use as a context manager (start on enter,
+    kill on exit) or call start() / wait() / close() yourself.
+
+    Options beyond run_guest's:
+
+    * kernel_args: appended to the kernel command line (e.g. "loglevel=7");
+    * files: {guest path: bytes | str | host Path} added to the per-run archive
+      (e.g. a fio job file), directories created as needed;
+    * env: variables exported to the script;
+    * settle_timeout: how long /init waits for the disks to appear (s);
+    * qmp: open a QMP socket (see qmp());
+    * vhost_user_options: extra vhost-user-scsi-pci properties, e.g.
+      {"virtqueue_size": 256, "event_idx": False};
+    * reconnect_ms: let QEMU reconnect to a restarted backend (chardev reconnect-ms);
+    * accel: "tcg" (default, or $VSCSI_ACCEL) or "kvm";
+    * console_log: keep the serial console in this file;
+    * stream: a text stream that receives the script's output as it arrives;
+    * workdir: where the run's files go (default: a temp directory, removed after a
+      successful run, kept after a failure).
+    """
+
+    def __init__(
+        self,
+        image: GuestImage,
+        script: str,
+        *,
+        vhost_user_socket: str | os.PathLike[str] | None = None,
+        vcpus: int = 2,
+        queues: int = 2,
+        memory: str = "512M",
+        qemu_disks: Sequence[str | os.PathLike[str]] = (),
+        qemu_queues: int | None = None,
+        iothreads: bool = False,
+        timeout: float = 300,
+        extra_qemu_args: Sequence[str] = (),
+        after_reboot: str | None = None,
+        kernel_args: str | Sequence[str] = (),
+        files: Mapping[str, bytes | str | Path] | None = None,
+        env: Mapping[str, str] | None = None,
+        settle_timeout: int = 120,
+        qmp: bool = False,
+        vhost_user_options: Mapping[str, object] | None = None,
+        reconnect_ms: int | None = None,
+        accel: str | None = None,
+        console_log: str | os.PathLike[str] | None = None,
+        stream: IO[str] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if vcpus < 1:
+            raise GuestConfigError(f"vcpus must be at least 1, not {vcpus}")
+        if queues < 1 or (qemu_queues is not None and qemu_queues < 1):
+            raise GuestConfigError("queues must be at least 1")
+        self.image = image
+        self.script = script
+        self.after_reboot = after_reboot
+        self.timeout = timeout
+        self.stream = stream
+        self.vhost_user_socket = Path(vhost_user_socket) if vhost_user_socket else None
+        if self.vhost_user_socket is not None:
+            _check_socket(self.vhost_user_socket)
+        disks = [Path(d) for d in qemu_disks]
+        for d in disks:
+            if not d.exists():
+                raise GuestConfigError(f"disk file {d} does not exist")
+        for p in (image.kernel, image.initramfs):
+            if not Path(p).is_file():
+                raise GuestConfigError(f"guest image file {p} is missing: run `vscsi vm build`")
+        if shutil.which(QEMU) is None:
+            raise GuestConfigError(f"{QEMU} not found: run scripts/setup-host.sh")
+        self.accel = (accel or os.environ.get("VSCSI_ACCEL") or "tcg").lower()
+        if self.accel not in ("tcg", "kvm"):
+            raise GuestConfigError(f"accelerator must be tcg or kvm, not {self.accel!r}")
+        if self.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise GuestConfigError("VSCSI_ACCEL=kvm but /dev/kvm is not usable")
+
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vscsi-vm-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.console_path = Path(console_log) if console_log else self.workdir / "console.log"
+        self.qmp_path = self.workdir / "qmp.sock" if qmp else None
+        self.nonce = secrets.token_hex(8)
+        self._phases_expected = 2 if after_reboot is not None else 1
+
+        initrd = self.workdir / "initrd.img"
+        with open(initrd, "wb") as f:
+            f.write(Path(image.initramfs).read_bytes())
+            f.write(self._run_archive(files or {}, env or {}, settle_timeout))
+
+        cmdline = BASE_CMDLINE
+        extra_kargs = [kernel_args] if isinstance(kernel_args, str) else list(kernel_args)
+        if extra_kargs:
+            cmdline += " " + " ".join(extra_kargs)
+        self.argv = build_qemu_argv(
+            kernel=Path(image.kernel), initrd=initrd, cmdline=cmdline,
+            console=self.console_path, vcpus=vcpus, memory=memory, accel=self.accel,
+            reboot=after_reboot is not None, qmp=self.qmp_path,
+            vhost_user_socket=self.vhost_user_socket, queues=queues,
+            vhost_user_options=vhost_user_options or {}, reconnect_ms=reconnect_ms,
+            qemu_disks=disks, qemu_queues=qemu_queues or queues, iothreads=iothreads,
+            extra=extra_qemu_args,
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr_path = self.workdir / "qemu.stderr"
+        self._t0 = 0.0
+        self._console = ""
+        self._raw = b""
+        self._console_fd: IO[bytes] | None = None
+        self._qmp: Any = None
+        self._streamed = 0
+        self._boot_seconds = 0.0
+        self._result: GuestResult | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Guest:
+        if self.proc is not None:
+            return self
+        self.console_path.write_bytes(b"")
+        self._stderr = open(self._stderr_path, "wb")  # noqa: SIM115 (closed in close())
+        self._t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+            start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not QEMU's
+        )
+        self._console_fd = open(self.console_path, "rb")  # noqa: SIM115
+        return self
+
+    def __enter__(self) -> Guest:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(failed=exc[0] is not None)
+
+    def close(self, failed: bool = False) -> None:
+        """Kill QEMU if still running; remove the temp workdir unless the run failed."""
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception:  # noqa: BLE001 - QEMU may already be gone
+                pass
+            self._qmp = None
+        self.kill()
+        if self._console_fd is not None:
+            self._console_fd.close()
+            self._console_fd = None
+        if getattr(self, "_stderr", None) is not None:
+            self._stderr.close()
+            self._stderr = None
+        if self._own_workdir and not failed and self._result is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    # -- observing -----------------------------------------------------------------------
+
+    @property
+    def console(self) -> str:
+        """The serial console so far (CRLF turned into LF)."""
+        self._pump()
+        return self._console
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0 if self._t0 else 0.0
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 120) -> re.Match[str]:
+        """Wait until the console matches `pattern` (a regex); return the match. For a
+        script that prints "READY" and then waits for the host to act."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            self._pump()
+            m = rx.search(self._console)
+            if m:
+                return m
+            if self.proc is not None and self.proc.poll() is not None:
+                self._pump()
+                m = rx.search(self._console)
+                if m:
+                    return m
+                raise self._error(f"QEMU exited ({self.proc.returncode}) before the "
+                                  f"console showed {rx.pattern!r}")
+            if time.monotonic() > deadline:
+                raise self._error(f"{rx.pattern!r} did not appear on the console within "
+                                  f"{timeout:.0f}s", timeout=True, kill=False)
+            time.sleep(POLL)
+
+    def qmp(self) -> Any:
+        """A connected qemu.qmp.legacy.QEMUMonitorProtocol (sync): ``.cmd("device_del",
+        id="vus0")`` returns the result or raises. Needs Guest(..., qmp=True)."""
+        if self.qmp_path is None:
+            raise GuestConfigError("QMP was not enabled: pass qmp=True")
+        if self._qmp is None:
+            from qemu.qmp.legacy import QEMUMonitorProtocol
+
+            deadline = time.monotonic() + 30
+            while not self.qmp_path.exists():
+                if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                    raise self._error("QMP socket did not appear", kill=False)
+                time.sleep(POLL)
+            mon = QEMUMonitorProtocol(str(self.qmp_path))
+            mon.connect(negotiate=True)
+            self._qmp = mon
+        return self._qmp
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None) -> GuestResult:
+        """Wait for the script(s) to finish and QEMU to power off; return the result.
+        `timeout` counts from QEMU's start (default: the Guest's timeout)."""
+        if self._result is not None:
+            return self._result
+        if self.proc is None:
+            self.start()
+        assert self.proc is not None
+        limit = self.timeout if timeout is None else timeout
+        done_at: float | None = None
+        while True:
+            self._pump()
+            phases, error = self._parse()
+            if error is not None:
+                raise self._error(f"guest init reported: {error}")
+            if done_at is None and len(phases) == self._phases_expected:
+                done_at = time.monotonic()
+            exited = self.proc.poll() is not None
+            if exited:
+                self._pump()
+                phases, error = self._parse()
+                if error is not None:
+                    raise self._error(f"guest init reported: {error}")
+                if len(phases) == self._phases_expected:
+                    return self._finish(phases, done_at, powered_off=True)
+                raise self._error(self._exit_reason(phases))
+            if done_at is not None and time.monotonic() - done_at > POWEROFF_GRACE:
+                return self._finish(phases, done_at, powered_off=False)
+            if self.elapsed() > limit:
+                raise self._error(
+                    f"guest timed out after {limit:.0f}s ({self._progress(phases)})",
+                    timeout=True,
+                )
+            time.sleep(POLL)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _run_archive(self, files: Mapping[str, bytes | str | Path], env: Mapping[str, str],
+                     settle_timeout: int) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        w = CpioWriter(buf)
+        dirs = {"vscsi"}
+        entries: dict[str, tuple[bytes, int]] = {
+            "vscsi/config": (render_config(self.nonce, reboot=self.after_reboot is not None,
+                                           settle_timeout=settle_timeout,
+                                           env=dict(env)).encode(), 0o644),
+            "vscsi/script1": (self.script.encode(), 0o755),
+        }
+        if self.after_reboot is not None:
+            entries["vscsi/script2"] = (self.after_reboot.encode(), 0o755)
+        for path, content in files.items():
+            rel = path.strip("/")
+            if not rel or rel.startswith("vscsi/") or ".." in rel.split("/"):
+                raise GuestConfigError(f"bad guest file path {path!r}")
+            if isinstance(content, Path):
+                data = content.read_bytes()
+                mode = 0o755 if os.access(content, os.X_OK) else 0o644
+            else:
+                data = content.encode() if isinstance(content, str) else bytes(content)
+                mode = 0o644
+            entries[rel] = (data, mode)
+        for rel in entries:
+            parts = rel.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                dirs.add("/".join(parts[:i]))
+        # directories already in the base archive are created again harmlessly
+        for d in sorted(dirs):
+            w.directory(d, 0o1777 if d == "tmp" else 0o755)
+        for rel, (data, mode) in sorted(entries.items()):
+            w.file(rel, data, mode)
+        w.finish()
+        return buf.getvalue()
+
+    def _pump(self) -> None:
+        """Read what the console file gained since last time."""
+        if self._console_fd is None:
+            return
+        chunk = self._console_fd.read()
+        if not chunk:
+            return
+        self._raw += chunk
+        if not self._boot_seconds and f"@@vscsi:{self.nonce}:begin:1@@".encode() in self._raw:
+            self._boot_seconds = self.elapsed()
+        # decode only complete lines' worth is not needed: decoding with replacement and
+        # re-decoding the whole buffer keeps multi-byte characters split across reads right
+        self._console = self._raw.decode("utf-8", "replace").replace("\r\n", "\n")
+        if self.stream is not None:
+            self._stream_out()
+
+    def _stream_out(self) -> None:
+        """Copy complete lines of script output (between markers) to the stream."""
+        assert self.stream is not None
+        text = self._console
+        end = text.rfind("\n", self._streamed) + 1
+        if end <= self._streamed:
+            return
+        inside = self._inside_at(self._streamed)
+        for line in text[self._streamed:end].splitlines(keepends=True):
+            m = MARKER_RE.search(line)
+            if m and m.group("nonce") == self.nonce:
+                inside = m.group("event") == "begin"
+                continue
+            if inside:
+                self.stream.write(line)
+        self.stream.flush()
+        self._streamed = end
+
+    def _inside_at(self, pos: int) -> bool:
+        inside = False
+        for m in MARKER_RE.finditer(self._console, 0, pos):
+            if m.group("nonce") == self.nonce:
+                inside = m.group("event") == "begin"
+        return inside
+
+    def _parse(self) -> tuple[list[PhaseResult], str | None]:
+        """Completed phases so far, and an error the init reported (if any)."""
+        phases: list[PhaseResult] = []
+        begin_end: dict[int, int] = {}
+        error = None
+        text = self._console
+        for m in MARKER_RE.finditer(text):
+            if m.group("nonce") != self.nonce:
+                continue
+            event, args = m.group("event"), (m.group("args") or "").split(":")
+            if event == "begin":
+                phase = int(args[0])
+                if phase in begin_end and phase == 1 and self.after_reboot is None:
+                    error = "the guest started the script twice (unexpected reboot)"
+                # output starts after the marker's line
+                nl = text.find("\n", m.end())
+                begin_end[phase] = len(text) if nl < 0 else nl + 1
+            elif event == "exit" and len(args) == 2:
+                phase, status = int(args[0]), int(args[1])
+                start = begin_end.get(phase, m.start())
+                out = text[start:m.start()]
+                if out.endswith("\n"):
+                    out = out[:-1]  # the newline /init prints before the marker
+                phases.append(PhaseResult(phase, out, status))
+            elif event == "error":
+                error = ":".join(args)
+        return phases, error
+
+    def _finish(self, phases: list[PhaseResult], done_at: float | None,
+                powered_off: bool) -> GuestResult:
+        seconds = (done_at - self._t0) if done_at is not None else self.elapsed()
+        if not powered_off:
+            self.kill()
+        status = next((p.status for p in phases if p.status != 0), 0)
+        self._result = GuestResult(
+            output="".join(p.output for p in phases),
+            status=status,
+            seconds=seconds,
+            phases=tuple(phases),
+            console=self._console,
+            powered_off=powered_off,
+            boot_seconds=self._boot_seconds,
+        )
+        return self._result
+
+    def _progress(self, phases: list[PhaseResult]) -> str:
+        text = self._console
+        begins = [m for m in MARKER_RE.finditer(text)
+                  if m.group("nonce") == self.nonce and m.group("event") == "begin"]
+        if not text.strip():
+            return "no console output at all: the kernel did not start"
+        if not begins:
+            return "the script never started: stuck booting or waiting for the disks"
+        return f"the script of phase {begins[-1].group('args')} did not finish"
+
+    def _exit_reason(self, phases: list[PhaseResult]) -> str:
+        assert self.proc is not None
+        rc = self.proc.returncode
+        if "Kernel panic" in self._console:
+            what = "the guest kernel panicked"
+        elif rc != 0:
+            what = f"QEMU exited with status {rc}"
+        else:
+            what = "QEMU exited"
+        return f"{what} before the script finished ({self._progress(phases)})"
+
+    def _error(self, message: str, *, timeout: bool = False, kill: bool = True) -> GuestError:
+        if kill:
+            self.kill()
+        self._pump()
+        try:
+            stderr = self._stderr_path.read_text(errors="replace")
+        except OSError:
+            stderr = ""
+        cls = GuestTimeout if timeout else GuestError
+        return cls(message, console=self._console, seconds=self.elapsed(),
+                   qemu_stderr=stderr, workdir=self.workdir)
+
+
+def _check_socket(path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise GuestConfigError(
+            f"vhost-user socket {path} does not exist (is `vscsi serve` running?)"
+        ) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise GuestConfigError(f"{path} is not a socket")
+
+
+def build_qemu_argv(
+    *,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    console: Path,
+    vcpus: int = 2,
+    memory: str = "512M",
+    accel: str = "tcg",
+    reboot: bool = False,
+    qmp: Path | None = None,
+    vhost_user_socket: Path | None = None,
+    queues: int = 2,
+    vhost_user_options: Mapping[str, object] | None = None,
+    reconnect_ms: int | None = None,
+    qemu_disks: Sequence[Path] = (),
+    qemu_queues: int = 2,
+    iothreads: bool = False,
+    extra: Iterable[str] = (),
+) -> list[str]:
+    """The QEMU command line. Devices get fixed PCI slots so the guest probes (and
+    names) them in the same order every time: the vhost-user HBA first (slot 4), then
+    QEMU's own virtio-scsi (slot 5); slots from 0x10 up are free for tests' hot-plug."""
+    argv = [
+        QEMU,
+        "-nodefaults", "-no-user-config", "-display", "none",
+        # guest RAM a vhost-user backend can map: a shared memfd
+        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-machine", "q35,memory-backend=mem",
+        "-m", memory,
+        "-smp", str(vcpus),
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con",
+    ]
+    if accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        # one host thread per vCPU; "max" gives the guest every feature TCG emulates
+        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    if not reboot:
+        argv.append("-no-reboot")
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if vhost_user_socket is not None:
+        chardev = f"socket,id=vus,path={vhost_user_socket}"
+        if reconnect_ms:
+            chardev += f",reconnect-ms={int(reconnect_ms)}"
+        dev: dict[str, object] = {
+            "driver": "vhost-user-scsi-pci", "id": "vus0", "chardev": "vus",
+            "num_queues": queues, "bus": "pcie.0", "addr": "0x4",
+        }
+        dev.update(vhost_user_options or {})
+        argv += ["-chardev", chardev, "-device", json.dumps(dev)]
+    if qemu_disks:
+        hba: dict[str, object] = {
+            "driver": "virtio-scsi-pci", "id": "qscsi", "num_queues": qemu_queues,
+            "bus": "pcie.0", "addr": "0x5",
+        }
+        if iothreads:
+            for i in range(qemu_queues):
+                argv += ["-object", f"iothread,id=io{i}"]
+            # without "vqs", QEMU spreads the request queues over the listed iothreads
+            hba["iothread-vq-mapping"] = [{"iothread": f"io{i}"} for i in range(qemu_queues)]
+        argv += ["-device", json.dumps(hba)]
+        for i, disk in enumerate(qemu_disks):
+            argv += [
+                "-blockdev", json.dumps({
+                    "driver": "file", "node-name": f"qf{i}", "filename": str(disk),
+                    "aio": "threads", "discard": "unmap",
+                }),
+                "-blockdev", json.dumps({"driver": "raw", "node-name": f"qd{i}", "file": f"qf{i}"}),
+                "-device", json.dumps({
+                    "driver": "scsi-hd", "id": f"qdisk{i}", "drive": f"qd{i}",
+                    "bus": "qscsi.0", "channel": 0, "scsi-id": i, "lun": 0,
+                }),
+            ]
+    argv += list(extra)
+    return argv
