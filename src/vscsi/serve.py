@@ -1,0 +1,168 @@
+"""`vscsi serve`: serve logical units to QEMU as a vhost-user-scsi device.
+
+    vscsi serve --socket /tmp/vscsi.sock --queues 2 \\
+        --lun 0:0=ram:256M --lun 1:0=file:disk.img,serial=D1 --stats /tmp/vscsi.json
+
+and attach it with::
+
+    qemu-system-x86_64 ... \\
+        -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem \\
+        -chardev socket,id=vs,path=/tmp/vscsi.sock \\
+        -device vhost-user-scsi-pci,chardev=vs,num_queues=2
+
+The wiring only: LUN specs -> vscsi.scsi targets -> a vscsi.device VirtioScsiDevice ->
+the vscsi.vhost_user back-end, which serves each request queue in its own worker process
+pinned to a CPU (``--cpus``; by default the CPUs this process may run on, in order).
+
+Per-queue request counts are logged when a front-end disconnects, on SIGUSR1 and at
+exit, and written as JSON to ``--stats PATH`` (see vscsi.vhost_user.stats: ``per_queue``
+is the list of requests per request queue). SIGINT/SIGTERM stop the back-end cleanly:
+running requests finish, files are synced and closed, the socket is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vscsi.cli import UsageError
+
+log = logging.getLogger("vscsi.serve")
+
+MAX_QUEUES = 254  # vring indices are 8 bits on the wire: 2 + 254 = 256 virtqueues
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def default_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", required=True, metavar="PATH",
+                        help="unix socket to listen on (QEMU's -chardev socket,path=PATH)")
+    parser.add_argument("--queues", type=int, default=None, metavar="N",
+                        help="request queues (default: the number of usable CPUs); QEMU's "
+                             "num_queues must not exceed it")
+    parser.add_argument("--lun", action="append", default=[], metavar="SPEC",
+                        help="a logical unit, TARGET:LUN=file:PATH|ram:SIZE|null:SIZE"
+                             "[,ro][,block-size=N][,serial=S]; repeatable")
+    parser.add_argument("--cpus", metavar="LIST",
+                        help="CPUs for the request-queue workers, e.g. 0-3,6: worker i runs "
+                             "on the i-th (default: every CPU this process may use)")
+    parser.add_argument("--stats", metavar="PATH",
+                        help="write per-queue counters as JSON here (on change, at most once "
+                             "a second; at disconnect, SIGUSR1 and exit)")
+    parser.add_argument("--no-config-feature", action="store_true",
+                        help="do not offer PROTOCOL_F_CONFIG (QEMU 7.2.0-7.2.2 crash on it)")
+    parser.add_argument("--once", action="store_true",
+                        help="exit after the first front-end disconnects")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                        help="default: info")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s vscsi[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
+    if not args.lun:
+        raise UsageError("no logical units: give at least one --lun TARGET:LUN=BACKEND")
+    usable = default_cpus()
+    queues = len(usable) if args.queues is None else args.queues
+    if not 1 <= queues <= MAX_QUEUES:
+        raise UsageError(f"--queues {queues}: must be 1..{MAX_QUEUES}")
+    if args.cpus:
+        from vscsi.vhost_user import cpu_list
+
+        try:
+            cpus = cpu_list(args.cpus)
+        except ValueError as exc:
+            raise UsageError(f"--cpus: {exc}") from None
+        missing = sorted(set(cpus) - set(usable))
+        if missing:
+            raise UsageError(f"--cpus: CPU {missing[0]} is not available to this process "
+                             f"(usable: {','.join(map(str, usable))})")
+    else:
+        cpus = usable
+    return queues, cpus
+
+
+def run(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    queues, cpus = _check_args(args)
+
+    from vscsi.device import ScsiConfig, VirtioScsiDevice
+    from vscsi.scsi import build_targets, parse_lun_spec
+    from vscsi.vhost_user import PROTOCOL_FEATURES, BackendServer, ProtocolFeature, ServerError
+
+    specs = [parse_lun_spec(text) for text in args.lun]  # LunSpecError: one line, exit 2
+    targets = build_targets(specs)  # opens the backends: LunSpecError / OSError
+    device = server = None
+    try:
+        device = VirtioScsiDevice(targets, ScsiConfig(num_queues=queues))
+        features = PROTOCOL_FEATURES
+        if args.no_config_feature:
+            features &= ~(1 << ProtocolFeature.CONFIG)
+        server = BackendServer(device, args.socket, num_queues=queues, cpus=cpus,
+                               stats_path=args.stats, protocol_features=features,
+                               max_sessions=1 if args.once else None)
+        try:
+            server.bind()
+        except ServerError as exc:
+            raise UsageError(str(exc)) from None
+        for spec in specs:
+            log.info("LUN %s", spec)
+        log.info("request queue workers on CPUs %s", ",".join(map(str, cpus[:queues])))
+        server.serve()
+    finally:
+        if server is not None:
+            server.close()
+        if device is not None:
+            device.close()
+        _close_targets(targets)
+    log.info("stopped")
+    return 0
+
+
+def _close_targets(targets: dict) -> None:
+    """Sync what was written, then close every backend (errors are logged, not raised:
+    the others still deserve their sync)."""
+    for target in targets.values():
+        for unit in target.luns.values():
+            try:
+                if not unit.read_only:
+                    unit.backend.flush()
+            except OSError as exc:
+                log.error("sync of %r failed: %s", unit.backend, exc)
+            try:
+                unit.close()
+            except OSError as exc:
+                log.error("close of %r failed: %s", unit.backend, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vscsi.serve`` (the same as ``vscsi serve``)."""
+    parser = argparse.ArgumentParser(prog="vscsi serve", description=__doc__.split("\n")[0])
+    configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except (UsageError, ValueError) as exc:
+        print(f"vscsi serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vscsi serve: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
