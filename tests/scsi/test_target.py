@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -174,3 +175,66 @@ def test_build_targets_reports_missing_files(tmp_path):
 
 def test_build_targets_empty():
     assert build_targets([]) == {}
+
+
+# -- unit attention after a reset ---------------------------------------------------------
+
+UA_LUN_RESET = (0x6, 0x29, 0x03)
+UA_RESET = (0x6, 0x29, 0x00)
+TUR = bytes(6)
+
+
+def test_no_unit_attention_at_start():
+    t = _target(0)
+    assert run(t, TUR, lun=0)[0].status == GOOD
+
+
+def test_lun_reset_leaves_a_unit_attention_reported_once():
+    t = _target(0, 1)
+    t.luns[0].wce = False
+    t.lun_reset(0)
+    assert t.luns[0].wce is True
+    # INQUIRY and REPORT LUNS neither report nor clear it.
+    assert run(t, inquiry(), in_len=96, lun=0)[0].status == GOOD
+    assert run(t, report_luns(), in_len=96, lun=0)[0].status == GOOD
+    assert run(t, TUR, lun=1)[0].status == GOOD            # other LUN unaffected
+    r, _ = run(t, write10(0, 1), out=b"\x01" * 512, lun=0)
+    assert_check(r, UA_LUN_RESET)
+    assert r.data_out == 0
+    _, d = run(t, read10(0, 1), in_len=512, lun=0)
+    assert d == bytes(512)                                 # the write did not happen
+    assert run(t, TUR, lun=0)[0].status == GOOD            # cleared
+
+
+def test_request_sense_returns_and_clears_the_unit_attention():
+    t = _target(0)
+    t.reset()
+    r, d = run(t, bytes((0x03, 0, 0, 0, 18, 0)), in_len=18, lun=0)
+    assert r.status == GOOD and parse_sense(d).triple == UA_RESET
+    r, d = run(t, bytes((0x03, 0, 0, 0, 18, 0)), in_len=18, lun=0)
+    assert parse_sense(d).triple == (0, 0, 0)
+
+
+def test_set_unit_attention_and_silent_reset():
+    unit = LogicalUnit(RamBackend(65536))
+    unit.set_unit_attention((0x2A, 0x09))                   # CAPACITY DATA HAS CHANGED
+    assert unit.unit_attention == (0x2A, 0x09)
+    assert_check(run(unit, TUR)[0], (0x6, 0x2A, 0x09))
+    assert unit.unit_attention is None
+    unit.reset(unit_attention=None)
+    assert run(unit, TUR)[0].status == GOOD
+
+
+def test_unit_attention_is_shared_across_fork():
+    # The control queue (TMFs) and request queue workers may be different processes.
+    t = _target(0)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            t.lun_reset(0)
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert_check(run(t, TUR, lun=0)[0], UA_LUN_RESET)

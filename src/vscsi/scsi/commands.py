@@ -655,8 +655,9 @@ def request_sense_response(cdb: bytes, sense: bytes, data_in: Views) -> ScsiResu
 @command(0x03, "REQUEST SENSE", (0x01, 0, 0, 0xFF, 0))
 def request_sense(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
                   ) -> ScsiResult:
-    # Every error is reported with CHECK CONDITION and autosense at once; nothing is
-    # ever pending (no deferred errors, no unit attentions), so: NO SENSE.
+    # Every error is reported with CHECK CONDITION and autosense at once, so there are
+    # no deferred errors; a pending unit attention is answered before dispatch
+    # (LogicalUnit.execute). What is left to report is: NO SENSE.
     return request_sense_response(cdb, NO_SENSE_DATA, data_in)
 
 

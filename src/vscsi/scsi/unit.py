@@ -24,6 +24,7 @@ from .constants import (
     ASC_INVALID_COMMAND_OPERATION_CODE,
     ASC_INVALID_FIELD_IN_CDB,
     ASC_LOGICAL_UNIT_NOT_SUPPORTED,
+    CHECK_CONDITION,
     HARDWARE_ERROR,
     ILLEGAL_REQUEST,
     INQUIRY,
@@ -31,9 +32,10 @@ from .constants import (
     REPORT_LUNS,
     REQUEST_SENSE,
     TYPE_DISK,
+    UNIT_ATTENTION,
 )
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
-from .sense import ScsiError, ScsiResult, check_condition
+from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .sgl import Views
 from .spec import MAX_LUN, LunSpec, LunSpecError
 
@@ -49,7 +51,15 @@ MAX_UNMAP_BYTES = 1 << 30
 MAX_UNMAP_DESCRIPTORS = 64
 MAX_WRITE_SAME_BYTES = 1 << 30
 
-_STATE_WCE = 0          # byte offsets in the shared state page
+# Byte offsets in the shared state page.
+_STATE_WCE = 0          # 1: write cache enabled
+_STATE_UA_ASC = 1       # pending unit attention: ASC (0: none) ...
+_STATE_UA_ASCQ = 2      # ... and ASCQ
+
+# SAM-5 5.11: the unit attention a LOGICAL UNIT RESET leaves behind, and the one for a
+# target-wide reset.
+UA_LUN_RESET = (0x29, 0x03)         # BUS DEVICE RESET FUNCTION OCCURRED
+UA_RESET = (0x29, 0x00)             # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
 
 
 class LogicalUnit:
@@ -105,7 +115,9 @@ class LogicalUnit:
 
         # MAP_SHARED anonymous page: survives fork() as shared memory.
         self._state = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
-        self.reset()
+        # No power-on unit attention: initiators that never reset (our own driver, fio
+        # jobs) would otherwise see one CHECK CONDITION per LUN at start.
+        self.reset(unit_attention=None)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -118,10 +130,25 @@ class LogicalUnit:
     def wce(self, value: bool) -> None:
         self._state[_STATE_WCE] = 1 if value else 0
 
-    def reset(self) -> None:
+    def reset(self, unit_attention: tuple[int, int] | None = UA_LUN_RESET) -> None:
         """LOGICAL UNIT RESET: mode parameters go back to their defaults (we have no saved
-        ones). Nothing else is kept per unit; commands are not queued here."""
+        ones), and a unit attention condition is established, as SAM-5 requires, so the
+        initiator learns that its mode settings are gone. Pass None to reset silently."""
         self.wce = True
+        self.set_unit_attention(unit_attention)
+
+    def set_unit_attention(self, asc_ascq: tuple[int, int] | None) -> None:
+        """Make the next command (other than INQUIRY / REPORT LUNS) end in CHECK CONDITION,
+        UNIT ATTENTION with this ASC/ASCQ; None clears it. E.g. (0x2A, 0x09) CAPACITY DATA
+        HAS CHANGED after resizing a backend."""
+        asc, ascq = asc_ascq or (0, 0)
+        self._state[_STATE_UA_ASCQ] = ascq
+        self._state[_STATE_UA_ASC] = asc
+
+    @property
+    def unit_attention(self) -> tuple[int, int] | None:
+        asc = self._state[_STATE_UA_ASC]
+        return (asc, self._state[_STATE_UA_ASCQ]) if asc else None
 
     @property
     def capacity(self) -> int:
@@ -134,6 +161,8 @@ class LogicalUnit:
         """Run one command. Never raises: every failure is a ScsiResult."""
         try:
             op = cdb[0]
+            if self._state[_STATE_UA_ASC] and op != INQUIRY and op != REPORT_LUNS:
+                return self._report_unit_attention(cdb, data_in)
             if len(cdb) < _CDB_LENGTHS[op]:
                 raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
             return _HANDLERS[op](self, cdb, data_out, data_in)
@@ -144,6 +173,17 @@ class LogicalUnit:
                 return check_condition(ILLEGAL_REQUEST, ASC_INVALID_COMMAND_OPERATION_CODE)
             log.exception("internal error executing CDB %s", bytes(cdb).hex())
             return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+
+    def _report_unit_attention(self, cdb: bytes, data_in: Views) -> ScsiResult:
+        """SPC-4 5.14: the pending unit attention is reported (and cleared) by this
+        command: as REQUEST SENSE parameter data, otherwise as CHECK CONDITION instead of
+        executing it. (Several workers may race to report it; each report is valid.)"""
+        sense = fixed_sense(UNIT_ATTENTION, self._state[_STATE_UA_ASC],
+                            self._state[_STATE_UA_ASCQ])
+        self.set_unit_attention(None)
+        if cdb[0] == REQUEST_SENSE and len(cdb) >= 6:
+            return request_sense_response(cdb, sense, data_in)
+        return ScsiResult(CHECK_CONDITION, sense)
 
     def close(self) -> None:
         self.backend.close()
@@ -208,7 +248,7 @@ class ScsiTarget:
     def reset(self) -> None:
         """TARGET RESET / I_T NEXUS RESET: every unit."""
         for unit in self.luns.values():
-            unit.reset()
+            unit.reset(UA_RESET)
 
     def close(self) -> None:
         for unit in self.luns.values():
