@@ -160,7 +160,10 @@ class GuestMemory:
         """Unmap everything; safe while views are exported (see the module docstring).
         Afterwards :meth:`view` refuses every address. Idempotent."""
         for v in self._views:
-            v.release()  # our own slices; others' slices keep the mapping alive
+            try:
+                v.release()  # our own slices; others' slices keep the mapping alive
+            except BufferError:
+                pass  # something exported our view itself: the GC frees it later
         self._install((), [])
         self._unmap()
         for fd in self._owned_fds:

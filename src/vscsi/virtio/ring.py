@@ -12,6 +12,7 @@ Layout of one queue of ``size`` entries (all little endian, VERSION_1)::
 
 from __future__ import annotations
 
+import os
 import platform
 import struct
 import threading
@@ -125,6 +126,15 @@ def need_event(event: int, new: int, old: int) -> bool:
 # (enabling notifications, then re-checking; publishing an index, then reading the other
 # side's event index): once per batch, not per descriptor.
 _fence_lock = threading.Lock()
+
+
+def _new_fence_lock() -> None:
+    # A child forked while another thread was inside mb() would inherit a held lock.
+    global _fence_lock
+    _fence_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fence_lock)
 
 
 def mb() -> None:
