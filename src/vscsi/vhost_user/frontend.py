@@ -78,25 +78,27 @@ class FrontendClient:
     # ------------------------------------------------------------------ raw I/O
 
     def send(self, msg: Message) -> None:
-        data = codec.encode(msg)
-        if msg.fds:
-            socket.send_fds(self.sock, [data], list(msg.fds))
-        else:
-            self.sock.sendall(data)
+        self.send_raw(codec.encode(msg), msg.fds)
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Bytes as they are (hostile-front-end tests)."""
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.sendall(data)
+        """Bytes as they are (also for hostile-front-end tests)."""
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], list(fds))
+            else:
+                self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise BackendGone(f"back-end closed the connection ({exc})") from None
 
     def receive(self) -> Message:
         while True:
             msg = self.reader.next_message()
             if msg is not None:
                 return msg
-            data, fds, _flags, _ = socket.recv_fds(self.sock, self.reader.bytes_wanted(), 8)
+            try:
+                data, fds, _flags, _ = socket.recv_fds(self.sock, self.reader.bytes_wanted(), 8)
+            except ConnectionResetError:
+                data, fds = b"", []
             if not data:
                 for fd in fds:
                     os.close(fd)
