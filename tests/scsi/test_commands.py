@@ -137,11 +137,18 @@ def test_verify_without_compare_checks_the_range():
     assert run(unit, rw16(V16, 2048, 0))[0].status == GOOD
 
 
-def test_verify_reads_the_medium():
+def test_verify_without_compare_reads_nothing():
     backend = RecordingBackend(1 << 20)
     backend.fail_read = OSError(errno.EIO, "bad sector")
-    r, _ = run(LogicalUnit(backend), rw10(V10, 9, 1))
-    assert_check(r, READ_ERROR)
+    assert run(LogicalUnit(backend), rw10(V10, 9, 1))[0].status == GOOD
+
+
+def test_verify_compare_read_error():
+    backend = RecordingBackend(1 << 20)
+    backend.fail_read = OSError(errno.EIO, "bad sector")
+    r, _ = run(LogicalUnit(backend), rw10(V10, 9, 1, 0x02), out=bytes(512))
+    s = assert_check(r, READ_ERROR)
+    assert s.information == 9
 
 
 @pytest.mark.parametrize("op, build", [(V10, rw10), (V16, rw16)])
@@ -259,6 +266,10 @@ def test_write_same_errors():
     assert_field(run(unit, rw16(WS16, 0, too_many), out=bytes(512))[0], 10)
     assert_field(run(unit, rw16(WS16, 0, 1, 0x10), out=bytes(512))[0], 1, 4)  # ANCHOR
     assert_field(run(unit, rw16(WS16, 0, 1, 0x20), out=bytes(512))[0], 1, 7)  # WRPROTECT
+    assert_field(run(unit, rw16(WS16, 0, 1, 0x04), out=bytes(512))[0], 1, 2)  # PBDATA
+    assert_field(run(unit, rw10(WS10, 0, 1, 0x02), out=bytes(512))[0], 1, 1)  # LBDATA
+    # Byte 1 bit 0 of WRITE SAME(10) is not NDOB: the data-out block is still needed.
+    assert run(unit, rw10(WS10, 0, 1, 0x01))[0].overrun
     assert_check(run(unit, rw16(WS16, 2000, 100), out=bytes(512))[0], LBA_OUT_OF_RANGE)
     assert run(unit, rw16(WS16, 0, 1), out=bytes(511))[0].overrun
     ro = ram_unit(read_only=True)

@@ -91,6 +91,8 @@ def test_block_descriptor_short_and_dbd():
     assert desc == struct.pack(">IB3s", 256, 0, (4096).to_bytes(3, "big"))
     dev, desc, pages = sense6(unit, 0x08, dbd=True)
     assert desc == b"" and 0x08 in pages
+    dev, desc, pages = sense6(unit, 0x08, pc=1)           # changeable: nothing in it
+    assert desc == bytes(8)
 
 
 def test_block_descriptor_long_lba_and_too_many_blocks():

@@ -279,9 +279,13 @@ def _verify(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: View
     if need > total(data_out):
         return _overrun()
     _check_range(unit, lba, blocks)
-    expected = gather(data_out, need) if need else b""
-    # Read the range back in bounded steps: BYTCHK=0 still reads, so an unreadable block
-    # is reported as a real disk's verify would.
+    if bytchk == 0:
+        # No compare: our media have no latent sector errors to find, so the range check
+        # is the whole verification (as in QEMU). Reading it back would stall this
+        # queue for as long as a full-disk read.
+        return good()
+    expected = gather(data_out, need)
+    # Read the range back in bounded steps and compare.
     step = max(1, _CHUNK // bs)
     buf = bytearray(min(blocks, step) * bs)
     view = memoryview(buf)
@@ -295,11 +299,9 @@ def _verify(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: View
             raise _io_error(e, write=False, lba=lba + done) from None
         if bytchk == 1:
             ref = expected[done * bs:(done + k) * bs]
-        elif bytchk == 3:
-            ref = expected * k          # one block, compared against each block
         else:
-            ref = None
-        if ref is not None and part != ref:
+            ref = expected * k          # BYTCHK 11b: one block, compared against each
+        if part != ref:
             at = _first_difference(part, ref)
             raise ScsiError(MISCOMPARE, ASC_MISCOMPARE_DURING_VERIFY,
                             information=done * bs + at)
@@ -354,6 +356,9 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
         raise invalid_cdb(1, 7)         # WRPROTECT
     if flags & 0x10:
         raise invalid_cdb(1, 4)         # ANCHOR: anchored LBAs not supported (ANC_SUP 0)
+    if flags & 0x06:
+        # PBDATA / LBDATA: patterns with embedded block addresses, not supported.
+        raise invalid_cdb(1, 2 if flags & 0x04 else 1)
     unmap = flags & 0x08
     ndob = flags & 0x01                 # only defined for WRITE SAME(16); masked for (10)
     if blocks == 0 or blocks > unit.max_write_same_blocks:
@@ -392,7 +397,7 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
 @command(0x41, "WRITE SAME(10)", (0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0))
 def write_same10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
-    return _write_same(unit, flags & 0xF8, lba, blocks, data_out, 7)
+    return _write_same(unit, flags & 0xFE, lba, blocks, data_out, 7)   # bit 0: no NDOB
 
 
 @command(0x93, "WRITE SAME(16)", (0xF9, *(0xFF,) * 12, 0, 0))
@@ -497,7 +502,9 @@ def inquiry(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> S
 
 # -- MODE SENSE / MODE SELECT -------------------------------------------------------------
 
-def _block_descriptor(unit: LogicalUnit, long_lba: bool) -> bytes:
+def _block_descriptor(unit: LogicalUnit, long_lba: bool, pc: int) -> bytes:
+    if pc == pages.PC_CHANGEABLE:
+        return bytes(16 if long_lba else 8)     # geometry cannot be changed
     if long_lba:
         return struct.pack(">Q4xI", unit.num_blocks, unit.block_size)
     # Short form (SBC-3 6.4.4.2): 0xFFFFFFFF when the count does not fit.
@@ -517,7 +524,7 @@ def _mode_sense(unit: LogicalUnit, flags: int, pcpage: int, subpage: int, ten: b
         raise invalid_cdb(2, 5)
     dbd = flags & 0x08
     long_lba = ten and bool(flags & 0x10)
-    desc = b"" if dbd else _block_descriptor(unit, long_lba)
+    desc = b"" if dbd else _block_descriptor(unit, long_lba, pc)
     # Device-specific parameter (SBC-3 6.4.2): WP, and DPOFUA since we honour FUA --
     # without it Linux never sends FUA writes.
     device_specific = (0x80 if unit.read_only else 0) | 0x10
