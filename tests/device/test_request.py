@@ -401,3 +401,38 @@ def test_malformed_never_raises(readable: bytes, rcuts: list[int], wsize: int,
                             VIRTIO_SCSI_S_FAILURE)
         if len(readable) < 51:
             assert response == VIRTIO_SCSI_S_FAILURE
+
+
+def test_lun_decoding_is_per_field(rig: Rig) -> None:
+    """Whatever the device remembers of LUN fields, each field means what it says."""
+    fields = [
+        ("0100000000000000", (0, 0)), ("0100000100000000", (0, 1)),
+        ("0100400100000000", (0, 1)), ("0000000000000000", None),
+        ("0100000000000000", (0, 0)), ("0100400100000001", None),
+        ("0105000100000000", (5, 1)), ("0100000100000000", (0, 1)),
+    ]
+    for field, expect in fields * 2:
+        rig.arrivals.clear()
+        r = request(cmd_header(0, 0, read10(0, 1), lun_field=bytes.fromhex(field)), data_in=BLOCK)
+        rig.device.handle_request(r.chain)
+        if expect is None:
+            assert r.response()[4] == VIRTIO_SCSI_S_BAD_TARGET and rig.arrivals == []
+        else:
+            assert rig.arrivals == [(*expect, 0)], field
+            assert r.response()[4] == (VIRTIO_SCSI_S_OK if expect[0] == 0
+                                       else VIRTIO_SCSI_S_BAD_TARGET)
+            if expect[0] == 0:
+                assert r.data_in_buf == (rig.disk0 if expect[1] == 0 else rig.disk1)[:BLOCK]
+
+
+def test_many_distinct_lun_fields(rig: Rig) -> None:
+    """A driver sweeping thousands of LUN fields gets correct answers throughout and does
+    not grow the device's memory without bound."""
+    for t in range(0, 256, 15):
+        for lun in range(0, 16384, 67):
+            r = request(cmd_header(t, lun, bytes(6)))
+            rig.device.handle_request(r.chain)
+            assert rig.arrivals[-1] == (t, lun, 0)
+            assert r.response()[4] == (VIRTIO_SCSI_S_OK if t == 0 else VIRTIO_SCSI_S_BAD_TARGET)
+    assert len(rig.arrivals) > 4096
+    assert len(rig.device._lun_cache) <= 4096

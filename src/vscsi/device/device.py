@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
 from vscsi.device.iov import gather, scatter, skip, total
-from vscsi.device.tasks import ALL_LUNS, TaskTable
+from vscsi.device.tasks import ALL_LUNS, HOLD, SLOT, TaskTable
 from vscsi.device.wire import (
     AN_REQ,
     AN_RESP,
@@ -89,6 +89,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_slot_pack = SLOT.pack_into
+_hold_unpack = HOLD.unpack_from
+_HOLD_SIZE = HOLD.size
+_LUN_CACHE_MAX = 4096
+
 #: What we offer. Not INOUT (no bidirectional commands), not T10_PI, not ANY_LAYOUT (a
 #: legacy bit: VERSION_1 implies it, and we parse any layout regardless).
 DEVICE_FEATURES = (
@@ -140,6 +145,10 @@ class VirtioScsiDevice:
         self.driver_features: int | None = None
         self.events = EventQueue(event_capacity, event_max_age)
         self.tasks = TaskTable(config.num_queues)
+        self._task_mem = self.tasks.mem
+        self._slot_offsets = {FIRST_REQUEST_QUEUE + q: self.tasks.slot_offset(q)
+                              for q in range(config.num_queues)}
+        self._lun_cache: dict[bytes, tuple[int, int]] = {}
         #: how long a TMF waits for a running task to finish before answering FAILURE
         self.tmf_timeout = tmf_timeout
         self._set_config(config)
@@ -197,8 +206,8 @@ class VirtioScsiDevice:
         ``queue_index`` names the queue's task slot: one caller at a time per queue.
         Never raises for anything the driver wrote.
         """
-        slot = queue_index - FIRST_REQUEST_QUEUE
-        if not 0 <= slot < self.tasks.queues:
+        slot = self._slot_offsets.get(queue_index)
+        if slot is None:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
 
         # Response header first: without room for it we cannot answer at all. Common case
@@ -231,9 +240,15 @@ class VirtioScsiDevice:
         # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
         # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
 
-        addr = decode_lun(lun_field)
+        # A driver uses a handful of distinct LUN fields: remember their decodings (the
+        # cache is bounded so a driver cycling through all 4M valid fields cannot grow it).
+        addr = self._lun_cache.get(lun_field)
         if addr is None:
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+            addr = decode_lun(lun_field)
+            if addr is None:
+                return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+            if len(self._lun_cache) < _LUN_CACHE_MAX:
+                self._lun_cache[lun_field] = addr
         t, lun = addr
         if self.on_arrival is not None:
             self.on_arrival(t, lun, tag)
@@ -241,41 +256,51 @@ class VirtioScsiDevice:
         if target is None:
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
 
-        out_len = total(data_out) if data_out else 0
-        in_len = total(data_in) if data_in else 0
-        if out_len and in_len:
+        if data_out and data_in and total(data_out) and total(data_in):
             # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
             # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
             # a SCSI CHECK CONDITION, since the target never saw the command.
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
 
-        tasks = self.tasks
-        held = tasks.begin(slot, t, lun, tag)
-        if held:                        # a reset / abort of this LUN is in progress
-            return self._respond(wr, resp_buf, held)
+        # The worker side of the task table (TaskTable.begin / end, inlined): publish the
+        # task (active byte last), then honour a hold a TMF put on this LUN.
+        mem = self._task_mem
+        _slot_pack(mem, slot, 0, 0, t, lun, tag)
+        mem[slot] = 1
+        hold = t * _HOLD_SIZE
+        if mem[hold]:
+            held_response, held_lun = _hold_unpack(mem, hold)
+            if held_lun == ALL_LUNS or held_lun == lun:
+                mem[slot] = 0
+                return self._respond(wr, resp_buf, held_response)
         try:
             result = target.execute(lun, cdb, data_out, data_in)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
-            tasks.end(slot)
+            mem[slot] = 0
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-        cancelled = tasks.end(slot)
+        cancelled = mem[slot + 1]
+        mem[slot] = 0
         if cancelled:                   # a TMF aborted / reset it while it ran
             return self._respond(wr, resp_buf, cancelled)
 
-        if in_len:
-            moved = min(max(result.data_in, 0), in_len)
+        # resid = data buffer length - bytes moved (clamped: never trust a count).
+        if data_in and (in_len := sum(map(len, data_in))):
+            moved = result.data_in
+            moved = in_len if moved > in_len else moved if moved > 0 else 0
             resid = in_len - moved
-        elif out_len:
-            moved = 0
-            resid = out_len - min(max(result.data_out, 0), out_len)
+        elif data_out and (out_len := sum(map(len, data_out))):
+            used = result.data_out
+            moved, resid = 0, out_len - (out_len if used > out_len else used if used > 0 else 0)
         else:
             moved = resid = 0
         sense = result.sense
         response = VIRTIO_SCSI_S_OVERRUN if result.overrun else VIRTIO_SCSI_S_OK
-        sense_len = min(len(sense), self._sense_size)
+        sense_len = len(sense)
+        if sense_len > self._sense_size:
+            sense_len = self._sense_size
         status = result.status & 0xFF
         if resp_buf is not None:
             # ``s`` truncates the sense to sense_size and zero-pads it: one store.

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 
 ALL_LUNS = 0xFFFF
 
-_SLOT = struct.Struct("<BBBxHxxQ")          # active, cancel, target, lun, tag
+SLOT = struct.Struct("<BBBxHxxQ")           # active, cancel, target, lun, tag
 _SLOT_INFO = struct.Struct("<BxBxHxxQ")     # active, target, lun, tag (cancel skipped)
-_HOLD = struct.Struct("<BxH")               # response, lun
+HOLD = struct.Struct("<BxH")                # response, lun
 _TARGETS = 256
 
 
@@ -42,25 +42,41 @@ class TaskTable:
         if queues < 1:
             raise ValueError("at least one request queue")
         self.queues = queues
-        self._holds = 0
-        self._slots = _TARGETS * _HOLD.size
+        self._slots = _TARGETS * HOLD.size      # holds first, then the slots
         # mmap(-1, n) is MAP_SHARED | MAP_ANONYMOUS: forked workers share these pages.
-        self._mem = mmap.mmap(-1, self._slots + queues * _SLOT.size)
+        self._mem = mmap.mmap(-1, self._slots + queues * SLOT.size)
 
-    # -- request-queue side (hot path: a few byte stores and loads per request) -------------
+    # -- request-queue side -----------------------------------------------------------------
+    #
+    # VirtioScsiDevice.handle_request inlines begin() / end() (a method call costs as much
+    # as the work); these two are the reference for that code, and what tests drive.
+
+    def slot_offset(self, queue: int) -> int:
+        """Byte offset of request queue ``queue``'s slot (0-based slot number)."""
+        if not 0 <= queue < self.queues:
+            raise ValueError(f"slot {queue} outside 0..{self.queues - 1}")
+        return self._slots + queue * SLOT.size
+
+    @staticmethod
+    def hold_offset(target: int) -> int:
+        return target * HOLD.size
+
+    @property
+    def mem(self) -> mmap.mmap:
+        return self._mem
 
     def begin(self, queue: int, target: int, lun: int, tag: int) -> int:
         """Record that ``queue`` starts (target, lun, tag). Returns 0 to go ahead, or the
         response (RESET / ABORTED) a TMF holding that LUN imposes, in which case the slot is
         already released."""
         mem = self._mem
-        off = self._slots + queue * _SLOT.size
-        _SLOT.pack_into(mem, off, 0, 0, target, lun, tag)
+        off = self.slot_offset(queue)
+        SLOT.pack_into(mem, off, 0, 0, target, lun, tag)
         mem[off] = 1                                   # active, published last
-        hold = self._holds + target * _HOLD.size
+        hold = self.hold_offset(target)
         if mem[hold]:
-            response, held = _HOLD.unpack_from(mem, hold)
-            if response and (held == ALL_LUNS or held == lun):
+            response, held = HOLD.unpack_from(mem, hold)
+            if held == ALL_LUNS or held == lun:
                 mem[off] = 0
                 return response
         return 0
@@ -69,7 +85,7 @@ class TaskTable:
         """Release ``queue``'s slot; returns the cancel response a TMF set meanwhile (the
         request must then be answered with it), else 0."""
         mem = self._mem
-        off = self._slots + queue * _SLOT.size
+        off = self.slot_offset(queue)
         cancel = mem[off + 1]
         mem[off] = 0
         return cancel
@@ -81,23 +97,23 @@ class TaskTable:
         """The queues (slot numbers) now executing a task of target (lun, tag)."""
         mem = self._mem
         for q in range(self.queues):
-            active, t, lun_, tag_ = _SLOT_INFO.unpack_from(mem, self._slots + q * _SLOT.size)
+            active, t, lun_, tag_ = _SLOT_INFO.unpack_from(mem, self._slots + q * SLOT.size)
             if (active and t == target and (lun == ALL_LUNS or lun_ == lun)
                     and (tag is None or tag_ == tag)):
                 yield q
 
     def cancel(self, queue: int, response: int) -> None:
-        self._mem[self._slots + queue * _SLOT.size + 1] = response
+        self._mem[self._slots + queue * SLOT.size + 1] = response
 
     def hold(self, target: int, lun: int, response: int) -> None:
-        _HOLD.pack_into(self._mem, self._holds + target * _HOLD.size, response, lun)
+        HOLD.pack_into(self._mem, target * HOLD.size, response, lun)
 
     def held(self, target: int) -> int:
         """The response a hold on ``target`` imposes (0: none)."""
-        return self._mem[self._holds + target * _HOLD.size]
+        return self._mem[target * HOLD.size]
 
     def release(self, target: int) -> None:
-        _HOLD.pack_into(self._mem, self._holds + target * _HOLD.size, 0, 0)
+        HOLD.pack_into(self._mem, target * HOLD.size, 0, 0)
 
     def wait_idle(self, target: int, lun: int = ALL_LUNS, tag: int | None = None, *,
                   timeout: float, sleep: Callable[[float], None] = time.sleep) -> bool:
