@@ -248,6 +248,8 @@ class Guest:
         self._console_fd: IO[bytes] | None = None
         self._qmp: Any = None
         self._streamed = 0
+        self._inside = False          # streaming: between a begin and an exit marker
+        self._held: str | None = None  # streaming: the line held back
         self._boot_seconds = 0.0
         self._result: GuestResult | None = None
 
@@ -443,29 +445,28 @@ class Guest:
             self._stream_out()
 
     def _stream_out(self) -> None:
-        """Copy complete lines of script output (between markers) to the stream."""
+        """Copy the script's output to the stream, complete lines only, so that what
+        was streamed equals GuestResult.output in the end. The last line before each
+        exit marker is held back: its final newline is the one /init adds."""
         assert self.stream is not None
         text = self._console
         end = text.rfind("\n", self._streamed) + 1
         if end <= self._streamed:
             return
-        inside = self._inside_at(self._streamed)
         for line in text[self._streamed:end].splitlines(keepends=True):
             m = MARKER_RE.search(line)
             if m and m.group("nonce") == self.nonce:
-                inside = m.group("event") == "begin"
+                if m.group("event") == "exit" and self._held is not None:
+                    self.stream.write(self._held[:-1])
+                self._held = None
+                self._inside = m.group("event") == "begin"
                 continue
-            if inside:
-                self.stream.write(line)
+            if self._inside:
+                if self._held is not None:
+                    self.stream.write(self._held)
+                self._held = line
         self.stream.flush()
         self._streamed = end
-
-    def _inside_at(self, pos: int) -> bool:
-        inside = False
-        for m in MARKER_RE.finditer(self._console, 0, pos):
-            if m.group("nonce") == self.nonce:
-                inside = m.group("event") == "begin"
-        return inside
 
     def _parse(self) -> tuple[list[PhaseResult], str | None]:
         """Completed phases so far, and an error the init reported (if any)."""
