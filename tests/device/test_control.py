@@ -347,7 +347,7 @@ def test_tmf_any_layout(subtype: int, lun: int, rcuts: list[int], wcuts: list[in
     assert wbuf[1:] == bytes(2)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(readable=st.one_of(
            st.binary(max_size=40),
            st.builds(lambda kind, tail: struct.pack("<I", kind) + tail,

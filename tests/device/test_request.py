@@ -378,7 +378,7 @@ def test_any_layout(write: bool, lba: int, blocks: int, extra: int, rcuts: list[
 # -- malformed chains never raise ----------------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     readable=st.one_of(
         st.binary(max_size=120),

@@ -23,6 +23,10 @@ copy of this object, so:
   MAP_SHARED ram disk).
 * no state is shared between request queues at all: a request touches only its own
   queue's task slot, so the per-request path takes no lock.
+* TMFs run in the control worker: ``ScsiTarget.lun_reset`` resets that process's copy of
+  any per-unit state the scsi layer keeps in Python objects (mode pages, unit attention);
+  request workers keep theirs. Per-unit state that must survive a reset across workers
+  has to live in shared memory in the scsi layer.
 
 Only the ``fork`` start method works (the task table is an anonymous mmap).
 """
