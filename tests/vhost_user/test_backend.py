@@ -357,3 +357,77 @@ def test_sigusr1_rewrites_stats(server: ServeProcess) -> None:
     data = server.wait_stats(lambda s: True)
     assert len(data["per_queue"]) == 2
     assert "requests per queue" in server.output()
+
+
+# --------------------------------------------------------------------------- memory changes
+
+
+def test_memory_table_changes_while_workers_run(guest: TestGuest) -> None:
+    """ADD_MEM_REG / REM_MEM_REG / SET_MEM_TABLE while queues run: the workers map the new
+    table (fds over their control channels) before the back-end acks."""
+    from vscsi.memory import GuestMemory
+    from vscsi.vhost_user.codec import MemoryRegion
+
+    from .rig import CMD_REQ, CMD_RESP, lun_field
+
+    q = guest.start_queue(2)
+    guest.start_queue(3)
+    extra = GuestMemory.anonymous(1 << 20, guest_addr=0x4000_0000)
+    try:
+        e = extra.regions[0]
+        region = MemoryRegion(e.guest_addr, e.size, e.user_addr, 0)
+        guest.client.add_mem_reg(region, e.fd)
+        # a READ whose data buffer lies in the new region
+        req = guest.buffer(CMD_REQ.pack(lun_field(0, 0), 1, 0, 0, 0,
+                                        bytes([0x12, 0, 0, 0, 36, 0]).ljust(32, b"\0")))
+        resp = guest.buffer(CMD_RESP.size)
+        q.ring.add([(req, CMD_REQ.size)], [(resp, CMD_RESP.size), (e.guest_addr + 512, 36)],
+                   "far")
+        guest.kick(2)
+        deadline = time.monotonic() + 5
+        done: list = []
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+            done = q.ring.reclaim()
+        assert done and done[0][0] == "far" and done[0][1] > CMD_RESP.size
+        assert bytes(extra.view(e.guest_addr + 512 + 8, 5)) == b"VSCSI"
+        guest.client.rem_mem_reg(region)
+        # the same buffer now lies outside guest memory: that request fails alone
+        q.ring.add([(req, CMD_REQ.size)], [(resp, CMD_RESP.size), (e.guest_addr + 512, 36)],
+                   "gone")
+        guest.kick(2)
+        deadline = time.monotonic() + 5
+        done = []
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+            done = q.ring.reclaim()
+        assert done == [("gone", 0)]
+    finally:
+        extra.close()
+    guest.client.set_mem_table(guest.mem)  # the whole table again, same layout
+    assert guest.command(2, 0, 0, INQUIRY, data_in=36).status == 0
+    assert guest.command(3, 1, 0, INQUIRY, data_in=36).status == 0
+
+
+def test_kick_without_fd_polls(guest: TestGuest) -> None:
+    """SET_VRING_KICK with bit 8 (no fd): the worker polls the ring."""
+    from vscsi.vhost_user.frontend import RingFds, user_addr_of
+    from vscsi.virtio import DriverRing, ring_bytes, ring_layout
+
+    from .rig import Queue
+
+    addrs = ring_layout(16, guest.alloc.alloc(ring_bytes(16), 4096))
+    ring = DriverRing(guest.mem, addrs, event_idx=True)
+    c = guest.client
+    fds = RingFds(os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK))
+    guest.queues[2] = Queue(2, ring, fds)  # TestGuest.close() closes the fds
+    c.set_vring_num(2, 16)
+    c.set_vring_base(2, 0)
+    c.set_vring_addr(codec.VringAddr(2, 0, user_addr_of(guest.mem, addrs.desc),
+                                     user_addr_of(guest.mem, addrs.used),
+                                     user_addr_of(guest.mem, addrs.avail)))
+    c.set_vring_kick(2, None)  # bit 8: no fd; our kicks go to an eventfd nobody reads
+    c.set_vring_call(2, fds.call)
+    c.set_vring_enable(2, True)
+    r = guest.command(2, 0, 0, INQUIRY, data_in=36)
+    assert r.status == 0 and r.data[8:13] == b"VSCSI"
