@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from dataclasses import dataclass
 
+from vscsi.driver.initiator import Completion, rw16_cdb
+from vscsi.driver.tasks import Command, TaskResults
 from vscsi.scsi import parse_size
 
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
@@ -107,6 +110,66 @@ class Job:
 
     def pattern(self, offset: int, nbytes: int) -> bytes:
         return make_pattern(self.target, self.lun, self.seed, offset, nbytes)
+
+
+POISON = 0xA5  # written over a read buffer before the read, so stale data can't verify
+
+
+class JobTask:
+    """A :class:`Job` as the driver's Task (vscsi.driver.tasks): it fills a slot with the
+    job's next command (the verify pattern for a write, poison for a read), and checks
+    what comes back. Budget: ``requests`` commands, or until ``runtime`` seconds after
+    its first command. Plain data, so the SMP model can migrate it between VCPUs."""
+
+    def __init__(self, job: Job, *, verify: bool = False, requests: int | None = None,
+                 runtime: float | None = None) -> None:
+        self.job = job
+        self.iodepth = job.spec.iodepth
+        self.data_cap = job.spec.bs_max
+        self.verify = verify
+        self.requests = requests
+        self.runtime = runtime
+        self.deadline: float | None = None
+        self.issued = 0
+        self.pending: dict[int, tuple[bool, int, int, float]] = {}  # slot -> command
+        self.results = TaskResults()
+
+    def next_command(self, slot: int, data: memoryview) -> Command | None:
+        now = time.monotonic()
+        if self.requests is not None and self.issued >= self.requests:
+            return None
+        if self.runtime is not None:
+            if self.deadline is None:
+                self.deadline = now + self.runtime
+            elif now >= self.deadline:
+                return None
+        job = self.job
+        write, offset, nbytes = job.next_io()
+        if self.verify:
+            if write:
+                data[:nbytes] = job.pattern(offset, nbytes)
+            else:
+                data[:nbytes] = bytes([POISON]) * nbytes
+        self.issued += 1
+        self.pending[slot] = (write, offset, nbytes, now)
+        cdb = rw16_cdb(write, offset // job.block_size, nbytes // job.block_size)
+        return Command(job.target, job.lun, cdb, write, nbytes)
+
+    def completed(self, slot: int, c: Completion, data: memoryview) -> None:
+        write, offset, nbytes, started = self.pending.pop(slot)
+        r = self.results
+        r.latencies.append(time.monotonic() - started)
+        r.completed += 1
+        if not c.ok:
+            r.errors += 1
+            return
+        r.nbytes += nbytes
+        if self.verify and not write and bytes(data[:nbytes]) != self.job.pattern(offset, nbytes):
+            r.verify_errors += 1
+
+    def take_results(self) -> TaskResults:
+        out, self.results = self.results, TaskResults()
+        return out
 
 
 _FILLER_CACHE: dict[int, bytes] = {}

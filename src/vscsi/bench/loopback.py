@@ -10,12 +10,15 @@ then each queue that signalled runs its interrupt handler on the CPU its affinit
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 
 from vscsi.device import FIRST_REQUEST_QUEUE, ScsiConfig, VirtioScsiDevice
 from vscsi.driver.discovery import Unit, discover
 from vscsi.driver.initiator import Completion, FifoChecker, Initiator, Request
-from vscsi.driver.steering import LocalTargetTable, make_policy
+from vscsi.driver.steering import make_policy
+from vscsi.driver.targets import LocalTargetBook
+from vscsi.driver.tasks import RunOutcome, Task, TaskResults
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.scsi import LunSpec, build_targets
 from vscsi.virtio import DeviceRing, drain
@@ -26,6 +29,9 @@ class StallError(RuntimeError):
 
 
 class Loopback:
+    transport = "loopback"
+    fifo_basis = "device arrival order"
+
     def __init__(
         self,
         specs: Sequence[LunSpec],
@@ -45,9 +51,10 @@ class Loopback:
         )
         self.mem = GuestMemory.anonymous(memory_size)
         self.alloc = Allocator(self.mem)
-        table = LocalTargetTable(max(self.targets, default=0) + 1)
-        self.initiator = Initiator(
-            self.mem, self.alloc, make_policy(policy, queues, vcpus, table), vcpus,
+        self.vcpus = vcpus
+        book = LocalTargetBook(max(self.targets, default=0) + 1, queues)
+        self.initiator = Initiator.local(
+            self.mem, self.alloc, make_policy(policy, queues, vcpus, book), vcpus, book=book,
             queue_size=queue_size, hint_delay=hint_delay,
         )
         self.device_rings = [
@@ -72,8 +79,64 @@ class Loopback:
         done: list[Completion] = []
         for q in signalled:
             self.interrupts += 1
-            done.extend(self.initiator.complete(q))
+            for c in self.initiator.complete(q):
+                # a task here never leaves its CPU: local if the interrupt ran there
+                self.initiator.delivered(c.irq_cpu == c.cpu)
+                done.append(c)
         return done
+
+    # -- running tasks -----------------------------------------------------------------------
+
+    def run_tasks(self, tasks: Sequence[Task], cpus: Sequence[int]) -> RunOutcome:
+        """Run each task on its logical CPU until every one has nothing more to submit
+        and nothing in flight. Rounds: every task fills its free slots, then
+        :meth:`service`."""
+        ini = self.initiator
+        base = ini.stats.copy()
+        fifo_base, kicks_base, irqs_base = self.fifo.violations, self.kicks, self.interrupts
+        free: list[list[Request]] = [
+            [ini.new_request(t.data_cap, owner=i) for _ in range(t.iodepth)]
+            for i, t in enumerate(tasks)
+        ]
+        exhausted = [False] * len(tasks)
+        in_flight = 0
+        start = time.monotonic()
+        while True:
+            for i, task in enumerate(tasks):
+                slots = free[i]
+                while slots and not exhausted[i]:
+                    req = slots.pop()
+                    cmd = task.next_command(req.index, ini.data_view(req))
+                    if cmd is None:
+                        slots.append(req)
+                        exhausted[i] = True
+                        break
+                    ini.submit(req, cpus[i], cmd.target, cmd.lun, cmd.cdb, write=cmd.write,
+                               nbytes=cmd.nbytes)
+                    in_flight += 1
+            if not in_flight:
+                break
+            done = self.service()
+            if not done:
+                raise StallError(f"{in_flight} requests in flight and none completed")
+            for c in done:
+                req = c.request
+                tasks[req.owner].completed(req.index, c, ini.data_view(req))
+                free[req.owner].append(req)
+                in_flight -= 1
+        elapsed = time.monotonic() - start
+        results = TaskResults()
+        for task in tasks:
+            results.merge(task.take_results())
+        stats = ini.stats.minus(base)
+        stats.fifo_violations = self.fifo.violations - fifo_base  # the device saw it
+        return RunOutcome(results, stats, elapsed, extra={
+            "kicks": self.kicks - kicks_base, "interrupt_runs": self.interrupts - irqs_base})
+
+    def describe(self) -> dict[str, object]:
+        p = self.initiator.policy
+        return {"transport": self.transport, "policy": p.name, "queues": p.num_queues,
+                "vcpus": self.vcpus, "fifo_basis": self.fifo_basis}
 
     # -- synchronous commands (discovery, prefill) -------------------------------------------
 
@@ -88,7 +151,7 @@ class Loopback:
         self.initiator.submit(slot, cpu, target, lun, cdb, write=bool(data_out), nbytes=nbytes)
         for _ in range(3):
             for c in self.service():
-                if c.request is not slot:
+                if c.request.index != slot.index:
                     raise RuntimeError("execute() needs an idle machine")
                 if data_out:
                     return c.ok, b""

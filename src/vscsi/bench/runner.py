@@ -1,21 +1,38 @@
-"""Runs fio-like jobs through the initiator of a machine (the loopback for now) and
-gathers the figures `vscsi bench` reports.
+"""Runs fio-like jobs through a machine -- the loopback (driver and device in one process)
+or the SMP driver over vhost-user (vscsi.driver.smp) -- and builds the JSON `vscsi bench`
+reports (docs/interfaces.md).
 
-Request budget: ``requests`` commands in total, or as many as ``runtime`` seconds allow.
+The machine discovers the LUNs, executes synchronous commands (prefill), and runs a set
+of tasks (one :class:`~vscsi.bench.jobs.JobTask` per job) on its CPUs; everything a
+figure says comes from what that run observed.
+
+Request budget: ``requests`` commands in total (split evenly over the jobs), or as many
+as ``runtime`` seconds allow.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from vscsi.bench.jobs import Job, JobSpec, make_pattern
-from vscsi.bench.loopback import Loopback, StallError
+from vscsi.bench.jobs import Job, JobSpec, JobTask, make_pattern
 from vscsi.driver.discovery import Unit
-from vscsi.driver.initiator import Request, rw16_cdb
+from vscsi.driver.initiator import rw16_cdb
+from vscsi.driver.tasks import RunOutcome, Task
 
 PREFILL_CHUNK = 1 << 20
-POISON = 0xA5  # written over a read buffer before the read, so stale data can't verify
+
+
+class Machine(Protocol):
+    def discover(self) -> list[Unit]: ...
+
+    def execute(self, target: int, lun: int, cdb: bytes, data_in_len: int,
+                data_out: bytes = b"", cpu: int = 0) -> tuple[bool, bytes]: ...
+
+    def run_tasks(self, tasks: Sequence[Task], cpus: Sequence[int]) -> RunOutcome: ...
+
+    def describe(self) -> dict[str, object]: ...
 
 
 @dataclass
@@ -26,6 +43,7 @@ class RunOptions:
     runtime: float | None = None
     verify: bool = False
     seed: int = 0
+    targets: int | None = None  # use only the first N targets discovered
 
 
 def make_jobs(units: list[Unit], opts: RunOptions, vcpus: int) -> list[Job]:
@@ -41,7 +59,31 @@ def make_jobs(units: list[Unit], opts: RunOptions, vcpus: int) -> list[Job]:
     return jobs
 
 
-def prefill(machine: Loopback, jobs: list[Job], seed: int) -> None:
+def make_tasks(jobs: list[Job], opts: RunOptions) -> list[JobTask]:
+    """One task per job; a request budget is split evenly (the first jobs take the rest)."""
+    tasks = []
+    for k, job in enumerate(jobs):
+        share = None
+        if opts.requests is not None:
+            share = opts.requests // len(jobs) + (1 if k < opts.requests % len(jobs) else 0)
+        tasks.append(JobTask(job, verify=opts.verify, requests=share, runtime=opts.runtime))
+    return tasks
+
+
+def select_units(units: list[Unit], targets: int | None) -> list[Unit]:
+    """The units of the first ``targets`` targets (all when None)."""
+    if not units:
+        raise ValueError("the device reported no LUNs")
+    if targets is None:
+        return units
+    chosen = sorted({u.target for u in units})
+    if targets > len(chosen):
+        raise ValueError(f"--targets {targets}: the device has only {len(chosen)} targets")
+    keep = set(chosen[:targets])
+    return [u for u in units if u.target in keep]
+
+
+def prefill(machine: Machine, jobs: list[Job], seed: int) -> None:
     """Lay the verify pattern over each unit's region once, before the timed run."""
     done: set[tuple[int, int]] = set()
     for job in jobs:
@@ -64,120 +106,52 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-def run(machine: Loopback, opts: RunOptions, vcpus: int) -> dict:
-    units = machine.discover()
-    if not units:
-        raise ValueError("the device reported no LUNs")
+def run(machine: Machine, opts: RunOptions, vcpus: int) -> dict:
+    units = select_units(machine.discover(), opts.targets)
     jobs = make_jobs(units, opts, vcpus)
     if opts.verify:
         prefill(machine, jobs, opts.seed)
-    ini = machine.initiator
-    base = _snapshot(machine)
-    free: dict[Job, list[Request]] = {
-        job: [ini.new_request(opts.spec.bs_max, owner=job) for _ in range(opts.spec.iodepth)]
-        for job in jobs
-    }
-    latencies: list[float] = []
-    verify_errors = 0
-    issued = completed = nbytes_done = 0
-    budget = opts.requests
-    start = time.monotonic()
-    deadline = start + opts.runtime if opts.runtime else None
-
-    def more() -> bool:
-        if budget is not None and issued >= budget:
-            return False
-        return deadline is None or time.monotonic() < deadline
-
-    while True:
-        for job in jobs:
-            slots = free[job]
-            while slots and more():
-                req = slots.pop()
-                write, offset, nbytes = job.next_io()
-                if opts.verify:
-                    view = ini.data_view(req, nbytes)
-                    if write:
-                        view[:] = job.pattern(offset, nbytes)
-                    else:
-                        view[:] = bytes([POISON]) * nbytes
-                cdb = rw16_cdb(write, offset // job.block_size, nbytes // job.block_size)
-                req.lba = offset  # byte offset, for verify
-                ini.submit(req, job.cpu, job.target, job.lun, cdb, write=write, nbytes=nbytes)
-                issued += 1
-        if issued == completed:
-            break
-        done = machine.service()
-        if not done:
-            raise StallError(f"{issued - completed} requests in flight and none completed")
-        now = time.monotonic()
-        for c in done:
-            req = c.request
-            job = req.owner
-            latencies.append(now - req.submitted_at)
-            completed += 1
-            if c.ok:
-                nbytes_done += req.nbytes
-                if opts.verify and not req.write:
-                    if bytes(ini.data_view(req)) != job.pattern(req.lba, req.nbytes):
-                        verify_errors += 1
-            free[job].append(req)
-    elapsed = max(time.monotonic() - start, 1e-9)
-    return report(machine, base, opts, vcpus, len(units), completed, nbytes_done, elapsed,
-                  latencies, verify_errors)
+    tasks = make_tasks(jobs, opts)
+    outcome = machine.run_tasks(tasks, [job.cpu for job in jobs])
+    return report(machine, outcome, opts, len(units))
 
 
-def _snapshot(machine: Loopback) -> dict:
-    s = machine.initiator.stats
-    return {
-        "errors": s.errors, "queue_switches": s.queue_switches, "local": s.local,
-        "ipis": s.ipis, "per_queue": list(s.per_queue), "fifo": machine.fifo.violations,
-        "per_cpu_submitted": list(s.per_cpu_submitted), "per_cpu_irqs": list(s.per_cpu_irqs),
-    }
-
-
-def report(machine: Loopback, base: dict, opts: RunOptions, vcpus: int, units: int,
-           completed: int, nbytes: int, elapsed: float, latencies: list[float],
-           verify_errors: int) -> dict:
-    """The bench JSON object (docs/interfaces.md), counting only the timed run."""
-    now = _snapshot(machine)
-
-    def delta(key: str) -> list[int]:
-        return [a - b for a, b in zip(now[key], base[key], strict=True)]
-
-    local = now["local"] - base["local"]
-    ipis = now["ipis"] - base["ipis"]
-    latencies.sort()
+def report(machine: Machine, outcome: RunOutcome, opts: RunOptions, units: int) -> dict:
+    """The bench JSON object (docs/interfaces.md), from what the run observed."""
+    r, s = outcome.results, outcome.stats
+    elapsed = max(outcome.elapsed, 1e-9)
+    latencies = sorted(r.latencies)
     spec = opts.spec
+    config = machine.describe()
+    config.update({
+        "targets": units,
+        "rw": spec.rw,
+        "bsrange": [spec.bs_min, spec.bs_max],
+        "iodepth": spec.iodepth,
+        "numjobs": opts.numjobs,
+        "verify": opts.verify,
+        "seed": opts.seed,
+    })
     return {
-        "iops": completed / elapsed,
-        "mbps": nbytes / elapsed / 1e6,
+        "iops": r.completed / elapsed,
+        "mbps": r.nbytes / elapsed / 1e6,
         "lat_us": {
             "p50": percentile(latencies, 50) * 1e6,
             "p99": percentile(latencies, 99) * 1e6,
             "mean": (sum(latencies) / len(latencies) * 1e6) if latencies else 0.0,
         },
-        "requests": completed,
-        "errors": now["errors"] - base["errors"],
-        "verify_errors": verify_errors,
-        "per_queue": delta("per_queue"),
-        "per_cpu": {"submitted": delta("per_cpu_submitted"), "interrupts": delta("per_cpu_irqs")},
-        "queue_switches": now["queue_switches"] - base["queue_switches"],
-        "fifo_violations": now["fifo"] - base["fifo"],
-        "locality": local / (local + ipis) if local + ipis else 0.0,
-        "ipis": ipis,
+        "requests": r.completed,
+        "errors": r.errors,
+        "verify_errors": r.verify_errors,
+        "per_queue": s.per_queue,
+        "per_cpu": {"submitted": s.per_cpu_submitted, "interrupts": s.per_cpu_irqs,
+                    **outcome.per_cpu},
+        "queue_switches": s.queue_switches,
+        "fifo_violations": s.fifo_violations,
+        "locality": s.locality,
+        "ipis": s.ipis,
+        "ring_full_waits": s.ring_full,
         "runtime_s": elapsed,
-        "config": {
-            "transport": "loopback",
-            "policy": machine.initiator.policy.name,
-            "queues": machine.initiator.policy.num_queues,
-            "vcpus": vcpus,
-            "targets": units,
-            "rw": spec.rw,
-            "bsrange": [spec.bs_min, spec.bs_max],
-            "iodepth": spec.iodepth,
-            "numjobs": opts.numjobs,
-            "verify": opts.verify,
-            "seed": opts.seed,
-        },
+        **outcome.extra,
+        "config": config,
     }

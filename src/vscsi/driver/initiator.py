@@ -1,26 +1,43 @@
 """The virtio-scsi initiator: builds requests in guest memory, steers them onto request
 queues with a policy, and turns used elements back into completions.
 
-It is transport-agnostic: it owns :class:`DriverRing` objects over a :class:`GuestMemory`
-and reports which queues need a kick; who moves the kicks and interrupts (the loopback,
-or a vhost-user front-end with eventfds) is the caller's business.
+It is transport-agnostic: it owns driver rings over a :class:`GuestMemory` and reports
+which queues need a kick; who moves the kicks and interrupts (the loopback, or the SMP
+model over a vhost-user front-end with eventfds) is the caller's business.
+
+The same code runs in one process (the loopback: plain lists, no locks) and in every
+VCPU process of the SMP model, where what it touches is shared and locked:
+
+* per-target state (the policy's ``reqs``/``req_vq``, and the :class:`TargetBook`'s
+  sequence and FIFO record): the table takes the target's lock inside each call;
+* each request queue's ring (producer and consumer state): ``locks[queue]``, taken
+  here around every ring call, as virtio_scsi.c takes ``vq_lock``;
+* per-slot command state (:class:`SlotTable`): written by the slot's owner before the
+  chain is added under the queue lock, read by whoever reclaims it after taking that
+  lock, so the lock orders them;
+* ring tokens are slot numbers, never Python objects, so any process can complete
+  any request.
 
 Laid out along the request path: wire structures, the request slot, submit, complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from vscsi.device import encode_lun
 from vscsi.device.wire import VIRTIO_SCSI_S_OK, cmd_req_struct, cmd_resp_struct
 from vscsi.driver.balancer import Balancer
 from vscsi.driver.steering import Policy
+from vscsi.driver.targets import LocalTargetBook, TargetBook
 from vscsi.memory import Allocator, GuestMemory
-from vscsi.virtio import DriverRing, ring_bytes, ring_layout
+from vscsi.virtio import DriverRing, RingFull, ring_bytes, ring_layout
 
 # virtio 1.2 §5.6.6.1: VirtIOSCSICmdReq with cdb_size 32, VirtIOSCSICmdResp with sense_size 96
 CDB_SIZE = 32
@@ -28,6 +45,7 @@ SENSE_SIZE = 96
 CMD_REQ = cmd_req_struct(CDB_SIZE)
 CMD_RESP = cmd_resp_struct(0)  # the fixed part; sense follows
 RESP_SIZE = CMD_RESP.size + SENSE_SIZE
+CHAIN_MAX = 3  # header, response, data: the descriptors of one request
 
 SCSI_GOOD = 0
 SCSI_CHECK_CONDITION = 2
@@ -42,34 +60,85 @@ def rw16_cdb(write: bool, lba: int, blocks: int) -> bytes:
     return CDB16.pack(WRITE_16 if write else READ_16, 0, lba, blocks, 0, 0)
 
 
-@dataclass(eq=False)
-class Request:
-    """One reusable request slot: header, response and data buffer in guest memory.
+# -- request slots -------------------------------------------------------------------------
 
-    A slot belongs to one submitter (a job) and carries one command at a time.
+
+@dataclass(eq=False, frozen=True)
+class Request:
+    """One reusable request slot in guest memory: header, response, data buffer and (with
+    INDIRECT_DESC) its own indirect descriptor table. ``index`` is its ring token.
+
+    A slot belongs to one submitter (``owner``: a task number, -1 for the driver's own
+    synchronous commands) and carries one command at a time.
     """
 
+    index: int
     req_addr: int
     resp_addr: int
     data_addr: int
     data_cap: int
-    owner: object = None
-    # set per command
-    target: int = 0
-    lun: int = 0
-    cpu: int = 0
-    seq: int = 0
-    queue: int = 0
-    write: bool = False
-    lba: int = 0
-    nbytes: int = 0
-    submitted_at: float = 0.0
+    table_addr: int | None = None
+    owner: int = -1
+
+
+class SlotTable(Protocol):
+    """Per-slot command state: (target, lun, seq, submitting cpu, queue)."""
+
+    def set(self, slot: int, target: int, lun: int, seq: int, cpu: int, queue: int) -> None: ...
+
+    def get(self, slot: int) -> tuple[int, int, int, int, int]: ...
+
+
+class LocalSlots:
+    """SlotTable in a dict, for one process."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[int, int, int, int, int]] = {}
+
+    def set(self, slot: int, target: int, lun: int, seq: int, cpu: int, queue: int) -> None:
+        self._rows[slot] = (target, lun, seq, cpu, queue)
+
+    def get(self, slot: int) -> tuple[int, int, int, int, int]:
+        return self._rows[slot]
+
+
+# -- interrupts ----------------------------------------------------------------------------
+
+
+class Interrupts(Protocol):
+    """Where each queue's interrupt runs, and the hint channel for moving it."""
+
+    def hint(self, queue: int, cpu: int) -> None: ...
+
+    def cpu_for(self, queue: int) -> int: ...
+
+
+class LocalInterrupts:
+    """A :class:`Balancer` read on the caller's clock (one process)."""
+
+    def __init__(self, balancer: Balancer, clock: Callable[[], float]) -> None:
+        self.balancer = balancer
+        self.clock = clock
+
+    def hint(self, queue: int, cpu: int) -> None:
+        self.balancer.hint(queue, cpu, self.clock())
+
+    def cpu_for(self, queue: int) -> int:
+        return self.balancer.cpu_for(queue, self.clock())
+
+
+# -- completions and figures ---------------------------------------------------------------
 
 
 @dataclass
 class Completion:
     request: Request
-    irq_cpu: int
+    target: int
+    lun: int
+    seq: int
+    cpu: int  # the CPU that submitted
+    queue: int
+    irq_cpu: int  # the CPU whose interrupt handler reclaimed it
     response: int  # virtio-scsi response byte
     status: int  # SCSI status
     sense: bytes
@@ -86,8 +155,10 @@ class InitiatorStats:
     completed: int = 0
     errors: int = 0
     queue_switches: int = 0
-    local: int = 0  # completions whose interrupt ran on the submitting CPU
+    fifo_violations: int = 0  # see driver.targets: cross-queue overtaking on completion
+    local: int = 0  # completions whose interrupt ran on the CPU their task is on
     ipis: int = 0  # completions handed to another CPU
+    ring_full: int = 0  # submits that waited for ring space
     per_queue: list[int] = field(default_factory=list)
     per_cpu_submitted: list[int] = field(default_factory=list)
     per_cpu_irqs: list[int] = field(default_factory=list)
@@ -97,12 +168,43 @@ class InitiatorStats:
         done = self.local + self.ipis
         return self.local / done if done else 0.0
 
+    @classmethod
+    def sized(cls, queues: int, cpus: int) -> InitiatorStats:
+        return cls(per_queue=[0] * queues, per_cpu_submitted=[0] * cpus,
+                   per_cpu_irqs=[0] * cpus)
+
+    def merge(self, other: InitiatorStats) -> None:
+        for name, value in vars(other).items():
+            mine = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, [a + b for a, b in zip(mine, value, strict=True)])
+            else:
+                setattr(self, name, mine + value)
+
+    def minus(self, base: InitiatorStats) -> InitiatorStats:
+        out = InitiatorStats()
+        for name, value in vars(self).items():
+            old = getattr(base, name)
+            if isinstance(value, list):
+                setattr(out, name, [a - b for a, b in zip(value, old, strict=True)])
+            else:
+                setattr(out, name, value - old)
+        return out
+
+    def copy(self) -> InitiatorStats:
+        return self.minus(InitiatorStats.sized(len(self.per_queue), len(self.per_cpu_irqs)))
+
+
+# -- the initiator -------------------------------------------------------------------------
+
 
 class Initiator:
-    """Steers requests over ``num_queues`` request queues laid out in ``mem``.
+    """Steers requests over ``policy.num_queues`` request queues (``rings``) in ``mem``.
 
-    Not thread-safe: the loopback runs it in one thread; the SMP model gives each VCPU
-    process its own view and shares the per-target table through the policy.
+    Not thread-safe by itself: within one process, one thread at a time (the loopback;
+    a VCPU's job threads and interrupt thread run under the GIL, and every shared
+    structure it touches is locked as the module docstring says). ``stats`` are this
+    process's.
     """
 
     def __init__(
@@ -110,73 +212,103 @@ class Initiator:
         mem: GuestMemory,
         alloc: Allocator,
         policy: Policy,
-        num_cpus: int,
+        rings: Sequence[DriverRing],
         *,
-        queue_size: int = 128,
-        event_idx: bool = True,
-        hint_delay: float = 0.0,
+        num_cpus: int,
+        book: TargetBook,
+        interrupts: Interrupts,
+        slots: SlotTable | None = None,
+        locks: Sequence[AbstractContextManager[object]] | None = None,
+        indirect: bool = False,
+        full_wait: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if len(rings) != policy.num_queues:
+            raise ValueError(f"{len(rings)} rings for a policy of {policy.num_queues} queues")
         self.mem = mem
         self.alloc = alloc
         self.policy = policy
+        self.rings = list(rings)
         self.num_cpus = num_cpus
-        self.clock = clock
-        self.ring_addrs = [
-            ring_layout(queue_size, alloc.alloc(ring_bytes(queue_size), align=4096))
-            for _ in range(policy.num_queues)
+        self.book = book
+        self.interrupts = interrupts
+        self.slots: SlotTable = slots if slots is not None else LocalSlots()
+        self.locks = list(locks) if locks is not None else [
+            contextlib.nullcontext() for _ in rings
         ]
-        self.rings = [DriverRing(mem, a, event_idx=event_idx) for a in self.ring_addrs]
-        self.balancer = Balancer(
-            [policy.irq_cpu(q) for q in range(policy.num_queues)], hint_delay
-        )
-        self.stats = InitiatorStats(
-            per_queue=[0] * policy.num_queues,
-            per_cpu_submitted=[0] * num_cpus,
-            per_cpu_irqs=[0] * num_cpus,
-        )
-        self._next_seq: dict[int, int] = {}
-        self._last_queue: dict[int, int] = {}
+        self.indirect = indirect
+        self.full_wait = full_wait  # None: RingFull is the caller's problem
+        self.clock = clock
+        self.requests: list[Request] = []
+        self.stats = InitiatorStats.sized(policy.num_queues, num_cpus)
         self._unpublished: set[int] = set()
+
+    @classmethod
+    def local(
+        cls,
+        mem: GuestMemory,
+        alloc: Allocator,
+        policy: Policy,
+        num_cpus: int,
+        *,
+        book: LocalTargetBook,
+        queue_size: int = 128,
+        event_idx: bool = True,
+        indirect: bool = True,
+        hint_delay: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Initiator:
+        """One process: fresh rings in ``mem``, a Balancer on ``clock``, no locks."""
+        rings = [DriverRing(mem, a, event_idx=event_idx) for a in lay_out_rings(
+            alloc, queue_size, policy.num_queues)]
+        balancer = Balancer([policy.irq_cpu(q) for q in range(policy.num_queues)], hint_delay)
+        return cls(mem, alloc, policy, rings, num_cpus=num_cpus, book=book,
+                   interrupts=LocalInterrupts(balancer, clock), indirect=indirect, clock=clock)
+
+    @property
+    def ring_addrs(self) -> list:
+        return [r.addrs for r in self.rings]
 
     # -- slots ---------------------------------------------------------------------------
 
-    def new_request(self, data_cap: int, owner: object = None) -> Request:
-        return Request(
+    def new_request(self, data_cap: int, owner: int = -1) -> Request:
+        req = Request(
+            index=len(self.requests),
             req_addr=self.alloc.alloc(CMD_REQ.size),
             resp_addr=self.alloc.alloc(RESP_SIZE),
             data_addr=self.alloc.alloc(max(data_cap, 1), align=4096),
             data_cap=data_cap,
+            table_addr=self.alloc.alloc(16 * CHAIN_MAX, align=16) if self.indirect else None,
             owner=owner,
         )
+        self.requests.append(req)
+        return req
 
     def data_view(self, req: Request, nbytes: int | None = None) -> memoryview:
-        return self.mem.view(req.data_addr, req.nbytes if nbytes is None else nbytes)
+        return self.mem.view(req.data_addr, req.data_cap if nbytes is None else nbytes)
 
     # -- submit --------------------------------------------------------------------------
 
     def submit(
-        self, req: Request, cpu: int, target: int, lun: int, cdb: bytes, *, write: bool, nbytes: int
+        self, req: Request, cpu: int, target: int, lun: int, cdb: bytes, *, write: bool,
+        nbytes: int,
     ) -> int:
         """Queue one command from ``cpu``; returns the request queue it went to.
 
-        The data buffer (``nbytes`` of the slot's data area) is data-out for a write and
-        data-in otherwise. The chain becomes visible to the device at :meth:`publish`.
+        Expects no lock held (takes the target's and the queue's). The data buffer
+        (``nbytes`` of the slot's data area) is data-out for a write and data-in
+        otherwise. The chain becomes visible to the device at :meth:`publish`.
         """
         if nbytes > req.data_cap:
             raise ValueError(f"transfer of {nbytes} bytes exceeds the slot's {req.data_cap}")
         queue = self.policy.pick(target, cpu)
-        if self._last_queue.get(target, queue) != queue:
+        seq, switched = self.book.stamp(target, queue)
+        if switched:
             self.stats.queue_switches += 1
-        self._last_queue[target] = queue
         hinted = self.policy.hint(queue, cpu)
         if hinted is not None:
-            self.balancer.hint(queue, hinted, self.clock())
-
-        seq = self._next_seq.get(target, 0)
-        self._next_seq[target] = seq + 1
-        req.target, req.lun, req.cpu, req.seq, req.queue = target, lun, cpu, seq, queue
-        req.write, req.nbytes = write, nbytes
+            self.interrupts.hint(queue, hinted)
+        self.slots.set(req.index, target, lun, seq, cpu, queue)
         CMD_REQ.pack_into(
             self.mem.view(req.req_addr, CMD_REQ.size), 0,
             encode_lun(target, lun), seq, TASK_ATTR_SIMPLE, 0, 0, cdb,
@@ -185,58 +317,107 @@ class Initiator:
         in_ = [(req.resp_addr, RESP_SIZE)]
         if nbytes:
             (out if write else in_).append((req.data_addr, nbytes))
-        req.submitted_at = self.clock()
-        self.rings[queue].add(out, in_, req)
+        ring, lock = self.rings[queue], self.locks[queue]
+        while True:
+            with lock:
+                try:
+                    ring.add(out, in_, req.index, indirect=req.table_addr)
+                    break
+                except RingFull:
+                    if self.full_wait is None:
+                        self.policy.done(target)
+                        raise
+            # Linux requeues (SCSI_MLQUEUE_HOST_BUSY); we wait for space, target held.
+            self.stats.ring_full += 1
+            self.full_wait()
         self._unpublished.add(queue)
         self.stats.submitted += 1
         self.stats.per_queue[queue] += 1
         self.stats.per_cpu_submitted[cpu] += 1
         return queue
 
-    def publish(self) -> list[int]:
-        """Make submitted chains visible; return the queues whose device wants a kick."""
-        kicks = [q for q in sorted(self._unpublished) if self.rings[q].publish()]
-        self._unpublished.clear()
+    def publish(self, queues: Sequence[int] | None = None) -> list[int]:
+        """Make chains this process submitted visible; return the queues whose device
+        wants a kick. Expects no lock held (takes each queue's)."""
+        todo = sorted(self._unpublished) if queues is None else queues
+        kicks = []
+        for q in todo:
+            with self.locks[q]:
+                if self.rings[q].publish():
+                    kicks.append(q)
+            self._unpublished.discard(q)
         return kicks
 
     # -- complete ------------------------------------------------------------------------
 
     def irq_cpu(self, queue: int) -> int:
-        """The CPU queue's interrupt runs on now (after any due balancer hint)."""
-        return self.balancer.cpu_for(queue, self.clock())
+        """The CPU queue's interrupt is routed to now."""
+        return self.interrupts.cpu_for(queue)
 
-    def complete(self, queue: int) -> list[Completion]:
-        """Run queue's interrupt handler: reclaim every used element."""
-        irq_cpu = self.irq_cpu(queue)
+    def read_completion(self, slot: int, irq_cpu: int) -> Completion:
+        """The completion of ``slot``'s command, read from its response in guest memory
+        (any process can: the slot number is the whole token)."""
+        req = self.requests[slot]
+        target, lun, seq, cpu, queue = self.slots.get(slot)
+        sense_len, resid, _qual, status, response, _ = CMD_RESP.unpack_from(
+            self.mem.view(req.resp_addr, RESP_SIZE)
+        )
+        sense = b""
+        if sense_len:
+            sense = bytes(self.mem.view(req.resp_addr + CMD_RESP.size,
+                                        min(sense_len, SENSE_SIZE)))
+        return Completion(req, target, lun, seq, cpu, queue, irq_cpu, response, status,
+                          sense, resid)
+
+    def complete(self, queue: int, irq_cpu: int | None = None) -> list[Completion]:
+        """Run queue's interrupt handler on ``irq_cpu`` (default: where its affinity
+        routes it): reclaim every used element, then account each completion.
+
+        Expects no lock held: takes the queue's lock to reclaim (and re-enable the
+        interrupt, re-checking as virtqueue_enable_cb does), then the targets' locks.
+        """
+        if irq_cpu is None:
+            irq_cpu = self.irq_cpu(queue)
+        ring = self.rings[queue]
+        items: list[tuple[object, int]] = []
+        with self.locks[queue]:
+            while True:
+                items.extend(ring.reclaim())
+                if not ring.set_interrupts(True):
+                    break
         done: list[Completion] = []
-        for token, _written in self.rings[queue].reclaim():
-            req: Request = token  # type: ignore[assignment]
-            sense_len, resid, _qual, status, response, _ = CMD_RESP.unpack_from(
-                self.mem.view(req.resp_addr, RESP_SIZE)
-            )
-            sense = b""
-            if sense_len:
-                sense_addr = req.resp_addr + CMD_RESP.size
-                sense = bytes(self.mem.view(sense_addr, min(sense_len, SENSE_SIZE)))
-            self.policy.done(req.target)
-            c = Completion(req, irq_cpu, response, status, sense, resid)
-            self.stats.completed += 1
-            self.stats.per_cpu_irqs[irq_cpu] += 1
+        stats = self.stats
+        for token, _written in items:
+            c = self.read_completion(token, irq_cpu)  # type: ignore[arg-type]
+            # observe before done: see driver.targets
+            if self.book.observe(c.target, c.seq, queue):
+                stats.fifo_violations += 1
+            self.policy.done(c.target)
+            stats.completed += 1
+            stats.per_cpu_irqs[irq_cpu] += 1
             if not c.ok:
-                self.stats.errors += 1
-            if irq_cpu == req.cpu:
-                self.stats.local += 1
-            else:
-                self.stats.ipis += 1
+                stats.errors += 1
             done.append(c)
         return done
 
+    def delivered(self, local: bool) -> None:
+        """Count where a completion went: to its task's CPU (local) or to another (IPI)."""
+        if local:
+            self.stats.local += 1
+        else:
+            self.stats.ipis += 1
+
+
+def lay_out_rings(alloc: Allocator, queue_size: int, count: int) -> list:
+    """Ring addresses for ``count`` queues of ``queue_size``, page-aligned."""
+    return [ring_layout(queue_size, alloc.alloc(ring_bytes(queue_size), align=4096))
+            for _ in range(count)]
 
 
 class FifoChecker:
-    """Counts FIFO violations from the device's arrival order: a request of a target
-    that arrives after a later-submitted request of the same target. Sequence numbers
-    travel in the virtio-scsi request ``id`` field."""
+    """Counts FIFO violations from the device's arrival order (only the loopback can see
+    it): a request of a target that arrives after a later-submitted request of the same
+    target. Sequence numbers travel in the virtio-scsi request ``id`` field."""
 
     def __init__(self) -> None:
         self.highest: dict[int, int] = {}
