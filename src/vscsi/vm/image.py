@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import elf
 from .cpio import CpioWriter, gzip_archive
-from .init import ModuleLoad, render_init
+from .init import VSCSI_DEV, ModuleLoad, render_init
 
 log = logging.getLogger("vscsi.vm")
 
@@ -414,6 +414,7 @@ def _build(
     # the kernel and its modules
     kver, vmlinuz, modules = _kernel(deb, out, tree, extra_modules)
     tree.add("init", "file", (render_init(kver, modules).encode(), 0o755))
+    tree.add("usr/bin/vscsi-dev", "file", (VSCSI_DEV.encode(), 0o755))
 
     raw = tree.write()
     (out / "initramfs.cpio.gz").write_bytes(gzip_archive(raw, level=6))

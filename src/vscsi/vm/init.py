@@ -207,3 +207,42 @@ case "$state" in
 esac
 halt_now
 """
+
+
+# /usr/bin/vscsi-dev: the guest has no udev, so /dev/disk/by-hctl is only made at boot.
+# For disks that come later (hot-plug, rescan) or to name a device by its address
+# whatever sdX it got: `vscsi-dev [-g] [-w SECONDS] H:C:T:L` prints /dev/sdX (or /dev/sgN
+# with -g), waiting up to SECONDS for it; exit status 1 if it never appears.
+VSCSI_DEV = r"""#!/bin/sh
+sg=0
+wait=0
+while [ $# -gt 1 ]; do
+	case "$1" in
+	-g) sg=1 ;;
+	-w) wait=$2; shift ;;
+	*) break ;;
+	esac
+	shift
+done
+if [ $# -ne 1 ]; then
+	echo "usage: vscsi-dev [-g] [-w SECONDS] H:C:T:L" >&2
+	exit 2
+fi
+d=/sys/bus/scsi/devices/$1
+tries=$((wait * 20))
+while :; do
+	if [ "$sg" = 1 ]; then sub=scsi_generic; else sub=block; fi
+	for n in "$d/$sub"/*; do
+		if [ -e "$n" ] && [ -e "/dev/${n##*/}" ]; then
+			echo "/dev/${n##*/}"
+			exit 0
+		fi
+	done
+	if [ "$tries" -le 0 ]; then
+		echo "vscsi-dev: no ${sub} device for $1" >&2
+		exit 1
+	fi
+	tries=$((tries - 1))
+	usleep 50000
+done
+"""

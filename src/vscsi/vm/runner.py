@@ -223,9 +223,15 @@ class Guest:
         self._phases_expected = 2 if after_reboot is not None else 1
 
         initrd = self.workdir / "initrd.img"
+        try:
+            extra = self._run_archive(files or {}, env or {}, settle_timeout)
+        except BaseException:
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         with open(initrd, "wb") as f:
             f.write(Path(image.initramfs).read_bytes())
-            f.write(self._run_archive(files or {}, env or {}, settle_timeout))
+            f.write(extra)
 
         cmdline = BASE_CMDLINE
         extra_kargs = [kernel_args] if isinstance(kernel_args, str) else list(kernel_args)
@@ -247,9 +253,7 @@ class Guest:
         self._raw = b""
         self._console_fd: IO[bytes] | None = None
         self._qmp: Any = None
-        self._streamed = 0
-        self._inside = False          # streaming: between a begin and an exit marker
-        self._held: str | None = None  # streaming: the line held back
+        self._filter = OutputFilter(self.nonce)
         self._boot_seconds = 0.0
         self._result: GuestResult | None = None
 
@@ -442,59 +446,13 @@ class Guest:
         # re-decoding the whole buffer keeps multi-byte characters split across reads right
         self._console = self._raw.decode("utf-8", "replace").replace("\r\n", "\n")
         if self.stream is not None:
-            self._stream_out()
-
-    def _stream_out(self) -> None:
-        """Copy the script's output to the stream, complete lines only, so that what
-        was streamed equals GuestResult.output in the end. The last line before each
-        exit marker is held back: its final newline is the one /init adds."""
-        assert self.stream is not None
-        text = self._console
-        end = text.rfind("\n", self._streamed) + 1
-        if end <= self._streamed:
-            return
-        for line in text[self._streamed:end].splitlines(keepends=True):
-            m = MARKER_RE.search(line)
-            if m and m.group("nonce") == self.nonce:
-                if m.group("event") == "exit" and self._held is not None:
-                    self.stream.write(self._held[:-1])
-                self._held = None
-                self._inside = m.group("event") == "begin"
-                continue
-            if self._inside:
-                if self._held is not None:
-                    self.stream.write(self._held)
-                self._held = line
-        self.stream.flush()
-        self._streamed = end
+            out = self._filter.feed(self._console)
+            if out:
+                self.stream.write(out)
+                self.stream.flush()
 
     def _parse(self) -> tuple[list[PhaseResult], str | None]:
-        """Completed phases so far, and an error the init reported (if any)."""
-        phases: list[PhaseResult] = []
-        begin_end: dict[int, int] = {}
-        error = None
-        text = self._console
-        for m in MARKER_RE.finditer(text):
-            if m.group("nonce") != self.nonce:
-                continue
-            event, args = m.group("event"), (m.group("args") or "").split(":")
-            if event == "begin":
-                phase = int(args[0])
-                if phase in begin_end and phase == 1 and self.after_reboot is None:
-                    error = "the guest started the script twice (unexpected reboot)"
-                # output starts after the marker's line
-                nl = text.find("\n", m.end())
-                begin_end[phase] = len(text) if nl < 0 else nl + 1
-            elif event == "exit" and len(args) == 2:
-                phase, status = int(args[0]), int(args[1])
-                start = begin_end.get(phase, m.start())
-                out = text[start:m.start()]
-                if out.endswith("\n"):
-                    out = out[:-1]  # the newline /init prints before the marker
-                phases.append(PhaseResult(phase, out, status))
-            elif event == "error":
-                error = ":".join(args)
-        return phases, error
+        return parse_console(self._console, self.nonce, reboot=self.after_reboot is not None)
 
     def _finish(self, phases: list[PhaseResult], done_at: float | None,
                 powered_off: bool) -> GuestResult:
@@ -545,6 +503,69 @@ class Guest:
         cls = GuestTimeout if timeout else GuestError
         return cls(message, console=self._console, seconds=self.elapsed(),
                    qemu_stderr=stderr, workdir=self.workdir)
+
+
+def parse_console(
+    text: str, nonce: str, *, reboot: bool = False
+) -> tuple[list[PhaseResult], str | None]:
+    """The phases completed in a console text, and the error /init reported, if any.
+    A phase's output is the text between its begin marker's line and its exit marker,
+    less the newline /init prints before the exit marker."""
+    phases: list[PhaseResult] = []
+    starts: dict[int, int] = {}
+    error = None
+    for m in MARKER_RE.finditer(text):
+        if m.group("nonce") != nonce:
+            continue
+        event, args = m.group("event"), (m.group("args") or "").split(":")
+        if event == "begin":
+            phase = int(args[0])
+            if phase in starts and not reboot:
+                error = "the guest started the script twice (it rebooted by itself)"
+            nl = text.find("\n", m.end())
+            starts[phase] = len(text) if nl < 0 else nl + 1
+        elif event == "exit" and len(args) == 2:
+            phase, status = int(args[0]), int(args[1])
+            out = text[starts.get(phase, m.start()):m.start()]
+            if out.endswith("\n"):
+                out = out[:-1]
+            phases.append(PhaseResult(phase, out, status))
+        elif event == "error":
+            error = ":".join(args)
+    return phases, error
+
+
+class OutputFilter:
+    """Turns a growing console text into the script's output as it arrives: complete
+    lines between markers, so that everything fed out equals GuestResult.output. The
+    last line before an exit marker is held back, because its final newline is the
+    one /init adds."""
+
+    def __init__(self, nonce: str) -> None:
+        self.nonce = nonce
+        self._done = 0                 # console offset consumed
+        self._inside = False           # between a begin and an exit marker
+        self._held: str | None = None  # the line held back
+
+    def feed(self, console: str) -> str:
+        end = console.rfind("\n", self._done) + 1
+        if end <= self._done:
+            return ""
+        out = []
+        for line in console[self._done:end].splitlines(keepends=True):
+            m = MARKER_RE.search(line)
+            if m and m.group("nonce") == self.nonce:
+                if m.group("event") == "exit" and self._held is not None:
+                    out.append(self._held[:-1])
+                self._held = None
+                self._inside = m.group("event") == "begin"
+                continue
+            if self._inside:
+                if self._held is not None:
+                    out.append(self._held)
+                self._held = line
+        self._done = end
+        return "".join(out)
 
 
 def _check_socket(path: Path) -> None:

@@ -1,0 +1,183 @@
+"""The runner without booting: QEMU command lines, console parsing, streaming, the
+per-run archive and argument checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from vscsi.vm import Guest, GuestConfigError, GuestImage, build_qemu_argv
+from vscsi.vm.cpio import read_archive
+from vscsi.vm.runner import OutputFilter, parse_console
+
+NONCE = "0badc0de12345678"
+
+
+def argv(**kw) -> list[str]:
+    base = dict(kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0",
+                console=Path("/c"))
+    base.update(kw)
+    return build_qemu_argv(**base)
+
+
+def after(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def devices(args: list[str]) -> list[dict]:
+    return [json.loads(d) for d in after(args, "-device") if d.startswith("{")]
+
+
+def test_shared_memory_and_basics() -> None:
+    a = argv(memory="1G", vcpus=4)
+    assert "memory-backend-memfd,id=mem,size=1G,share=on" in after(a, "-object")
+    assert "q35,memory-backend=mem" in after(a, "-machine")
+    assert after(a, "-m") == ["1G"] and after(a, "-smp") == ["4"]
+    assert "-no-reboot" in a and "-nodefaults" in a
+    assert after(a, "-accel") == ["tcg,thread=multi"] and after(a, "-cpu") == ["max"]
+    assert after(argv(accel="kvm"), "-accel") == ["kvm"]
+    assert "-no-reboot" not in argv(reboot=True)
+
+
+def test_vhost_user_device() -> None:
+    a = argv(vhost_user_socket=Path("/run/v.sock"), queues=4, reconnect_ms=500,
+             vhost_user_options={"virtqueue_size": 256})
+    assert after(a, "-chardev")[-1] == "socket,id=vus,path=/run/v.sock,reconnect-ms=500"
+    (dev,) = devices(a)
+    assert dev["driver"] == "vhost-user-scsi-pci" and dev["chardev"] == "vus"
+    assert dev["num_queues"] == 4 and dev["virtqueue_size"] == 256
+
+
+def test_qemu_disks_one_target_each() -> None:
+    a = argv(qemu_disks=[Path("/d0"), Path("/d1")], qemu_queues=2)
+    hba, *disks = devices(a)
+    assert hba["driver"] == "virtio-scsi-pci" and hba["num_queues"] == 2
+    assert "iothread-vq-mapping" not in hba
+    assert [(d["driver"], d["bus"], d["channel"], d["scsi-id"], d["lun"]) for d in disks] == [
+        ("scsi-hd", "qscsi.0", 0, 0, 0), ("scsi-hd", "qscsi.0", 0, 1, 0)]
+    files = [json.loads(b) for b in after(a, "-blockdev") if '"file"' in b and "filename" in b]
+    assert [f["filename"] for f in files] == ["/d0", "/d1"]
+
+
+def test_iothread_per_queue() -> None:
+    a = argv(qemu_disks=[Path("/d0")], qemu_queues=3, iothreads=True)
+    assert [o for o in after(a, "-object") if o.startswith("iothread")] == [
+        "iothread,id=io0", "iothread,id=io1", "iothread,id=io2"]
+    hba = devices(a)[0]
+    assert hba["iothread-vq-mapping"] == [{"iothread": f"io{i}"} for i in range(3)]
+
+
+def test_both_hbas_in_fixed_slots() -> None:
+    a = argv(vhost_user_socket=Path("/s"), qemu_disks=[Path("/d0")], extra=["-S"])
+    vus, hba = devices(a)[:2]
+    assert (vus["addr"], hba["addr"]) == ("0x4", "0x5")
+    assert a[-1] == "-S"
+
+
+def console(*parts: str) -> str:
+    return "".join(parts)
+
+
+def test_parse_console_statuses_and_output() -> None:
+    text = console(
+        "[ 0.1] boot noise\nvscsi-init: x\n",
+        f"@@vscsi:{NONCE}:begin:1@@\n", "hello\nworld\n",
+        f"\n@@vscsi:{NONCE}:exit:1:42@@\n", "[ 3.0] reboot: Power down\n",
+    )
+    phases, error = parse_console(text, NONCE)
+    assert error is None
+    assert [(p.phase, p.output, p.status) for p in phases] == [(1, "hello\nworld\n", 42)]
+
+
+def test_parse_console_without_final_newline_and_foreign_markers() -> None:
+    text = console(
+        f"@@vscsi:{NONCE}:begin:1@@\n",
+        "@@vscsi:1111111111111111:exit:1:9@@\n",   # printed by the script: not ours
+        "partial", f"\n@@vscsi:{NONCE}:exit:1:0@@\n",
+    )
+    phases, _ = parse_console(text, NONCE)
+    assert phases[0].status == 0
+    assert phases[0].output == "@@vscsi:1111111111111111:exit:1:9@@\npartial"
+
+
+def test_parse_console_reboot_phases_and_errors() -> None:
+    text = console(
+        f"@@vscsi:{NONCE}:begin:1@@\n", "one\n", f"\n@@vscsi:{NONCE}:exit:1:0@@\n",
+        f"@@vscsi:{NONCE}:reboot:1@@\n", "[ 1.0] reboot: Restarting system\n",
+        f"@@vscsi:{NONCE}:begin:2@@\n", "two\n", f"\n@@vscsi:{NONCE}:exit:2:3@@\n",
+    )
+    phases, error = parse_console(text, NONCE, reboot=True)
+    assert error is None
+    assert [(p.phase, p.output, p.status) for p in phases] == [(1, "one\n", 0), (2, "two\n", 3)]
+    # the same begin twice without reboot mode: the guest reset by itself
+    twice = f"@@vscsi:{NONCE}:begin:1@@\nx\n@@vscsi:{NONCE}:begin:1@@\n"
+    assert "twice" in (parse_console(twice, NONCE)[1] or "")
+    err = f"@@vscsi:{NONCE}:error:rtc-alarm-unusable@@\n"
+    assert parse_console(err, NONCE, reboot=True)[1] == "rtc-alarm-unusable"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_streamed_output_equals_result_output(chunk: int) -> None:
+    text = console(
+        "boot\n", f"@@vscsi:{NONCE}:begin:1@@\n", "a\n\nb", f"\n@@vscsi:{NONCE}:exit:1:0@@\n",
+        f"@@vscsi:{NONCE}:begin:2@@\n", "c\n", f"\n@@vscsi:{NONCE}:exit:2:0@@\n", "off\n",
+    )
+    f = OutputFilter(NONCE)
+    streamed = "".join(f.feed(text[:end]) for end in range(chunk, len(text) + chunk, chunk))
+    phases, _ = parse_console(text, NONCE, reboot=True)
+    assert streamed == "".join(p.output for p in phases) == "a\n\nbc\n"
+
+
+@pytest.fixture
+def fake_image(tmp_path) -> GuestImage:
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initramfs.cpio.gz").write_bytes(b"BASE")
+    return GuestImage(tmp_path / "vmlinuz", tmp_path / "initramfs.cpio.gz", "6.1.0-x")
+
+
+def test_run_archive_follows_the_base(fake_image, tmp_path) -> None:
+    extra = tmp_path / "job.fio"
+    extra.write_text("[job]\nrw=read\n")
+    g = Guest(fake_image, "echo hi\n", after_reboot="echo again\n",
+              files={"/etc/job.fio": extra, "data/blob": b"\x00\x01"}, env={"X": "1"},
+              workdir=tmp_path / "w")
+    initrd = (tmp_path / "w" / "initrd.img").read_bytes()
+    assert initrd[:4] == b"BASE"
+    entries = {n: d for n, _, d in read_archive(initrd[4:])}
+    assert entries["vscsi/script1"] == b"echo hi\n"
+    assert entries["vscsi/script2"] == b"echo again\n"
+    assert entries["etc/job.fio"] == b"[job]\nrw=read\n"
+    assert entries["data/blob"] == b"\x00\x01"
+    config = entries["vscsi/config"].decode()
+    assert f"NONCE={g.nonce}" in config and "REBOOT=1" in config and "export X=1" in config
+    assert "-no-reboot" not in g.argv
+    g.close()
+
+
+def test_argument_errors(fake_image, tmp_path) -> None:
+    with pytest.raises(GuestConfigError, match="does not exist"):
+        Guest(fake_image, "true", vhost_user_socket=tmp_path / "nope.sock")
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    with pytest.raises(GuestConfigError, match="not a socket"):
+        Guest(fake_image, "true", vhost_user_socket=plain)
+    with pytest.raises(GuestConfigError, match="disk file"):
+        Guest(fake_image, "true", qemu_disks=[tmp_path / "missing.img"])
+    with pytest.raises(GuestConfigError, match="accelerator"):
+        Guest(fake_image, "true", accel="hvf")
+    with pytest.raises(GuestConfigError):
+        Guest(fake_image, "true", files={"../escape": b""})
+    with pytest.raises(GuestConfigError):
+        Guest(fake_image, "true", vcpus=0)
+
+
+def test_socket_accepted(fake_image, tmp_path) -> None:
+    path = tmp_path / "v.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        g = Guest(fake_image, "true", vhost_user_socket=path, workdir=tmp_path / "w")
+        assert f"socket,id=vus,path={path}" in g.argv
+        g.close()
