@@ -92,7 +92,8 @@ def test_image_contents(guest_image) -> None:
     assert stat.S_ISCHR(entries["dev/console"][0])
     assert entries["init"][0] & 0o111
     for tool in ("usr/bin/fio", "usr/bin/sg_inq", "usr/bin/sg_vpd", "usr/bin/sg_raw",
-                 "usr/bin/sg_write_same", "usr/bin/dd", "usr/sbin/blkdiscard", "bin/busybox"):
+                 "usr/bin/sg_write_same", "usr/bin/dd", "usr/sbin/blkdiscard", "bin/busybox",
+                 "usr/bin/vscsi-dev"):
         assert tool in entries, tool
     assert entries["bin/sh"][1] == b"busybox"
     mods = [_modname(m) for m in guest_image.modules]

@@ -100,3 +100,18 @@ def test_reboot_state_parsing(tmp_path, alarm: str, state: int) -> None:
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(state)
+
+
+@needs_busybox
+def test_vscsi_dev_helper(tmp_path) -> None:
+    from vscsi.vm.init import VSCSI_DEV
+
+    helper = tmp_path / "vscsi-dev"
+    helper.write_text(VSCSI_DEV)
+    assert subprocess.run(["busybox", "sh", "-n", str(helper)]).returncode == 0
+    usage = subprocess.run(["busybox", "sh", str(helper)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    # no such device, no waiting: fails at once with a message
+    proc = subprocess.run(["busybox", "sh", str(helper), "9:9:9:9"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and "9:9:9:9" in proc.stderr

@@ -16,6 +16,7 @@ Two ways to use it:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -248,6 +249,7 @@ class Guest:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self._stderr_path = self.workdir / "qemu.stderr"
+        self._stderr: IO[bytes] | None = None
         self._t0 = 0.0
         self._console = ""
         self._raw = b""
@@ -263,7 +265,7 @@ class Guest:
         if self.proc is not None:
             return self
         self.console_path.write_bytes(b"")
-        self._stderr = open(self._stderr_path, "wb")  # noqa: SIM115 (closed in close())
+        self._stderr = open(self._stderr_path, "wb")  # noqa: SIM115 - closed in close()
         self._t0 = time.monotonic()
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
@@ -279,7 +281,8 @@ class Guest:
         self.close(failed=exc[0] is not None)
 
     def close(self, failed: bool = False) -> None:
-        """Kill QEMU if still running; remove the temp workdir unless the run failed."""
+        """Kill QEMU if still running; remove the temp workdir, unless `failed` (the
+        context manager passes whether an exception is leaving the block)."""
         if self._qmp is not None:
             try:
                 self._qmp.close()
@@ -290,11 +293,15 @@ class Guest:
         if self._console_fd is not None:
             self._console_fd.close()
             self._console_fd = None
-        if getattr(self, "_stderr", None) is not None:
+        if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
-        if self._own_workdir and not failed and self._result is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._own_workdir:
+            if not failed:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            else:
+                # keep the console and QEMU's messages for a post-mortem, not the 4 MB initrd
+                (self.workdir / "initrd.img").unlink(missing_ok=True)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -568,6 +575,18 @@ class OutputFilter:
         return "".join(out)
 
 
+@functools.cache
+def qemu_version() -> tuple[int, int]:
+    """(major, minor) of the installed QEMU; (0, 0) if it cannot be told."""
+    try:
+        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 def _check_socket(path: Path) -> None:
     try:
         st = path.stat()
@@ -625,7 +644,10 @@ def build_qemu_argv(
     if vhost_user_socket is not None:
         chardev = f"socket,id=vus,path={vhost_user_socket}"
         if reconnect_ms:
-            chardev += f",reconnect-ms={int(reconnect_ms)}"
+            if qemu_version() >= (9, 2):
+                chardev += f",reconnect-ms={int(reconnect_ms)}"
+            else:  # older QEMU (bookworm's 7.2) counts whole seconds
+                chardev += f",reconnect={max(1, -(-int(reconnect_ms) // 1000))}"
         dev: dict[str, object] = {
             "driver": "vhost-user-scsi-pci", "id": "vus0", "chardev": "vus",
             "num_queues": queues, "bus": "pcie.0", "addr": "0x4",
