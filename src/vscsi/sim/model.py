@@ -125,10 +125,13 @@ class Model:
         self.host = simpy.Resource(self.env, int(params.host_cpus))
         self.store = simpy.Resource(self.env, int(params.store_depth))
         self.c = Counters()
+        self._shared = params.vcpus_share_host == 1
+        self.vcpu_host_busy = 0.0  # host CPU time VCPUs used (shared mode)
         self._next_seq = [0] * config.targets
         self._highest_arrived = [-1] * config.targets
         self._last_queue: dict[int, int] = {}
         rng = random.Random(config.seed)
+        self._host_rng = random.Random(rng.getrandbits(64))
         self.tasks = [
             Task(j, config.job_target(j), config.job_cpu(j), 0.0, random.Random(rng.getrandbits(64)))
             for j in range(config.num_jobs)
@@ -145,6 +148,14 @@ class Model:
         if self.cfg.pin or self.cfg.vcpus == 1:
             return float("inf")
         return self.env.now + task.rng.expovariate(1.0 / self.p.migrate_mean_us)
+
+    def _jitter(self) -> float:
+        """A factor of mean 1 and coefficient of variation host_cv (gamma)."""
+        cv = self.p.host_cv
+        if cv <= 0:
+            return 1.0
+        shape = 1.0 / (cv * cv)
+        return self._host_rng.gammavariate(shape, 1.0 / shape)
 
     def _may_submit(self) -> bool:
         if self._runtime_us is not None:
@@ -164,8 +175,19 @@ class Model:
         return nbytes, write, rand
 
     def _work(self, cpu: Vcpu, cost: float) -> Proc:
-        """Spend cost on a VCPU the caller already holds."""
-        if cost > 0:
+        """Spend cost on a VCPU the caller already holds (and on a host CPU, when VCPUs
+        share the host's CPUs: then waiting for one counts as busy, the VCPU thread is
+        runnable but not running)."""
+        if cost <= 0:
+            return
+        if self._shared:
+            t0 = self.env.now
+            with self.host.request() as h:
+                yield h
+                yield self.env.timeout(cost)
+                self.vcpu_host_busy += cost
+            cpu.busy += self.env.now - t0
+        else:
             yield self.env.timeout(cost)
             cpu.busy += cost
 
@@ -259,11 +281,11 @@ class Model:
             self._arrived(req)
             with self.host.request() as h:
                 yield h
-                cost = p.host_req_us + req.nbytes * p.host_byte_ns / 1000.0
+                cost = p.host_req_us * self._jitter() + req.nbytes * p.host_byte_ns / 1000.0
                 yield env.timeout(cost)
                 q.worker_busy += cost
-            store = (p.store_latency_us + req.nbytes * p.store_byte_ns / 1000.0
-                     + (p.store_random_us if req.random else 0.0))
+            store = ((p.store_latency_us + (p.store_random_us if req.random else 0.0))
+                     * self._jitter() + req.nbytes * p.store_byte_ns / 1000.0)
             if store > 0:
                 # the worker moves on; the store finishes the request later (aio)
                 env.process(self._stored(q, req, store))

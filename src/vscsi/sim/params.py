@@ -66,10 +66,10 @@ class SimParams:
         "guest CPU per request to finish it on its submitter's CPU: block layer, aio "
         "completion, waking the task (in the handler if local, after the IPI if not)")
     cold_us: float = _p(
-        8.0, "us",
+        6.0, "us",
         "extra guest CPU, on each side, when a request crosses CPUs: the interrupt CPU "
         "misses on what the submitter wrote and the submitter then misses on what the "
-        "interrupt CPU wrote (about 40 cache lines at ~200 ns across sockets)")
+        "interrupt CPU wrote (about 30 cache lines at ~200 ns across sockets)")
     ipi_send_us: float = _p(
         3.0, "us",
         "guest CPU on the interrupted CPU to hand a completion to its submitter "
@@ -82,7 +82,7 @@ class SimParams:
         6.0, "us",
         "guest CPU on the submitter to take the IPI: injection, softirq entry, EOI exit")
     halt_wake_us: float = _p(
-        20.0, "us",
+        10.0, "us",
         "extra delay when an interrupt or IPI finds its VCPU halted (idle): the host "
         "schedules the VCPU thread back in (no halt polling in 2012 KVM)")
     migrate_mean_us: float = _p(
@@ -111,9 +111,20 @@ class SimParams:
         "host CPUs the queue workers share (integer). 1 models QEMU of 2012, where every "
         "virtqueue was served by the one main-loop thread under the global lock: it is "
         "what caps multiqueue. A device with a thread per queue on idle host CPUs: more")
+    vcpus_share_host: float = _p(
+        0.0, "0/1",
+        "1: VCPU work also needs one of the host_cpus (a small machine where VCPU "
+        "processes and device workers share the cores, as our bench on 2 cores); 0: each "
+        "VCPU has a host CPU of its own (the 2012 setup). Lock spinning never takes one, so "
+        "a lock holder always gets a CPU back")
+    host_cv: float = _p(
+        0.5, "ratio",
+        "coefficient of variation of the host's per-request CPU time and of the store's "
+        "time (gamma distributed, mean as given): host threads are preempted, caches and "
+        "page walks vary; 0 makes the host deterministic")
     # -- backing store ---------------------------------------------------------------------
     store_latency_us: float = _p(
-        90.0, "us",
+        60.0, "us",
         "backing-store time per request, off the worker (no worker CPU held): for tmpfs "
         "under QEMU's aio=threads, the hand-off to a pool thread and the completion's "
         "eventfd back to the main loop, two host thread wakeups and the pread itself")
@@ -136,6 +147,8 @@ class SimParams:
                 raise ValueError(f"parameter {f.name} must be a number >= 0, not {value!r}")
         if self.host_cpus < 1 or self.store_depth < 1:
             raise ValueError("host_cpus and store_depth must be at least 1")
+        if self.vcpus_share_host not in (0, 1):
+            raise ValueError("vcpus_share_host is 0 or 1")
         if self.migrate_mean_us <= 0:
             raise ValueError("migrate_mean_us must be > 0")
 

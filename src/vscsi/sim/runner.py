@@ -36,7 +36,8 @@ def simulate(config: SimConfig, params: SimParams | None = None) -> dict[str, An
     done = c.local + c.ipis
     vcpu_util = [v.busy / elapsed_us for v in model.vcpus]
     worker_util = [q.worker_busy / elapsed_us for q in model.queues]
-    host_util = sum(q.worker_busy for q in model.queues) / (elapsed_us * int(params.host_cpus))
+    host_busy = sum(q.worker_busy for q in model.queues) + model.vcpu_host_busy
+    host_util = host_busy / (elapsed_us * int(params.host_cpus))
     return {
         "iops": c.completed / secs,
         "mbps": c.bytes / MB / secs,
