@@ -273,8 +273,8 @@ def _fit_host_cpus(runs: Sequence[BenchRun], p: SimParams, notes: list[str]) -> 
                 best = (loss, q)
     assert best is not None
     q = best[1]
-    notes.append(f"host CPUs {q.host_cpus:.0f}, VCPUs {'share them' if q.vcpus_share_host else 'apart'}"
-                 f", from {len(par)} parallel run(s)")
+    how = "share them" if q.vcpus_share_host else "apart"
+    notes.append(f"host CPUs {q.host_cpus:.0f}, VCPUs {how}, from {len(par)} parallel run(s)")
     return q
 
 

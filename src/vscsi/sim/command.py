@@ -32,7 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("machine (comma lists with --sweep)")
     g.add_argument("--policy", default="percpu", help="percpu | pertarget | single | blkmq")
     g.add_argument("--vcpus", default="4", help="VCPUs (default 4)")
-    g.add_argument("--queues", type=int, default=None, help="request queues (default: one per VCPU)")
+    g.add_argument("--queues", type=int, default=None,
+                   help="request queues (default: one per VCPU)")
     g.add_argument("--targets", default="4", help="targets, one LUN each (default 4)")
     g.add_argument("--hint-delay", default="0", metavar="MS",
                    help="balancer delay before an affinity hint applies (pertarget), ms")
@@ -64,7 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     x.add_argument("--no-pertarget", dest="pertarget", action="store_false",
                    help="coverletter: leave out the pertarget columns")
     x.add_argument("--sweep", action="store_true",
-                   help="run the grid of the comma lists given to --policy/--vcpus/--targets/--hint-delay")
+                   help="run the grid of the comma lists given to "
+                        "--policy/--vcpus/--targets/--hint-delay")
     x.add_argument("--workers", type=int, default=None, help="local processes (default: CPUs)")
     x.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run the points on this Dask distributed scheduler")
@@ -133,7 +135,8 @@ def base_config(args: argparse.Namespace, *, default_requests: int = DEFAULT_REQ
 
 
 @contextmanager
-def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(total: int, label: str,
+                 enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar on stderr (stdout stays clean for --json)."""
     if not enabled:
         yield lambda done, total: None

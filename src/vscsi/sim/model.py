@@ -114,7 +114,8 @@ class Model:
         self.cfg, self.p = config, params
         self.env = simpy.Environment()
         self.table = LocalTargetTable(config.targets)
-        self.policy: Policy = make_policy(config.policy, config.num_queues, config.vcpus, self.table)
+        self.policy: Policy = make_policy(config.policy, config.num_queues, config.vcpus,
+                                          self.table)
         nq = self.policy.num_queues  # Single forces 1
         # every policy's interrupts go through the balancer, as in the driver: only a
         # policy that hints (pertarget) ever moves them
@@ -133,7 +134,8 @@ class Model:
         rng = random.Random(config.seed)
         self._host_rng = random.Random(rng.getrandbits(64))
         self.tasks = [
-            Task(j, config.job_target(j), config.job_cpu(j), 0.0, random.Random(rng.getrandbits(64)))
+            Task(j, config.job_target(j), config.job_cpu(j), 0.0,
+                 random.Random(rng.getrandbits(64)))
             for j in range(config.num_jobs)
         ]
         for t in self.tasks:

@@ -156,7 +156,8 @@ class SimParams:
         return asdict(self)
 
     def to_json(self, extra: dict[str, Any] | None = None) -> str:
-        data: dict[str, Any] = {"_comment": "vscsi simulate params; units in vscsi simulate --params-doc"}
+        data: dict[str, Any] = {
+            "_comment": "vscsi simulate params; units and meaning: vscsi simulate --params-doc"}
         data.update(self.to_dict())
         if extra:
             data.update(extra)

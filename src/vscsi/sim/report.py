@@ -61,7 +61,8 @@ def coverletter_table(rows: list[dict[str, Any]]) -> Table:
         t.add_column(col, justify="right")
     for row in rows:
         cells = [str(row["targets"])]
-        cells += [_f(row.get(k, float("nan"))) for k in ("pub_single", "pub_percpu4", "pub_percpu8")]
+        cells += [_f(row.get(k, float("nan")))
+                  for k in ("pub_single", "pub_percpu4", "pub_percpu8")]
         cells += [_f(row[k]) for k in ("model_single", "model_percpu4", "model_percpu8")]
         if pt:
             cells += [_f(row["model_pertarget4"]), _f(row["model_pertarget8"])]
@@ -148,7 +149,8 @@ def plot_coverletter(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax1.set_xticks(xs, [str(x) for x in xs])
     ax1.legend(fontsize=7)
     for n, color in ((4, "tab:blue"), (8, "tab:orange")):
-        ax2.plot(xs, [r[f"model_ratio{n}"] for r in rows], "o-", color=color, label=f"model {n} VCPUs")
+        ax2.plot(xs, [r[f"model_ratio{n}"] for r in rows], "o-", color=color,
+                 label=f"model {n} VCPUs")
         if "pub_ratio4" in rows[0]:
             ax2.plot(xs, [r[f"pub_ratio{n}"] for r in rows], "s--", color=color, alpha=0.6,
                      label=f"2012 {n} VCPUs")

@@ -52,7 +52,7 @@ def grid(base: SimConfig, *, policies: Iterable[str] = (), vcpus: Iterable[int] 
 
 
 def run_points(points: Sequence[Point], *, workers: int | None = None,
-               scheduler: str | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
+               scheduler: Any = None, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Run every point; ``scheduler`` is a Dask scheduler address (or a
     ``distributed.Client``), else ``workers`` local processes (1: in this process)."""
     if scheduler is not None:
@@ -74,7 +74,8 @@ def run_points(points: Sequence[Point], *, workers: int | None = None,
     return results  # type: ignore[return-value]
 
 
-def _run_dask(points: Sequence[Point], scheduler: Any, progress: Progress | None) -> list[dict[str, Any]]:
+def _run_dask(points: Sequence[Point], scheduler: Any,
+              progress: Progress | None) -> list[dict[str, Any]]:
     from distributed import Client
     from distributed import as_completed as dask_completed
 
