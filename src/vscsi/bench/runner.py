@@ -34,6 +34,8 @@ class Machine(Protocol):
 
     def describe(self) -> dict[str, object]: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass
 class RunOptions:
