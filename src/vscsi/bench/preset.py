@@ -1,0 +1,201 @@
+"""`vscsi bench --preset coverletter`: the measurement the design came from, redone.
+
+The 2012 cover letter ran fio (rw=read, bsrange=4k-64k, iodepth=4, one job per target,
+one LUN per target, disks on tmpfs) over 1..32 targets, single queue against
+multiqueue, and reported overall MB/s (../shared/DESIGN.md). Here each point runs the
+SMP driver (one VCPU process per CPU, ``--vcpus``) over a ``vscsi serve`` this command
+starts with RAM targets (or the backend at ``--socket``), for each policy column; the
+first column is the baseline each other column's ratio divides by. Output: the table
+(MB/s per column, ratio per row), ``coverletter.json`` (every point's full bench JSON)
+and ``coverletter.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from vscsi.bench.jobs import JobSpec
+from vscsi.bench.runner import RunOptions
+from vscsi.bench.runner import run as run_jobs
+from vscsi.driver.steering import POLICIES
+
+JOB = {"rw": "read", "bsrange": "4k-64k", "iodepth": 4}  # the cover letter's fio job
+DEFAULT_RUNTIME = 2.0  # seconds per point: 21 points fit in about a minute
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"--preset-{what} is empty")
+    return items
+
+
+def coverletter(args: argparse.Namespace) -> int:
+    try:
+        targets = sorted({int(x) for x in parse_list(args.preset_targets, "targets")})
+    except ValueError:
+        raise ValueError(
+            f"bad --preset-targets {args.preset_targets!r} (want e.g. 1,2,4)") from None
+    if targets[0] < 1 or targets[-1] > 256:
+        raise ValueError("--preset-targets must be in 1..256")
+    policies = parse_list(args.preset_policies, "policies")
+    for name in policies:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r} in --preset-policies")
+    runtime = args.runtime or (None if args.requests else DEFAULT_RUNTIME)
+    spec = JobSpec.from_options(JOB["rw"], None, JOB["bsrange"], JOB["iodepth"], args.size)
+    os.makedirs(args.out, exist_ok=True)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    err = Console(stderr=True)
+    points: dict[tuple[str, int], dict] = {}
+    with backend(args, targets[-1]) as path:
+        # auto_refresh off: rich's refresh thread must not exist when VCPUs are forked
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      console=err, auto_refresh=False) as progress:
+            bar = progress.add_task("coverletter", total=len(targets) * len(policies))
+            for n in targets:
+                for policy in policies:
+                    progress.update(bar, description=f"{policy:>9} · {n:>2} targets")
+                    progress.refresh()
+                    points[policy, n] = run_point(args, path, policy, n, spec, runtime)
+                    progress.advance(bar)
+                    progress.refresh()
+    table = make_table(points, targets, policies)
+    plot = os.path.join(args.out, "coverletter.png")
+    write_plot(plot, table, policies, args.vcpus)
+    out = {"job": JOB, "vcpus": args.vcpus, "runtime_s": runtime, "columns": policies,
+           "table": table, "plot": plot,
+           "points": [points[p, n] for n in targets for p in policies]}
+    with open(os.path.join(args.out, "coverletter.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    if args.json:
+        json.dump({k: v for k, v in out.items() if k != "points"}, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(table, policies, args.vcpus)
+        print(f"plot: {plot}")
+    bad = sum(p["errors"] + p["verify_errors"] for p in points.values())
+    return 1 if bad else 0
+
+
+def run_point(args: argparse.Namespace, path: str, policy: str, targets: int, spec: JobSpec,
+              runtime: float | None) -> dict:
+    from vscsi.bench.command import smp_machine
+
+    opts = RunOptions(spec, numjobs=1, requests=None if runtime else args.requests,
+                      runtime=runtime, seed=args.seed, targets=targets)
+    machine = smp_machine(args, path, policy=policy)
+    try:
+        return run_jobs(machine, opts, args.vcpus)
+    finally:
+        machine.close()
+
+
+def make_table(points: dict[tuple[str, int], dict], targets: list[int],
+               policies: list[str]) -> list[dict]:
+    """Rows: targets, MB/s per policy, and each policy's ratio to the first."""
+    rows = []
+    base = policies[0]
+    for n in targets:
+        row: dict[str, object] = {"targets": n}
+        for p in policies:
+            row[p] = points[p, n]["mbps"]
+        for p in policies[1:]:
+            row[f"{p}/{base}"] = points[p, n]["mbps"] / max(points[base, n]["mbps"], 1e-9)
+        rows.append(row)
+    return rows
+
+
+def print_table(table: list[dict], policies: list[str], vcpus: int) -> None:
+    """In the shape of DESIGN.md's table: MB/s per column, multi/single per row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    base = policies[0]
+    t = Table(title=f"coverletter · fio rw=read bsrange=4k-64k iodepth=4, one job per target"
+                    f" · {vcpus} VCPUs · MB/s")
+    t.add_column("targets", justify="right")
+    for p in policies:
+        t.add_column(p, justify="right")
+    for p in policies[1:]:
+        t.add_column(f"{p}/{base}", justify="right")
+    for row in table:
+        t.add_row(str(row["targets"]), *(f"{row[p]:.0f}" for p in policies),
+                  *(f"{row[f'{p}/{base}']:.2f}" for p in policies[1:]))
+    Console(width=max(100, Console().width)).print(t)
+
+
+def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [row["targets"] for row in table]
+    fig, (ax, ratio) = plt.subplots(2, 1, figsize=(7, 7), sharex=True,
+                                    gridspec_kw={"height_ratios": [2, 1]})
+    for p in policies:
+        ax.plot(xs, [row[p] for row in table], marker="o", label=p)
+    ax.set_ylabel("MB/s (overall)")
+    ax.set_title(f"vscsi coverletter: rw=read 4k-64k iodepth=4, {vcpus} VCPUs")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    base = policies[0]
+    for p in policies[1:]:
+        ratio.plot(xs, [row[f"{p}/{base}"] for row in table], marker="o", label=f"{p}/{base}")
+    ratio.axhline(1.0, color="grey", linewidth=0.8)
+    ratio.set_xlabel("targets")
+    ratio.set_ylabel(f"ratio to {base}")
+    ratio.legend()
+    ratio.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@contextlib.contextmanager
+def backend(args: argparse.Namespace, targets: int) -> Iterator[str]:
+    """The socket of the backend to measure: --socket, or a `vscsi serve` started here
+    with ``targets`` RAM disks and one request queue per VCPU (stopped afterwards)."""
+    if args.socket:
+        yield args.socket
+        return
+    with tempfile.TemporaryDirectory(prefix="vscsi-coverletter-") as tmp:
+        path = os.path.join(tmp, "serve.sock")
+        log = os.path.join(tmp, "serve.log")
+        cmd = [sys.executable, "-m", "vscsi.serve", "--socket", path,
+               "--queues", str(args.queues or args.vcpus), "--log-level", "warning"]
+        for t in range(targets):
+            cmd += ["--lun", f"{t}:0=ram:{args.disk_size}"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(log, errors="replace") as f:
+                        text = f.read().strip().splitlines()
+                    raise RuntimeError("vscsi serve did not start: "
+                                       + (text[-1] if text else f"exit {proc.returncode}"))
+                time.sleep(0.02)
+            yield path
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
