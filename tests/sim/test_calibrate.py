@@ -21,7 +21,7 @@ def test_sample_files_are_bench_shaped():
 
 def test_calibrated_model_predicts_the_bench_runs_within_20_percent(tmp_path):
     runs = cal.load_runs(SAMPLES, sim_requests=800)
-    result = cal.calibrate(runs, refine_rounds=1)  # the CLI refines longer; 1 keeps this quick
+    result = cal.calibrate(runs)
     assert result.ok, result.check()
     assert all(abs(e) <= cal.TOLERANCE for e in result.errors)
     # each step of the procedure found its runs

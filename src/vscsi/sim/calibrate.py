@@ -27,10 +27,14 @@ subset, what is missing keeps its default):
    workers for those CPUs, as on a 2-core bench machine) as the pair whose model IOPS is
    nearest the measured.
 
-Then **refinement**: every run given is simulated with the derived params; while the
-worst IOPS error is above 8%, three factors (guest CPU, host CPU, delays) are nudged by a
-coordinate search on the mean squared log error, a bounded number of times. The result
-records each run's measured and model IOPS (``_check`` in the params file).
+5. **correction** — the closed forms ignore batching (a pipelined VCPU kicks and takes
+   interrupts less than once per request) and queueing, so every run is simulated and
+   each constraint corrected where it was measured, for a couple of rounds: the
+   pipelined runs' IOPS error scales the guest and host CPU costs, the base runs' latency
+   error goes to the delays, the cross-CPU runs' latency gap rescales the cross-CPU costs.
+
+The params file records the notes of each step (``_derived``) and each run's measured
+and model IOPS (``_check``).
 """
 
 from __future__ import annotations
@@ -278,24 +282,45 @@ def _fit_host_cpus(runs: Sequence[BenchRun], p: SimParams, notes: list[str]) -> 
     return q
 
 
-def refine(runs: Sequence[BenchRun], p: SimParams, notes: list[str], *,
-           max_rounds: int = 3, target: float = 0.08) -> SimParams:
-    groups = {"guest": GUEST_CPU, "host": HOST_CPU + ("host_byte_ns",), "delays": DELAYS}
-    errs = errors(runs, predict(runs, p))
-    loss = _loss(errs)
-    step = 1.25
-    for _ in range(max_rounds):
-        if max(abs(e) for e in errs) <= target:
+def _is_piped(r: BenchRun) -> bool:
+    return r.config.vcpus == 1 and len(_queues(r.config)) == 1 and r.config.iodepth * r.jobs >= 2
+
+
+def _is_cross(r: BenchRun) -> bool:
+    return r.config.vcpus == 2 and r.config.iodepth == 1
+
+
+def correct(runs: Sequence[BenchRun], p: SimParams, notes: list[str], *,
+            rounds: int = 2) -> SimParams:
+    """Step 5: the closed forms ignore batching and queueing, so simulate the runs and
+    correct each constraint where it was measured, a few rounds (one simulation of every
+    run per round): the pipelined runs' IOPS error scales the guest and host CPU costs,
+    what that moves in the base runs' latency (and their remaining error) goes to the
+    delays, and the cross-CPU runs' latency gap rescales the cross-CPU costs."""
+    base = [i for i, r in enumerate(runs) if _is_base(r)]
+    piped = [i for i, r in enumerate(runs) if _is_piped(r)]
+    cross = [i for i, r in enumerate(runs) if _is_cross(r)]
+    for _ in range(rounds):
+        res = run_points([(r.config, p) for r in runs], workers=1)
+        if max(abs(res[i]["iops"] / r.iops - 1) for i, r in enumerate(runs)) <= 0.02:
             break
-        for names in groups.values():
-            for f in (step, 1 / step):
-                q = _scale(p, names, f)
-                e2 = errors(runs, predict(runs, q))
-                if _loss(e2) < loss:
-                    p, errs, loss = q, e2, _loss(e2)
-                    break
-        step = math.sqrt(step)
-    notes.append(f"refined: worst IOPS error {max(abs(e) for e in errs):.1%}")
+        q = p
+        if piped:
+            e = sum(res[i]["iops"] / runs[i].iops for i in piped) / len(piped)
+            q = _scale(_scale(q, GUEST_CPU, e), HOST_CPU, e)
+        if base:
+            moved = ((guest_cpu_per_request(q) + host_cpu_per_request(q, 0))
+                     - (guest_cpu_per_request(p) + host_cpu_per_request(p, 0)))
+            err = sum(runs[i].lat_mean_us - res[i]["lat_us"]["mean"] for i in base) / len(base)
+            q = _set_sum(q, DELAYS, sum(getattr(p, n) for n in DELAYS) + err - moved)
+        if len(cross) >= 2:
+            lo = min(cross, key=lambda i: runs[i].remote_fraction)
+            hi = max(cross, key=lambda i: runs[i].remote_fraction)
+            model_gap = res[hi]["lat_us"]["mean"] - res[lo]["lat_us"]["mean"]
+            bench_gap = runs[hi].lat_mean_us - runs[lo].lat_mean_us
+            if model_gap > 0 and bench_gap > 0:
+                q = _scale(q, CROSS_CPU, min(4.0, max(0.25, bench_gap / model_gap)))
+        p = q
     return p
 
 
@@ -325,12 +350,14 @@ class Calibration:
 
 
 def calibrate(runs: Sequence[BenchRun], start: SimParams | None = None, *,
-              refine_rounds: int = 3) -> Calibration:
+              rounds: int = 2) -> Calibration:
     p, notes = derive(runs, start)
     p = _fit_host_cpus(runs, p, notes)
-    if refine_rounds:
-        p = refine(runs, p, notes, max_rounds=refine_rounds)
+    if rounds:
+        p = correct(runs, p, notes, rounds=rounds)
     predicted = predict(runs, p)
+    notes.append(f"after {rounds} correction round(s): worst IOPS error "
+                 f"{max(abs(e) for e in errors(runs, predicted)):.1%}")
     return Calibration(p, list(runs), predicted, notes)
 
 

@@ -32,7 +32,7 @@ PUBLISHED: dict[int, tuple[int, int, int]] = {
 }
 COVERLETTER_TARGETS = tuple(PUBLISHED)
 
-HINT_DELAYS_MS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+HINT_DELAYS_MS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 200.0)
 
 
 @dataclass(frozen=True)

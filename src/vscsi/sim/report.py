@@ -57,7 +57,8 @@ def coverletter_table(rows: list[dict[str, Any]]) -> Table:
     if pt:
         t.add_column("model pertarget 4", justify="right")
         t.add_column("model pertarget 8", justify="right")
-    for col in ("ratio 4: 2012", "model", "ratio 8: 2012", "model", "single limited by"):
+    for col in ("ratio 4: 2012", "model", "ratio 8: 2012", "model", "single limited by",
+                "mq 4 limited by"):
         t.add_column(col, justify="right")
     for row in rows:
         cells = [str(row["targets"])]
@@ -68,7 +69,7 @@ def coverletter_table(rows: list[dict[str, Any]]) -> Table:
             cells += [_f(row["model_pertarget4"]), _f(row["model_pertarget8"])]
         cells += [f"{row.get('pub_ratio4', float('nan')):.2f}", f"{row['model_ratio4']:.2f}",
                   f"{row.get('pub_ratio8', float('nan')):.2f}", f"{row['model_ratio8']:.2f}",
-                  row["single_bottleneck"]]
+                  row["single_bottleneck"], row["percpu4_bottleneck"]]
         t.add_row(*cells)
     return t
 
