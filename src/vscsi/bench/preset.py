@@ -16,16 +16,13 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 
 from vscsi.bench.jobs import JobSpec
 from vscsi.bench.runner import RunOptions
 from vscsi.bench.runner import run as run_jobs
+from vscsi.bench.serving import ServeProcess
 from vscsi.driver.steering import POLICIES
 
 JOB = {"rw": "read", "bsrange": "4k-64k", "iodepth": 4}  # the cover letter's fio job
@@ -172,30 +169,6 @@ def backend(args: argparse.Namespace, targets: int) -> Iterator[str]:
     if args.socket:
         yield args.socket
         return
-    with tempfile.TemporaryDirectory(prefix="vscsi-coverletter-") as tmp:
-        path = os.path.join(tmp, "serve.sock")
-        log = os.path.join(tmp, "serve.log")
-        cmd = [sys.executable, "-m", "vscsi.serve", "--socket", path,
-               "--queues", str(args.queues or args.vcpus), "--log-level", "warning"]
-        for t in range(targets):
-            cmd += ["--lun", f"{t}:0=ram:{args.disk_size}"]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(path):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    with open(log, errors="replace") as f:
-                        text = f.read().strip().splitlines()
-                    raise RuntimeError("vscsi serve did not start: "
-                                       + (text[-1] if text else f"exit {proc.returncode}"))
-                time.sleep(0.02)
-            yield path
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    luns = [f"{t}:0=ram:{args.disk_size}" for t in range(targets)]
+    with ServeProcess(luns, queues=args.queues or args.vcpus) as serve:
+        yield serve.socket
