@@ -19,7 +19,7 @@ def test_one_run_json_has_the_bench_keys(capsys):
     r = run_json(capsys, "--policy", "blkmq", "--vcpus", "2", "--targets", "1", "--numjobs", "2",
                  "--bsrange", "4k-64k", "--requests", "500", "--seed", "3")
     assert r["requests"] == 500
-    assert r["config"]["policy"] == "blkmq" and r["config"]["bsrange"] == "4k-64k"
+    assert r["config"]["policy"] == "blkmq" and r["config"]["bsrange"] == [4096, 65536]
     assert len(r["per_queue"]) == 2 and len(r["utilisation"]["vcpu"]) == 2
 
 

@@ -27,9 +27,10 @@ def check_invariants(r: dict, cfg: SimConfig) -> None:
         assert r["requests"] == cfg.requests
     assert m["in_flight_end"] == 0  # every Policy.pick was matched by a done
     assert sum(r["per_queue"]) == r["requests"]
-    assert sum(c["submitted"] for c in r["per_cpu"]) == r["requests"]
-    assert sum(c["irqs"] for c in r["per_cpu"]) == r["requests"]
-    assert r["ipis"] == sum(c["ipis_received"] for c in r["per_cpu"])
+    assert sum(r["per_cpu"]["submitted"]) == r["requests"]
+    assert sum(r["per_cpu"]["interrupts"]) == r["requests"]
+    assert r["ipis"] == sum(r["per_cpu"]["ipis_received"])
+    assert r["per_cpu"]["utilisation"] == r["utilisation"]["vcpu"]
     assert 0.0 <= r["locality"] <= 1.0
     util = r["utilisation"]
     for u in util["vcpu"] + util["worker"] + [util["host"]]:
@@ -43,7 +44,7 @@ def test_result_has_the_bench_keys():
     assert {"p50", "p99", "mean"} <= set(r["lat_us"])
     assert {"policy", "queues", "vcpus", "targets", "rw", "iodepth", "numjobs",
             "transport"} <= set(r["config"])
-    assert "bsrange" in r["config"] and r["config"]["bsrange"] == "4k-64k"
+    assert r["config"]["bsrange"] == [4096, 65536]
     assert set(r["utilisation"]) == {"vcpu", "worker", "host"}
 
 

@@ -108,8 +108,13 @@ def parse_run(data: dict[str, Any], source: str, sim_requests: int = 1500) -> Be
         raise ValueError(f"{source}: iops must be > 0")
     lat = data.get("lat_us", {}) or {}
     lat_mean = float(lat.get("mean") or 0.0) or 1e6 * config.num_jobs * config.iodepth / iops
-    util = tuple(float(c.get("utilisation", c.get("busy", math.nan)))
-                 for c in data.get("per_cpu", []) if isinstance(c, dict))
+    # per_cpu: bench's dict of lists ({"utilisation": [...]}), or a list of dicts
+    per_cpu = data.get("per_cpu") or {}
+    if isinstance(per_cpu, dict):
+        util = tuple(float(u) for u in per_cpu.get("utilisation", []))
+    else:
+        util = tuple(float(c.get("utilisation", math.nan)) for c in per_cpu
+                     if isinstance(c, dict))
     return BenchRun(source, iops, lat_mean, requests, int(data.get("ipis", 0)),
                     float(data.get("locality", 0.0)), config, util)
 

@@ -1,7 +1,7 @@
 """What one simulated run is: the machine (VCPUs, queues, policy) and the fio-like job.
 
-Jobs follow `vscsi bench`: ``numjobs`` jobs per target, job ``i`` on target
-``i mod targets`` and VCPU ``(first_cpu + i) mod vcpus``. Kept separate from
+Jobs follow `vscsi bench`: ``numjobs`` jobs per target, job ``k`` on target
+``k // numjobs`` and VCPU ``(first_cpu + k) mod vcpus``. Kept separate from
 :class:`~vscsi.sim.params.SimParams` (what things cost) so a sweep varies one and a
 calibration fits the other.
 """
@@ -34,13 +34,6 @@ def parse_bsrange(text: str) -> tuple[int, int]:
     if not sep:
         raise ValueError(f"bad block size range {text!r} (expected e.g. 4k-64k)")
     return parse_size(lo), parse_size(hi)
-
-
-def format_size(n: int) -> str:
-    for unit, shift in (("m", 20), ("k", 10)):
-        if n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
 
 
 @dataclass(frozen=True)
@@ -93,7 +86,7 @@ class SimConfig:
         return (self.first_cpu + job) % self.vcpus
 
     def job_target(self, job: int) -> int:
-        return job % self.targets
+        return job // self.numjobs
 
     def with_(self, **changes: Any) -> SimConfig:
         return replace(self, **changes)
@@ -107,10 +100,7 @@ class SimConfig:
             "policy": self.policy, "queues": num_queues, "vcpus": self.vcpus,
             "targets": self.targets, "rw": self.rw,
         }
-        if self.bs_min == self.bs_max:
-            out["bs"] = self.bs_min
-        else:
-            out["bsrange"] = f"{format_size(self.bs_min)}-{format_size(self.bs_max)}"
+        out["bsrange"] = [self.bs_min, self.bs_max]  # as `vscsi bench`, even for one size
         out.update(iodepth=self.iodepth, numjobs=self.numjobs, transport="sim",
                    hint_delay_ms=self.hint_delay_ms, pin=self.pin, seed=self.seed)
         return out

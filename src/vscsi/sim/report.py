@@ -35,9 +35,10 @@ def run_tables(r: dict[str, Any]) -> list[Table]:
     cpus = Table(title="per VCPU")
     for col in ("cpu", "submitted", "completions handled", "IPIs received", "utilisation"):
         cpus.add_column(col, justify="right")
-    for c in r["per_cpu"]:
-        cpus.add_row(str(c["cpu"]), str(c["submitted"]), str(c["irqs"]), str(c["ipis_received"]),
-                     f"{c['utilisation']:.2f}")
+    pc = r["per_cpu"]
+    for i, u in enumerate(pc["utilisation"]):
+        cpus.add_row(str(i), str(pc["submitted"][i]), str(pc["interrupts"][i]),
+                     str(pc["ipis_received"][i]), f"{u:.2f}")
     queues = Table(title=f"per queue (host CPUs busy {r['utilisation']['host']:.2f})")
     for col in ("queue", "requests", "worker utilisation"):
         queues.add_column(col, justify="right")
