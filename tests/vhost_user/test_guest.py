@@ -4,13 +4,18 @@ short fio with verify on each disk; both request queues must carry requests."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from .rig import ServeProcess
 
-pytestmark = pytest.mark.guest
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                       reason="qemu-system-x86_64 is not installed (scripts/setup-host.sh)"),
+]
 
 FIO = """\
 for dev in /dev/sda /dev/sdb; do
