@@ -81,12 +81,16 @@ def test_stale_socket_is_replaced_and_removed_at_exit(tmp_path) -> None:  # type
     try:
         deadline = time.monotonic() + 10
         while True:  # the stale file is replaced by a live socket with mode 0600
+            probe = socket.socket(socket.AF_UNIX)
             try:
-                socket.socket(socket.AF_UNIX).connect(serve.socket)
+                probe.connect(serve.socket)
                 break
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, FileNotFoundError):
+                # still the stale file, or between its removal and the new bind
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+            finally:
+                probe.close()
         assert os.stat(serve.socket).st_mode & 0o777 == 0o600
         assert serve.stop(signal.SIGINT) == 0
         assert not os.path.exists(serve.socket)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
@@ -150,7 +150,6 @@ class SessionOptions:
     protocol_features: int = PROTOCOL_FEATURES
     max_mem_slots: int = MAX_MEM_SLOTS
     name: str = "front-end"
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Session:
@@ -502,15 +501,15 @@ class Session:
                     swap: Callable[[], None] | None = None) -> None:
         """Apply a phase event from the table and start/stop the worker to match.
         ``swap`` runs while the worker is stopped (e.g. to replace the kick fd)."""
-        before = ring.served
         new_phase = ring_next(ring.phase, event)
-        refresh = swap is not None
-        if before and (not ring_served(new_phase, ring.enabled) or refresh):
+        action = ring_action(ring.served, ring_served(new_phase, ring.enabled),
+                             refresh=swap is not None)
+        if action in (RingAction.STOP, RingAction.RESTART):
             ring.base = self.queues.stop(ring.index)
         if swap is not None:
             swap()
         ring.phase = new_phase
-        if ring.served:
+        if action in (RingAction.START, RingAction.RESTART):
             self._start(ring)
 
     def _act(self, ring: Vring, before: bool) -> None:

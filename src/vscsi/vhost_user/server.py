@@ -122,7 +122,6 @@ class BackendServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.queues = QueueHost(device, self.stats, cpus=cpus, inherited=self._main_sockets)
-        self._stats_dirty = True
         self._stats_written = 0.0
         self._stats_last: object = None
 
@@ -302,7 +301,6 @@ class BackendServer:
             except Disconnect as exc:
                 self._end_session(f"refused {exc}")
                 return
-            self._stats_dirty = True
             for reply in replies:
                 log.debug("-> %s %s", reply.request.name, reply.payload)
                 if not self._send(conn, codec.encode(reply), reply.fds):
