@@ -11,6 +11,8 @@ from vscsi.sim.params import SimParams
 
 DATA = Path(__file__).parent / "data"
 SAMPLES = sorted(DATA.glob("bench-*.json"))
+# real output of bench/sim_calibrate.sh on a loaded 2-core machine (fastest of 3 tries)
+REAL = sorted((DATA / "real-2core").glob("bench-*.json"))
 
 
 def test_sample_files_are_bench_shaped():
@@ -34,6 +36,13 @@ def test_calibrated_model_predicts_the_bench_runs_within_20_percent(tmp_path):
     result.save(out)
     assert cal.SimParams.load(out) == p
     assert len(json.loads(out.read_text())["_check"]) == len(runs)
+
+
+def test_calibrated_from_real_bench_runs_within_20_percent():
+    runs = cal.load_runs(REAL, sim_requests=800)
+    assert len(runs) == 6 and {r.config.vcpus for r in runs} == {1, 2}
+    result = cal.calibrate(runs)
+    assert result.ok, result.check()
 
 
 def test_derive_reads_the_per_byte_cost_from_two_block_sizes():
