@@ -115,3 +115,18 @@ def test_vscsi_dev_helper(tmp_path) -> None:
     proc = subprocess.run(["busybox", "sh", str(helper), "9:9:9:9"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 1 and "9:9:9:9" in proc.stderr
+
+
+def test_config_scan_targets() -> None:
+    assert "SCSI_SCAN" not in render_config("ab", reboot=False)
+    text = render_config("ab", reboot=False, scan_targets=[3, 0, 1, 1])
+    assert "SCSI_SCAN=manual\n" in text and "SCAN_TARGETS='0 1 3'\n" in text
+    with pytest.raises(ValueError):
+        render_config("ab", reboot=False, scan_targets=[256])
+
+
+def test_scsi_mod_takes_the_scan_mode_from_the_config() -> None:
+    text = render_init("6.1.0-x", [ModuleLoad("/m/scsi_mod.ko", "scan=${SCSI_SCAN:-sync}")])
+    assert "insmod /m/scsi_mod.ko scan=${SCSI_SCAN:-sync}" in text
+    assert text.index(". /vscsi/config") < text.index("insmod")
+    assert 'echo "0 $t -" >"$h/scan"' in text

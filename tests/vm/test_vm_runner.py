@@ -183,3 +183,69 @@ def test_socket_accepted(fake_image, tmp_path) -> None:
         g = Guest(fake_image, "true", vhost_user_socket=path, workdir=tmp_path / "w")
         assert f"socket,id=vus,path={path}" in g.argv
         g.close()
+
+
+def _config(tmp_path, **kw) -> str:
+    g = Guest(kw.pop("image"), "true", workdir=tmp_path / "w", **kw)
+    initrd = (tmp_path / "w" / "initrd.img").read_bytes()
+    g.close()
+    return {n: d for n, _, d in read_archive(initrd[4:])}["vscsi/config"].decode()
+
+
+def test_scan_targets_auto(fake_image, tmp_path) -> None:
+    d0, d1 = tmp_path / "d0", tmp_path / "d1"
+    d0.write_bytes(b""), d1.write_bytes(b"")
+    # QEMU's disks only: scan just their targets
+    assert "SCAN_TARGETS='0 1'" in _config(tmp_path, image=fake_image, qemu_disks=[d0, d1])
+    # a vhost-user backend: scan everything, as a normal guest would
+    path = tmp_path / "v.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        cfg = _config(tmp_path, image=fake_image, qemu_disks=[d0], vhost_user_socket=path)
+    assert "SCSI_SCAN" not in cfg
+    assert "SCAN_TARGETS='5'" in _config(tmp_path, image=fake_image, scan_targets=[5])
+    assert "SCSI_SCAN" not in _config(tmp_path, image=fake_image, qemu_disks=[d0],
+                                      scan_targets=None)
+
+
+class _FlakyGuest:
+    """Stands in for Guest: the first `crashes` boots die like QEMU's rare TCG abort."""
+
+    boots = 0
+    crashes = 1
+    early = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def wait(self):
+        from vscsi.vm import GuestError, GuestResult
+
+        type(self).boots += 1
+        if type(self).boots <= type(self).crashes:
+            raise GuestError("QEMU was killed by signal 6", qemu_crashed_early=self.early)
+        return GuestResult(output="ok\n", status=0, seconds=1.0)
+
+
+def test_early_qemu_crash_is_retried_once(monkeypatch, fake_image) -> None:
+    from vscsi.vm import GuestError, runner
+
+    monkeypatch.setattr(runner, "Guest", _FlakyGuest)
+    _FlakyGuest.boots, _FlakyGuest.crashes, _FlakyGuest.early = 0, 1, True
+    result = runner.run_guest(fake_image, "true")
+    assert result.status == 0 and result.attempts == 2
+    # twice in a row: reported
+    _FlakyGuest.boots, _FlakyGuest.crashes = 0, 2
+    with pytest.raises(GuestError):
+        runner.run_guest(fake_image, "true")
+    # a failure after the script began (or any other failure) is never retried
+    _FlakyGuest.boots, _FlakyGuest.crashes, _FlakyGuest.early = 0, 1, False
+    with pytest.raises(GuestError):
+        runner.run_guest(fake_image, "true")
+    assert _FlakyGuest.boots == 1

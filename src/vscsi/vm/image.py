@@ -62,8 +62,9 @@ BASE_MODULES: tuple[tuple[str, bool], ...] = (
 )
 LAST_MODULE = "virtio_scsi"
 MODULE_ARGS = {
-    # the scan completes inside insmod virtio_scsi: no guessing when targets appear
-    "scsi_mod": "scan=sync",
+    # the scan completes inside insmod virtio_scsi: no guessing when targets appear.
+    # /vscsi/config sets SCSI_SCAN=manual when the run names the targets to scan.
+    "scsi_mod": "scan=${SCSI_SCAN:-sync}",
 }
 
 # Tools every image has (the guest tests and benchmarks rely on them).

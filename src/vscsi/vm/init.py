@@ -4,7 +4,9 @@ What /init does, in order:
 
 1. mounts proc, sysfs, devtmpfs (no udev: devtmpfs makes /dev/sdX and /dev/sgN itself);
 2. loads the kernel modules in dependency order, scsi_mod with ``scan=sync`` so that
-   loading virtio_scsi returns only after every target has been scanned;
+   loading virtio_scsi returns only after every target (0-255) has been scanned; or, when
+   the run names its targets (``SCAN_TARGETS``), with ``scan=manual`` and then scans just
+   those through sysfs: probing 256 targets costs seconds under TCG;
 3. waits until every scanned SCSI disk has its block device and sg node (sd probes
    asynchronously, after the scan), then adds /dev/disk/by-hctl/H:C:T:L symlinks;
 4. runs the per-run script(s) that the host put in a second cpio archive under /vscsi/,
@@ -62,15 +64,25 @@ def render_init(kernel_version: str, modules: Sequence[ModuleLoad]) -> str:
 
 
 def render_config(
-    nonce: str, *, reboot: bool, settle_timeout: int = 120, env: dict[str, str] | None = None
+    nonce: str,
+    *,
+    reboot: bool,
+    settle_timeout: int = 120,
+    env: dict[str, str] | None = None,
+    scan_targets: Sequence[int] | None = None,
 ) -> str:
-    """/vscsi/config, sourced by /init: the run's nonce and mode, and exported
-    variables for the user's script."""
+    """/vscsi/config, sourced by /init: the run's nonce and mode, which targets to scan
+    (None: all), and exported variables for the user's script."""
     lines = [
         f"NONCE={nonce}",
         f"REBOOT={1 if reboot else 0}",
         f"SETTLE_TIMEOUT={int(settle_timeout)}",
     ]
+    if scan_targets is not None:
+        targets = sorted({int(t) for t in scan_targets})
+        if any(not 0 <= t <= 255 for t in targets):
+            raise ValueError(f"scan targets must be 0..255, not {targets}")
+        lines += ["SCSI_SCAN=manual", f"SCAN_TARGETS='{' '.join(map(str, targets))}'"]
     for key, value in (env or {}).items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ValueError(f"bad environment variable name {key!r}")
@@ -115,9 +127,24 @@ hostname vscsi-guest
 NONCE=0
 REBOOT=0
 SETTLE_TIMEOUT=120
+SCSI_SCAN=sync
+SCAN_TARGETS=
 [ -f /vscsi/config ] && . /vscsi/config
 
 @MODULES@
+
+if [ "$SCSI_SCAN" = manual ]; then
+	# "channel target lun" into each HBA's scan file: a synchronous scan of that
+	# target, its LUNs found with REPORT LUNS ("-" = all)
+	for h in /sys/class/scsi_host/host*; do
+		[ -e "$h/scan" ] || continue
+		for t in $SCAN_TARGETS; do
+			echo "0 $t -" >"$h/scan" 2>/dev/null
+		done
+	done
+	# back to normal, or the kernel would ignore hot-plug rescan events too
+	echo sync >/sys/module/scsi_mod/parameters/scan
+fi
 
 # Wait until every SCSI device the (synchronous) scan found is bound: disks to sd with
 # a block device, every device to sg. Checked every 20 ms.
