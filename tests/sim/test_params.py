@@ -39,3 +39,13 @@ def test_bad_params_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         SimParams.load(path)
+
+
+def test_the_readme_documents_every_parameter():
+    from pathlib import Path
+
+    import vscsi.sim
+
+    text = (Path(vscsi.sim.__file__).parent / "README.md").read_text()
+    for name, *_ in docs():
+        assert f"`{name}`" in text, name

@@ -254,18 +254,22 @@ class Model:
         return req
 
     def _locked(self, cpu: Vcpu, q: Queue, hold: float) -> Proc:
-        """Take q's lock from cpu (spinning, so the CPU stays busy), hold it, release."""
-        env = self.env
-        t0 = env.now
+        """Take q's lock from cpu, hold it for hold (plus a bounce), release."""
         with q.lock.request() as lk:
-            yield lk
-            waited = env.now - t0
-            cpu.busy += waited
-            self.c.lock_wait += waited
-            if q.lock_owner is not None and q.lock_owner != cpu.index:
-                hold += self.p.lock_bounce_us
-            q.lock_owner = cpu.index
-            yield from self._work(cpu, hold)
+            yield from self._hold(cpu, q, lk, hold)
+
+    def _hold(self, cpu: Vcpu, q: Queue, lk: simpy.Event, hold: float) -> Proc:
+        """Wait for a lock request (spinning: the VCPU stays busy), then spend hold, plus
+        a cache-line bounce if another CPU held the lock last."""
+        t0 = self.env.now
+        yield lk
+        waited = self.env.now - t0
+        cpu.busy += waited
+        self.c.lock_wait += waited
+        if q.lock_owner is not None and q.lock_owner != cpu.index:
+            hold += self.p.lock_bounce_us
+        q.lock_owner = cpu.index
+        yield from self._work(cpu, hold)
 
     # -- host: a queue worker ------------------------------------------------------------
 
@@ -340,33 +344,37 @@ class Model:
         with cpu.res.request(priority=IRQ) as r:
             yield r
             yield from self._work(cpu, p.irq_entry_us)
-            # virtscsi_vq_done: under the vq lock, reclaim until the ring stays empty
-            t0 = env.now
-            with q.lock.request() as lk:
-                yield lk
-                waited = env.now - t0
-                cpu.busy += waited
-                self.c.lock_wait += waited
-                hold = p.lock_hold_us
-                if q.lock_owner is not None and q.lock_owner != cpu.index:
-                    hold += p.lock_bounce_us
-                q.lock_owner = cpu.index
-                yield from self._work(cpu, hold)
+            if p.irq_holds_lock:
+                # virtscsi_vq_done: the whole reclaim loop, completions and IPIs included,
+                # runs under the vq lock, so submitters on other CPUs spin meanwhile
+                with q.lock.request() as lk:
+                    yield from self._hold(cpu, q, lk, p.lock_hold_us)
+                    while q.used:
+                        yield from self._complete(cpu, q.used.popleft())
+            else:
                 while q.used:
-                    req = q.used.popleft()
-                    self.policy.done(req.target)
-                    cpu.irqs += 1
-                    if req.cpu == cpu.index:
-                        self.c.local += 1
-                        yield from self._work(cpu, p.reclaim_us + p.complete_us)
-                        req.done.succeed()
-                    else:
-                        self.c.ipis += 1
-                        yield from self._work(cpu, p.reclaim_us + p.cold_us + p.ipi_send_us)
-                        env.process(self.ipi(req))
-                # re-enabling the callback re-checks the ring: nothing left, so the next
-                # push raises a new interrupt
-                q.irq_pending = False
+                    yield from self._locked(cpu, q, p.lock_hold_us)
+                    batch = list(q.used)  # taken in the instant the lock was held
+                    q.used.clear()
+                    for req in batch:
+                        yield from self._complete(cpu, req)
+            # re-enabling the callback re-checks the ring: nothing left, so the next
+            # push raises a new interrupt
+            q.irq_pending = False
+
+    def _complete(self, cpu: Vcpu, req: Request) -> Proc:
+        """One used element in the handler: warm at home, else cold and handed over."""
+        p = self.p
+        self.policy.done(req.target)
+        cpu.irqs += 1
+        if req.cpu == cpu.index:
+            self.c.local += 1
+            yield from self._work(cpu, p.reclaim_us + p.complete_us)
+            req.done.succeed()
+        else:
+            self.c.ipis += 1
+            yield from self._work(cpu, p.reclaim_us + p.cold_us + p.ipi_send_us)
+            self.env.process(self.ipi(req))
 
     def ipi(self, req: Request) -> Proc:
         env, p = self.env, self.p
