@@ -85,3 +85,14 @@ def test_user_errors_are_one_line(capsys, argv, message):
     err = capsys.readouterr().err
     assert rc in (1, 2)
     assert message in err and err.count("\n") == 1
+
+
+def test_sweep_on_a_dask_scheduler(capsys):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        out = run_json(capsys, "--sweep", "--policy", "percpu,single", "--vcpus", "2",
+                       "--targets", "2", "--requests", "200",
+                       "--scheduler", cluster.scheduler_address)
+    assert [r["config"]["policy"] for r in out] == ["percpu", "single"]
