@@ -27,6 +27,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from vscsi.driver.smp.shm import (
     SharedTargetTable,
     new_lock,
 )
-from vscsi.driver.smp.vcpu import COUNTERS, TaskState, Vcpu, Wiring
+from vscsi.driver.smp.vcpu import COUNTERS, REKICK_AFTER, TaskState, Vcpu, Wiring
 from vscsi.driver.steering import make_policy
 from vscsi.driver.tasks import RunOutcome, Task, TaskResults
 from vscsi.driver.vhost import BackendUnsuitable, VhostScsiFrontend
@@ -55,6 +56,7 @@ EVENT_SIZE = 16
 SYNC_BUFFER = 1 << 20  # data buffer of the parent's synchronous slot
 COMMAND_TIMEOUT = 10.0  # seconds for one synchronous command
 STALL_TIMEOUT = 30.0  # seconds without a completion while tasks are running
+U16 = struct.Struct("<H")
 FULL_WAIT = 0.0002  # seconds a submitter sleeps when its queue's ring is full
 
 
@@ -157,9 +159,11 @@ class SmpMachine:
             if left <= 0:
                 raise BackendUnsuitable(f"backend at {self.path} did not complete a command "
                                         f"to {target}:{lun} in {COMMAND_TIMEOUT:.0f} s")
-            if select.select([self.call_fds[q]], [], [], min(left, 0.5))[0]:
+            if select.select([self.call_fds[q]], [], [], min(left, REKICK_AFTER))[0]:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.call_fds[q])
+            else:
+                os.eventfd_write(self.kick_fds[q], 1)  # as a VCPU task does (vcpu.py)
 
     def discover(self) -> list[Unit]:
         return discover(self.execute, range(self.neg.max_target + 1))
@@ -190,6 +194,20 @@ class SmpMachine:
             return run.go()
         finally:
             run.close()
+
+    def ring_states(self) -> str:
+        """Each request ring's indices as driver and device left them (for a stall)."""
+        out = []
+        for q, ring in enumerate(self.initiator.rings):
+            a = ring.addrs
+            avail_idx, used_idx, used_event, avail_event = (
+                U16.unpack_from(self.mem.view(addr, 2))[0]
+                for addr in (a.avail + 2, a.used + 2, a.avail + 4 + 2 * a.size,
+                             a.used + 4 + 8 * a.size))
+            out.append(f"q{q}: avail {avail_idx} used {used_idx} reclaimed {ring._last_used} "
+                       f"used_event {used_event} avail_event {avail_event} "
+                       f"affinity {self.interrupts.cpu_for(q)}")
+        return "; ".join(out)
 
     def describe(self) -> dict[str, object]:
         p, cfg, neg = self.initiator.policy, self.cfg, self.neg
@@ -248,7 +266,8 @@ class _Run:
             if progress != last:
                 last, last_change = progress, now
             elif now - last_change > STALL_TIMEOUT:
-                raise StallError(f"no completion for {STALL_TIMEOUT:.0f} s")
+                raise StallError(f"no completion for {STALL_TIMEOUT:.0f} s; "
+                                 f"{m.ring_states()}")
             time.sleep(period)
         finished = max(control.finished_at)
         control.flags[Control.STOP] = 1
