@@ -232,6 +232,14 @@ def _apt_candidate(meta: str, memo: Path | None = None) -> tuple[str, str, str]:
 
 
 def _apt_query(meta: str) -> tuple[str, str, str]:
+    try:
+        return _apt_query_once(meta)
+    except ImageError as exc:
+        raise ImageError(f"{exc} (run apt-get update, or set VSCSI_KERNEL_DEB to a "
+                         "linux-image .deb)") from None
+
+
+def _apt_query_once(meta: str) -> tuple[str, str, str]:
     if shutil.which("apt-cache") is None:
         raise ImageError("apt-cache not found: set VSCSI_KERNEL_DEB to a linux-image .deb")
     pkg = meta

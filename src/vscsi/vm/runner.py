@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -412,9 +413,11 @@ class Guest:
         assert self.proc is not None
         limit = self.timeout if timeout is None else timeout
         done_at: float | None = None
+        self._pump()
+        phases, error = self._parse()  # wait_for() may have read everything already
         while True:
-            self._pump()
-            phases, error = self._parse()
+            if self._pump():  # parse again only when the console grew
+                phases, error = self._parse()
             if error is not None:
                 raise self._error(f"guest init reported: {error}")
             if done_at is None and len(phases) == self._phases_expected:
@@ -441,8 +444,6 @@ class Guest:
 
     def _run_archive(self, files: Mapping[str, bytes | str | Path], env: Mapping[str, str],
                      settle_timeout: int) -> bytes:
-        import io
-
         buf = io.BytesIO()
         w = CpioWriter(buf)
         dirs = {"vscsi"}
@@ -477,24 +478,25 @@ class Guest:
         w.finish()
         return buf.getvalue()
 
-    def _pump(self) -> None:
-        """Read what the console file gained since last time."""
+    def _pump(self) -> bool:
+        """Read what the console file gained since last time; True if it grew."""
         if self._console_fd is None:
-            return
+            return False
         chunk = self._console_fd.read()
         if not chunk:
-            return
+            return False
         self._raw += chunk
         if not self._boot_seconds and f"@@vscsi:{self.nonce}:begin:1@@".encode() in self._raw:
             self._boot_seconds = self.elapsed()
-        # decode only complete lines' worth is not needed: decoding with replacement and
-        # re-decoding the whole buffer keeps multi-byte characters split across reads right
+        # decode the whole buffer each time: a multi-byte character split across two
+        # reads then comes out right instead of as two replacement characters
         self._console = self._raw.decode("utf-8", "replace").replace("\r\n", "\n")
         if self.stream is not None:
             out = self._filter.feed(self._console)
             if out:
                 self.stream.write(out)
                 self.stream.flush()
+        return True
 
     def _parse(self) -> tuple[list[PhaseResult], str | None]:
         return parse_console(self._console, self.nonce, reboot=self.after_reboot is not None)
