@@ -42,13 +42,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vscsi.sim.config import SimConfig, parse_bsrange, parse_size
 from vscsi.sim.params import CROSS_CPU, GUEST_CPU, SimParams
-from vscsi.sim.runner import simulate
 from vscsi.sim.sweep import run_points
 
 DELAYS = ("host_wakeup_us", "irq_latency_us", "halt_wake_us")
@@ -369,11 +368,3 @@ def calibrate(runs: Sequence[BenchRun], start: SimParams | None = None, *,
 def check(runs: Sequence[BenchRun], params: SimParams) -> Calibration:
     """Predict the runs with given params (no fitting)."""
     return Calibration(params, list(runs), predict(runs, params), [])
-
-
-def known_fields() -> list[str]:
-    return [f.name for f in fields(SimParams)]
-
-
-__all__ = ["BenchRun", "Calibration", "calibrate", "check", "derive", "load_runs", "parse_run",
-           "simulate", "TOLERANCE"]

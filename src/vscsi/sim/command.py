@@ -99,6 +99,14 @@ def _one(text: str, conv: Callable[[str], Any], what: str) -> Any:
     return values[0]
 
 
+def _first(text: str, conv: Callable[[str], Any], what: str) -> Any:
+    """The first value of a comma list (a sweep's base takes the first of each axis)."""
+    values = _list(text, conv, what)
+    if not values:
+        raise ValueError(f"{what} needs a value")
+    return values[0]
+
+
 def load_params(args: argparse.Namespace) -> SimParams:
     params = SimParams.load(args.params) if args.params else SimParams()
     changes: dict[str, float] = {}
@@ -123,13 +131,12 @@ def base_config(args: argparse.Namespace, *, default_requests: int = DEFAULT_REQ
     requests = args.requests if args.runtime is None else None
     if requests is None and args.runtime is None:
         requests = default_requests
-    first = lambda text, conv, what: _list(text, conv, what)[0]  # noqa: E731
     return SimConfig(
-        policy=first(args.policy, str, "--policy"), vcpus=first(args.vcpus, int, "--vcpus"),
-        queues=args.queues, targets=first(args.targets, int, "--targets"), rw=args.rw,
+        policy=_first(args.policy, str, "--policy"), vcpus=_first(args.vcpus, int, "--vcpus"),
+        queues=args.queues, targets=_first(args.targets, int, "--targets"), rw=args.rw,
         bs_min=bs_min, bs_max=bs_max, iodepth=args.iodepth, numjobs=args.numjobs,
         requests=requests, runtime_s=args.runtime,
-        hint_delay_ms=first(args.hint_delay, float, "--hint-delay"),
+        hint_delay_ms=_first(args.hint_delay, float, "--hint-delay"),
         pin=args.pin, first_cpu=args.first_cpu, seed=args.seed,
     )
 

@@ -240,13 +240,17 @@ class Model:
             req = Request(task.index, target, cpu.index, seq, nbytes, write, rand, qi,
                           t_ready, env.event())
             q = self.queues[qi]
-            yield from self._locked(cpu, q, p.lock_hold_us)
-            q.ring.append(req)
+            with q.lock.request() as lk:
+                yield from self._hold(cpu, q, lk, p.lock_hold_us)
+                # add and publish under the lock; whether to kick is decided here too
+                # (virtqueue_kick_prepare), the kick itself goes after the unlock
+                q.ring.append(req)
+                kick = not q.worker_awake
+                q.worker_awake = True
             cpu.submitted += 1
             q.requests += 1
-            if not q.worker_awake:
+            if kick:
                 # the worker sleeps with notifications on: kick it (a VM exit)
-                q.worker_awake = True
                 q.kicks += 1
                 yield from self._work(cpu, p.kick_us)
                 assert q.kick is not None
