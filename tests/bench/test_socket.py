@@ -1,0 +1,70 @@
+"""`vscsi bench --socket` and `--preset coverletter`, end to end with `vscsi serve`."""
+
+import json
+
+import pytest
+
+from vscsi.bench.serving import ServeProcess
+from vscsi.cli import main
+
+
+@pytest.fixture(scope="module")
+def serve():
+    with ServeProcess([f"{t}:0=ram:1M" for t in range(3)], queues=2) as proc:
+        yield proc
+
+
+def test_table_output_names_the_smp_figures(serve, capsys):
+    status = main(["bench", "--socket", serve.socket, "--policy", "single", "--requests",
+                   "200", "--size", "256k", "--targets", "2"])
+    out = capsys.readouterr().out
+    assert status == 0
+    for needle in ("vhost-user", "single", "IPIs received per CPU", "interrupt affinity"):
+        assert needle in out
+
+
+def test_json_has_per_cpu_and_per_queue_figures(serve, capsys):
+    status = main(["bench", "--socket", serve.socket, "--json", "--requests", "300",
+                   "--size", "256k", "--rw", "randwrite", "--verify"])
+    r = json.loads(capsys.readouterr().out)
+    assert status == 0 and r["verify_errors"] == 0
+    assert r["config"]["targets"] == 3 and r["config"]["queues"] == 2
+    assert len(r["per_queue"]) == 2 and sum(r["per_queue"]) == 300
+    for key in ("submitted", "interrupts", "ipis_sent", "ipis_received", "migrations_in",
+                "host_cpu", "polled", "rekicks", "torn_reads"):
+        assert len(r["per_cpu"][key]) == 2, key
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lun", "0:0=ram:1M"], "backend's LUNs are discovered"),
+    (["--targets", "9"], "only 3 targets"),
+    (["--vcpus", "3"], "offers 2 request queues, 3 were asked for"),
+    (["--rw", "read", "--bsrange", "64k-4k"], "ascending"),
+])
+def test_user_errors_with_a_socket_are_one_line(serve, capsys, args, needle):
+    status = main(["bench", "--socket", serve.socket, "--requests", "10", *args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert needle in err and err.count("\n") == 1
+
+
+def test_preset_coverletter_end_to_end(tmp_path, capsys):
+    """The preset starts its own `vscsi serve`, runs every (policy, targets) point, and
+    writes the table, the JSON and the plot."""
+    status = main(["bench", "--preset", "coverletter", "--preset-targets", "1,2",
+                   "--preset-policies", "single,percpu", "--runtime", "0.3", "--size", "1M",
+                   "--disk-size", "1M", "--out", str(tmp_path), "--json"])
+    assert status == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [row["targets"] for row in out["table"]] == [1, 2]
+    for row in out["table"]:
+        assert row["single"] > 0 and row["percpu"] > 0
+        assert row["percpu/single"] == pytest.approx(row["percpu"] / row["single"])
+    saved = json.loads((tmp_path / "coverletter.json").read_text())
+    points = saved["points"]
+    assert [(p["config"]["policy"], p["config"]["targets"]) for p in points] == [
+        ("single", 1), ("percpu", 1), ("single", 2), ("percpu", 2)]
+    assert all(p["config"]["rw"] == "read" and p["config"]["bsrange"] == [4096, 65536]
+               and p["config"]["iodepth"] == 4 and p["errors"] == 0 for p in points)
+    assert points[0]["config"]["queues"] == 1 and points[1]["config"]["queues"] == 2
+    assert (tmp_path / "coverletter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
