@@ -42,6 +42,7 @@ from vscsi.virtio.ring import (
     avail_bytes,
     mb,
     need_event,
+    store_u16,
     used_bytes,
 )
 
@@ -54,7 +55,7 @@ DEFAULT_MAX_INDIRECT = 1024
 
 _unpack_desc = DESC.unpack_from
 _unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
+_pack_u16 = store_u16  # never pack_into: see store_u16
 _pack_elem = USED_ELEM.pack_into
 
 

@@ -33,13 +33,14 @@ from vscsi.virtio.ring import (
     avail_bytes,
     mb,
     need_event,
+    store_u16,
     used_bytes,
 )
 
 __all__ = ["DriverRing"]
 
 _pack_desc = DESC.pack_into
-_pack_u16 = U16.pack_into
+_pack_u16 = store_u16  # never pack_into: see store_u16
 _unpack_u16 = U16.unpack_from
 _unpack_elem = USED_ELEM.unpack_from
 

@@ -33,6 +33,16 @@ MAX_QUEUE_SIZE = 32768
 # Precompiled structs: the rings unpack/pack these per descriptor.
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 U16 = struct.Struct("<H")
+
+
+def store_u16(buf: memoryview, off: int, value: int) -> None:
+    """Store a 16-bit ring field the other side may read at the same instant.
+
+    ``struct.pack_into`` zero-fills its destination before writing the value, so a
+    concurrent reader (the guest, or another process) can see a transient 0 — a used or
+    avail idx that seems to jump backwards. A 2-byte slice assignment is one store.
+    """
+    buf[off:off + 2] = value.to_bytes(2, "little")
 USED_ELEM = struct.Struct("<II")  # id, len
 DESC_SIZE = DESC.size  # 16
 
