@@ -119,7 +119,8 @@ class JobTask:
     """A :class:`Job` as the driver's Task (vscsi.driver.tasks): it fills a slot with the
     job's next command (the verify pattern for a write, poison for a read), and checks
     what comes back. Budget: ``requests`` commands, or until ``runtime`` seconds after
-    its first command. Plain data, so the SMP model can migrate it between VCPUs."""
+    the run's start (the same instant for every job, as fio's runtime). Plain data, so
+    the SMP model can migrate it between VCPUs."""
 
     def __init__(self, job: Job, *, verify: bool = False, requests: int | None = None,
                  runtime: float | None = None) -> None:
@@ -134,15 +135,16 @@ class JobTask:
         self.pending: dict[int, tuple[bool, int, int, float]] = {}  # slot -> command
         self.results = TaskResults()
 
+    def start(self, now: float) -> None:
+        if self.runtime is not None:
+            self.deadline = now + self.runtime
+
     def next_command(self, slot: int, data: memoryview) -> Command | None:
         now = time.monotonic()
         if self.requests is not None and self.issued >= self.requests:
             return None
-        if self.runtime is not None:
-            if self.deadline is None:
-                self.deadline = now + self.runtime
-            elif now >= self.deadline:
-                return None
+        if self.deadline is not None and now >= self.deadline:
+            return None
         job = self.job
         write, offset, nbytes = job.next_io()
         if self.verify:

@@ -101,6 +101,8 @@ class Loopback:
         exhausted = [False] * len(tasks)
         in_flight = 0
         start = time.monotonic()
+        for task in tasks:
+            task.start(start)
         while True:
             for i, task in enumerate(tasks):
                 slots = free[i]

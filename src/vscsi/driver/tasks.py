@@ -49,6 +49,10 @@ class Task(Protocol):
     iodepth: int  # request slots the task owns
     data_cap: int  # bytes of data buffer each slot needs
 
+    def start(self, now: float) -> None:
+        """The run starts (``now``, time.monotonic): every task of a run gets the same."""
+        ...
+
     def next_command(self, slot: int, data: memoryview) -> Command | None:
         """The next command for ``slot`` (its data buffer is ``data``), or None when the
         task has nothing more to submit (budget spent, deadline passed)."""

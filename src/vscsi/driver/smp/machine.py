@@ -252,6 +252,7 @@ class _Run:
             self._fork(v)
         self._wait(lambda: control.flags[Control.READY] == cfg.vcpus, "VCPUs to start")
         started = time.monotonic()
+        control.started_at[0] = started
         control.flags[Control.GO] = 1
         self._ring()
         hints = m.initiator.policy.hint(0, 0) is not None  # does this policy hint at all

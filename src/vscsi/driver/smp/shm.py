@@ -198,6 +198,7 @@ class Control:
         self.flags = arena.array("q", 4)  # go, stop, ready, tasks_done
         self.progress = arena.array("q", vcpus)  # completions consumed, per VCPU (own slot)
         self.finished_at = arena.array("d", vcpus)  # last task end, per VCPU (monotonic)
+        self.started_at = arena.array("d", 1)  # the run's start, written before GO
         self.lock = new_lock()
 
     GO, STOP, READY, DONE = range(4)
@@ -212,3 +213,4 @@ class Control:
         for i in range(len(self.progress)):
             self.progress[i] = 0
             self.finished_at[i] = 0.0
+        self.started_at[0] = 0.0

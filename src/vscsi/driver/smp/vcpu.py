@@ -130,6 +130,8 @@ class Vcpu:
                 self._wait_doorbell(POLL_MS)
                 self._check_parent()
             for ts in self.initial:
+                ts.task.start(w.control.started_at[0])
+            for ts in self.initial:
                 self._arrive(ts)
             self._interrupt_loop()
             for t in self.threads:
