@@ -143,6 +143,19 @@ def test_stop_and_restart_a_ring_mid_session(guest: TestGuest) -> None:
     assert guest.command(2, 0, 0, INQUIRY, data_in=36).status == 0
 
 
+def test_new_call_fd_on_a_running_ring_is_signalled_once(guest: TestGuest) -> None:
+    """QEMU swaps in the guest's irqfd while the ring runs and checks its old notifier at
+    once: the back-end signals the new fd so a completion in between is never lost."""
+    q = guest.start_queue(2)
+    new_call = os.eventfd(0, os.EFD_NONBLOCK)
+    guest.client.set_vring_call(2, new_call)
+    assert select.select([new_call], [], [], 5)[0] == [new_call]
+    os.close(q.fds.call)
+    q.fds.call = new_call
+    os.eventfd_read(new_call)
+    assert guest.command(2, 0, 0, INQUIRY, data_in=36).status == 0
+
+
 def test_reply_ack_on_everything(guest: TestGuest) -> None:
     assert guest.client.ack  # REPLY_ACK negotiated: each request above was acked
     with pytest.raises(RequestRefused):

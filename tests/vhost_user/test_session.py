@@ -472,3 +472,22 @@ def test_close_stops_rings_and_drops_memory(front: Front) -> None:
     front.session.close()
     assert front.queues.running == {}
     assert front.session.mem is None and front.session.regions == []
+
+
+def test_reset_device_keeps_call_and_err_fds(front: Front) -> None:
+    """QEMU sends SET_VRING_CALL once at init; after RESET_DEVICE it starts the rings
+    with no new call fd until the guest unmasks the vector. A ring restarted without
+    one would complete requests silently (seen as a guest hang at boot)."""
+    front.negotiate()
+    call = front.dup(front.eventfd())
+    front.send(Request.SET_VRING_CALL, VringFile(2), (call,))
+    front.send(Request.RESET_DEVICE)
+    front.send(Request.RESET_DEVICE)
+    front.mem_table()
+    front.configure(2)
+    front.enable(2)
+    start = [e for e in front.queues.log if e[0] == "start"][-1]
+    assert start[4] == call
+    front.session.close()  # a disconnect closes them
+    with pytest.raises(OSError):
+        os.fstat(call)

@@ -284,18 +284,28 @@ class Session:
         """RESET_OWNER (deprecated: disable all rings) and RESET_DEVICE (back to the
         initial state, ready to be configured again; ownership and memory stay)."""
         self.state = session_next(self.state, SessionEvent.RESET)
-        self.stop_all()
+        self.stop_all(keep_notifiers=True)
         self.status = 0
         self.device.reset()
 
-    def stop_all(self) -> None:
-        """Stop every ring and forget its configuration (reset or disconnect)."""
+    def stop_all(self, *, keep_notifiers: bool = False) -> None:
+        """Stop and disable every ring and forget its configuration.
+
+        ``keep_notifiers`` (device reset): the call and err eventfds stay. QEMU sends
+        SET_VRING_CALL/ERR once per connection and, after a reset, starts the rings
+        again without sending them first (the guest's irqfd only follows the enable):
+        a ring restarted without its call fd would complete its first requests silently
+        and the guest would wait for an interrupt that never comes."""
         for ring in self.vrings:
             if ring.served:
                 self.queues.stop(ring.index)
             ring.phase = ring_next(ring.phase, RingEvent.RESET)
+            fresh = Vring(ring.index)
+            if keep_notifiers:
+                fresh.call_fd, fresh.err_fd = ring.call_fd, ring.err_fd
+                ring.call_fd = ring.err_fd = -1
             ring.close_fds()
-            self.vrings[ring.index] = Vring(ring.index)
+            self.vrings[ring.index] = fresh
 
     def close(self) -> None:
         """The front-end is gone: stop everything, release memory and fds."""

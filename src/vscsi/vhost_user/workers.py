@@ -212,6 +212,13 @@ class _Worker:
             if self.call_fd >= 0:
                 os.close(self.call_fd)
             self.call_fd = fds[0] if fds else -1
+            # QEMU swaps its masked notifier for the guest's irqfd while we run, without
+            # waiting for us, and checks the old one for a pending signal right away: a
+            # completion we signalled on the old fd after that check would be lost. One
+            # spurious interrupt on the new fd closes the window (libvhost-user does
+            # the same); the driver finds nothing new and carries on.
+            if self.call_fd >= 0:
+                signal_eventfd(self.call_fd)
             send_ctl(self.ctl, {"op": "ok"})
             return False
         if op == "mem":
@@ -355,6 +362,7 @@ class QueueHost:
         inline = self._inline.get(index)
         if inline is not None:
             inline.call_fd = fd
+            signal_eventfd(fd)  # see _Worker.command("call")
             return
         child = self._children[index]
         self._ask(child, {"op": "call"}, [fd] if fd >= 0 else [])
