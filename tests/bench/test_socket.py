@@ -67,4 +67,6 @@ def test_preset_coverletter_end_to_end(tmp_path, capsys):
     assert all(p["config"]["rw"] == "read" and p["config"]["bsrange"] == [4096, 65536]
                and p["config"]["iodepth"] == 4 and p["errors"] == 0 for p in points)
     assert points[0]["config"]["queues"] == 1 and points[1]["config"]["queues"] == 2
+    for p in points:  # where the CPU time went: VCPU processes, this one, the backend
+        assert len(p["cpu_s"]["vcpus"]) == 2 and p["cpu_s"]["device"] > 0
     assert (tmp_path / "coverletter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

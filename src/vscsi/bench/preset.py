@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import sys
 from collections.abc import Iterator
 
@@ -57,7 +58,7 @@ def coverletter(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True)
     points: dict[tuple[str, int], dict] = {}
-    with backend(args, targets[-1]) as path:
+    with backend(args, targets[-1]) as (path, serve):
         # auto_refresh off: rich's refresh thread must not exist when VCPUs are forked
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       console=err, auto_refresh=False) as progress:
@@ -66,7 +67,7 @@ def coverletter(args: argparse.Namespace) -> int:
                 for policy in policies:
                     progress.update(bar, description=f"{policy:>9} · {n:>2} targets")
                     progress.refresh()
-                    points[policy, n] = run_point(args, path, policy, n, spec, runtime)
+                    points[policy, n] = run_point(args, path, serve, policy, n, spec, runtime)
                     progress.advance(bar)
                     progress.refresh()
     table = make_table(points, targets, policies)
@@ -87,17 +88,33 @@ def coverletter(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def run_point(args: argparse.Namespace, path: str, policy: str, targets: int, spec: JobSpec,
-              runtime: float | None) -> dict:
+def run_point(args: argparse.Namespace, path: str, serve: ServeProcess | None, policy: str,
+              targets: int, spec: JobSpec, runtime: float | None) -> dict:
+    """One (policy, targets) point: its bench JSON, plus where the CPU time went (the
+    VCPU processes, this process, and -- with our own backend -- the backend)."""
     from vscsi.bench.command import smp_machine
 
     opts = RunOptions(spec, numjobs=1, requests=None if runtime else args.requests,
                       runtime=runtime, seed=args.seed, targets=targets)
+    before = serve.wait_idle(0) if serve else None
+    device0 = serve.cpu_seconds() if serve else 0.0
+    parent0 = _own_cpu()
     machine = smp_machine(args, path, policy=policy)
     try:
-        return run_jobs(machine, opts, args.vcpus)
+        point = run_jobs(machine, opts, args.vcpus)
     finally:
         machine.close()
+    cpu: dict[str, object] = {"vcpus": point["per_cpu"]["cpu_s"],
+                              "driver_parent": round(_own_cpu() - parent0, 3)}
+    if serve and before and serve.wait_idle(before["sessions"] + 1):
+        cpu["device"] = round(serve.cpu_seconds() - device0, 3)
+    point["cpu_s"] = cpu
+    return point
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def make_table(points: dict[tuple[str, int], dict], targets: list[int],
@@ -143,15 +160,17 @@ def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int) ->
     xs = [row["targets"] for row in table]
     fig, (ax, ratio) = plt.subplots(2, 1, figsize=(7, 7), sharex=True,
                                     gridspec_kw={"height_ratios": [2, 1]})
+    color = {p: f"C{i}" for i, p in enumerate(policies)}  # a policy keeps its colour
     for p in policies:
-        ax.plot(xs, [row[p] for row in table], marker="o", label=p)
+        ax.plot(xs, [row[p] for row in table], marker="o", label=p, color=color[p])
     ax.set_ylabel("MB/s (overall)")
     ax.set_title(f"vscsi coverletter: rw=read 4k-64k iodepth=4, {vcpus} VCPUs")
     ax.legend()
     ax.grid(alpha=0.3)
     base = policies[0]
     for p in policies[1:]:
-        ratio.plot(xs, [row[f"{p}/{base}"] for row in table], marker="o", label=f"{p}/{base}")
+        ratio.plot(xs, [row[f"{p}/{base}"] for row in table], marker="o", label=f"{p}/{base}",
+                   color=color[p])
     ratio.axhline(1.0, color="grey", linewidth=0.8)
     ratio.set_xlabel("targets")
     ratio.set_ylabel(f"ratio to {base}")
@@ -163,12 +182,13 @@ def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int) ->
 
 
 @contextlib.contextmanager
-def backend(args: argparse.Namespace, targets: int) -> Iterator[str]:
+def backend(args: argparse.Namespace,
+            targets: int) -> Iterator[tuple[str, ServeProcess | None]]:
     """The socket of the backend to measure: --socket, or a `vscsi serve` started here
     with ``targets`` RAM disks and one request queue per VCPU (stopped afterwards)."""
     if args.socket:
-        yield args.socket
+        yield args.socket, None
         return
     luns = [f"{t}:0=ram:{args.disk_size}" for t in range(targets)]
     with ServeProcess(luns, queues=args.queues or args.vcpus) as serve:
-        yield serve.socket
+        yield serve.socket, serve

@@ -4,6 +4,7 @@ the bench layer never imports the serve wiring."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,14 +15,18 @@ from collections.abc import Sequence
 
 
 class ServeProcess:
-    """``vscsi serve --socket PATH --queues N --lun ...``; a context manager. The socket
-    and log live in a private temporary directory unless ``socket_path`` is given."""
+    """``vscsi serve --socket PATH --queues N --lun ... --stats FILE``; a context manager.
+    The socket, log and stats file live in a private temporary directory unless
+    ``socket_path`` is given."""
 
     def __init__(self, luns: Sequence[str], *, queues: int, socket_path: str | None = None,
                  extra: Sequence[str] = ()) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="vscsi-serve-")
         self.socket = socket_path or os.path.join(self._tmp.name, "serve.sock")
         self.log = os.path.join(self._tmp.name, "serve.log")
+        self.stats = os.path.join(self._tmp.name, "stats.json")
+        if "--stats" not in extra:
+            extra = [*extra, "--stats", self.stats]
         self.cmd = [sys.executable, "-m", "vscsi.serve", "--socket", self.socket,
                     "--queues", str(queues), "--log-level", "warning", *extra]
         for lun in luns:
@@ -38,6 +43,35 @@ class ServeProcess:
                 raise RuntimeError(f"vscsi serve did not start: {self.last_line()}")
             time.sleep(0.02)
         return self
+
+    def read_stats(self) -> dict | None:
+        try:
+            with open(self.stats) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def wait_idle(self, sessions: int, timeout: float = 10.0) -> dict | None:
+        """The stats once ``sessions`` front-ends have come and gone and every request
+        queue stopped (the backend writes them when a front-end disconnects); None if
+        that does not happen in ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = self.read_stats()
+            if data and data.get("sessions", 0) >= sessions and all(
+                    q["state"] != "running" for q in data["queues"].values()):
+                return data
+            time.sleep(0.02)
+        return None
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the backend and the workers it has reaped (its queue workers
+        live one session each), from /proc."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
     def last_line(self) -> str:
         try:

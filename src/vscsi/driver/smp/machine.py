@@ -363,12 +363,15 @@ class _Run:
         reports = []
         for v, pid in enumerate(self.pids):
             report = self._read(v)
+            cpu = 0.0
             if pid:
-                os.waitpid(pid, 0)
+                _, _, usage = os.wait4(pid, 0)
+                cpu = usage.ru_utime + usage.ru_stime  # the VCPU process's whole life
                 self.pids[v] = 0
             if report is None or report.get("error"):
                 why = (report or {}).get("error") or "no report"
                 raise RuntimeError(f"VCPU {v} failed: {why.strip().splitlines()[-1]}")
+            report["cpu_s"] = cpu
             reports.append(report)
         return reports
 
@@ -383,6 +386,8 @@ class _Run:
             for name in COUNTERS:
                 per_cpu[name].append(rep["counters"][name])
         per_cpu["host_cpu"] = [m.host_cpus[v % len(m.host_cpus)] for v in range(m.cfg.vcpus)]
+        per_cpu["cpu_s"] = [round(rep["cpu_s"], 3) for rep in sorted(reports,
+                                                                     key=lambda r: r["index"])]
         extra: dict[str, object] = {
             "ipi_wakeups": sum(per_cpu["ipi_wakeups"]),
             "migrations": sum(per_cpu["migrations_out"]),
