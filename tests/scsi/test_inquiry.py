@@ -103,6 +103,7 @@ def _designators(page: bytes) -> list[tuple[int, int, int, bytes]]:
 
 def test_device_identification_page():
     d = _designators(_vpd(ram_unit(serial="SER1"), 0x83))
+    assert [t for _, _, t, _ in d] == [0x1, 0x3]   # NAA last: Linux takes it as wwid
     by_type = {t: (cs, assoc, value) for cs, assoc, t, value in d}
     cs, assoc, t10 = by_type[0x1]              # T10 vendor ID
     assert (cs, assoc) == (2, 0) and t10 == b"VSCSI   SER1"

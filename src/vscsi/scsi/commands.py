@@ -5,9 +5,10 @@ with its opcode (and service action) and its CDB usage mask. One registry feeds 
 dispatch table LogicalUnit.execute indexes by opcode and REPORT SUPPORTED OPERATION CODES,
 so what we report is exactly what we execute.
 
-Order of checks inside a data-transfer command, chosen to match QEMU's scsi-disk (what
-Linux guests are tested against): CDB fields -> buffer sizes (overrun) -> write protection
--> LBA range -> I/O.
+Order of checks inside a data-transfer command: CDB fields -> buffer sizes (an overrun
+is the transport's failure, reported before the medium is looked at, as QEMU's
+virtio-scsi does) -> write protection -> LBA range -> I/O. Nothing is transferred
+unless every check passed.
 
 Handlers raise ScsiError for CHECK CONDITION; the unit converts it.
 """

@@ -94,11 +94,13 @@ def vpd_pages(ident: Identity) -> dict[int, bytes]:
 
     pages[VPD_UNIT_SERIAL] = _vpd(pq, VPD_UNIT_SERIAL, serial)
 
-    # Device identification (SPC-4 7.8.6): designators associated with the LU.
-    naa = struct.pack(">BBBB", 0x01, 0x03, 0, 8) + ident.naa              # binary, NAA
+    # Device identification (SPC-4 7.8.6): designators associated with the LU. Linux
+    # ranks a locally assigned NAA and a T10 vendor ID equally and keeps the later one
+    # for the disk's wwid, so the NAA goes last: the wwid reads naa.3..., as on a disk.
     t10_id = _ascii(VENDOR, 8) + serial
     t10 = struct.pack(">BBBB", 0x02, 0x01, 0, len(t10_id)) + t10_id        # ASCII, T10
-    pages[VPD_DEVICE_ID] = _vpd(pq, VPD_DEVICE_ID, naa + t10)
+    naa = struct.pack(">BBBB", 0x01, 0x03, 0, 8) + ident.naa              # binary, NAA
+    pages[VPD_DEVICE_ID] = _vpd(pq, VPD_DEVICE_ID, t10 + naa)
 
     # Block limits (SBC-3 6.5.3). Granularities are one 4 KiB page: the unit of the page
     # cache, of ram backend pages and of filesystem holes.
