@@ -66,3 +66,23 @@ def test_linux_guest_over_two_queues(image, serve: ServeProcess) -> None:  # typ
     assert all(n > 100 for n in per_queue), f"a queue carried (almost) nothing: {per_queue}"
     assert serve.stop() == 0, serve.output()
     assert "Traceback" not in serve.output(), serve.output()
+
+
+def test_guest_reboot_keeps_the_backend(image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
+    """A guest reset (firmware, new kernel: the device is reset and set up again over the
+    same connection) finds the back-end serving, and the data it wrote."""
+    from vscsi.vm import run_guest
+
+    before = ("dd if=/dev/urandom of=/tmp/x bs=4k count=64 2>/dev/null\n"
+              "dd if=/tmp/x of=/dev/sdb bs=4k oflag=direct 2>/dev/null || exit 21\n"
+              "echo SUM1 $(md5sum < /tmp/x)\n")
+    after = ("echo SUM2 $(dd if=/dev/sdb bs=4k count=64 iflag=direct 2>/dev/null | md5sum)\n")
+    result = run_guest(image, before, vhost_user_socket=serve.socket, vcpus=2, queues=2,
+                       timeout=420, after_reboot=after)
+    assert result.status == 0, f"{result.output}\n--- back-end ---\n{serve.output()[-3000:]}"
+    sums = dict(line.split(" ", 1) for line in result.output.splitlines()
+                if line.startswith(("SUM1 ", "SUM2 ")))
+    assert sums["SUM1"] == sums["SUM2"], result.output
+    assert serve.alive()
+    assert serve.wait_stats(lambda s: s["sessions"] >= 1)["sessions"] == 1  # no reconnect
+    assert serve.stop() == 0, serve.output()
