@@ -11,6 +11,7 @@ Modules, along the request path:
     sense     ScsiResult, sense data, ScsiError
     sgl       scatter-gather helpers over memoryview lists
     backends  file / ram / null block storage
+    constants status codes, sense keys, ASC/ASCQ, opcodes
 """
 
 from .backends import (

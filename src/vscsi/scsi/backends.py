@@ -20,6 +20,7 @@ import errno
 import mmap
 import os
 import stat
+from collections.abc import Callable
 
 from .sgl import Views, advance, total
 from .spec import LunSpec, LunSpecError
@@ -33,7 +34,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def _load_fallocate():
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's fallocate(2) with a 64-bit off_t, or None (os has no fallocate with flags)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

@@ -83,7 +83,9 @@ COMMANDS: list[CommandInfo] = []
 _SERVICE_ACTIONS: dict[int, dict[int, CommandInfo]] = {}
 
 
-def command(opcode: int, name: str, usage: Sequence[int], sa: int | None = None):
+def command(opcode: int, name: str, usage: Sequence[int], sa: int | None = None
+            ) -> Callable[[Handler], Handler]:
+    """Register a handler; usage is the CDB usage mask after the opcode byte."""
     def register(fn: Handler) -> Handler:
         info = CommandInfo(opcode, sa, name, bytes([opcode, *usage]), fn)
         assert len(info.usage) == C.cdb_length(opcode), name
