@@ -31,7 +31,7 @@ def test_json_has_per_cpu_and_per_queue_figures(serve, capsys):
     assert r["config"]["targets"] == 3 and r["config"]["queues"] == 2
     assert len(r["per_queue"]) == 2 and sum(r["per_queue"]) == 300
     for key in ("submitted", "interrupts", "ipis_sent", "ipis_received", "migrations_in",
-                "host_cpu", "polled", "rekicks", "torn_reads"):
+                "host_cpu", "polled", "rekicks", "cpu_s"):
         assert len(r["per_cpu"][key]) == 2, key
 
 

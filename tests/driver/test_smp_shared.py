@@ -4,7 +4,6 @@ its state in shared memory) against a device process."""
 
 import os
 import random
-import struct
 import time
 
 import pytest
@@ -194,54 +193,3 @@ def test_initiator_over_shared_state_completes_from_another_process():
     assert result.tolist() == [0, 0, 1, 100, 2, 1, 3, 101]
     assert table.in_flight(0) == table.in_flight(1) == 0
     assert ini.stats.completed == 0  # the handler's figures are its own process's
-
-
-def test_index_stores_are_never_seen_half_done():
-    """The ring's 16-bit stores (store_u16) against a reader in another process: only
-    values that were written are ever read (struct.pack_into zeroes the field first, so
-    a reader can catch a 0 there: ring.py)."""
-    from vscsi.driver.smp.ring import store_u16
-
-    arena = Arena()
-    cell = arena.array("B", 8)
-    view = cell.cast("B")
-    store_u16(view, 2, 0x0101)
-    stop = arena.array("q", 1)
-
-    def writer():
-        while not stop[0]:
-            for v in (0x0101, 0x0202, 0x0303):
-                store_u16(view, 2, v)
-
-    pid = fork(writer)
-    u16 = struct.Struct("<H")  # one load (int.from_bytes reads byte by byte)
-    odd = 0
-    for _ in range(200_000):
-        if u16.unpack_from(view, 2)[0] not in (0x0101, 0x0202, 0x0303):
-            odd += 1
-    stop[0] = 1
-    join([pid])
-    assert odd == 0
-
-
-def test_a_torn_used_idx_settles_instead_of_breaking_the_ring(monkeypatch):
-    from vscsi.driver.smp import ring as ring_module
-
-    mem = GuestMemory.anonymous(1 << 16)
-    alloc = Allocator(mem)
-    addrs = ring_layout(8, alloc.alloc(ring_bytes(8), 4096))
-    ring = SharedDriverRing(mem, addrs, event_idx=True, arena=Arena())
-    dev = DeviceRing(mem, addrs, event_idx=True)
-    buf = alloc.alloc(16)
-    ring.add([(buf, 16)], [], 7)
-    ring.publish()
-    drain(dev, lambda chain: 0)  # used idx 1
-    idx = mem.view(addrs.used + 2, 2)
-    idx[:] = (0x0100).to_bytes(2, "little")  # what a reader sees mid pack_into
-
-    def sleep(_):
-        idx[:] = (1).to_bytes(2, "little")  # the device's store completes
-
-    monkeypatch.setattr(ring_module.time, "sleep", sleep)
-    assert ring.reclaim() == [(7, 0)]
-    assert ring.torn_reads == 1 and not ring.broken

@@ -163,7 +163,7 @@ class SmpMachine:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.call_fds[q])
             else:
-                os.eventfd_write(self.kick_fds[q], 1)  # as a VCPU task does (vcpu.py)
+                os.eventfd_write(self.kick_fds[q], 1)  # a missed kick: as vcpu.py does
 
     def discover(self) -> list[Unit]:
         return discover(self.execute, range(self.neg.max_target + 1))

@@ -18,38 +18,15 @@ DeviceRing so a rename there fails loudly here.
 
 Locking: every method needs the queue's lock held by the caller (the Initiator takes
 ``locks[queue]`` around each call).
-
-Torn 16-bit fields (a workaround, until vscsi.virtio stores them safely)
------------------------------------------------------------------------
-``struct.pack_into`` zeroes its destination before writing the value, so another process
-reading an index at that instant sees 0 (or the old high byte with a zero low byte): a
-store is not atomic. (tests/driver/test_smp_shared.py shows it.) The ring indices and
-event indices are read concurrently by the other side, and the virtio module writes them
-with ``pack_into``. So here:
-
-* the fields this driver writes and the device reads concurrently (avail idx, used_event,
-  the avail flags) are written with one 2-byte store: DriverRing's ``publish``,
-  ``reclaim`` and ``set_interrupts`` run as they are (the same code objects) with that
-  store in place of ``_pack_u16``;
-* a used idx the device was writing at the moment we read it can look like a jump:
-  DriverRing then declares the ring broken. :meth:`SharedDriverRing.reclaim` re-reads
-  it for a few milliseconds and carries on if it settles to a value the device could
-  have written (counted in ``torn_reads``); a persistent jump still breaks the ring.
-* what a torn avail_event or used idx can still cost (a kick or an interrupt not sent)
-  is recovered by the VCPUs (vcpu.py: interrupts polled when idle, kicks repeated when
-  a task waits too long), and counted.
 """
 
 from __future__ import annotations
 
-import struct
-import time
-import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from vscsi.driver.smp.shm import Arena
 from vscsi.memory import GuestMemory
-from vscsi.virtio import DriverRing, RingAddresses, RingBroken
+from vscsi.virtio import DriverRing, RingAddresses
 
 CHAIN_MAX = 8  # descriptors one chain may take (our requests take 1 to 3)
 
@@ -146,24 +123,6 @@ class _Tokens:
             self[head] = token
 
 
-def store_u16(buf: memoryview, off: int, value: int) -> None:
-    """One 2-byte store (memoryview slice assignment), never a transient 0."""
-    buf[off: off + 2] = value.to_bytes(2, "little")
-
-
-def _with_store(fn: Callable) -> Callable:
-    """``fn`` (a DriverRing method) as is, but storing 16-bit fields with store_u16."""
-    names = dict(fn.__globals__, _pack_u16=store_u16)
-    out = types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
-    out.__kwdefaults__ = fn.__kwdefaults__
-    out.__qualname__ = fn.__qualname__
-    return out
-
-
-U16 = struct.Struct("<H")
-SETTLE_TIME = 0.01  # seconds a torn used idx gets to settle before the ring is broken
-
-
 def _state(index: int, kind: type = int) -> property:
     def get(self: SharedDriverRing) -> object:
         return kind(self._state[index])
@@ -197,10 +156,6 @@ class SharedDriverRing(DriverRing):
     _interrupts = _state(3, bool)
     broken = _state(4, bool)
 
-    publish = _with_store(DriverRing.publish)
-    set_interrupts = _with_store(DriverRing.set_interrupts)
-    _reclaim = _with_store(DriverRing.reclaim)
-
     def __init__(self, mem: GuestMemory, addrs: RingAddresses, *, event_idx: bool,
                  arena: Arena, start_idx: int = 0) -> None:
         size = addrs.size
@@ -208,28 +163,4 @@ class SharedDriverRing(DriverRing):
         self._sh_free = _Stack(arena.array("H", size), arena.array("q", 1))
         self._sh_chains = _Chains(arena.array("H", size * CHAIN_MAX), arena.array("H", size))
         self._sh_tokens = _Tokens(arena.array("q", size))
-        self.torn_reads = 0  # this process's: used idx reads that caught a store in flight
         super().__init__(mem, addrs, event_idx=event_idx, start_idx=start_idx)
-
-    def reclaim(self) -> list[tuple[object, int]]:
-        try:
-            return self._reclaim()
-        except RingBroken:
-            if not self._settles():
-                raise
-        self.broken = False
-        self.torn_reads += 1
-        return self._reclaim()
-
-    def _settles(self) -> bool:
-        """Whether the used idx reads, within SETTLE_TIME, as one the device may have
-        written (no further than what we published)."""
-        deadline = time.monotonic() + SETTLE_TIME
-        last, published = self._last_used, self._published
-        while True:
-            idx = U16.unpack_from(self._used, 2)[0]  # one load (int.from_bytes reads bytewise)
-            if (idx - last) & 0xFFFF <= (published - last) & 0xFFFF:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.0001)

@@ -58,7 +58,7 @@ SWITCH_INTERVAL = 0.0005  # GIL hand-over: an interrupt should not wait 5 ms for
 REKICK_AFTER = 0.05  # seconds a task waits for a completion before kicking its queues again
 
 COUNTERS = ("irq_runs", "ipis_sent", "ipi_wakeups", "ipis_received", "ipis_forwarded",
-            "migrations_out", "migrations_in", "polled", "rekicks", "torn_reads")
+            "migrations_out", "migrations_in", "polled", "rekicks")
 
 
 @dataclass
@@ -123,8 +123,6 @@ class Vcpu:
                 os.sched_setaffinity(0, {w.host_cpu})
             sys.setswitchinterval(SWITCH_INTERVAL)
             self.ini.stats = InitiatorStats.sized(self.ini.policy.num_queues, w.vcpus)
-            for ring in self.ini.rings:
-                ring.torn_reads = 0  # type: ignore[attr-defined]
             w.control.add(Control.READY)
             while not w.control.flags[Control.GO]:
                 self._wait_doorbell(POLL_MS)
@@ -136,8 +134,6 @@ class Vcpu:
             self._interrupt_loop()
             for t in self.threads:
                 t.join()
-            self.counters["torn_reads"] = sum(
-                getattr(r, "torn_reads", 0) for r in self.ini.rings)
             self._send({"error": None})
             return 0
         except BaseException:
@@ -186,8 +182,9 @@ class Vcpu:
             events = poller.poll(POLL_MS)
             if not events:
                 self._check_parent()
-                # Idle: look at our queues anyway. Completions found here had their
-                # interrupt lost to a torn index (ring.py); counted, not hidden.
+                # Idle: look at our queues anyway. A completion found here had its
+                # interrupt lost (a backend that failed to signal): counted, and late
+                # rather than never.
                 for q in routed.values():
                     self.counters["polled"] += len(self._interrupt(q))
             for fd, _ in events:
@@ -332,9 +329,9 @@ class Vcpu:
                 return
 
     def _wait(self, inbox: queue.SimpleQueue[Completion]) -> Completion:
-        """The task's next completion. Waiting long, it kicks every queue again: a kick
-        the device should have asked for may have been lost to a torn avail_event
-        (ring.py); a spare kick costs the device one look at its ring."""
+        """The task's next completion. Waiting long, it kicks every queue again, counted:
+        if a backend missed a kick it asked for, the request is late rather than never;
+        a spare kick costs the backend one look at its ring."""
         while True:
             try:
                 return inbox.get(timeout=REKICK_AFTER)
