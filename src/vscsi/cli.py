@@ -25,7 +25,10 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vscsi", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="vscsi",
+        description="Multiqueue virtio-scsi in Python: a vhost-user-scsi device, a steering "
+                    "driver, benchmarks and a simulator.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
