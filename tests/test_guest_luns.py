@@ -88,7 +88,7 @@ for h in 0:0:0:0 0:0:0:16684 0:0:1:0 0:0:2:5; do
   grep -qi "illegal request" /tmp/o || { cat /tmp/o; fail 18 "sg_raw c0 on $h: rc=$rc"; }
   [ $rc -ne 0 ] || { cat /tmp/o; fail 18 "sg_raw c0 on $h exited 0"; }
 done
-echo "SERIAL $(sg_vpd -p 0x80 $F0 | grep -i 'serial number' | sed 's/.*: *//')"
+echo "SERIAL $(sg_vpd -p 0x80 $F0 | grep -i 'unit serial number:' | sed 's/.*: *//')"
 echo "SG-OK"
 
 # --- dd round trip on every writable LUN (256 KiB at 2 MiB)
