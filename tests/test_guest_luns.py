@@ -49,6 +49,7 @@ def linux_hctl(target: int, lun: int) -> str:
 PATTERN_LINE = b"VSCSI-PATTERN-0123456789abcdef\n"
 PATTERN_OFFSET = 1 * MiB      # byte offset in the file LUN
 PATTERN_LEN = 64 * 1024
+DISCARD_OFFSET = 8 * MiB      # the guest discards 1 MiB here (after writing random data)
 PATTERN = (PATTERN_LINE * (PATTERN_LEN // len(PATTERN_LINE) + 1))[:PATTERN_LEN]
 
 # Shared shell helpers: disk and sg node of an H:C:T:L, found through sysfs.
@@ -276,4 +277,6 @@ def test_luns_queues_and_two_guests(image, rig: Rig) -> None:  # type: ignore[no
     with open(rig.file0, "rb") as f:
         f.seek(PATTERN_OFFSET)
         assert f.read(PATTERN_LEN) == PATTERN, "the guest's pattern is not in the file LUN"
+        f.seek(DISCARD_OFFSET)
+        assert f.read(MiB) == bytes(MiB), "the range the guest discarded is not zero in the file"
     assert rig.ro_file.read_bytes() == rig.ro_content, "the read-only file changed"
