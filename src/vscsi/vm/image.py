@@ -473,7 +473,9 @@ def _check_stubs(binary: Path, stub_dir: Path) -> None:
         else:
             cmd = [str(binary), "--version"]
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+            # cwd=tmp: fio writes its verify state file (local-*-verify.state) there
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
+                                  cwd=tmp)
         except subprocess.TimeoutExpired as exc:
             raise elf.ToolError(f"{binary.name} with stubs timed out") from exc
     if proc.returncode != 0:
