@@ -138,35 +138,55 @@ class Profiler:
         return text
 
 
-def summarise(raw: str, top: int = 15) -> str:
-    """Own time and inclusive time per function, per process, from py-spy's collapsed
-    stacks ("process N:\"cmd\";frame;frame COUNT")."""
+# Leaf frames that are (almost always) a worker or the main loop blocked in poll():
+# py-spy --nonblocking counts them as samples; they are reported as "waiting".
+WAITING = ("_Worker.run", "BackendServer._loop_once")
+
+
+def summarise(raw: str, top: int = 12) -> str:
+    """Per process (the workers are forks: py-spy nests their "process N" frame under
+    the parent's): samples waiting in poll, and the busy samples' top functions by own
+    and inclusive time, from py-spy's collapsed stacks ("frame;frame COUNT")."""
     own: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     incl: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    total: collections.Counter[str] = collections.Counter()
+    busy: collections.Counter[str] = collections.Counter()
+    waiting: collections.Counter[str] = collections.Counter()
     with open(raw) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             if not stack or not count.isdigit():
                 continue
             frames = stack.split(";")
-            proc = frames[0] if frames[0].startswith("process") else "?"
-            frames = frames[1:] if proc != "?" else frames
+            procs = [i for i, fr in enumerate(frames) if fr.startswith("process ")]
+            proc = frames[procs[-1]].split(":", 1)[0] if procs else "?"
+            frames = [short(fr) for fr in frames[procs[-1] + 1 if procs else 0:]]
             n = int(count)
-            total[proc] += n
-            if frames:
-                own[proc][short(frames[-1])] += n
-            for fr in {short(fr) for fr in frames}:
+            if not frames or frames[-1].split(" ", 1)[0] in WAITING:
+                waiting[proc] += n
+                continue
+            busy[proc] += n
+            own[proc][frames[-1]] += n
+            for fr in set(frames):
                 incl[proc][fr] += n
     lines = []
-    for proc, n in total.most_common():
-        lines.append(f"{proc}: {n} samples")
-        lines.append("  own time:")
+    for proc in sorted(set(busy) | set(waiting)):
+        n = busy[proc]
+        lines.append(f"{proc}: {n} busy samples, {waiting[proc]} waiting in poll")
+        if not n:
+            continue
+        lines.append("  own time (% of busy):")
         for fn, k in own[proc].most_common(top):
             lines.append(f"    {100 * k / n:5.1f}%  {fn}")
-        lines.append("  inclusive:")
-        for fn, k in incl[proc].most_common(top):
+        lines.append("  inclusive (% of busy):")
+        skip = {"run (serve.py)", "main (serve.py)", "<module> (serve.py)"}
+        shown = 0
+        for fn, k in incl[proc].most_common():
+            if shown == top:
+                break
+            if fn in skip or "runpy" in fn or "(server.py)" in fn or "(backend.py)" in fn:
+                continue
             lines.append(f"    {100 * k / n:5.1f}%  {fn}")
+            shown += 1
     return "\n".join(lines) + "\n"
 
 
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ramp = 0 if args.quick else 1
     queue_counts = [int(q) for q in args.queues.split(",")]
     backends = args.backends.split(",")
-    console = Console()
+    console = Console(width=max(Console().width, 120))
 
     with console.status("building (or reusing) the guest image"):
         image = build_guest()
