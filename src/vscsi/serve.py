@@ -54,6 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", metavar="PATH",
                         help="write per-queue counters as JSON here (on change, at most once "
                              "a second; at disconnect, SIGUSR1 and exit)")
+    parser.add_argument("--poll-us", type=int, default=0, metavar="US",
+                        help="after a kick, keep serving the ring with kicks off until it "
+                             "stays empty this long (busy polling: fewer guest exits, one "
+                             "busy CPU per queue; default 0, off)")
     parser.add_argument("--no-config-feature", action="store_true",
                         help="do not offer PROTOCOL_F_CONFIG (QEMU 7.2.0-7.2.2 crash on it)")
     parser.add_argument("--once", action="store_true",
@@ -77,6 +81,8 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
     queues = len(usable) if args.queues is None else args.queues
     if not 1 <= queues <= MAX_QUEUES:
         raise UsageError(f"--queues {queues}: must be 1..{MAX_QUEUES}")
+    if not 0 <= args.poll_us <= 1_000_000:
+        raise UsageError(f"--poll-us {args.poll_us}: must be 0..1000000")
     if args.cpus:
         from vscsi.vhost_user import cpu_list
 
@@ -111,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
             features &= ~(1 << ProtocolFeature.CONFIG)
         server = BackendServer(device, args.socket, num_queues=queues, cpus=cpus,
                                stats_path=args.stats, protocol_features=features,
-                               max_sessions=1 if args.once else None)
+                               max_sessions=1 if args.once else None,
+                               poll_us=args.poll_us)
         try:
             server.bind()
         except ServerError as exc:

@@ -103,6 +103,7 @@ class BackendServer:
         stats_path: str | None = None,
         protocol_features: int = PROTOCOL_FEATURES,
         max_sessions: int | None = None,
+        poll_us: int = 0,
     ) -> None:
         self.device = device
         self.socket_path = socket_path
@@ -121,7 +122,8 @@ class BackendServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.queues = QueueHost(device, self.stats, cpus=cpus, inherited=self._main_sockets)
+        self.queues = QueueHost(device, self.stats, cpus=cpus, inherited=self._main_sockets,
+                                poll_s=poll_us / 1e6)
         self._stats_written = 0.0
         self._stats_last: object = None
 

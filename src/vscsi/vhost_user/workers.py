@@ -160,6 +160,7 @@ class _Worker:
     def __init__(
         self, index: int, ring: DeviceRing, mem: GuestMemory, handler: Callable[[Chain], int],
         kick_fd: int, call_fd: int, ctl: socket.socket, row: memoryview,
+        *, poll_s: float = 0.0,
     ) -> None:
         self.index = index
         self.ring = ring
@@ -175,16 +176,18 @@ class _Worker:
             return handler(chain)
 
         self.handle = counted
+        self.poll_s = poll_s
 
-    def batch(self) -> str | None:
+    def batch(self, rearm: bool = True) -> str | None:
         """Drain the whole available ring once; signal the driver if it wants it.
-        Returns a reason when the ring is broken."""
+        Returns a reason when the ring is broken. ``rearm=False``: leave the driver's
+        kicks off, we go on polling (see :meth:`poll`)."""
         row = self.row
         row[st.WAKEUPS] += 1
         notify = False
         while True:
             try:
-                notify |= drain(self.ring, self.handle)
+                notify |= drain(self.ring, self.handle, rearm=rearm)
                 break
             except RingBroken as exc:
                 return f"ring broken: {exc}"
@@ -199,6 +202,25 @@ class _Worker:
             row[st.NOTIFIES] += 1
             signal_eventfd(self.call_fd)
         return None
+
+    def poll(self) -> str | None:
+        """Serve the ring with the driver's kicks off for as long as chains keep coming
+        within ``poll_s`` of each other (a kick costs the guest an exit to QEMU and us a
+        wake-up), then re-arm kicks and go back to sleep."""
+        ring = self.ring
+        broken = self.batch(rearm=False)
+        deadline = time.monotonic() + self.poll_s
+        while broken is None:
+            try:
+                more = ring.has_available()
+            except RingBroken as exc:
+                return f"ring broken: {exc}"
+            if more:
+                broken = self.batch(rearm=False)
+                deadline = time.monotonic() + self.poll_s
+            elif time.monotonic() >= deadline:
+                return self.batch()
+        return broken
 
     def command(self, msg: dict[str, Any], fds: list[int]) -> bool | str:
         """Apply one control message. True: stop now; a str: the ring broke."""
@@ -267,7 +289,7 @@ class _Worker:
                     consume_eventfd(fd)
                     kicked = True
             if broken is None and kicked:
-                broken = self.batch()
+                broken = self.poll() if self.poll_s else self.batch()
         self.row[st.STATE] = st.STATE_BROKEN
         log.error("queue %d: %s; the queue stops until the front-end resets it",
                   self.index, broken)
@@ -300,8 +322,10 @@ class QueueHost:
         self, device: VirtioDevice, stats: st.QueueStats, *,
         cpus: Sequence[int] | None = None,
         inherited: Callable[[], Iterable[socket.socket]] = lambda: (),
+        poll_s: float = 0.0,
     ) -> None:
         self.device = device
+        self.poll_s = poll_s  # see _Worker.poll
         self.stats = stats
         self.cpus = list(cpus) if cpus else None
         self.inherited = inherited
@@ -522,7 +546,8 @@ class QueueHost:
                 row[st.PID] = os.getpid()
                 row[st.CPU] = cpu + 1 if cpu is not None else 0
                 row[st.STATE] = st.STATE_RUNNING
-                _Worker(index, ring, mem, handler, kick_fd, call_fd, child_end, row).run()
+                _Worker(index, ring, mem, handler, kick_fd, call_fd, child_end, row,
+                        poll_s=self.poll_s).run()
             except BaseException:
                 code = 1
                 try:

@@ -270,10 +270,13 @@ class DeviceRing:
             mb()  # the flag/event store before the caller's re-check of avail idx
 
 
-def drain(ring: DeviceRing, handle: Callable[[Chain], int]) -> bool:
+def drain(ring: DeviceRing, handle: Callable[[Chain], int], *, rearm: bool = True) -> bool:
     """The one device loop: notifications off, pop every chain, handle(chain) -> bytes
     written, push; ChainError -> push(head, 0); notifications on, re-check; returns
     whether the driver must be signalled.
+
+    ``rearm=False`` leaves notifications off when the ring runs dry, for a caller that
+    goes on polling the ring (and must call drain with ``rearm=True`` before it sleeps).
 
     RingBroken propagates (the queue is dead; what was pushed stays pushed). If ``handle``
     raises, its chain is failed with (head, 0) and notifications are re-enabled before
@@ -297,6 +300,8 @@ def drain(ring: DeviceRing, handle: Callable[[Chain], int]) -> bool:
                 ring.set_notify(True)
                 raise
             push(chain.head, written)
+        if not rearm:
+            return ring.needs_notify()
         ring.set_notify(True)
         # A chain made available after our last pop but before the driver could see
         # notifications re-enabled got no kick: take it now.
