@@ -58,6 +58,10 @@ BASE_CMDLINE = (
 # After the last exit marker, /init syncs and powers off. If QEMU has not gone by then
 # (a shutdown stuck on a dead backend), the result is returned anyway and QEMU killed.
 POWEROFF_GRACE = 20.0
+# After the guest reboots, the next boot prints its first marker within ~5-25 s here.
+# Multi-threaded TCG has been seen (rarely) to spin forever in the machine reset with
+# nothing more on the console; past this silence, the run counts as hung in the reset.
+RESET_STALL = 75.0
 POLL = 0.05
 
 
@@ -67,7 +71,7 @@ class GuestError(Exception):
 
     def __init__(self, message: str, *, console: str = "", seconds: float = 0.0,
                  qemu_stderr: str = "", workdir: Path | None = None,
-                 qemu_crashed_early: bool = False) -> None:
+                 qemu_crashed_early: bool = False, qemu_hung_in_reset: bool = False) -> None:
         tail = "\n".join(console.splitlines()[-30:])
         full = message
         if qemu_stderr.strip():
@@ -83,6 +87,8 @@ class GuestError(Exception):
         self.workdir = workdir
         # QEMU itself died (signal, assertion) before the script began: see run_guest
         self.qemu_crashed_early = qemu_crashed_early
+        # QEMU spun in the machine reset of a reboot, printing nothing: see run_guest
+        self.qemu_hung_in_reset = qemu_hung_in_reset
 
 
 class GuestTimeout(GuestError):
@@ -144,7 +150,10 @@ def run_guest(
     QEMU 10's multi-threaded TCG very rarely aborts during boot (an assertion in
     iotlb_to_section, seen about once in 30 boots here, with nothing from the guest).
     Such a crash, before the script has started, is retried once with a fresh QEMU
-    (`crash_retries`); the result's `attempts` says so. Anything else is reported.
+    (`crash_retries`); the result's `attempts` says so. So is a QEMU that spins in a
+    reboot's machine reset with nothing on the console for RESET_STALL seconds (seen
+    rarely, TCG again): the run then starts over, first script included, so a script
+    used with `after_reboot` should be safe to run twice. Anything else is reported.
     """
     retries = int(options.pop("crash_retries", 1))
     attempt = 1
@@ -159,10 +168,10 @@ def run_guest(
                 result = guest.wait()
             return dataclasses.replace(result, attempts=attempt)
         except GuestError as exc:
-            if not exc.qemu_crashed_early or attempt > retries:
+            if not (exc.qemu_crashed_early or exc.qemu_hung_in_reset) or attempt > retries:
                 raise
-            log.warning("QEMU crashed before the script started; booting again: %s",
-                        exc.summary)
+            log.warning("QEMU crashed before the script started, or hung in a reboot's "
+                        "reset; running again from the start: %s", exc.summary)
             attempt += 1
 
 
@@ -415,9 +424,17 @@ class Guest:
         done_at: float | None = None
         self._pump()
         phases, error = self._parse()  # wait_for() may have read everything already
+        grew_at = time.monotonic()
+        reboot_marker = f"@@vscsi:{self.nonce}:reboot:"
+        second_begin = f"@@vscsi:{self.nonce}:begin:2@@"
         while True:
             if self._pump():  # parse again only when the console grew
                 phases, error = self._parse()
+                grew_at = time.monotonic()
+            elif (time.monotonic() - grew_at > RESET_STALL and reboot_marker in self._console
+                  and second_begin not in self._console):
+                raise self._error(f"QEMU hung in the reboot's reset (no console output for "
+                                  f"{RESET_STALL:.0f}s)", hung_in_reset=True)
             if error is not None:
                 raise self._error(f"guest init reported: {error}")
             if done_at is None and len(phases) == self._phases_expected:
@@ -541,7 +558,8 @@ class Guest:
             what = "QEMU exited"
         return f"{what} before the script finished ({self._progress(phases)})"
 
-    def _error(self, message: str, *, timeout: bool = False, kill: bool = True) -> GuestError:
+    def _error(self, message: str, *, timeout: bool = False, kill: bool = True,
+               hung_in_reset: bool = False) -> GuestError:
         if kill:
             self.kill()
         self._pump()
@@ -555,7 +573,8 @@ class Guest:
                    and (self.proc.returncode < 0 or "Assertion" in stderr))
         return cls(message, console=self._console, seconds=self.elapsed(),
                    qemu_stderr=stderr, workdir=self.workdir,
-                   qemu_crashed_early=crashed and not began)
+                   qemu_crashed_early=crashed and not began,
+                   qemu_hung_in_reset=hung_in_reset)
 
 
 def parse_console(
