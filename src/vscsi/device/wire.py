@@ -126,9 +126,9 @@ DEFAULT_SENSE_SIZE = 96
 DEFAULT_CDB_SIZE = 32
 
 #: byte ranges of the fields the driver may write (§5.6.4: sense_size and cdb_size)
-_SENSE_SIZE_OFF = 20
-_CDB_SIZE_OFF = 24
-_WRITABLE = range(_SENSE_SIZE_OFF, _CDB_SIZE_OFF + 4)
+SENSE_SIZE_OFF = 20
+CDB_SIZE_OFF = 24
+_WRITABLE = range(SENSE_SIZE_OFF, CDB_SIZE_OFF + 4)
 
 #: the narrowest CDB is 6 bytes (group 0); 255 is the widest a one-byte length allows and
 #: what QEMU accepts. sense_size is a u32 on the wire; QEMU caps it below 65536, so do we.

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from vscsi.device.wire import ScsiConfig
+from vscsi.device.wire import CONFIG_SIZE, SENSE_SIZE_OFF, ScsiConfig
 from vscsi.driver.initiator import CDB_SIZE, SENSE_SIZE
 from vscsi.memory import GuestMemory
 from vscsi.vhost_user.codec import F_PROTOCOL_FEATURES, ProtocolFeature, RemoteProtocolError
@@ -43,10 +43,6 @@ from vscsi.virtio import (
     VIRTIO_RING_F_INDIRECT_DESC,
     RingAddresses,
 )
-
-CONFIG_SIZE = 36  # virtio-scsi config space, virtio 1.2 §5.6.4
-SENSE_SIZE_OFF = 20  # offsets of the two fields a driver may write
-CDB_SIZE_OFF = 24
 
 WANT_FEATURES = (
     (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
