@@ -12,21 +12,19 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from vscsi.driver.steering import POLICIES
+from vscsi.scsi import parse_size as _parse_size
 
 RW_MODES = ("read", "write", "randread", "randwrite", "randrw")
 SECTOR = 512
 
 
 def parse_size(text: str) -> int:
-    """'4k', '64K', '1M', '4096' -> bytes (binary multiples, as fio)."""
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = 1
-    if t and t[-1] in "kmgt":
-        mult = 1024 ** ("kmgt".index(t[-1]) + 1)
-        t = t[:-1]
-    if not t.isdigit() or int(t) <= 0:
+    """'4k', '64K', '1M', '4096' -> bytes (binary multiples, as fio), the sizes
+    ``vscsi bench`` takes; zero is refused."""
+    value = _parse_size(text.strip())
+    if value <= 0:
         raise ValueError(f"bad size {text!r} (expected e.g. 4k, 64K, 1M)")
-    return int(t) * mult
+    return value
 
 
 def parse_bsrange(text: str) -> tuple[int, int]:
