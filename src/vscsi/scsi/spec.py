@@ -152,7 +152,7 @@ def _parse(text: str) -> LunSpec:
                 raise LunSpecError("option 'ro' takes no value")
             read_only = True
         elif name == "block-size":
-            if value not in ("512", "4096"):
+            if value not in {str(b) for b in BLOCK_SIZES}:
                 raise LunSpecError(f"bad block-size {value!r}: expected 512 or 4096")
             block_size = int(value)
         elif name == "serial":
