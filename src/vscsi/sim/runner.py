@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from vscsi.bench.runner import percentile
 from vscsi.sim.config import SimConfig
 from vscsi.sim.model import Model
 from vscsi.sim.params import SimParams
@@ -16,13 +17,6 @@ from vscsi.sim.params import SimParams
 #: bytes in the "MB" of mbps: decimal, as `vscsi bench` reports it (fio of 2012 printed
 #: binary MB, 4.9% larger: within the model's error, noted where the table is compared)
 MB = 1_000_000
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 def simulate(config: SimConfig, params: SimParams | None = None) -> dict[str, Any]:
@@ -43,8 +37,8 @@ def simulate(config: SimConfig, params: SimParams | None = None) -> dict[str, An
         "iops": c.completed / secs,
         "mbps": c.bytes / MB / secs,
         "lat_us": {
-            "p50": _percentile(lat, 0.50),
-            "p99": _percentile(lat, 0.99),
+            "p50": percentile(lat, 50),
+            "p99": percentile(lat, 99),
             "mean": statistics.fmean(lat) if lat else 0.0,
         },
         "requests": c.completed,
