@@ -271,6 +271,7 @@ def test_ram_close_is_idempotent():
     b = RamBackend(4096)
     b.close()
     b.close()
+    assert b._map.closed
 
 
 # -- null -------------------------------------------------------------------------------

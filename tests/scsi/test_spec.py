@@ -159,6 +159,8 @@ _pieces = st.sampled_from(["0", "1", "255", "16383", "99999", ":", "=", ",", ",,
 @given(st.lists(_pieces, max_size=12).map("".join))
 def test_near_misses_raise_only_lun_spec_error(text):
     try:
-        parse_lun_spec(text)
+        spec = parse_lun_spec(text)
     except LunSpecError:
-        pass
+        return
+    # what is accepted is a well-formed spec: it formats and parses back to itself
+    assert parse_lun_spec(format_lun_spec(spec)) == spec
