@@ -536,8 +536,6 @@ class QueueHost:
                     sock.close()
                 for other in self._children.values():
                     other.ctl.close()
-                for inline in self._inline.values():
-                    inline.close_in_child()
                 if cpu is not None:
                     try:
                         os.sched_setaffinity(0, {cpu})
@@ -604,10 +602,6 @@ class _Inline:
             signal_eventfd(self.call_fd)
         return None
 
-    def close_in_child(self) -> None:
-        """Nothing to close: the kick/call fds are the session's, and a worker simply
-        never reads them."""
-
 
 def cpu_list(text: str) -> list[int]:
     """Parse a CPU list such as "0-3,6" (the taskset/cpuset syntax)."""
@@ -626,12 +620,3 @@ def cpu_list(text: str) -> list[int]:
         cpus.extend(range(first, last + 1))
     return cpus
 
-
-def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` passes (tests and shutdown)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
