@@ -48,7 +48,6 @@ RESP_SIZE = CMD_RESP.size + SENSE_SIZE
 CHAIN_MAX = 3  # header, response, data: the descriptors of one request
 
 SCSI_GOOD = 0
-SCSI_CHECK_CONDITION = 2
 TASK_ATTR_SIMPLE = 0
 
 READ_16 = 0x88
