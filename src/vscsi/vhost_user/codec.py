@@ -557,10 +557,6 @@ class Message:
             return REPLY_FLAGS
         return FLAG_VERSION | (FLAG_NEED_REPLY if self.need_reply else 0)
 
-    @property
-    def wants_answer(self) -> bool:
-        return not self.reply and has_reply(self.request, self.need_reply)
-
 
 def _validate_outgoing(msg: Message) -> None:
     """Raise LocalProtocolError unless ``msg`` is something a peer would accept."""
