@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 # subcommand -> (module, one-line help); modules are imported only when used
 SUBCOMMANDS = {
@@ -33,32 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(_module=module)
-        try:
-            importlib.import_module(module).configure(p)
-        except ModuleNotFoundError as exc:  # a subcommand still being built
-            if exc.name != module:
-                raise
-            p.set_defaults(_missing=True)
+        importlib.import_module(module).configure(p)
     return parser
+
+
+def run_command(name: str, run: Callable[[argparse.Namespace], int | None],
+                args: argparse.Namespace) -> int:
+    """Run a subcommand; a user's mistake ends in one line on stderr, not a traceback."""
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (UsageError, ValueError) as exc:
+        print(f"vscsi {name}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vscsi {name}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "_missing", False):
-        print(f"vscsi {args.command}: not available in this build", file=sys.stderr)
-        return 2
-    module = importlib.import_module(args._module)
-    try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except (UsageError, ValueError) as exc:
-        print(f"vscsi {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"vscsi {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+    return run_command(args.command, importlib.import_module(args._module).run, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 
-from vscsi.cli import UsageError
+from vscsi.cli import UsageError, run_command
 
 log = logging.getLogger("vscsi.serve")
 
@@ -157,18 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m vscsi.serve`` (the same as ``vscsi serve``)."""
     parser = argparse.ArgumentParser(prog="vscsi serve", description=__doc__.split("\n")[0])
     configure(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        return 130
-    except (UsageError, ValueError) as exc:
-        print(f"vscsi serve: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"vscsi serve: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+    return run_command("serve", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
