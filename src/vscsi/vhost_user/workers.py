@@ -154,6 +154,18 @@ def _map_regions(rows: list[list[int]], fds: list[int]) -> GuestMemory:
 # --------------------------------------------------------------------------- the worker
 
 
+def counting(handler: Callable[[Chain], int], row: memoryview) -> Callable[[Chain], int]:
+    """``handler`` that also counts each chain in the queue's stats row (built once per
+    queue, not per batch: it runs per request)."""
+    requests = st.REQUESTS
+
+    def counted(chain: Chain) -> int:
+        row[requests] += 1
+        return handler(chain)
+
+    return counted
+
+
 class _Worker:
     """The child side: serves one ring until told to stop (runs in the forked process)."""
 
@@ -169,13 +181,7 @@ class _Worker:
         self.call_fd = call_fd
         self.ctl = ctl
         self.row = row
-        requests = st.REQUESTS
-
-        def counted(chain: Chain) -> int:
-            row[requests] += 1
-            return handler(chain)
-
-        self.handle = counted
+        self.handle = counting(handler, row)
         self.poll_s = poll_s
 
     def batch(self, rearm: bool = True) -> str | None:
@@ -573,7 +579,7 @@ class _Inline:
         self.call_fd = call_fd
         self.row = row
         self.device = device
-        self.handler = device.handler_for(index)
+        self.handle = counting(device.handler_for(index), row)
 
     def service(self) -> str | None:
         row = self.row
@@ -585,11 +591,7 @@ class _Inline:
                 row[st.REQUESTS] += pushed
                 notify = bool(pushed) and ring.needs_notify()
             else:
-                def counted(chain: Chain) -> int:
-                    row[st.REQUESTS] += 1
-                    return self.handler(chain)
-
-                notify = drain(ring, counted)
+                notify = drain(ring, self.handle)
         except RingBroken as exc:
             return f"ring broken: {exc}"
         except Exception:
