@@ -54,10 +54,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", metavar="PATH",
                         help="write per-queue counters as JSON here (on change, at most once "
                              "a second; at disconnect, SIGUSR1 and exit)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="worker processes serving the request queues (queue k goes to "
+                             "worker k mod N, worker w runs on the w-th of --cpus; default: "
+                             "one per queue, or one per usable CPU when there are fewer CPUs "
+                             "than queues)")
     parser.add_argument("--poll-us", type=int, default=0, metavar="US",
-                        help="after a kick, keep serving the ring with kicks off until it "
-                             "stays empty this long (busy polling: fewer guest exits, one "
-                             "busy CPU per queue; default 0, off)")
+                        help="adaptive polling: after a kick, keep serving the rings with "
+                             "kicks off for a window that grows up to US while work comes "
+                             "back soon after the worker slept and shrinks to nothing when "
+                             "it does not (fewer guest exits; costs CPU; default 0, off)")
+    parser.add_argument("--coalesce", default="1,0", metavar="COUNT,US",
+                        help="interrupt coalescing per request queue: signal the driver "
+                             "after COUNT completions or US microseconds after the first "
+                             "one held, whichever comes first (default 1,0: every batch)")
     parser.add_argument("--no-config-feature", action="store_true",
                         help="do not offer PROTOCOL_F_CONFIG (QEMU 7.2.0-7.2.2 crash on it)")
     parser.add_argument("--once", action="store_true",
@@ -74,6 +84,17 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _parse_coalesce(text: str) -> tuple[int, float]:
+    count, sep, us = text.partition(",")
+    try:
+        n, t = int(count), int(us) if sep else 0
+    except ValueError:
+        raise UsageError(f"--coalesce {text!r}: want COUNT,US, e.g. 8,50") from None
+    if n < 1 or not 0 <= t <= 1_000_000:
+        raise UsageError(f"--coalesce {text!r}: COUNT must be >= 1 and US 0..1000000")
+    return n, t / 1e6
+
+
 def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
     if not args.lun:
         raise UsageError("no logical units: give at least one --lun TARGET:LUN=BACKEND")
@@ -83,6 +104,8 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
         raise UsageError(f"--queues {queues}: must be 1..{MAX_QUEUES}")
     if not 0 <= args.poll_us <= 1_000_000:
         raise UsageError(f"--poll-us {args.poll_us}: must be 0..1000000")
+    if args.workers is not None and not 1 <= args.workers <= queues:
+        raise UsageError(f"--workers {args.workers}: must be 1..{queues} (the request queues)")
     if args.cpus:
         from vscsi.vhost_user import cpu_list
 
@@ -102,10 +125,20 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
 def run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     queues, cpus = _check_args(args)
+    count, delay = _parse_coalesce(args.coalesce)
+    # Fewer CPUs than queues: a worker per CPU serving several queues beats workers
+    # that take turns on one CPU (one wake-up serves every queue it has).
+    workers = args.workers or min(queues, len(cpus))
 
     from vscsi.device import ScsiConfig, VirtioScsiDevice
     from vscsi.scsi import build_targets, parse_lun_spec
-    from vscsi.vhost_user import PROTOCOL_FEATURES, BackendServer, ProtocolFeature, ServerError
+    from vscsi.vhost_user import (
+        PROTOCOL_FEATURES,
+        BackendServer,
+        Pacing,
+        ProtocolFeature,
+        ServerError,
+    )
 
     specs = [parse_lun_spec(text) for text in args.lun]  # LunSpecError: one line, exit 2
     targets = build_targets(specs)  # opens the backends: LunSpecError / OSError
@@ -118,14 +151,16 @@ def run(args: argparse.Namespace) -> int:
         server = BackendServer(device, args.socket, num_queues=queues, cpus=cpus,
                                stats_path=args.stats, protocol_features=features,
                                max_sessions=1 if args.once else None,
-                               poll_us=args.poll_us)
+                               pacing=Pacing(args.poll_us / 1e6, count, delay),
+                               workers=workers)
         try:
             server.bind()
         except ServerError as exc:
             raise UsageError(str(exc)) from None
         for spec in specs:
             log.info("LUN %s", spec)
-        log.info("request queue workers on CPUs %s", ",".join(map(str, cpus[:queues])))
+        log.info("%d request queue worker(s) on CPUs %s", workers,
+                 ",".join(map(str, cpus[:workers])))
         server.serve()
     finally:
         if server is not None:

@@ -162,6 +162,9 @@ def print_table(r: dict) -> None:
         ("queue switches", str(r["queue_switches"])),
         ("locality", f"{r['locality']:.3f}"), ("IPIs", str(r["ipis"])),
         ("requests per queue", " ".join(str(n) for n in r["per_queue"])),
+        *([("backend CPU µs per request", f"{r['backend_cpu_us_per_request']:.1f}"),
+           ("requests per backend CPU-second", f"{r['requests_per_backend_cpu_s']:.0f}")]
+          if "backend_cpu_s" in r else []),
         ("submitted per CPU", " ".join(str(n) for n in per_cpu["submitted"])),
         ("interrupts per CPU", " ".join(str(n) for n in per_cpu["interrupts"])),
     ]

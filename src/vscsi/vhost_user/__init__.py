@@ -29,7 +29,7 @@ from .codec import (
 from .frontend import BackendGone, FrontendClient, RequestRefused, attach_ring
 from .server import BackendServer, ServerError, bind_unix_socket
 from .stats import QueueStats
-from .workers import QueueHost, cpu_list
+from .workers import Pacing, QueueHost, assign_workers, cpu_list
 
 __all__ = [
     "PROTOCOL_FEATURES",
@@ -42,6 +42,7 @@ __all__ = [
     "Message",
     "MessageReader",
     "ProtocolFeature",
+    "Pacing",
     "QueueHost",
     "QueueStats",
     "RemoteProtocolError",
@@ -53,6 +54,7 @@ __all__ = [
     "SessionOptions",
     "attach_ring",
     "bind_unix_socket",
+    "assign_workers",
     "cpu_list",
     "encode",
     "make_ack",

@@ -34,7 +34,7 @@ from . import codec
 from .backend import PROTOCOL_FEATURES, Disconnect, Session, SessionOptions
 from .codec import MAX_FDS, MessageReader, RemoteProtocolError, Request, Role
 from .stats import QueueStats
-from .workers import QueueHost, VirtioDevice
+from .workers import Pacing, QueueHost, VirtioDevice
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class BackendServer:
         stats_path: str | None = None,
         protocol_features: int = PROTOCOL_FEATURES,
         max_sessions: int | None = None,
-        poll_us: int = 0,
+        pacing: Pacing | None = None,
+        workers: int | None = None,
     ) -> None:
         self.device = device
         self.socket_path = socket_path
@@ -123,7 +124,7 @@ class BackendServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.queues = QueueHost(device, self.stats, cpus=cpus, inherited=self._main_sockets,
-                                poll_s=poll_us / 1e6)
+                                pacing=pacing, workers=workers)
         self._stats_written = 0.0
         self._stats_last: object = None
 
