@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 # Column numbers of a row.
-REQUESTS = 0  # chains handed to the device handler
+REQUESTS = 0  # chains taken from the ring (bad chains included)
 WAKEUPS = 1  # kicks (or start/poll passes) that ran a drain
 NOTIFIES = 2  # call-eventfd writes
 ERRORS = 3  # handler exceptions (each failed one chain with 0 bytes)
