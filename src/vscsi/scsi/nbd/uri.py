@@ -59,8 +59,11 @@ def parse_nbd_uri(text: str) -> NbdUri:
                           f"nbd+unix:///EXPORT?socket=PATH")
     if parts.fragment:
         raise NbdUriError(f"NBD URI {text!r}: a fragment (#...) has no meaning here")
-    export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path,
-                     errors="strict")
+    try:
+        export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path,
+                         errors="strict")
+    except UnicodeDecodeError:
+        raise NbdUriError(f"NBD URI {text!r}: the export name is not UTF-8") from None
     try:
         query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query),
                          errors="strict")
