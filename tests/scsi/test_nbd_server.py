@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from vscsi.bench.storage_daemon import QSD, StorageDaemon, free_tcp_port
 from vscsi.scsi import LogicalUnit, open_backend
 from vscsi.scsi.nbd import NbdDisk, parse_nbd_uri
 from vscsi.scsi.nbd.protocol import CMD_READ, CMD_WRITE
 from vscsi.scsi.spec import LunSpecError, parse_lun_spec
 
 from .helpers import GOOD, assert_check, read10, run, write10
-from .nbd_server import StorageDaemon, free_tcp_port, needs_qsd
 
-pytestmark = needs_qsd
+pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed "
+                                                    "(qemu-utils; scripts/setup-host.sh)")
 
 SIZE = 4 << 20
 COMMUNICATION_FAILURE = (0xB, 0x08, 0x00)      # ABORTED COMMAND, LU COMMUNICATION FAILURE

@@ -1,4 +1,5 @@
-"""A real NBD server for tests: qemu-storage-daemon exporting a file."""
+"""qemu-storage-daemon exporting a file over NBD: a real NBD server for the nbd: backend's
+tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -10,11 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 QSD = shutil.which("qemu-storage-daemon")
-needs_qsd = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed "
-                                                   "(qemu-utils; scripts/setup-host.sh)")
 
 
 class StorageDaemon:
@@ -35,7 +32,8 @@ class StorageDaemon:
         return f"nbd://127.0.0.1:{self.port}/{self.name}"
 
     def start(self) -> StorageDaemon:
-        assert QSD is not None
+        if QSD is None:
+            raise RuntimeError("qemu-storage-daemon is not installed (qemu-utils)")
         if self.sock is not None:
             addr = f"addr.type=unix,addr.path={self.sock}"
             if self.sock.exists():
