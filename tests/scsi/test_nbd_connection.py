@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from vscsi.scsi import LogicalUnit, open_backend
 from vscsi.scsi.nbd import (
     NbdCommandError,
     NbdConnection,
@@ -23,7 +24,9 @@ from vscsi.scsi.nbd import (
     NbdUri,
 )
 from vscsi.scsi.nbd.protocol import CMD_FLUSH, CMD_READ, CMD_WRITE
+from vscsi.scsi.spec import parse_lun_spec
 
+from .helpers import GOOD, assert_check, read10, run, write10
 from .nbd_helpers import (
     FLAGS_ALL,
     ack,
@@ -308,3 +311,58 @@ def test_disk_read_only_export(serve):
         disk.writev(0, [memoryview(b"x" * 512)])
     assert info.value.errno == errno.EROFS
     disk.close()
+
+
+# -- through the logical unit: server errors and FUA ---------------------------------------------
+
+def _probe(flags: int = FLAGS_ALL) -> Script:
+    def script(sock):
+        handshake(sock, flags=flags)
+        read_request(sock)                      # DISC
+    return script
+
+
+def test_server_errors_become_sense(serve):
+    def script(sock):
+        handshake(sock)
+        _, _, cookie, *_ = read_request(sock)
+        sock.sendall(simple_reply(cookie, error=5))       # READ: NBD_EIO
+        _, _, cookie, *_ = read_request(sock)
+        sock.sendall(simple_reply(cookie, error=28))      # WRITE: NBD_ENOSPC
+        _, _, cookie, *_ = read_request(sock)
+        sock.sendall(simple_reply(cookie, error=1))       # WRITE: NBD_EPERM
+        recv_exact(sock, 1 << 20)
+
+    server = serve(_probe(), script)
+    unit = LogicalUnit(open_backend(parse_lun_spec(f"0:0=nbd:{server.uri}")))
+    result, _ = run(unit, read10(0, 1), in_len=512)
+    assert_check(result, (0x3, 0x11, 0x00))                # MEDIUM ERROR, UNRECOVERED READ
+    result, _ = run(unit, write10(0, 1), out=bytes(512))
+    assert_check(result, (0x7, 0x27, 0x07))                # DATA PROTECT, SPACE ALLOC FAILED
+    result, _ = run(unit, write10(0, 1), out=bytes(512))
+    assert_check(result, (0x3, 0x0C, 0x00))                # MEDIUM ERROR, WRITE ERROR
+    unit.close()
+
+
+@pytest.mark.parametrize("export_flags, expected", [
+    (FLAGS_ALL, [(CMD_WRITE, 1)]),                                    # one FUA write
+    (FLAGS_ALL & ~(1 << 3), [(CMD_WRITE, 0), (CMD_FLUSH, 0)]),        # no FUA: write + flush
+])
+def test_fua_write(serve, export_flags, expected):
+    seen = []
+
+    def script(sock):
+        handshake(sock, flags=export_flags)
+        for _ in expected:
+            flags, command, cookie, *_ = read_request(sock)
+            seen.append((command, flags))
+            sock.sendall(simple_reply(cookie))
+        read_request(sock)                               # DISC
+
+    server = serve(_probe(export_flags), script)
+    unit = LogicalUnit(open_backend(parse_lun_spec(f"0:0=nbd:{server.uri}")))
+    result, _ = run(unit, write10(8, 1, flags=0x08), out=b"F" * 512)
+    assert result.status == GOOD
+    unit.close()
+    server.close()
+    assert seen == expected
