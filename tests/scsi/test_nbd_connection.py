@@ -262,8 +262,14 @@ def test_bad_handshake(serve, script, error, message):
 
 
 def test_nobody_listening(tmp_path):
-    with pytest.raises(NbdDisconnected, match="cannot reach NBD server"):
+    with pytest.raises(NbdDisconnected, match="cannot reach NBD server .*none.sock"):
         NbdConnection(NbdUri("d0", socket=str(tmp_path / "none.sock")))
+    # A socket file whose server is gone: connection refused, with the address.
+    path = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))
+    with pytest.raises(NbdDisconnected, match="cannot reach NBD server .*dead.sock.*refused"):
+        NbdConnection(NbdUri("d0", socket=str(path)))
 
 
 # -- the disk: reconnect after a failure --------------------------------------------------------

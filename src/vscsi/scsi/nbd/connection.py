@@ -28,6 +28,7 @@ from .protocol import (
     COMMAND_NAMES,
     NBD_ERRNO,
     ClientProtocol,
+    NbdOptionError,
     NbdProtocolError,
     Ready,
     Reply,
@@ -107,10 +108,10 @@ class NbdConnection:
             self._drop()
             raise TimeoutError(f"NBD server {uri.address}: no handshake within "
                                f"{connect_timeout:g} s") from None
-        except (NbdDisconnected, ConnectionError):
+        except (NbdDisconnected, NbdProtocolError, NbdOptionError):
             self._drop()
             raise
-        except OSError as e:
+        except OSError as e:        # refused, reset, no such socket, unreachable host...
             self._drop()
             raise NbdDisconnected(f"cannot reach NBD server {uri.address}: "
                                   f"{e.strerror or e}") from None
@@ -225,10 +226,10 @@ class NbdConnection:
             self._drop()
             raise TimeoutError(f"NBD server {self.uri.address}: no reply within "
                                f"{self._reply_timeout:g} s") from None
-        except ConnectionError:
+        except (NbdDisconnected, NbdProtocolError):
             self._drop()
             raise
-        except OSError as e:
+        except OSError as e:        # reset, broken pipe...: say which server
             self._drop()
             raise NbdDisconnected(f"NBD server {self.uri.address}: {e.strerror or e}") from None
 
