@@ -372,3 +372,36 @@ def test_fua_write(serve, export_flags, expected):
     unit.close()
     server.close()
     assert seen == expected
+
+
+def write_same16(lba: int, blocks: int, flags: int = 0) -> bytes:
+    return bytes([0x93, flags]) + lba.to_bytes(8, "big") + blocks.to_bytes(4, "big") + b"\0\0"
+
+
+@pytest.mark.parametrize("cdb_flags, export_flags, expected", [
+    # WRITE SAME of zeros, UNMAP: WRITE_ZEROES that may punch a hole (reads zeros: LBPRZ)
+    (0x08, FLAGS_ALL, [(6, 0, 4096, 8192, 0)]),
+    # ... without UNMAP: WRITE_ZEROES with NO_HOLE (blocks stay allocated)
+    (0x00, FLAGS_ALL, [(6, 2, 4096, 8192, 0)]),
+    # an export without WRITE_ZEROES: plain WRITEs of zeros
+    (0x08, FLAGS_ALL & ~(1 << 6), [(1, 0, 4096, 8192, 8192)]),
+])
+def test_write_same_zeros(serve, cdb_flags, export_flags, expected):
+    seen = []
+
+    def script(sock):
+        handshake(sock, flags=export_flags)
+        for _ in expected:
+            flags, command, cookie, offset, length, payload = read_request(sock)
+            assert payload == bytes(len(payload))
+            seen.append((command, flags, offset, length, len(payload)))
+            sock.sendall(simple_reply(cookie))
+        read_request(sock)                               # DISC
+
+    server = serve(_probe(export_flags), script)
+    unit = LogicalUnit(open_backend(parse_lun_spec(f"0:0=nbd:{server.uri}")))
+    result, _ = run(unit, write_same16(8, 16, cdb_flags), out=bytes(512))
+    assert result.status == GOOD
+    unit.close()
+    server.close()
+    assert seen == expected

@@ -109,6 +109,16 @@ class BlockBackend:
         """Deallocate a range; it reads as zeros afterwards (the LU reports LBPRZ=1)."""
         raise NotImplementedError
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Write zeros, the blocks staying allocated (WRITE SAME of a zero block without
+        UNMAP). Backends with a cheaper way than writing zeros override it."""
+        step = 64 * _ZERO_CHUNK   # bound the iovec count per call
+        while length > 0:
+            k = min(length, step)
+            self.writev(offset, _zero_views(k))
+            offset += k
+            length -= k
+
     def close(self) -> None:
         pass
 
@@ -189,15 +199,7 @@ class FileBackend(BlockBackend):
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 self._can_punch = False
-        self._write_zeros(offset, length)
-
-    def _write_zeros(self, offset: int, length: int) -> None:
-        step = 64 * _ZERO_CHUNK   # bound the iovec count per call
-        while length > 0:
-            k = min(length, step)
-            self.writev(offset, _zero_views(k))
-            offset += k
-            length -= k
+        self.write_zeroes(offset, length)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -390,6 +390,8 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
         if zero and unmap:
             # Unmapped blocks read zeros (LBPRZ=1), so a zero pattern may be unmapped.
             backend.discard(offset, length)
+        elif zero:
+            backend.write_zeroes(offset, length)
         else:
             pattern = memoryview(block * min(blocks, max(1, _CHUNK // bs)))
             end = offset + length
