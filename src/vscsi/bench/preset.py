@@ -24,6 +24,7 @@ from vscsi.bench.jobs import JobSpec
 from vscsi.bench.runner import RunOptions
 from vscsi.bench.runner import run as run_jobs
 from vscsi.bench.serving import ServeProcess
+from vscsi.bench.smp import smp_machine
 from vscsi.driver.steering import POLICIES
 
 JOB = {"rw": "read", "bsrange": "4k-64k", "iodepth": 4}  # the cover letter's fio job
@@ -92,8 +93,6 @@ def run_point(args: argparse.Namespace, path: str, serve: ServeProcess | None, p
               targets: int, spec: JobSpec, runtime: float | None) -> dict:
     """One (policy, targets) point: its bench JSON, plus where the CPU time went (the
     VCPU processes, this process, and -- with our own backend -- the backend)."""
-    from vscsi.bench.command import smp_machine
-
     opts = RunOptions(spec, numjobs=1, requests=None if runtime else args.requests,
                       runtime=runtime, seed=args.seed, targets=targets)
     before = serve.wait_idle(0) if serve else None
