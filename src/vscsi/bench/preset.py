@@ -26,6 +26,7 @@ from vscsi.bench.runner import run as run_jobs
 from vscsi.bench.serving import ServeProcess
 from vscsi.bench.smp import smp_machine
 from vscsi.driver.steering import POLICIES
+from vscsi.usage import import_extra
 
 JOB = {"rw": "read", "bsrange": "4k-64k", "iodepth": 4}  # the cover letter's fio job
 DEFAULT_RUNTIME = 2.0  # seconds per point: 21 points fit in about a minute
@@ -39,6 +40,7 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def coverletter(args: argparse.Namespace) -> int:
+    import_extra("sim", "matplotlib")  # for the plot: say so before a minute of measuring
     try:
         targets = sorted({int(x) for x in parse_list(args.preset_targets, "targets")})
     except ValueError:
@@ -151,8 +153,7 @@ def print_table(table: list[dict], policies: list[str], vcpus: int) -> None:
 
 
 def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int) -> None:
-    import matplotlib
-
+    matplotlib = import_extra("sim", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

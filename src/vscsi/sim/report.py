@@ -7,6 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
+from vscsi.usage import import_extra
+
 
 def _f(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
@@ -124,8 +126,7 @@ def sweep_table(results: list[dict[str, Any]]) -> Table:
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
+    matplotlib = import_extra("sim", "matplotlib")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
