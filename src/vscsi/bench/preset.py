@@ -1,8 +1,9 @@
 """`vscsi bench --preset coverletter`: the measurement the design came from, redone.
 
-The 2012 cover letter ran fio (rw=read, bsrange=4k-64k, iodepth=4, one job per target,
-one LUN per target, disks on tmpfs) over 1..32 targets, single queue against
-multiqueue, and reported overall MB/s (../shared/DESIGN.md). Here each point runs the
+The 2012 cover letter of the multiqueue virtio-scsi series ran fio (rw=read,
+bsrange=4k-64k, iodepth=4, one job per target, one LUN per target, disks on tmpfs) over
+1..32 targets, single queue against multiqueue, and reported overall MB/s (the table is
+in the README). Here each point runs the
 SMP driver (one VCPU process per CPU, ``--vcpus``) over a ``vscsi serve`` this command
 starts with RAM targets (or the backend at ``--socket``), for each policy column; the
 first column is the baseline each other column's ratio divides by. Output: the table
@@ -134,7 +135,7 @@ def make_table(points: dict[tuple[str, int], dict], targets: list[int],
 
 
 def print_table(table: list[dict], policies: list[str], vcpus: int) -> None:
-    """In the shape of DESIGN.md's table: MB/s per column, multi/single per row."""
+    """In the shape of the cover letter's table: MB/s per column, multi/single per row."""
     from rich.console import Console
     from rich.table import Table
 

@@ -78,7 +78,7 @@ def coverletter_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def coverletter_markdown(rows: list[dict[str, Any]]) -> str:
-    """The table in the shape of DESIGN.md, model beside published, for notes."""
+    """The table in the shape of the cover letter's, model beside published, for notes."""
     lines = ["| targets | single 2012 / model | mq 4 VCPUs 2012 / model | mq 8 VCPUs 2012 / model "
              "| ratio 4 2012 / model | ratio 8 2012 / model |",
              "|--:|--:|--:|--:|--:|--:|"]
