@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 
-from vscsi.cli import UsageError, run_command
+from vscsi.usage import UsageError, run_command
 
 log = logging.getLogger("vscsi.serve")
 

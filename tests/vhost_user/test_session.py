@@ -214,8 +214,9 @@ def test_without_protocol_features_rings_start_enabled(front: Front) -> None:
 
 
 def test_seabios_cycle_then_linux(front: Front) -> None:
-    """SeaBIOS starts the device with only the first request queue, stops it, then Linux
-    starts every queue (vhost-user-facts.md §5)."""
+    """SeaBIOS starts the device with only the first request queue, scans targets 0-255
+    at LUN 0, stops it, then Linux starts every queue (what QEMU 7.2 and later do at each
+    boot)."""
     front.negotiate()
     front.mem_table()
     front.configure(2)

@@ -19,8 +19,9 @@ import sys
 
 from vscsi.bench.jobs import JobSpec
 from vscsi.bench.loopback import Loopback
-from vscsi.bench.runner import Machine, RunOptions
+from vscsi.bench.runner import RunOptions
 from vscsi.bench.runner import run as run_jobs
+from vscsi.bench.smp import smp_machine
 from vscsi.driver.steering import POLICIES
 from vscsi.scsi import LunSpec, parse_lun_spec
 
@@ -95,15 +96,6 @@ def run_options(args: argparse.Namespace, *, targets: int | None = None) -> RunO
         requests=None if args.runtime else (args.requests or 10_000),
         runtime=args.runtime, verify=args.verify, seed=args.seed, targets=targets,
     )
-
-
-def smp_machine(args: argparse.Namespace, path: str, *, policy: str | None = None) -> Machine:
-    from vscsi.driver.smp import SmpConfig, SmpMachine
-
-    cfg = SmpConfig(vcpus=args.vcpus, queues=args.queues, policy=policy or args.policy,
-                    hint_delay=args.hint_delay / 1000, pin=args.pin,
-                    migrate_every=args.migrate_every, seed=args.seed)
-    return SmpMachine(path, cfg)
 
 
 def run(args: argparse.Namespace) -> int:

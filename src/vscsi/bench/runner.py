@@ -21,6 +21,7 @@ from vscsi.bench.jobs import Job, JobSpec, JobTask, make_pattern
 from vscsi.driver.discovery import Unit
 from vscsi.driver.initiator import rw16_cdb
 from vscsi.driver.tasks import RunOutcome, Task
+from vscsi.metrics import percentile
 
 PREFILL_CHUNK = 1 << 20
 
@@ -100,13 +101,6 @@ def prefill(machine: Machine, jobs: list[Job], seed: int) -> None:
             ok, _ = machine.execute(job.target, job.lun, cdb, 0, data_out=pattern)
             if not ok:
                 raise RuntimeError(f"prefill of {job.target}:{job.lun} failed at offset {offset}")
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 def run(machine: Machine, opts: RunOptions, vcpus: int) -> dict:

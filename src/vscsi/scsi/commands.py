@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 from . import cdb as C
 from . import pages
 from .constants import (
+    ABORTED_COMMAND,
     ASC_INVALID_COMMAND_OPERATION_CODE,
+    ASC_LOGICAL_UNIT_COMMUNICATION_FAILURE,
     ASC_LOGICAL_UNIT_NOT_SUPPORTED,
     ASC_MISCOMPARE_DURING_VERIFY,
     ASC_SAVING_PARAMETERS_NOT_SUPPORTED,
@@ -133,6 +135,12 @@ def _reply(data_in: Views, data: bytes, alloc: int) -> ScsiResult:
 
 def _io_error(e: OSError, *, write: bool, lba: int) -> ScsiError:
     log.warning("backend %s error at LBA %d: %s", "write" if write else "read", lba, e)
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        # The storage sits behind a connection that failed (an NBD server went away or
+        # stopped answering): the medium is fine, the path to it is not. ABORTED COMMAND
+        # tells the initiator to retry (Linux sd does, a few times), and the backend
+        # reconnects on the next request, so a short outage costs nothing.
+        return ScsiError(ABORTED_COMMAND, ASC_LOGICAL_UNIT_COMMUNICATION_FAILURE)
     if write and e.errno == errno.ENOSPC:
         # A thin-provisioned store ran out of space: SBC-3's answer for this case.
         return ScsiError(DATA_PROTECT, ASC_SPACE_ALLOCATION_FAILED_WRITE_PROTECT,
@@ -182,14 +190,13 @@ def _write(unit: LogicalUnit, lba: int, blocks: int, fua: int, data_out: Views) 
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
     if nbytes:
+        backend = unit.backend
+        # FUA, or a disabled write cache, makes the write durable before GOOD.
+        write = backend.writev_fua if fua or not unit.wce else backend.writev
         try:
-            unit.backend.writev(lba << unit.block_shift,
-                                data_out if have == nbytes else trim(data_out, nbytes))
+            write(lba << unit.block_shift, data_out if have == nbytes else trim(data_out, nbytes))
         except OSError as e:
             raise _io_error(e, write=True, lba=lba) from None
-        # FUA, or a disabled write cache, makes the write durable before GOOD.
-        if fua or not unit.wce:
-            _flush(unit, lba)
     return ScsiResult(GOOD, b"", 0, nbytes)
 
 
@@ -383,6 +390,8 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
         if zero and unmap:
             # Unmapped blocks read zeros (LBPRZ=1), so a zero pattern may be unmapped.
             backend.discard(offset, length)
+        elif zero:
+            backend.write_zeroes(offset, length)
         else:
             pattern = memoryview(block * min(blocks, max(1, _CHUNK // bs)))
             end = offset + length

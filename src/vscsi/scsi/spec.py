@@ -3,10 +3,13 @@
     0:0=file:disk.img
     1:3=ram:64M,ro
     0:300=null:1G,block-size=4096,serial=ABC
+    0:1=nbd:nbd+unix:///d0?socket=/run/qsd.sock
 
-BACKEND is file:PATH, ram:SIZE or null:SIZE. Options: ro, block-size=512|4096,
-serial=TEXT. A literal comma inside PATH or TEXT is written twice (",,"), as in QEMU's
-option syntax, so every path can be expressed.
+BACKEND is file:PATH, ram:SIZE, null:SIZE or nbd:URI (nbd://HOST[:PORT]/EXPORT or
+nbd+unix:///EXPORT?socket=PATH; the disk's size is the export's). Options: ro,
+block-size=512|4096, serial=TEXT. A literal comma inside PATH, URI or TEXT is written twice
+(",,"), as in QEMU's option syntax, so every path can be expressed; in a URI's export name
+a comma may also be percent-encoded (%2C).
 
 This module only parses text; it never touches the filesystem. Whether a file exists and
 how big it is are checked by open_backend (which raises the same LunSpecError), so a spec
@@ -18,13 +21,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .nbd.uri import NbdUriError, parse_nbd_uri
+
 MAX_TARGET = 255
 MAX_LUN = 16383
 BLOCK_SIZES = (512, 4096)
 MAX_SERIAL_LEN = 64
 # Offsets are off_t (signed 64-bit): no LU may be larger.
 MAX_SIZE = (1 << 63) - 1
-KINDS = ("file", "ram", "null")
+KINDS = ("file", "ram", "null", "nbd")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 # ASCII digits only: str.isdigit() accepts "²" and other digits int() then rejects.
@@ -40,8 +45,8 @@ class LunSpecError(ValueError):
 class LunSpec:
     target: int
     lun: int
-    kind: str            # "file" | "ram" | "null"
-    arg: str             # path or size text
+    kind: str            # "file" | "ram" | "null" | "nbd"
+    arg: str             # path, size text or NBD URI
     size: int | None     # bytes, for ram/null
     read_only: bool = False
     block_size: int = 512
@@ -132,9 +137,16 @@ def _parse(text: str) -> LunSpec:
     backend, *options = _split_options(rest)
     kind, colon, arg = backend.partition(":")
     if kind not in KINDS:
-        raise LunSpecError(f"unknown backend {kind!r}: expected file:PATH, ram:SIZE or null:SIZE")
+        raise LunSpecError(f"unknown backend {kind!r}: expected file:PATH, ram:SIZE, "
+                           f"null:SIZE or nbd:URI")
     if not colon or not arg:
-        raise LunSpecError(f"backend {kind} needs {'a PATH' if kind == 'file' else 'a SIZE'}")
+        what = {"file": "a PATH", "nbd": "a URI"}.get(kind, "a SIZE")
+        raise LunSpecError(f"backend {kind} needs {what}")
+    if kind == "nbd":
+        try:
+            parse_nbd_uri(arg)
+        except NbdUriError as e:
+            raise LunSpecError(str(e)) from None
 
     read_only = False
     block_size = 512
@@ -163,7 +175,7 @@ def _parse(text: str) -> LunSpec:
             raise LunSpecError(f"unknown option {name!r}: expected ro, block-size=, serial=")
 
     size: int | None = None
-    if kind != "file":
+    if kind in ("ram", "null"):
         size = parse_size(arg)
         if size == 0:
             raise LunSpecError(f"{kind} size must not be zero")
