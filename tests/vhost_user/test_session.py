@@ -30,7 +30,7 @@ from vscsi.vhost_user.codec import (
 )
 from vscsi.vhost_user.states import RingPhase
 from vscsi.vhost_user.workers import Broken
-from vscsi.virtio import DeviceRing, ring_bytes, ring_layout
+from vscsi.virtio import DeviceRing, queue_region_size, ring_bytes, ring_layout
 
 DEVICE_FEATURES = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 1) | (1 << 2)
 
@@ -94,6 +94,9 @@ class FakeQueues:
     def take_broken(self) -> list[Broken]:
         out, self.broken = self.broken, []
         return out
+
+    def set_inflight(self, region: memoryview | None) -> None:
+        self.log.append(("inflight", None if region is None else len(region)))
 
 
 class Front:
@@ -319,13 +322,51 @@ def test_features_we_cannot_do(front: Front) -> None:
     assert ack.payload == U64(1)  # VHOST_VRING_F_LOG
 
 
-def test_log_and_inflight_requests_are_refused(front: Front) -> None:
+def test_log_fd_is_refused(front: Front) -> None:
     front.negotiate()
     fd = front.dup(front.eventfd())
     (ack,) = front.send(Request.SET_LOG_FD, EMPTY, (fd,), need_reply=True)
     assert ack.payload == U64(1)
+
+
+def test_inflight_region_is_made_kept_and_given_to_rings(front: Front) -> None:
+    front.negotiate()
+    (reply,) = front.send(Request.GET_INFLIGHT_FD, codec.Inflight(0, 0, 4, 16))
+    info = reply.payload
+    assert isinstance(info, codec.Inflight) and len(reply.fds) == 1
+    assert info == codec.Inflight(4 * queue_region_size(16), 0, 4, 16)
+    assert os.fstat(reply.fds[0]).st_size == info.mmap_size
+    front.send(Request.SET_INFLIGHT_FD, info, (reply.fds[0],))  # given back, as QEMU does
+    assert front.queues.log[-1] == ("inflight", info.mmap_size)
+    front.mem_table()
+    front.configure(2)
+    front.enable(2)
+    ring = front.queues.running[2]
+    assert ring.tracker is not None  # a fresh region: version set, nothing to resume
+    region = front.session.inflight
+    assert region is not None and region.queue_view(2)[8] == 1
+    # a ring of another size than the region's has no tracking (and still runs)
+    front.configure(3, size=8)
+    front.enable(3)
+    assert front.queues.running[3].tracker is None
+    # replacing the region while rings run is refused
+    fd = os.memfd_create("x")
+    os.ftruncate(fd, info.mmap_size)
     with pytest.raises(Disconnect):
-        front.send(Request.GET_INFLIGHT_FD, codec.Inflight(0, 0, 4, 128))
+        front.send(Request.SET_INFLIGHT_FD, info, (fd,))
+
+
+def test_inflight_requests_out_of_range_are_refused(front: Front) -> None:
+    front.negotiate()
+    for bad in (codec.Inflight(0, 0, 0, 16), codec.Inflight(0, 0, 5, 16),
+                codec.Inflight(0, 0, 4, 12)):
+        with pytest.raises(Disconnect):
+            front.send(Request.GET_INFLIGHT_FD, bad)
+    fd = os.memfd_create("x")
+    os.ftruncate(fd, 64)
+    (ack,) = front.send(Request.SET_INFLIGHT_FD, codec.Inflight(64, 0, 4, 16), (fd,),
+                        need_reply=True)
+    assert ack.payload == U64(1)  # too small for 4 queues of 16
 
 
 def test_unmappable_ring_breaks_and_signals_err(front: Front) -> None:

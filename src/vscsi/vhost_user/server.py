@@ -306,7 +306,11 @@ class BackendServer:
                 return
             for reply in replies:
                 log.debug("-> %s %s", reply.request.name, reply.payload)
-                if not self._send(conn, codec.encode(reply), reply.fds):
+                sent = self._send(conn, codec.encode(reply), reply.fds)
+                for fd in reply.fds:  # a reply's fds were made to be given away
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                if not sent:
                     return
 
     def _answer_bad(self, conn: socket.socket, exc: RemoteProtocolError) -> bool:

@@ -48,7 +48,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
-from vscsi.virtio import Chain, DeviceRing, RingAddresses, RingBroken, drain
+from vscsi.virtio import (
+    Chain,
+    DeviceRing,
+    InflightQueue,
+    RingAddresses,
+    RingBroken,
+    drain,
+    queue_region_size,
+)
 
 from . import stats as st
 from .pacing import AdaptivePoll, Coalescer
@@ -168,17 +176,25 @@ class RingSpec:
     last_avail_idx: int
     event_idx: bool
     max_indirect: int
+    tracked: bool  # its in-flight state lives in the region (queue ``index``'s part)
 
     @classmethod
     def of(cls, index: int, ring: DeviceRing) -> RingSpec:
         a = ring.addrs
         return cls(index, a.size, a.desc, a.avail, a.used, ring.last_avail_idx,
-                   ring.event_idx, ring.max_indirect)
+                   ring.event_idx, ring.max_indirect, ring.tracker is not None)
 
-    def build(self, mem: GuestMemory) -> DeviceRing:
+    def build(self, mem: GuestMemory, inflight: memoryview | None) -> DeviceRing:
+        tracker = None
+        if self.tracked:
+            if inflight is None:
+                raise ValueError("in-flight tracking without a region")
+            part = queue_region_size(self.size)
+            tracker = InflightQueue(inflight[self.index * part:(self.index + 1) * part],
+                                    self.size)
         return DeviceRing(mem, RingAddresses(self.size, self.desc, self.avail, self.used),
                           event_idx=self.event_idx, last_avail_idx=self.last_avail_idx,
-                          max_indirect=self.max_indirect)
+                          max_indirect=self.max_indirect, tracker=tracker)
 
 
 class _Served:
@@ -239,8 +255,10 @@ class _Worker:
 
     def __init__(self, mem: GuestMemory, ctl: socket.socket,
                  make_handler: Callable[[int], Callable[[Chain], int]],
-                 stats: st.QueueStats, pacing: Pacing) -> None:
+                 stats: st.QueueStats, pacing: Pacing,
+                 inflight: memoryview | None = None) -> None:
         self.mem = mem
+        self.inflight = inflight  # the in-flight region, as it was when we were forked
         self.ctl = ctl
         self.make_handler = make_handler
         self.stats = stats
@@ -298,7 +316,7 @@ class _Worker:
                 (fds[0], -1) if msg["fds"] == "k" else (-1, fds[0]) if msg["fds"] == "c"
                 else (-1, -1))
             try:
-                ring = spec.build(self.mem)
+                ring = spec.build(self.mem, self.inflight)
             except (GuestMemoryError, ValueError) as exc:
                 for fd in fds:
                     os.close(fd)
@@ -507,7 +525,7 @@ class QueueHost:
         self._children: dict[int, _Child] = {}     # by worker number
         self._inline: dict[int, _Inline] = {}
         self._broken: list[Broken] = []
-        self._mem: GuestMemory | None = None
+        self._inflight: memoryview | None = None
 
     # -- what the session calls
 
@@ -607,6 +625,13 @@ class QueueHost:
     def take_broken(self) -> list[Broken]:
         out, self._broken = self._broken, []
         return out
+
+    def set_inflight(self, region: memoryview | None) -> None:
+        """The in-flight region (SET_INFLIGHT_FD); it only changes while no ring runs,
+        so every worker, forked later, inherits the current one."""
+        if self._children:
+            raise RuntimeError("in-flight region replaced while workers run")
+        self._inflight = region
 
     def stop_all(self) -> None:
         for index in sorted(self.running()):
@@ -749,7 +774,7 @@ class QueueHost:
                         log.warning("worker %d: cannot pin to CPU %d: %s", number, cpu, exc)
                 row[st.CPU] = cpu + 1 if cpu is not None else 0
                 worker = _Worker(mem, child_end, self.device.handler_for, self.stats,
-                                 self.pacing)
+                                 self.pacing, self._inflight)
                 worker.add(index, ring, kick_fd, call_fd)
                 worker.run()
             except BaseException:

@@ -18,6 +18,7 @@ from vscsi.virtio.features import (
     VIRTQ_USED_F_NO_NOTIFY,
     has_feature,
 )
+from vscsi.virtio.inflight import InflightQueue, queue_region_size, region_size
 from vscsi.virtio.ring import (
     MAX_QUEUE_SIZE,
     ChainError,
@@ -47,12 +48,15 @@ __all__ = [
     "ChainError",
     "DeviceRing",
     "DriverRing",
+    "InflightQueue",
     "RingAddresses",
     "RingBroken",
     "RingFull",
     "drain",
     "has_feature",
     "need_event",
+    "queue_region_size",
+    "region_size",
     "ring_bytes",
     "ring_layout",
 ]

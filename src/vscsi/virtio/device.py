@@ -28,6 +28,7 @@ from vscsi.virtio.features import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
+from vscsi.virtio.inflight import InflightQueue
 from vscsi.virtio.ring import (
     DESC,
     DESC_SIZE,
@@ -86,6 +87,7 @@ class DeviceRing:
         event_idx: bool,
         last_avail_idx: int = 0,
         max_indirect: int = DEFAULT_MAX_INDIRECT,
+        tracker: InflightQueue | None = None,
     ):
         self.addrs = addrs
         self.size = addrs.size
@@ -101,6 +103,15 @@ class DeviceRing:
         self.remap(mem)
         self.used_idx: int = _unpack_u16(self._used, IDX_OFF)[0]  # published
         self._fill_idx = self.used_idx  # filled (published at the next flush)
+        # In-flight tracking that survives us (vhost-user INFLIGHT_SHMFD): after a
+        # restart it says where to resume and which heads to run again, oldest first.
+        self.tracker = tracker
+        self._resubmit: list[int] = []
+        if tracker is not None:
+            resumed = tracker.recover(self.used_idx)
+            if resumed is not None:
+                self.last_avail_idx, heads = resumed
+                self._resubmit = heads[::-1]  # pop() takes from the end
         # Last avail idx read from the ring; re-read only when we catch up with it, so a
         # batch costs one idx load, not one per chain.
         self._shadow_avail = self.last_avail_idx
@@ -144,7 +155,7 @@ class DeviceRing:
         """True if the driver made a chain available that we have not popped."""
         if self.broken:
             raise RingBroken("ring is broken")
-        if self._shadow_avail != self.last_avail_idx:
+        if self._shadow_avail != self.last_avail_idx or self._resubmit:
             return True
         return self._avail_idx() != self.last_avail_idx
 
@@ -153,6 +164,10 @@ class DeviceRing:
         that request) or RingBroken."""
         if self.broken:
             raise RingBroken("ring is broken")
+        if self._resubmit:
+            head = self._resubmit.pop()  # still marked in flight, with its old counter
+            self.inflight += 1
+            return self._walk(head)
         last = self.last_avail_idx
         if self._shadow_avail == last:
             if self._avail_idx() == last:
@@ -165,6 +180,8 @@ class DeviceRing:
         last = (last + 1) & 0xFFFF
         self.last_avail_idx = last
         self.inflight += 1
+        if self.tracker is not None:
+            self.tracker.take(head)
         if self._notify and self.event_idx:
             # Notifications are on while we pop outside drain(): keep avail_event at what
             # we consumed, or the driver's next kick would be suppressed.
@@ -233,6 +250,8 @@ class DeviceRing:
         self._fill_idx = (idx + 1) & 0xFFFF
         self.inflight -= 1
         self._pushed += 1
+        if self.tracker is not None:
+            self.tracker.fill(head)
 
     def flush(self) -> None:
         """Publish the used elements filled since the last flush (one used idx store)."""
@@ -242,6 +261,8 @@ class DeviceRing:
                 mb()  # the elements before the idx that publishes them
             _pack_u16(self._used, IDX_OFF, idx)
             self.used_idx = idx
+            if self.tracker is not None:
+                self.tracker.published(idx)
 
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes in its writable part,
