@@ -1,4 +1,4 @@
-"""The task table's protocol, driven directly (the device inlines the worker side)."""
+"""The task table's protocol, driven directly (the device drives begin / end per request)."""
 
 from __future__ import annotations
 

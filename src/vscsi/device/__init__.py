@@ -2,7 +2,7 @@
 and the SCSI target (vscsi.scsi).
 
 Read along the request path: :mod:`.wire` (config space, LUN field, header layouts),
-:mod:`.iov` (offsets over descriptor buffers), :mod:`.device` (request queues, control
+:mod:`.device` (request queues, control
 queue / TMF, event queue, hotplug), :mod:`.tasks` (the cross-process task table TMFs use),
 :mod:`.events` (pending events and EVENTS_MISSED).
 

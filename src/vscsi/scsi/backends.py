@@ -22,7 +22,8 @@ import os
 import stat
 from collections.abc import Callable
 
-from .sgl import Views, advance, total
+from vscsi.memory.sgl import Views, advance, total
+
 from .spec import LunSpec, LunSpecError
 
 # Writing zeros (WRITE SAME of a zero block, discard fallback, null reads) uses slices of

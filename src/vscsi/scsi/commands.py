@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vscsi.memory.sgl import Views, gather_prefix, scatter, total, trim
+
 from . import cdb as C
 from . import pages
 from .constants import (
@@ -50,7 +52,6 @@ from .sense import (
     param_list_length_error,
     write_protected,
 )
-from .sgl import Views, gather, scatter, total, trim
 
 if TYPE_CHECKING:
     from .unit import LogicalUnit
@@ -287,7 +288,7 @@ def _verify(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: View
         # is the whole verification (as in QEMU). Reading it back would stall this
         # queue for as long as a full-disk read.
         return good()
-    expected = gather(data_out, need)
+    expected = gather_prefix(data_out, need)
     # Read the range back in bounded steps and compare.
     step = max(1, _CHUNK // bs)
     buf = bytearray(min(blocks, step) * bs)
@@ -374,7 +375,7 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
     if unit.read_only:
         raise write_protected()
     _check_range(unit, lba, blocks)
-    block = bytes(bs) if ndob else gather(data_out, bs)
+    block = bytes(bs) if ndob else gather_prefix(data_out, bs)
     zero = ndob or block == unit.zero_block
     offset = lba * bs
     length = blocks * bs
@@ -425,7 +426,7 @@ def unmap(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Scs
         raise write_protected()
     if plen < 8:
         raise param_list_length_error()
-    data = gather(data_out, plen)
+    data = gather_prefix(data_out, plen)
     bd_len = struct.unpack_from(">H", data, 2)[0]
     # A descriptor cut off by the parameter list length (or a block descriptor data
     # length that is not a multiple of 16) is ignored, as SBC-3 5.28.2 says.
@@ -563,7 +564,7 @@ def _mode_select(unit: LogicalUnit, flags: int, plen: int, data_out: Views, ten:
         return good()
     if plen > total(data_out):
         return _overrun()
-    data = gather(data_out, plen)
+    data = gather_prefix(data_out, plen)
     hdr = 8 if ten else 4
     if plen < hdr:
         raise param_list_length_error()

@@ -11,6 +11,8 @@ import logging
 import mmap
 from collections.abc import Iterable, Sequence
 
+from vscsi.memory.sgl import Views
+
 from .backends import BlockBackend, open_backend
 from .commands import (
     LUN_NOT_SUPPORTED_SENSE,
@@ -36,7 +38,6 @@ from .constants import (
 )
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
-from .sgl import Views
 from .spec import MAX_LUN, LunSpec, LunSpecError
 
 log = logging.getLogger("vscsi.scsi")
