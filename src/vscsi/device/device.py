@@ -85,7 +85,12 @@ from vscsi.device.wire import (
     encode_lun,
 )
 from vscsi.memory.sgl import advance, gather_exact, scatter, total
-from vscsi.virtio import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from vscsi.virtio import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    QueueRole,
+)
 
 if TYPE_CHECKING:
     from vscsi.scsi import LogicalUnit, ScsiResult, ScsiTarget
@@ -115,11 +120,11 @@ def _luns_of(target: Any) -> Collection[int] | None:
 class VirtioScsiDevice:
     """One virtio-scsi device. See the module docstring for what is per-process.
 
-    Driving it (what a backend does per queue):
+    Driving it (what a backend does per queue, as :meth:`queue_roles` declares):
 
-    * request queue ``q >= 2``: ``drain(ring, device.handler_for(q))`` on every kick;
-    * control queue 0: ``drain(ring, device.handler_for(0))``;
-    * event queue 1: NEVER drain it (its buffers wait for events). Call
+    * request queue ``q >= 2`` (HOT): ``drain(ring, device.handler_for(q))`` on every kick;
+    * control queue 0 (CONTROL): ``drain(ring, device.handler_for(0))``;
+    * event queue 1 (EVENT): NEVER drain it (its buffers wait for events). Call
       ``device.deliver_events(ring.pop, ring.push)`` on its kick and after
       :meth:`add_lun` / :meth:`remove_lun` / :meth:`post_event`, and signal the driver if
       it returned nonzero and ``ring.needs_notify()``. ``handler_for(1)`` is
@@ -147,6 +152,9 @@ class VirtioScsiDevice:
         self.events = EventQueue(event_capacity, event_max_age)
         self.tasks = TaskTable(config.num_queues)
         self._lun_cache: dict[bytes, tuple[int, int]] = {}
+        roles = {CONTROL_QUEUE: QueueRole.CONTROL, EVENT_QUEUE: QueueRole.EVENT}
+        self._roles = tuple(roles.get(i, QueueRole.HOT)
+                            for i in range(FIRST_REQUEST_QUEUE + config.num_queues))
         #: how long a TMF waits for a running task to finish before answering FAILURE
         self.tmf_timeout = tmf_timeout
         self._set_config(config)
@@ -182,6 +190,11 @@ class VirtioScsiDevice:
         self.driver_features = None
 
     # -- queue dispatch ----------------------------------------------------------------------
+
+    def queue_roles(self) -> tuple[QueueRole, ...]:
+        """How each virtqueue is served, by index (§5.6.2): 0 control, 1 event, then the
+        request queues, which are the hot ones."""
+        return self._roles
 
     def handler_for(self, queue_index: int) -> Callable[[Chain], int]:
         if queue_index == CONTROL_QUEUE:
