@@ -271,8 +271,8 @@ class Session:
         self.protocol_features = value
 
     def _get_queue_num(self, msg: Message) -> U64:
-        # The total number of virtqueues: QEMU checks only that it is not below what it
-        # wants, and a front-end of ours learns the request queues as this minus 2.
+        # The total number of virtqueues, as the device declares them: QEMU checks only
+        # that it is not below what it wants.
         return U64(self.num_vqs)
 
     def _get_max_mem_slots(self, msg: Message) -> U64:

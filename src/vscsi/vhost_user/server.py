@@ -1,9 +1,9 @@
 """The vhost-user back-end server: a unix socket, one front-end at a time.
 
 The main process runs one select() loop over: the listening socket (while nobody is
-connected), the front-end's socket, the control and event queues' kick eventfds (those
-queues are served here), the request-queue workers' control channels (a worker reports a
-broken ring or dies), and a self-pipe for signals. Request queues run in worker
+connected), the front-end's socket, the kick eventfds of the device's control and event
+queues (those queues are served here), the hot-queue workers' control channels (a worker
+reports a broken ring or dies), and a self-pipe for signals. Hot queues run in worker
 processes (workers.py); the session logic is backend.py; the wire format codec.py.
 
 Reading: each recvmsg() asks for at most the rest of the message being assembled
