@@ -20,12 +20,13 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from vscsi.memory.sgl import Views, gather_prefix, scatter, total, trim
 
 from . import cdb as C
 from . import pages
+from .backends import BlockBackend
 from .constants import (
     ASC_INVALID_COMMAND_OPERATION_CODE,
     ASC_LOGICAL_UNIT_NOT_SUPPORTED,
@@ -37,8 +38,12 @@ from .constants import (
     DATA_PROTECT,
     GOOD,
     ILLEGAL_REQUEST,
+    INQUIRY,
     MEDIUM_ERROR,
     MISCOMPARE,
+    PQ_NOT_CAPABLE,
+    REPORT_LUNS,
+    REQUEST_SENSE,
 )
 from .sense import (
     NO_SENSE_DATA,
@@ -53,12 +58,29 @@ from .sense import (
     write_protected,
 )
 
-if TYPE_CHECKING:
-    from .unit import LogicalUnit
-
 log = logging.getLogger("vscsi.scsi")
 
-Handler = Callable[["LogicalUnit", bytes, Views, Views], ScsiResult]
+
+class Unit(Protocol):
+    """What a handler reads and writes of the unit it runs on (unit.LogicalUnit is one;
+    the stand-in for a missing LUN has only ``report_lun_ids``)."""
+
+    backend: BlockBackend
+    block_size: int
+    block_shift: int
+    num_blocks: int
+    read_only: bool
+    wce: bool
+    inquiry_data: bytes
+    vpd: dict[int, bytes]
+    report_lun_ids: Sequence[int]
+    zero_block: bytes
+    max_unmap_blocks: int
+    max_unmap_descriptors: int
+    max_write_same_blocks: int
+
+
+Handler = Callable[[Unit, bytes, Views, Views], ScsiResult]
 
 # Scratch buffers for VERIFY / WRITE SAME are bounded to this many bytes per step.
 _CHUNK = 1 << 20
@@ -97,14 +119,14 @@ def command(opcode: int, name: str, usage: Sequence[int], sa: int | None = None
     return register
 
 
-def unsupported(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def unsupported(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_COMMAND_OPERATION_CODE)
 
 
 def _service_action_dispatch(opcode: int) -> Handler:
     table = _SERVICE_ACTIONS[opcode]
 
-    def dispatch(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+    def dispatch(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
         info = table.get(cdb[1] & 0x1F)
         if info is None:
             raise invalid_cdb(1, 4)
@@ -142,12 +164,12 @@ def _io_error(e: OSError, *, write: bool, lba: int) -> ScsiError:
                      information=lba)
 
 
-def _check_range(unit: LogicalUnit, lba: int, blocks: int) -> None:
+def _check_range(unit: Unit, lba: int, blocks: int) -> None:
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
 
 
-def _flush(unit: LogicalUnit, lba: int) -> None:
+def _flush(unit: Unit, lba: int) -> None:
     try:
         unit.backend.flush()
     except OSError as e:
@@ -156,7 +178,7 @@ def _flush(unit: LogicalUnit, lba: int) -> None:
 
 # -- READ / WRITE: the hot path -----------------------------------------------------------
 
-def _read(unit: LogicalUnit, lba: int, blocks: int, data_in: Views) -> ScsiResult:
+def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult:
     nbytes = blocks << unit.block_shift
     have = total(data_in)
     if nbytes > have:
@@ -173,7 +195,7 @@ def _read(unit: LogicalUnit, lba: int, blocks: int, data_in: Views) -> ScsiResul
     return ScsiResult(GOOD, b"", nbytes)
 
 
-def _write(unit: LogicalUnit, lba: int, blocks: int, fua: int, data_out: Views) -> ScsiResult:
+def _write(unit: Unit, lba: int, blocks: int, fua: int, data_out: Views) -> ScsiResult:
     nbytes = blocks << unit.block_shift
     have = total(data_out)
     if nbytes > have:
@@ -201,13 +223,13 @@ _RW16 = (0xF8, *(0xFF,) * 12, 0, 0)
 
 
 @command(0x08, "READ(6)", _RW6)
-def read6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     lba, blocks = C.rw6(cdb)
     return _read(unit, lba, blocks, data_in)
 
 
 @command(0x28, "READ(10)", _RW10)
-def read10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # RDPROTECT: we have no protection information
@@ -215,7 +237,7 @@ def read10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Sc
 
 
 @command(0xA8, "READ(12)", _RW12)
-def read12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW12.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -223,7 +245,7 @@ def read12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Sc
 
 
 @command(0x88, "READ(16)", _RW16)
-def read16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -231,13 +253,13 @@ def read16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Sc
 
 
 @command(0x0A, "WRITE(6)", _RW6)
-def write6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     lba, blocks = C.rw6(cdb)
     return _write(unit, lba, blocks, 0, data_out)
 
 
 @command(0x2A, "WRITE(10)", _RW10)
-def write10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # WRPROTECT
@@ -245,7 +267,7 @@ def write10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> S
 
 
 @command(0xAA, "WRITE(12)", _RW12)
-def write12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW12.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -253,7 +275,7 @@ def write12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> S
 
 
 @command(0x8A, "WRITE(16)", _RW16)
-def write16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -272,7 +294,7 @@ def _first_difference(a: memoryview, b: bytes) -> int:
     raise ValueError("buffers are equal")
 
 
-def _verify(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: Views) -> ScsiResult:
+def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views) -> ScsiResult:
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # VRPROTECT
     bytchk = (flags >> 1) & 3
@@ -318,20 +340,20 @@ _VERIFY16 = (0xF6, *(0xFF,) * 12, 0, 0)
 
 
 @command(0x2F, "VERIFY(10)", _VERIFY10)
-def verify10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def verify10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     return _verify(unit, flags, lba, blocks, data_out)
 
 
 @command(0x8F, "VERIFY(16)", _VERIFY16)
-def verify16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def verify16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     return _verify(unit, flags, lba, blocks, data_out)
 
 
 # -- SYNCHRONIZE CACHE --------------------------------------------------------------------
 
-def _sync(unit: LogicalUnit, lba: int, blocks: int) -> ScsiResult:
+def _sync(unit: Unit, lba: int, blocks: int) -> ScsiResult:
     # blocks == 0 means "to the end"; an LBA past the end is still out of range.
     _check_range(unit, lba, blocks)
     # The whole backend is flushed: fdatasync has no range, and IMMED is honoured by
@@ -341,20 +363,20 @@ def _sync(unit: LogicalUnit, lba: int, blocks: int) -> ScsiResult:
 
 
 @command(0x35, "SYNCHRONIZE CACHE(10)", (0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0))
-def sync10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def sync10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     _, lba, blocks = C.RW10.unpack_from(cdb)
     return _sync(unit, lba, blocks)
 
 
 @command(0x91, "SYNCHRONIZE CACHE(16)", (0x02, *(0xFF,) * 12, 0, 0))
-def sync16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def sync16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     _, lba, blocks = C.RW16.unpack_from(cdb)
     return _sync(unit, lba, blocks)
 
 
 # -- WRITE SAME / UNMAP -------------------------------------------------------------------
 
-def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: Views,
+def _write_same(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views,
                 length_byte: int) -> ScsiResult:
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # WRPROTECT
@@ -399,13 +421,13 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
 
 
 @command(0x41, "WRITE SAME(10)", (0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0))
-def write_same10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write_same10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     return _write_same(unit, flags & 0xFE, lba, blocks, data_out, 7)   # bit 0: no NDOB
 
 
 @command(0x93, "WRITE SAME(16)", (0xF9, *(0xFF,) * 12, 0, 0))
-def write_same16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write_same16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     return _write_same(unit, flags, lba, blocks, data_out, 10)
 
@@ -414,7 +436,7 @@ _UNMAP_DESCRIPTOR = struct.Struct(">QI4x")
 
 
 @command(0x42, "UNMAP", (0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
-def unmap(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def unmap(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     anchor, plen = C.UNMAP.unpack_from(cdb)
     if anchor & 0x01:
         raise invalid_cdb(1, 0)
@@ -458,7 +480,7 @@ def unmap(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Scs
 # -- READ CAPACITY ------------------------------------------------------------------------
 
 @command(0x25, "READ CAPACITY(10)", (0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0))
-def read_capacity10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def read_capacity10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     lba, pmi = C.READ_CAPACITY10.unpack_from(cdb)
     if lba and not pmi & 1:
@@ -471,7 +493,7 @@ def read_capacity10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Vie
 
 @command(0x9E, "READ CAPACITY(16)", (0x1F, *(0,) * 8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
          sa=0x10)
-def read_capacity16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def read_capacity16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     _, alloc = C.SERVICE_ACTION16.unpack_from(cdb)
     data = bytearray(32)
@@ -500,13 +522,13 @@ def inquiry_response(cdb: bytes, standard: bytes, vpd: dict[int, bytes], data_in
 
 
 @command(0x12, "INQUIRY", (0x01, 0xFF, 0xFF, 0xFF, 0))
-def inquiry(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def inquiry(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     return inquiry_response(cdb, unit.inquiry_data, unit.vpd, data_in)
 
 
 # -- MODE SENSE / MODE SELECT -------------------------------------------------------------
 
-def _block_descriptor(unit: LogicalUnit, long_lba: bool, pc: int) -> bytes:
+def _block_descriptor(unit: Unit, long_lba: bool, pc: int) -> bytes:
     if pc == pages.PC_CHANGEABLE:
         return bytes(16 if long_lba else 8)     # geometry cannot be changed
     if long_lba:
@@ -516,7 +538,7 @@ def _block_descriptor(unit: LogicalUnit, long_lba: bool, pc: int) -> bytes:
                        unit.block_size.to_bytes(3, "big"))
 
 
-def _mode_sense(unit: LogicalUnit, flags: int, pcpage: int, subpage: int, ten: bool) -> bytes:
+def _mode_sense(unit: Unit, flags: int, pcpage: int, subpage: int, ten: bool) -> bytes:
     pc = pcpage >> 6
     page_code = pcpage & 0x3F
     if pc == pages.PC_SAVED:
@@ -543,18 +565,18 @@ def _mode_sense(unit: LogicalUnit, flags: int, pcpage: int, subpage: int, ten: b
 
 
 @command(0x1A, "MODE SENSE(6)", (0x08, 0xFF, 0xFF, 0xFF, 0))
-def mode_sense6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_sense6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, pcpage, subpage, alloc = C.MODE_SENSE6.unpack_from(cdb)
     return _reply(data_in, _mode_sense(unit, flags, pcpage, subpage, False), alloc)
 
 
 @command(0x5A, "MODE SENSE(10)", (0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0))
-def mode_sense10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_sense10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, pcpage, subpage, alloc = C.MODE_SENSE10.unpack_from(cdb)
     return _reply(data_in, _mode_sense(unit, flags, pcpage, subpage, True), alloc)
 
 
-def _mode_select(unit: LogicalUnit, flags: int, plen: int, data_out: Views, ten: bool
+def _mode_select(unit: Unit, flags: int, plen: int, data_out: Views, ten: bool
                  ) -> ScsiResult:
     if flags & 0x01:
         raise invalid_cdb(1, 0)         # SP: we cannot save pages
@@ -636,13 +658,13 @@ def _mode_select(unit: LogicalUnit, flags: int, plen: int, data_out: Views, ten:
 
 
 @command(0x15, "MODE SELECT(6)", (0x11, 0, 0, 0xFF, 0))
-def mode_select6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_select6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, plen = C.MODE_SELECT6.unpack_from(cdb)
     return _mode_select(unit, flags, plen, data_out, False)
 
 
 @command(0x55, "MODE SELECT(10)", (0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
-def mode_select10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_select10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, plen = C.MODE_SELECT10.unpack_from(cdb)
     return _mode_select(unit, flags, plen, data_out, True)
 
@@ -650,7 +672,7 @@ def mode_select10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
 # -- simple commands ----------------------------------------------------------------------
 
 @command(0x00, "TEST UNIT READY", (0, 0, 0, 0, 0))
-def test_unit_ready(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def test_unit_ready(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     return good()
 
@@ -664,7 +686,7 @@ def request_sense_response(cdb: bytes, sense: bytes, data_in: Views) -> ScsiResu
 
 
 @command(0x03, "REQUEST SENSE", (0x01, 0, 0, 0xFF, 0))
-def request_sense(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def request_sense(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                   ) -> ScsiResult:
     # Every error is reported with CHECK CONDITION and autosense at once, so there are
     # no deferred errors; a pending unit attention is answered before dispatch
@@ -673,14 +695,14 @@ def request_sense(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
 
 
 @command(0x1B, "START STOP UNIT", (0x01, 0, 0x0F, 0xF7, 0))
-def start_stop_unit(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def start_stop_unit(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     # Our medium is always spinning; a stop is accepted and has no effect (as on an SSD).
     return good()
 
 
 @command(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", (0, 0, 0, 0x03, 0))
-def prevent_allow(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def prevent_allow(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                   ) -> ScsiResult:
     return good()
 
@@ -707,7 +729,7 @@ def report_luns_response(luns: Sequence[int], cdb: bytes, data_in: Views) -> Scs
 
 
 @command(0xA0, "REPORT LUNS", (0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0))
-def report_luns(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def report_luns(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     return report_luns_response(unit.report_lun_ids, cdb, data_in)
 
 
@@ -744,7 +766,7 @@ def _rsoc_one(info: CommandInfo | None, rctd: bool) -> bytes:
 
 @command(0xA3, "REPORT SUPPORTED OPERATION CODES",
          (0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0), sa=0x0C)
-def report_supported_opcodes(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def report_supported_opcodes(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                              ) -> ScsiResult:
     _, opts, opcode, sa, alloc = C.RSOC.unpack_from(cdb)
     rctd = bool(opts & 0x80)
@@ -768,5 +790,48 @@ def report_supported_opcodes(unit: LogicalUnit, cdb: bytes, data_out: Views, dat
 
 
 # -- what a target answers for a LUN that does not exist ----------------------------------
+#
+# SPC-4: INQUIRY says "no unit here" (peripheral qualifier 3, type 1Fh), REPORT LUNS lists
+# the target's LUNs, REQUEST SENSE returns LOGICAL UNIT NOT SUPPORTED as its data, and
+# every other command ends in that CHECK CONDITION. A CDB too short for one of the three
+# is "not supported" too (there is no unit whose CDB rules apply).
 
 LUN_NOT_SUPPORTED_SENSE = fixed_sense(ILLEGAL_REQUEST, *ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+_MISSING_INQUIRY = pages.standard_inquiry(PQ_NOT_CAPABLE, "NO LUN")
+_MISSING_VPD = {0x00: bytes((PQ_NOT_CAPABLE, 0x00, 0x00, 0x01, 0x00))}
+
+
+def _lun_not_supported(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                       ) -> ScsiResult:
+    raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+
+
+def _missing_inquiry(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+    if len(cdb) < 6:
+        raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+    return inquiry_response(cdb, _MISSING_INQUIRY, _MISSING_VPD, data_in)
+
+
+def _missing_report_luns(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                         ) -> ScsiResult:
+    if len(cdb) < 12:
+        raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+    return report_luns_response(unit.report_lun_ids, cdb, data_in)
+
+
+def _missing_request_sense(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                           ) -> ScsiResult:
+    if len(cdb) < 6:
+        raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+    # SPC-4 6.39: the sense data of REQUEST SENSE to a missing LUN says so.
+    return request_sense_response(cdb, LUN_NOT_SUPPORTED_SENSE, data_in)
+
+
+def build_missing_lun_dispatch() -> tuple[list[Handler], list[int]]:
+    """Like :func:`build_dispatch`, for a LUN the target does not have (the handlers
+    check CDB lengths themselves, so every minimum is 0)."""
+    handlers: list[Handler] = [_lun_not_supported] * 256
+    handlers[INQUIRY] = _missing_inquiry
+    handlers[REPORT_LUNS] = _missing_report_luns
+    handlers[REQUEST_SENSE] = _missing_request_sense
+    return handlers, [0] * 256
