@@ -58,4 +58,6 @@ def test_slot_bounds() -> None:
     with pytest.raises(ValueError):
         tt.begin(-1, 0, 0, 0)
     with pytest.raises(ValueError):
+        tt.begin(2, 0, 0, 0)
+    with pytest.raises(ValueError):
         TaskTable(0)

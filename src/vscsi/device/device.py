@@ -202,7 +202,9 @@ class VirtioScsiDevice:
         if queue_index == EVENT_QUEUE:
             return self.handle_event
         if FIRST_REQUEST_QUEUE <= queue_index < FIRST_REQUEST_QUEUE + self.config.num_queues:
-            return functools.partial(self.handle_request, queue_index=queue_index)
+            # Bound positionally to the queue's task slot, checked here once: no keyword
+            # dict and no range check per request.
+            return functools.partial(self._serve_request, queue_index - FIRST_REQUEST_QUEUE)
         raise ValueError(
             f"queue {queue_index} does not exist (device has {self.config.num_queues} "
             f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
@@ -215,12 +217,17 @@ class VirtioScsiDevice:
         part (response header + data-in moved), or 0 if there is no room for a response.
 
         ``queue_index`` names the queue's task slot: one caller at a time per queue.
-        Never raises for anything the driver wrote. The steps: locate the two headers,
-        look up the target, execute under the task table, respond with the residual.
+        Never raises for anything the driver wrote.
         """
         slot = queue_index - FIRST_REQUEST_QUEUE
         if not 0 <= slot < self.tasks.queues:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
+        return self._serve_request(slot, chain)
+
+    def _serve_request(self, slot: int, chain: Chain) -> int:
+        """handle_request for task slot ``slot`` (0-based, already checked). The steps:
+        locate the two headers, look up the target, execute under the task table,
+        respond with the residual."""
         wr = chain.writable
         located = self._locate(chain)
         if located.__class__ is int:
@@ -229,15 +236,9 @@ class VirtioScsiDevice:
         # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
         # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
 
-        # A driver uses a handful of distinct LUN fields: remember their decodings (the
-        # cache is bounded so a driver cycling through all 4M valid fields cannot grow it).
-        addr = self._lun_cache.get(lun_field)
+        addr = self._lun_cache.get(lun_field) or self._decode_lun(lun_field)
         if addr is None:
-            addr = decode_lun(lun_field)
-            if addr is None:
-                return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
-            if len(self._lun_cache) < _LUN_CACHE_MAX:
-                self._lun_cache[lun_field] = addr
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
         t, lun = addr
         if self.on_arrival is not None:
             self.on_arrival(t, lun, tag)
@@ -302,6 +303,15 @@ class VirtioScsiDevice:
             lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack(header)
             data_out = advance(rd, req_len)
         return resp_buf, data_in, lun_field, tag, cdb, data_out
+
+    def _decode_lun(self, lun_field: bytes) -> tuple[int, int] | None:
+        """(target, lun) of a LUN field, or None if malformed. A driver uses a handful of
+        distinct fields: their decodings are cached (bounded, so a driver cycling through
+        all 4M valid fields cannot grow the cache)."""
+        addr = decode_lun(lun_field)
+        if addr is not None and len(self._lun_cache) < _LUN_CACHE_MAX:
+            self._lun_cache[lun_field] = addr
+        return addr
 
     def _respond_result(self, wr: list[memoryview], resp_buf: memoryview | None,
                         result: ScsiResult, data_out: list[memoryview],

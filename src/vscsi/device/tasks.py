@@ -50,17 +50,17 @@ class TaskTable:
         self._slots = _TARGETS * HOLD.size      # holds first, then the slots
         # mmap(-1, n) is MAP_SHARED | MAP_ANONYMOUS: forked workers share these pages.
         self._mem = mmap.mmap(-1, self._slots + queues * SLOT.size)
-        # Slot offsets computed once: begin / end run once per request.
-        self._offsets = {q: self._slots + q * SLOT.size for q in range(queues)}
+        # Slot offsets computed once, in a list (the cheapest lookup): begin / end run
+        # once per request.
+        self._offsets = [self._slots + q * SLOT.size for q in range(queues)]
 
     # -- request-queue side: one begin / end pair per request, in that queue's worker ----
 
     def slot_offset(self, queue: int) -> int:
         """Byte offset of request queue ``queue``'s slot (0-based slot number)."""
-        try:
-            return self._offsets[queue]
-        except KeyError:
-            raise ValueError(f"slot {queue} outside 0..{self.queues - 1}") from None
+        if not 0 <= queue < self.queues:
+            raise ValueError(f"slot {queue} outside 0..{self.queues - 1}")
+        return self._offsets[queue]
 
     @staticmethod
     def hold_offset(target: int) -> int:
@@ -74,11 +74,13 @@ class TaskTable:
         """Record that ``queue`` starts (target, lun, tag). Returns 0 to go ahead, or the
         response (RESET / ABORTED) a TMF holding that LUN imposes, in which case the slot is
         already released."""
-        mem = self._mem
         try:
+            if queue < 0:
+                raise IndexError(queue)
             off = self._offsets[queue]
-        except KeyError:
+        except IndexError:
             raise ValueError(f"slot {queue} outside 0..{self.queues - 1}") from None
+        mem = self._mem
         _pack_slot(mem, off, 0, 0, target, lun, tag)
         mem[off] = 1                                   # active, published last
         hold = target * _HOLD_SIZE
