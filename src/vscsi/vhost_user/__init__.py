@@ -1,13 +1,13 @@
 """vscsi.vhost_user -- the vhost-user protocol: a sans-IO message codec, the back-end
 that serves a virtio device to QEMU (or our own front-end) with one worker process per
-request queue, and a small blocking front-end.
+hot queue (the device says which queues are hot), and a small blocking front-end.
 
 Modules, in protocol order:
     codec     messages, payload dataclasses, MessageReader / encode (sans-IO)
     states    session and vring state tables
     backend   Session: one front-end's state and the request dispatch table
     server    BackendServer: the unix socket, the main loop, signals, stats file
-    workers   QueueHost: request queues in forked worker processes, control/event inline
+    workers   QueueHost: hot queues in forked worker processes, control/event inline
     stats     per-queue counters in shared memory (+ the JSON stats file)
     frontend  FrontendClient: a blocking front-end (tests, our driver)
 """

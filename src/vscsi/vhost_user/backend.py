@@ -31,10 +31,12 @@ from typing import Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
 from vscsi.virtio import (
+    DEFAULT_MAX_INDIRECT,
     MAX_QUEUE_SIZE,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     DeviceRing,
+    QueueRole,
     RingAddresses,
 )
 
@@ -146,7 +148,6 @@ class Vring:
 
 @dataclass
 class SessionOptions:
-    num_queues: int  # request queues; the device has 2 + num_queues virtqueues
     protocol_features: int = PROTOCOL_FEATURES
     max_mem_slots: int = MAX_MEM_SLOTS
     name: str = "front-end"
@@ -159,7 +160,9 @@ class Session:
         self.device = device
         self.queues = queues
         self.options = options
-        self.num_vqs = 2 + options.num_queues
+        roles = device.queue_roles()
+        self.num_vqs = len(roles)
+        self.num_hot = sum(role is QueueRole.HOT for role in roles)
         self.state = SessionState.AWAIT_OWNER
         self.features = 0  # acked by SET_FEATURES
         self.protocol_features = 0  # acked by SET_PROTOCOL_FEATURES
@@ -268,8 +271,8 @@ class Session:
         self.protocol_features = value
 
     def _get_queue_num(self, msg: Message) -> U64:
-        # The total number of virtqueues: QEMU checks only that it is not below what it
-        # wants, and a front-end of ours learns the request queues as this minus 2.
+        # The total number of virtqueues, as the device declares them: QEMU checks only
+        # that it is not below what it wants.
         return U64(self.num_vqs)
 
     def _get_max_mem_slots(self, msg: Message) -> U64:
@@ -414,7 +417,7 @@ class Session:
         if not 0 <= index < self.num_vqs:
             raise BackendError(
                 f"virtqueue {index} does not exist: this back-end has {self.num_vqs} "
-                f"({self.options.num_queues} request queues; start it with more --queues)"
+                f"({self.num_hot} hot queues; start it with more --queues)"
             )
         return self.vrings[index]
 
@@ -560,7 +563,8 @@ class Session:
                 self.mem, addrs,
                 event_idx=bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1),
                 last_avail_idx=ring.base,
-                max_indirect=1024 if self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0,
+                max_indirect=(DEFAULT_MAX_INDIRECT
+                              if self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0),
             )
         except (GuestMemoryError, ValueError) as exc:
             raise BackendError(f"bad ring addresses: {exc}") from None

@@ -1,15 +1,18 @@
-"""Who serves each virtqueue: request queues in worker processes, the control and event
-queues in the main process.
+"""Who serves each virtqueue: the device's hot queues in worker processes, its control and
+event queues in the main process. The device says which queue is which
+(``VirtioDevice.queue_roles``, see vscsi.virtio.queues); nothing here knows a device type.
 
 Process model (the choice, and why)
 -----------------------------------
-A request queue gets its own process, forked from the back-end's main process when the
-queue starts (started and enabled, see states.py) and stopped when it stops. Forking at
-start, rather than keeping a pool, means the worker inherits everything as it is at that
-moment without any serialisation: the device object with its open backends (files by
-descriptor, RAM disks MAP_SHARED), the device's negotiated features, the guest memory
-mapping, the ring (validated by the parent before the fork), and the kick/call eventfds.
-Threads would not do: the GIL would serialise the queues.
+Which worker serves which hot queue, and on which CPU, is data (:func:`plan_workers`,
+``QueueHost.workers``): today one worker per hot queue. A worker gets its own process,
+forked from the back-end's main process when the queue starts (started and enabled, see
+states.py) and stopped when it stops. Forking at start, rather than keeping a pool,
+means the worker inherits everything as it is at that moment without any serialisation:
+the device object with its open backends (files by descriptor, RAM disks MAP_SHARED),
+the device's negotiated features, the guest memory mapping, the ring (validated by the
+parent before the fork), and the kick/call eventfds. Threads would not do: the GIL would
+serialise the queues.
 
 What can change while a worker runs is sent over its control channel, a SOCK_SEQPACKET
 socketpair carrying one small JSON object per message, with fds as SCM_RIGHTS:
@@ -48,15 +51,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
-from vscsi.virtio import Chain, DeviceRing, RingBroken, drain
+from vscsi.virtio import Chain, DeviceRing, QueueRole, RingBroken, drain
 
 from . import stats as st
 
 log = logging.getLogger(__name__)
-
-FIRST_REQUEST_QUEUE = 2  # virtio-scsi: 0 control, 1 event, 2.. requests
-CONTROL_QUEUE = 0
-EVENT_QUEUE = 1
 
 CTL_TIMEOUT = 30.0  # seconds to wait for a worker's answer (a batch of slow I/O)
 POLL_INTERVAL = 0.005  # seconds between passes over a ring that has no kick fd
@@ -67,6 +66,10 @@ class VirtioDevice(Protocol):
     """What the back-end needs of a device (vscsi.device.VirtioScsiDevice fits)."""
 
     features: int
+
+    def queue_roles(self) -> Sequence[QueueRole]:
+        """How each virtqueue is served, by index; its length is the number of queues."""
+        ...
 
     def handler_for(self, queue_index: int) -> Callable[[Chain], int]: ...
 
@@ -303,6 +306,23 @@ class _Worker:
                             "last_avail_idx": self.ring.last_avail_idx})
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker process: the hot queues it serves and the CPU it is pinned to (None:
+    unpinned)."""
+
+    queues: tuple[int, ...]
+    cpu: int | None
+
+
+def plan_workers(roles: Sequence[QueueRole], cpus: Sequence[int] | None) -> list[WorkerPlan]:
+    """Today's plan: one worker per hot queue, in queue order, the i-th pinned to
+    ``cpus[i % len(cpus)]``."""
+    hot = [i for i, role in enumerate(roles) if role is QueueRole.HOT]
+    return [WorkerPlan((q,), cpus[n % len(cpus)] if cpus else None)
+            for n, q in enumerate(hot)]
+
+
 @dataclass
 class _Child:
     index: int
@@ -315,25 +335,34 @@ class _Child:
 
 
 class QueueHost:
-    """Runs the rings the session starts: request queues in forked worker processes,
-    control and event queues in this process (``service`` on their kick).
+    """Runs the rings the session starts: the device's hot queues in forked worker
+    processes, its control and event queues in this process (``service`` on their kick).
 
-    ``cpus``: worker for request queue i (0-based) is pinned to ``cpus[i % len(cpus)]``;
-    None leaves workers unpinned. ``inherited``: objects (sockets) the main process owns
-    that a worker must close after the fork (the listening and the front-end sockets),
-    so that a front-end sees EOF when the main process dies.
+    ``workers``: which worker serves which hot queue, on which CPU; by default
+    :func:`plan_workers` over ``cpus`` (None: unpinned). A worker serves one ring for now: a
+    plan must give each hot queue a worker of its own. ``inherited``: objects (sockets) the
+    main process owns that a worker must close after the fork (the listening and the
+    front-end sockets), so that a front-end sees EOF when the main process dies.
     """
 
     def __init__(
         self, device: VirtioDevice, stats: st.QueueStats, *,
         cpus: Sequence[int] | None = None,
+        workers: Sequence[WorkerPlan] | None = None,
         inherited: Callable[[], Iterable[socket.socket]] = lambda: (),
         poll_s: float = 0.0,
     ) -> None:
         self.device = device
         self.poll_s = poll_s  # see _Worker.poll
         self.stats = stats
-        self.cpus = list(cpus) if cpus else None
+        self.roles = tuple(device.queue_roles())
+        self.workers = list(workers) if workers is not None else plan_workers(self.roles, cpus)
+        self._plan_of = {q: plan for plan in self.workers for q in plan.queues}
+        hot = {i for i, role in enumerate(self.roles) if role is QueueRole.HOT}
+        if any(len(plan.queues) != 1 for plan in self.workers) or set(self._plan_of) != hot \
+                or len(self._plan_of) != len(self.workers):
+            raise ValueError(f"worker plan {self.workers} does not give each hot queue "
+                             f"{sorted(hot)} a worker of its own")
         self.inherited = inherited
         self._children: dict[int, _Child] = {}
         self._inline: dict[int, _Inline] = {}
@@ -349,8 +378,10 @@ class QueueHost:
         row = self.stats.row(index)
         row[st.SESSIONS] += 1
         row[st.LAST_AVAIL] = ring.last_avail_idx
-        if index < FIRST_REQUEST_QUEUE:
-            self._inline[index] = _Inline(index, ring, kick_fd, call_fd, row, self.device)
+        role = self.roles[index]
+        if role is not QueueRole.HOT:
+            self._inline[index] = _Inline(index, role, ring, kick_fd, call_fd, row,
+                                          self.device)
             row[st.STATE] = st.STATE_RUNNING
             row[st.PID] = os.getpid()
             self.service(index)
@@ -515,16 +546,11 @@ class QueueHost:
         except ChildProcessError:
             pass
 
-    def _cpu_for(self, index: int) -> int | None:
-        if not self.cpus:
-            return None
-        return self.cpus[(index - FIRST_REQUEST_QUEUE) % len(self.cpus)]
-
     def _fork(self, index: int, ring: DeviceRing, mem: GuestMemory, kick_fd: int,
               call_fd: int) -> None:
         handler = self.device.handler_for(index)
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cpu = self._cpu_for(index)
+        cpu = self._plan_of[index].cpu
         row = self.stats.row(index)
         # Flush our buffered output so the child does not write it a second time.
         sys.stdout.flush()
@@ -568,12 +594,13 @@ class QueueHost:
 
 
 class _Inline:
-    """A queue served in the main process: the control queue (drained per kick) and the
-    event queue (never drained: the device fills its buffers as events occur)."""
+    """A queue served in the main process: a CONTROL queue (drained per kick) or an EVENT
+    queue (never drained: the device fills its buffers as events occur)."""
 
-    def __init__(self, index: int, ring: DeviceRing, kick_fd: int, call_fd: int,
-                 row: memoryview, device: VirtioDevice) -> None:
+    def __init__(self, index: int, role: QueueRole, ring: DeviceRing, kick_fd: int,
+                 call_fd: int, row: memoryview, device: VirtioDevice) -> None:
         self.index = index
+        self.role = role
         self.ring = ring
         self.kick_fd = kick_fd
         self.call_fd = call_fd
@@ -586,7 +613,7 @@ class _Inline:
         row[st.WAKEUPS] += 1
         ring = self.ring
         try:
-            if self.index == EVENT_QUEUE:
+            if self.role is QueueRole.EVENT:
                 pushed = self.device.deliver_events(ring.pop, ring.push)
                 row[st.REQUESTS] += pushed
                 notify = bool(pushed) and ring.needs_notify()
