@@ -72,7 +72,7 @@ def _fields(output: str, key: str) -> list[list[str]]:
 
 @pytest.mark.guest
 def test_guest_fio_verify_over_nbd(image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from vscsi.vm import run_guest
+    from vscsi.vm import GuestOptions, run_guest
 
     disk = tmp_path / "nbd.img"
     disk.write_bytes(os.urandom(DISK_SIZE))
@@ -80,8 +80,8 @@ def test_guest_fio_verify_over_nbd(image, tmp_path: Path) -> None:  # type: igno
     serve = ServeProcess([f"0:0=nbd:{qsd.uri}"], queues=2)
     try:
         serve.start()
-        result = run_guest(image, SCRIPT, vhost_user_socket=serve.socket, vcpus=2, queues=2,
-                           timeout=480)
+        result = run_guest(image, SCRIPT, GuestOptions(
+            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480))
         log = serve.output()[-3000:]
         ctx = f"{result.output}\n--- serve log ---\n{log}"
         assert result.status == 0, f"guest failed (status {result.status}):\n{ctx}"

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         features = PROTOCOL_FEATURES
         if args.no_config_feature:
             features &= ~(1 << ProtocolFeature.CONFIG)
-        server = BackendServer(device, args.socket, num_queues=queues, cpus=cpus,
+        server = BackendServer(device, args.socket, cpus=cpus,
                                stats_path=args.stats, protocol_features=features,
                                max_sessions=1 if args.once else None,
                                pacing=Pacing(args.poll_us / 1e6, count, delay),

@@ -5,7 +5,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vscsi.vhost_user.pacing import AdaptivePoll, Coalescer
-from vscsi.vhost_user.workers import assign_workers
 
 
 def test_poll_off_never_polls():
@@ -94,9 +93,3 @@ def test_coalescer_never_holds_more_than_count_or_longer_than_delay(batches, cou
         assert due is None or due - now < delay + 1e-12
 
 
-def test_assign_workers_spreads_queues():
-    assert assign_workers([2, 3, 4, 5], 2) == {2: 0, 3: 1, 4: 0, 5: 1}
-    assert assign_workers([2, 3], 1) == {2: 0, 3: 0}
-    assert assign_workers([3, 2], 4) == {2: 0, 3: 1}
-    with pytest.raises(ValueError):
-        assign_workers([2], 0)

@@ -30,7 +30,7 @@ from vscsi.vhost_user.codec import (
 )
 from vscsi.vhost_user.states import RingPhase
 from vscsi.vhost_user.workers import Broken
-from vscsi.virtio import DeviceRing, queue_region_size, ring_bytes, ring_layout
+from vscsi.virtio import DeviceRing, QueueRole, queue_region_size, ring_bytes, ring_layout
 
 DEVICE_FEATURES = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 1) | (1 << 2)
 
@@ -42,6 +42,10 @@ class FakeDevice:
         self.config = bytearray(range(36))
         self.driver_features: int | None = None
         self.resets = 0
+
+    def queue_roles(self) -> tuple[QueueRole, ...]:
+        # virtio-scsi's layout with two request queues
+        return (QueueRole.CONTROL, QueueRole.EVENT, QueueRole.HOT, QueueRole.HOT)
 
     def handler_for(self, index: int):  # type: ignore[no-untyped-def]
         return lambda chain: 0
@@ -107,7 +111,7 @@ class Front:
         self.alloc = Allocator(self.mem)
         self.device = FakeDevice()
         self.queues = FakeQueues()
-        self.session = Session(self.device, self.queues, SessionOptions(num_queues=2))
+        self.session = Session(self.device, self.queues, SessionOptions())
         self.fds: list[int] = []
 
     def eventfd(self) -> int:

@@ -23,8 +23,9 @@ import os
 import stat
 from collections.abc import Callable
 
+from vscsi.memory.sgl import Views, advance, total
+
 from .nbd import NbdDisk, NbdUriError, parse_nbd_uri
-from .sgl import Views, advance, total
 from .spec import LunSpec, LunSpecError
 
 # Writing zeros (WRITE SAME of a zero block, discard fallback, null reads) uses slices of

@@ -38,6 +38,7 @@ from vscsi.virtio import (
     VIRTIO_RING_F_INDIRECT_DESC,
     DeviceRing,
     InflightQueue,
+    QueueRole,
     RingAddresses,
     queue_region_size,
     region_size,
@@ -179,7 +180,6 @@ class InflightRegion:
 
 @dataclass
 class SessionOptions:
-    num_queues: int  # request queues; the device has 2 + num_queues virtqueues
     protocol_features: int = PROTOCOL_FEATURES
     max_mem_slots: int = MAX_MEM_SLOTS
     name: str = "front-end"
@@ -192,7 +192,9 @@ class Session:
         self.device = device
         self.queues = queues
         self.options = options
-        self.num_vqs = 2 + options.num_queues
+        roles = device.queue_roles()
+        self.num_vqs = len(roles)
+        self.num_hot = sum(role is QueueRole.HOT for role in roles)
         self.state = SessionState.AWAIT_OWNER
         self.features = 0  # acked by SET_FEATURES
         self.protocol_features = 0  # acked by SET_PROTOCOL_FEATURES
@@ -307,8 +309,8 @@ class Session:
         self.protocol_features = value
 
     def _get_queue_num(self, msg: Message) -> U64:
-        # The total number of virtqueues: QEMU checks only that it is not below what it
-        # wants, and a front-end of ours learns the request queues as this minus 2.
+        # The total number of virtqueues, as the device declares them: QEMU checks only
+        # that it is not below what it wants.
         return U64(self.num_vqs)
 
     def _get_max_mem_slots(self, msg: Message) -> U64:
@@ -499,7 +501,7 @@ class Session:
         if not 0 <= index < self.num_vqs:
             raise BackendError(
                 f"virtqueue {index} does not exist: this back-end has {self.num_vqs} "
-                f"({self.options.num_queues} request queues; start it with more --queues)"
+                f"({self.num_hot} hot queues; start it with more --queues)"
             )
         return self.vrings[index]
 

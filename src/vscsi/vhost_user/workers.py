@@ -1,15 +1,18 @@
-"""Who serves each virtqueue: request queues in worker processes, the control and event
-queues in the main process.
+"""Who serves each virtqueue: the device's hot queues in worker processes, its control and
+event queues in the main process. The device says which queue is which
+(``VirtioDevice.queue_roles``, see vscsi.virtio.queues); nothing here knows a device type.
 
 Process model (the choice, and why)
 -----------------------------------
-A request queue gets its own process, forked from the back-end's main process when the
-queue starts (started and enabled, see states.py) and stopped when it stops. Forking at
-start, rather than keeping a pool, means the worker inherits everything as it is at that
-moment without any serialisation: the device object with its open backends (files by
-descriptor, RAM disks MAP_SHARED), the device's negotiated features, the guest memory
-mapping, the ring (validated by the parent before the fork), and the kick/call eventfds.
-Threads would not do: the GIL would serialise the queues.
+Which worker serves which hot queue, and on which CPU, is data (:func:`plan_workers`,
+``QueueHost.workers``): today one worker per hot queue. A worker gets its own process,
+forked from the back-end's main process when the queue starts (started and enabled, see
+states.py) and stopped when it stops. Forking at start, rather than keeping a pool,
+means the worker inherits everything as it is at that moment without any serialisation:
+the device object with its open backends (files by descriptor, RAM disks MAP_SHARED),
+the device's negotiated features, the guest memory mapping, the ring (validated by the
+parent before the fork), and the kick/call eventfds. Threads would not do: the GIL would
+serialise the queues.
 
 What can change while a worker runs is sent over its control channel, a SOCK_SEQPACKET
 socketpair carrying one small JSON object per message, with fds as SCM_RIGHTS:
@@ -52,6 +55,7 @@ from vscsi.virtio import (
     Chain,
     DeviceRing,
     InflightQueue,
+    QueueRole,
     RingAddresses,
     RingBroken,
     drain,
@@ -63,10 +67,6 @@ from .pacing import AdaptivePoll, Coalescer
 
 log = logging.getLogger(__name__)
 
-FIRST_REQUEST_QUEUE = 2  # virtio-scsi: 0 control, 1 event, 2.. requests
-CONTROL_QUEUE = 0
-EVENT_QUEUE = 1
-
 CTL_TIMEOUT = 30.0  # seconds to wait for a worker's answer (a batch of slow I/O)
 POLL_INTERVAL = 0.005  # seconds between passes over a ring that has no kick fd
 _ONE = (1).to_bytes(8, sys.byteorder)  # what an eventfd write adds
@@ -76,6 +76,10 @@ class VirtioDevice(Protocol):
     """What the back-end needs of a device (vscsi.device.VirtioScsiDevice fits)."""
 
     features: int
+
+    def queue_roles(self) -> Sequence[QueueRole]:
+        """How each virtqueue is served, by index; its length is the number of queues."""
+        ...
 
     def handler_for(self, queue_index: int) -> Callable[[Chain], int]: ...
 
@@ -472,6 +476,30 @@ class Pacing:
     coalesce_s: float = 0.0      # ... or this long after the first held one
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker process: the hot queues it serves and the CPU it is pinned to (None:
+    unpinned)."""
+
+    queues: tuple[int, ...]
+    cpu: int | None
+
+
+def plan_workers(roles: Sequence[QueueRole], cpus: Sequence[int] | None,
+                 workers: int | None = None) -> list[WorkerPlan]:
+    """``workers`` workers (default: one per hot queue) sharing the hot queues evenly:
+    the k-th hot queue goes to worker k mod ``workers``, so one worker serves them all
+    when ``workers`` is 1; worker w is pinned to ``cpus[w % len(cpus)]``."""
+    hot = [i for i, role in enumerate(roles) if role is QueueRole.HOT]
+    if not hot:
+        return []
+    n = len(hot) if workers is None else workers
+    if not 1 <= n <= len(hot):
+        raise ValueError(f"{n} workers for {len(hot)} hot queues")
+    return [WorkerPlan(tuple(hot[w::n]), cpus[w % len(cpus)] if cpus else None)
+            for w in range(n)]
+
+
 @dataclass
 class _Child:
     """A worker process and the request queues it serves now."""
@@ -486,42 +514,39 @@ class _Child:
 # --------------------------------------------------------------------------- the host
 
 
-def assign_workers(queues: Sequence[int], workers: int) -> dict[int, int]:
-    """Which worker serves each hot queue: queue k (in order) goes to worker k mod
-    ``workers``, so N workers share the queues evenly and 1 worker serves them all."""
-    if workers < 1:
-        raise ValueError("at least one worker")
-    return {q: k % workers for k, q in enumerate(sorted(queues))}
-
-
 class QueueHost:
-    """Runs the rings the session starts: request queues in forked worker processes,
-    control and event queues in this process (``service`` on their kick).
+    """Runs the rings the session starts: the device's hot queues in forked worker
+    processes, its control and event queues in this process (``service`` on their kick).
 
-    Which worker serves which request queue is data (:func:`assign_workers`): with
-    ``workers`` None, one worker per request queue. A worker process is forked when the
-    first of its queues starts (inheriting the device, the memory table and the ring as
-    they are then), later queues join it over its control channel, and it exits when its
-    last queue stops. ``cpus``: worker w is pinned to ``cpus[w % len(cpus)]``; None leaves
-    workers unpinned. ``inherited``: objects (sockets) the main process owns that a
-    worker must close after the fork (the listening and the front-end sockets), so that a
-    front-end sees EOF when the main process dies.
+    ``workers``: which worker serves which hot queues, on which CPU; by default
+    :func:`plan_workers` over ``cpus`` (None: unpinned), one worker per hot queue. A
+    worker process is forked when the first of its queues starts (inheriting the device,
+    the memory table and the ring as they are then), later queues join it over its control
+    channel, and it exits when its last queue stops. ``inherited``: objects (sockets) the
+    main process owns that a worker must close after the fork (the listening and the
+    front-end sockets), so that a front-end sees EOF when the main process dies.
     """
 
     def __init__(
         self, device: VirtioDevice, stats: st.QueueStats, *,
         cpus: Sequence[int] | None = None,
+        workers: Sequence[WorkerPlan] | None = None,
         inherited: Callable[[], Iterable[socket.socket]] = lambda: (),
         pacing: Pacing | None = None,
-        workers: int | None = None,
     ) -> None:
         self.device = device
         self.pacing = pacing or Pacing()
         self.stats = stats
-        self.cpus = list(cpus) if cpus else None
+        self.roles = tuple(device.queue_roles())
+        self.workers = list(workers) if workers is not None else plan_workers(self.roles, cpus)
+        # hot queue -> the number of the worker that serves it
+        self.worker_of = {q: w for w, plan in enumerate(self.workers) for q in plan.queues}
+        hot = [i for i, role in enumerate(self.roles) if role is QueueRole.HOT]
+        if sorted(self.worker_of) != hot or \
+                sum(len(plan.queues) for plan in self.workers) != len(hot):
+            raise ValueError(f"worker plan {self.workers} does not give each hot queue "
+                             f"{hot} exactly one worker")
         self.inherited = inherited
-        hot = range(FIRST_REQUEST_QUEUE, stats.num_vqs)
-        self.worker_of = assign_workers(hot, workers or max(1, len(hot)))
         self._children: dict[int, _Child] = {}     # by worker number
         self._inline: dict[int, _Inline] = {}
         self._broken: list[Broken] = []
@@ -541,8 +566,10 @@ class QueueHost:
         row = self.stats.row(index)
         row[st.SESSIONS] += 1
         row[st.LAST_AVAIL] = ring.last_avail_idx
-        if index < FIRST_REQUEST_QUEUE:
-            self._inline[index] = _Inline(index, ring, kick_fd, call_fd, row, self.device)
+        role = self.roles[index]
+        if role is not QueueRole.HOT:
+            self._inline[index] = _Inline(index, role, ring, kick_fd, call_fd, row,
+                                          self.device)
             row[st.STATE] = st.STATE_RUNNING
             row[st.PID] = os.getpid()
             self.service(index)
@@ -741,15 +768,10 @@ class QueueHost:
         except ChildProcessError:
             pass
 
-    def _cpu_for(self, number: int) -> int | None:
-        if not self.cpus:
-            return None
-        return self.cpus[number % len(self.cpus)]
-
     def _fork(self, number: int, index: int, ring: DeviceRing, mem: GuestMemory,
               kick_fd: int, call_fd: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cpu = self._cpu_for(number)
+        cpu = self.workers[number].cpu
         row = self.stats.row(index)
         # Flush our buffered output so the child does not write it a second time.
         sys.stdout.flush()
@@ -793,12 +815,13 @@ class QueueHost:
 
 
 class _Inline:
-    """A queue served in the main process: the control queue (drained per kick) and the
-    event queue (never drained: the device fills its buffers as events occur)."""
+    """A queue served in the main process: a CONTROL queue (drained per kick) or an EVENT
+    queue (never drained: the device fills its buffers as events occur)."""
 
-    def __init__(self, index: int, ring: DeviceRing, kick_fd: int, call_fd: int,
-                 row: memoryview, device: VirtioDevice) -> None:
+    def __init__(self, index: int, role: QueueRole, ring: DeviceRing, kick_fd: int,
+                 call_fd: int, row: memoryview, device: VirtioDevice) -> None:
         self.index = index
+        self.role = role
         self.ring = ring
         self.kick_fd = kick_fd
         self.call_fd = call_fd
@@ -811,7 +834,7 @@ class _Inline:
         row[st.WAKEUPS] += 1
         ring = self.ring
         try:
-            if self.index == EVENT_QUEUE:
+            if self.role is QueueRole.EVENT:
                 pushed = self.device.deliver_events(ring.pop, ring.push)
                 row[st.REQUESTS] += pushed
                 notify = bool(pushed) and ring.needs_notify()

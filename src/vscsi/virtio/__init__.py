@@ -1,6 +1,6 @@
 """Split virtqueues (virtio 1.2 §2.7), both sides: layout, the device side (pop chains,
 push used, drain), the driver side (add, publish, reclaim), indirect descriptors, EVENT_IDX
-notification suppression and feature bits."""
+notification suppression, feature bits, and the roles a device gives its queues."""
 
 from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, DeviceRing, drain
 from vscsi.virtio.driver import DriverRing
@@ -19,6 +19,7 @@ from vscsi.virtio.features import (
     has_feature,
 )
 from vscsi.virtio.inflight import InflightQueue, queue_region_size, region_size
+from vscsi.virtio.queues import QueueRole
 from vscsi.virtio.ring import (
     MAX_QUEUE_SIZE,
     ChainError,
@@ -49,6 +50,7 @@ __all__ = [
     "DeviceRing",
     "DriverRing",
     "InflightQueue",
+    "QueueRole",
     "RingAddresses",
     "RingBroken",
     "RingFull",
