@@ -46,8 +46,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="request queues (default: the number of usable CPUs); QEMU's "
                              "num_queues must not exceed it")
     parser.add_argument("--lun", action="append", default=[], metavar="SPEC",
-                        help="a logical unit, TARGET:LUN=file:PATH|ram:SIZE|null:SIZE"
-                             "[,ro][,block-size=N][,serial=S]; repeatable")
+                        help="a logical unit, TARGET:LUN=file:PATH|ram:SIZE|null:SIZE|nbd:URI"
+                             "|python:MODULE:CLASS[,ro][,block-size=N][,serial=S]"
+                             "[,KEY=VALUE for a plugin]; repeatable")
     parser.add_argument("--cpus", metavar="LIST",
                         help="CPUs for the request-queue workers, e.g. 0-3,6: worker i runs "
                              "on the i-th (default: every CPU this process may use)")

@@ -35,6 +35,7 @@ from .constants import (
     UNIT_ATTENTION,
 )
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
+from .plugin import load_plugin
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .sgl import Views
 from .spec import MAX_LUN, LunSpec, LunSpecError
@@ -274,7 +275,7 @@ def build_targets(specs: Iterable[LunSpec]) -> dict[int, ScsiTarget]:
     opened: list[LogicalUnit] = []
     try:
         for spec in specs:
-            backend = open_backend(spec)
+            backend = load_plugin(spec) if spec.kind == "python" else open_backend(spec)
             try:
                 unit = LogicalUnit(backend, block_size=spec.block_size,
                                    read_only=spec.read_only, serial=spec.serial,
