@@ -34,7 +34,9 @@ from .constants import (
     TYPE_DISK,
     UNIT_ATTENTION,
 )
+from .filters import Command, FilterStack
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
+from .pending import Pending
 from .plugin import load_plugin
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .sgl import Views
@@ -114,6 +116,10 @@ class LogicalUnit:
         self.inquiry_data = standard_inquiry(TYPE_DISK, self.identity.product)
         self.vpd = vpd_pages(self.identity)
 
+        # Filters in front of execute() (docs/filters.md); empty: submit() is execute().
+        self.filters = FilterStack(self._execute_command, target=target_id, lun=lun_id,
+                                   block_size=block_size)
+
         # MAP_SHARED anonymous page: survives fork() as shared memory.
         self._state = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
         # No power-on unit attention: initiators that never reset (our own driver, fio
@@ -175,6 +181,16 @@ class LogicalUnit:
             log.exception("internal error executing CDB %s", bytes(cdb).hex())
             return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
 
+    def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
+               ) -> ScsiResult | Pending:
+        """execute() behind the unit's filters: the result may come later (a Pending)."""
+        if not self.filters:
+            return self.execute(cdb, data_out, data_in)
+        return self.filters.submit(cdb, data_out, data_in, queue)
+
+    def _execute_command(self, cmd: Command) -> ScsiResult:
+        return self.execute(cmd.cdb, cmd.data_out, cmd.data_in)
+
     def _report_unit_attention(self, cdb: bytes, data_in: Views) -> ScsiResult:
         """SPC-4 5.14: the pending unit attention is reported (and cleared) by this
         command: as REQUEST SENSE parameter data, otherwise as CHECK CONDITION instead of
@@ -187,6 +203,7 @@ class LogicalUnit:
         return ScsiResult(CHECK_CONDITION, sense)
 
     def close(self) -> None:
+        self.filters.close()
         self.backend.close()
         if not self._state.closed:
             self._state.close()
@@ -221,6 +238,14 @@ class ScsiTarget:
         unit = self.luns.get(lun)
         if unit is not None:
             return unit.execute(cdb, data_out, data_in)
+        return self._absent(cdb, data_in)
+
+    def submit(self, lun: int, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
+               ) -> ScsiResult | Pending:
+        """execute() through the unit's filter stack (see LogicalUnit.submit)."""
+        unit = self.luns.get(lun)
+        if unit is not None:
+            return unit.submit(cdb, data_out, data_in, queue)
         return self._absent(cdb, data_in)
 
     def _absent(self, cdb: bytes, data_in: Views) -> ScsiResult:
