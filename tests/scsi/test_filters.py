@@ -368,3 +368,14 @@ def test_trace_bad_path_is_one_line(unit, tmp_path):
     with pytest.raises(FilterSpecError, match="cannot open") as e:
         unit.filters.add(f"trace:file={tmp_path}/no/such/dir/t.jsonl")
     assert "\n" not in str(e.value)
+
+
+def test_trace_removed_while_a_command_is_in_flight(unit, clock, tmp_path):
+    path = tmp_path / "trace.jsonl"
+    fid = unit.filters.add(f"trace:file={path}")
+    unit.filters.add("delay:read=1ms")
+    p, _ = submit(unit, read10(0, 1), in_len=BS)
+    unit.filters.remove(fid)
+    clock.advance(0.001)
+    assert p.done and p.result.status == GOOD
+    assert path.read_text() == ""            # closed: nothing written, nothing reopened

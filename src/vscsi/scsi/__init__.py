@@ -10,7 +10,10 @@ Modules, along the request path:
     pages     INQUIRY, VPD and mode page data
     sense     ScsiResult, sense data, ScsiError
     sgl       scatter-gather helpers over memoryview lists
-    backends  file / ram / null block storage
+    backends  file / ram / null / nbd block storage
+    plugin    python:MODULE:CLASS backends written by users (docs/plugins.md)
+    pending   Pending (a result that comes later) and the Scheduler protocol
+    filters   the per-LUN filter stack: error, hang, delay, rate, trace (docs/filters.md)
     constants status codes, sense keys, ASC/ASCQ, opcodes
 """
 

@@ -8,6 +8,7 @@ O_APPEND file, so the forked queue workers sharing it never interleave within a 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TextIO
 
@@ -17,6 +18,8 @@ from ..sense import ScsiResult
 from .base import Filter, after
 from .command import OP_NAMES, Command, Stage, lba_range
 from .spec import FilterSpec, FilterSpecError
+
+log = logging.getLogger("vscsi.scsi.filters")
 
 
 class TraceFilter(Filter):
@@ -40,15 +43,17 @@ class TraceFilter(Filter):
         start = clock()
 
         def record(result: ScsiResult) -> ScsiResult:
-            self.write(cmd, result, wall, clock() - start)
+            try:
+                self.write(cmd, result, wall, clock() - start)
+            except (OSError, ValueError) as e:    # a full disk must not fail the command
+                log.warning("trace %s: %s", self.path, e)
             return result
 
         return after(next_stage(cmd), record)
 
     def write(self, cmd: Command, result: ScsiResult, wall: float, latency: float) -> None:
-        if self.file is None:
-            self.open()
-        assert self.file is not None
+        if self.file is None:       # removed while this command was in flight
+            return
         self.file.write(json.dumps(trace_record(cmd, result, wall, latency),
                                    separators=(",", ":")) + "\n")
 
