@@ -13,6 +13,7 @@ from vscsi.scsi.constants import TASK_ABORTED
 from vscsi.scsi.filters import FilterSpecError
 from vscsi.scsi.pending import Pending
 from vscsi.scsi.sense import ScsiResult
+from vscsi.testing.clock import ManualClock
 
 from .helpers import (
     GOOD,
@@ -27,7 +28,6 @@ from .helpers import (
     read16,
     write10,
 )
-from .manual_clock import ManualClock
 
 BS = 512
 

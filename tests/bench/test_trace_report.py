@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
-from vscsi.trace_report import read_trace, summarise
-
-from .helpers import ram_unit, read10, write10
-from .manual_clock import ManualClock
+from vscsi.bench.trace import read_trace, summarise
+from vscsi.scsi import LogicalUnit, RamBackend
+from vscsi.testing.clock import ManualClock
 
 BS = 512
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+
+
+def write10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
 
 
 def vscsi(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
@@ -27,7 +35,7 @@ def record_trace(path: Path) -> None:
     """100 READ(10) with latencies 1..100 ms, 10 WRITE(10) of which 3 fail with a medium
     error, written by a real trace filter over a real unit."""
     clock = ManualClock()
-    unit = ram_unit(1 << 20)
+    unit = LogicalUnit(RamBackend(1 << 20))
     unit.filters.scheduler = clock
     unit.filters.add(f"trace:file={path}")
     delay = unit.filters.add("delay:read=1ms")

@@ -1,4 +1,6 @@
-"""A Scheduler driven by hand: time moves only when a test calls advance()."""
+"""ManualClock: a Scheduler (vscsi.scsi.pending) driven by hand -- time moves only when a
+test calls advance(), and timers fire then, in deadline order. For deterministic tests of
+anything that waits (the delay and rate filters)."""
 
 from __future__ import annotations
 
