@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vscsi.scsi.filters import (
@@ -116,6 +116,7 @@ def filter_specs(draw) -> FilterSpec:
     return FilterSpec(kind, tuple((k, draw(_values[k])) for k in keys))
 
 
+@settings(deadline=None)
 @given(filter_specs(), st.integers(0, 255), st.integers(0, 16383))
 def test_format_then_parse_round_trips(spec, target, lun):
     text = format_filter(spec)
@@ -124,6 +125,7 @@ def test_format_then_parse_round_trips(spec, target, lun):
     assert (arg.target, arg.lun, arg.spec) == (target, lun, spec)
 
 
+@settings(deadline=None)
 @given(st.text(max_size=80))
 def test_garbage_raises_only_filter_spec_error(text):
     try:
@@ -137,6 +139,7 @@ _pieces = st.sampled_from(["0", "1", ":", "=", ",", ",,", "-", "error", "delay",
                            "2", "0.5", "prob", "every", "iops", "bw", "file", "M", "é"])
 
 
+@settings(deadline=None)
 @given(st.lists(_pieces, max_size=14).map("".join))
 def test_near_misses_raise_only_filter_spec_error(text):
     try:

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vscsi.scsi import LunSpec, LunSpecError, build_targets, format_lun_spec, parse_lun_spec
@@ -71,6 +71,7 @@ _keys = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(
     lambda k: k not in ("ro", "serial"))
 
 
+@settings(deadline=None)
 @given(st.lists(st.tuples(_keys, st.text(st.characters(codec="utf-8",
                                                        exclude_characters="\x00"),
                                          max_size=10)),
