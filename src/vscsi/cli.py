@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "bench": ("vscsi.bench.command", "run fio-like jobs through our driver"),
     "simulate": ("vscsi.sim.command", "discrete-event model of the steering policies"),
     "vm": ("vscsi.vm.command", "build and boot a Linux guest against a backend"),
+    "trace": ("vscsi.bench.trace", "summarise a command trace (--filter T:L=trace:file=F)"),
 }
 
 

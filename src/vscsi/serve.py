@@ -46,8 +46,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="request queues (default: the number of usable CPUs); QEMU's "
                              "num_queues must not exceed it")
     parser.add_argument("--lun", action="append", default=[], metavar="SPEC",
-                        help="a logical unit, TARGET:LUN=file:PATH|ram:SIZE|null:SIZE"
-                             "[,ro][,block-size=N][,serial=S]; repeatable")
+                        help="a logical unit, TARGET:LUN=file:PATH|ram:SIZE|null:SIZE|nbd:URI"
+                             "|python:MODULE:CLASS[,ro][,block-size=N][,serial=S]"
+                             "[,KEY=VALUE for a plugin]; repeatable")
+    parser.add_argument("--filter", action="append", default=[], metavar="T:L=SPEC",
+                        help="a filter in front of LUN T:L: error:..., delay:..., hang:..., "
+                             "rate:..., trace:file=PATH (docs/filters.md); repeatable, the "
+                             "first given sees a command first")
     parser.add_argument("--cpus", metavar="LIST",
                         help="CPUs for the request-queue workers, e.g. 0-3,6: worker i runs "
                              "on the i-th (default: every CPU this process may use)")
@@ -132,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vscsi.device import ScsiConfig, VirtioScsiDevice
     from vscsi.scsi import build_targets, parse_lun_spec
+    from vscsi.scsi.filters import parse_filter_arg
     from vscsi.vhost_user import (
         PROTOCOL_FEATURES,
         BackendServer,
@@ -141,9 +147,11 @@ def run(args: argparse.Namespace) -> int:
     )
 
     specs = [parse_lun_spec(text) for text in args.lun]  # LunSpecError: one line, exit 2
+    filters = [parse_filter_arg(text) for text in args.filter]  # FilterSpecError: the same
     targets = build_targets(specs)  # opens the backends: LunSpecError / OSError
     device = server = None
     try:
+        _add_filters(targets, filters)
         device = VirtioScsiDevice(targets, ScsiConfig(num_queues=queues))
         features = PROTOCOL_FEATURES
         if args.no_config_feature:
@@ -170,6 +178,18 @@ def run(args: argparse.Namespace) -> int:
         _close_targets(targets)
     log.info("stopped")
     return 0
+
+
+def _add_filters(targets: dict, filters: list) -> None:
+    """Put each --filter on its LUN's stack (a LUN that is not served: one line, exit 2)."""
+    from vscsi.scsi.filters import FilterSpecError
+
+    for arg in filters:
+        target = targets.get(arg.target)
+        if target is None or arg.lun not in target.luns:
+            raise FilterSpecError(f"--filter {arg}: there is no LUN {arg.target}:{arg.lun}")
+        target.luns[arg.lun].filters.add(arg.spec)
+        log.info("filter on LUN %d:%d: %s", arg.target, arg.lun, arg.spec)
 
 
 def _close_targets(targets: dict) -> None:

@@ -10,7 +10,10 @@ Modules, along the request path:
     commands  the command handlers and their registry
     pages     INQUIRY, VPD and mode page data
     sense     ScsiResult, sense data, ScsiError
-    backends  file / ram / null block storage
+    backends  file / ram / null / nbd block storage
+    plugin    python:MODULE:CLASS backends written by users (docs/plugins.md)
+    pending   Pending (a result that comes later) and the Scheduler protocol
+    filters   the per-LUN filter stack: error, hang, delay, rate, trace (docs/filters.md)
     constants status codes, sense keys, ASC/ASCQ, opcodes
 """
 

@@ -5,9 +5,14 @@
     0:300=null:1G,block-size=4096,serial=ABC
     0:1=nbd:nbd+unix:///d0?socket=/run/qsd.sock
 
-BACKEND is file:PATH, ram:SIZE, null:SIZE or nbd:URI (nbd://HOST[:PORT]/EXPORT or
-nbd+unix:///EXPORT?socket=PATH; the disk's size is the export's). Options: ro,
-block-size=512|4096, serial=TEXT. A literal comma inside PATH, URI or TEXT is written twice
+    0:2=python:examples/sparse_disk.py:SparseDisk,size=64M
+
+BACKEND is file:PATH, ram:SIZE, null:SIZE, nbd:URI (nbd://HOST[:PORT]/EXPORT or
+nbd+unix:///EXPORT?socket=PATH; the disk's size is the export's) or python:MODULE:CLASS
+(a plugin, docs/plugins.md; MODULE is a dotted module name or a path to a .py file).
+Options: ro, block-size=512|4096, serial=TEXT; a python backend gets every other KEY=VALUE
+as a constructor keyword argument (a string), so its keys cannot be named ro, block-size
+or serial. A literal comma inside PATH, URI or TEXT is written twice
 (",,"), as in QEMU's option syntax, so every path can be expressed; in a URI's export name
 a comma may also be percent-encoded (%2C).
 
@@ -29,12 +34,13 @@ BLOCK_SIZES = (512, 4096)
 MAX_SERIAL_LEN = 64
 # Offsets are off_t (signed 64-bit): no LU may be larger.
 MAX_SIZE = (1 << 63) - 1
-KINDS = ("file", "ram", "null", "nbd")
+KINDS = ("file", "ram", "null", "nbd", "python")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 # ASCII digits only: str.isdigit() accepts "²" and other digits int() then rejects.
 _SIZE_RE = re.compile(r"([0-9]+)(?:([kmgtp])(?:i?b)?|b)?", re.IGNORECASE | re.ASCII)
 _NUMBER_RE = re.compile(r"[0-9]+", re.ASCII)
+_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
 class LunSpecError(ValueError):
@@ -45,12 +51,14 @@ class LunSpecError(ValueError):
 class LunSpec:
     target: int
     lun: int
-    kind: str            # "file" | "ram" | "null" | "nbd"
-    arg: str             # path, size text or NBD URI
+    kind: str            # "file" | "ram" | "null" | "nbd" | "python"
+    arg: str             # path, size text, NBD URI or MODULE:CLASS
     size: int | None     # bytes, for ram/null
     read_only: bool = False
     block_size: int = 512
     serial: str | None = None
+    #: a python plugin's own KEY=VALUE options, in the order given
+    params: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return format_lun_spec(self)
@@ -138,19 +146,22 @@ def _parse(text: str) -> LunSpec:
     kind, colon, arg = backend.partition(":")
     if kind not in KINDS:
         raise LunSpecError(f"unknown backend {kind!r}: expected file:PATH, ram:SIZE, "
-                           f"null:SIZE or nbd:URI")
+                           f"null:SIZE, nbd:URI or python:MODULE:CLASS")
     if not colon or not arg:
-        what = {"file": "a PATH", "nbd": "a URI"}.get(kind, "a SIZE")
+        what = {"file": "a PATH", "nbd": "a URI", "python": "MODULE:CLASS"}.get(kind, "a SIZE")
         raise LunSpecError(f"backend {kind} needs {what}")
     if kind == "nbd":
         try:
             parse_nbd_uri(arg)
         except NbdUriError as e:
             raise LunSpecError(str(e)) from None
+    if kind == "python":
+        split_plugin_arg(arg)
 
     read_only = False
     block_size = 512
     serial: str | None = None
+    params: list[tuple[str, str]] = []
     seen: set[str] = set()
     for opt in options:
         name, eq, value = opt.partition("=")
@@ -171,6 +182,11 @@ def _parse(text: str) -> LunSpec:
             if not eq:
                 raise LunSpecError("option 'serial' needs a value: serial=TEXT")
             serial = _check_serial(value)
+        elif kind == "python":
+            if _IDENTIFIER_RE.fullmatch(name) is None or not eq:
+                raise LunSpecError(f"bad plugin option {opt!r}: expected KEY=VALUE with KEY "
+                                   f"a Python identifier")
+            params.append((name, value))
         else:
             raise LunSpecError(f"unknown option {name!r}: expected ro, block-size=, serial=")
 
@@ -182,7 +198,17 @@ def _parse(text: str) -> LunSpec:
         if size % block_size:
             raise LunSpecError(f"size {arg} ({size} bytes) is not a multiple of the "
                                f"block size {block_size}")
-    return LunSpec(target, lun, kind, arg, size, read_only, block_size, serial)
+    return LunSpec(target, lun, kind, arg, size, read_only, block_size, serial, tuple(params))
+
+
+def split_plugin_arg(arg: str) -> tuple[str, str]:
+    """'pkg.mod:Class' or 'path/to/file.py:Class' -> (module or path, class name)."""
+    module, colon, cls = arg.rpartition(":")
+    if not colon or not module:
+        raise LunSpecError(f"bad plugin {arg!r}: expected python:MODULE_OR_PATH:CLASS")
+    if _IDENTIFIER_RE.fullmatch(cls) is None:
+        raise LunSpecError(f"bad plugin class name {cls!r}: expected a Python identifier")
+    return module, cls
 
 
 def format_lun_spec(spec: LunSpec) -> str:
@@ -194,4 +220,5 @@ def format_lun_spec(spec: LunSpec) -> str:
         parts.append(f"block-size={spec.block_size}")
     if spec.serial is not None:
         parts.append(f"serial={_escape(spec.serial)}")
+    parts.extend(f"{key}={_escape(value)}" for key, value in spec.params)
     return ",".join(parts)

@@ -29,7 +29,10 @@ from .constants import (
     TYPE_DISK,
     UNIT_ATTENTION,
 )
+from .filters import Command, FilterStack
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
+from .pending import Pending
+from .plugin import load_plugin
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .spec import MAX_LUN, LunSpec, LunSpecError
 
@@ -161,6 +164,10 @@ class LogicalUnit(_Unit):
         self.inquiry_data = standard_inquiry(TYPE_DISK, self.identity.product)
         self.vpd = vpd_pages(self.identity)
 
+        # Filters in front of execute() (docs/filters.md); empty: submit() is execute().
+        self.filters = FilterStack(self._execute_command, target=target_id, lun=lun_id,
+                                   block_size=block_size)
+
         # MAP_SHARED anonymous page: survives fork() as shared memory.
         self._state = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
         # No power-on unit attention: initiators that never reset (our own driver, fio
@@ -190,7 +197,18 @@ class LogicalUnit(_Unit):
         """Bytes addressable through this unit."""
         return self.num_blocks * self.block_size
 
+    def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
+               ) -> ScsiResult | Pending:
+        """execute() behind the unit's filters: the result may come later (a Pending)."""
+        if not self.filters:
+            return self.execute(cdb, data_out, data_in)
+        return self.filters.submit(cdb, data_out, data_in, queue)
+
+    def _execute_command(self, cmd: Command) -> ScsiResult:
+        return self.execute(cmd.cdb, cmd.data_out, cmd.data_in)
+
     def close(self) -> None:
+        self.filters.close()
         self.backend.close()
         if not self._state.closed:
             self._state.close()
@@ -237,6 +255,14 @@ class ScsiTarget:
             return unit.execute(cdb, data_out, data_in)
         return self._missing.execute(cdb, data_out, data_in)
 
+    def submit(self, lun: int, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
+               ) -> ScsiResult | Pending:
+        """execute() through the unit's filter stack (see LogicalUnit.submit)."""
+        unit = self.luns.get(lun)
+        if unit is not None:
+            return unit.submit(cdb, data_out, data_in, queue)
+        return self._missing.execute(cdb, data_out, data_in)
+
     def lun_reset(self, lun: int) -> None:
         """LOGICAL UNIT RESET of one LUN (a missing LUN has nothing to reset)."""
         unit = self.luns.get(lun)
@@ -272,7 +298,7 @@ def build_targets(specs: Iterable[LunSpec]) -> dict[int, ScsiTarget]:
     opened: list[LogicalUnit] = []
     try:
         for spec in specs:
-            backend = open_backend(spec)
+            backend = load_plugin(spec) if spec.kind == "python" else open_backend(spec)
             try:
                 unit = LogicalUnit(backend, block_size=spec.block_size,
                                    read_only=spec.read_only, serial=spec.serial,
