@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import threading
 from collections.abc import Callable
 
 
@@ -23,6 +24,8 @@ class ManualClock:
         self.now = start
         self._heap: list[tuple[float, int, _Timer, Callable[[], None]]] = []
         self._seq = itertools.count()
+        self._ready: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
 
     def time(self) -> float:
         return self.now
@@ -33,6 +36,19 @@ class ManualClock:
         heapq.heappush(self._heap, (self.now + delay, next(self._seq), timer, callback))
         return timer
 
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Queued like a timer due now: it runs at the next advance() (or run_ready())."""
+        with self._lock:
+            self._ready.append(callback)
+
+    def run_ready(self) -> int:
+        """Run the callbacks handed over by call_soon_threadsafe; how many ran."""
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for callback in ready:
+            callback()
+        return len(ready)
+
     @property
     def armed(self) -> int:
         return sum(1 for _, _, t, _ in self._heap if not t.cancelled)
@@ -40,6 +56,7 @@ class ManualClock:
     def advance(self, seconds: float) -> None:
         """Move time forward, running every timer due on the way, in deadline order."""
         end = self.now + seconds
+        self.run_ready()
         while self._heap and self._heap[0][0] <= end + 1e-12:
             when, _, timer, callback = heapq.heappop(self._heap)
             self.now = max(self.now, when)
