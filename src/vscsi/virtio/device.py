@@ -124,6 +124,11 @@ class DeviceRing:
         self._notify = True
         self.set_notify(True)  # clear a stale NO_NOTIFY / avail_event left by a former owner
 
+    @property
+    def resubmitting(self) -> int:
+        """Heads from the in-flight region still to be run again."""
+        return len(self._resubmit)
+
     def remap(self, mem: GuestMemory) -> None:
         """Use a new memory table (vhost-user SET_MEM_TABLE); the ring stays where it is
         in guest-physical space. GuestMemoryError if an area is no longer mapped."""
