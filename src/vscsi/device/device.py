@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
 from vscsi.device.iov import gather, scatter, skip, total
+from vscsi.device.stats import DeviceStats
 from vscsi.device.tasks import ALL_LUNS, HOLD, SLOT, TaskTable
 from vscsi.device.wire import (
     AN_REQ,
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _slot_pack = SLOT.pack_into
+_now_ns = time.monotonic_ns
 _hold_unpack = HOLD.unpack_from
 _HOLD_SIZE = HOLD.size
 _LUN_CACHE_MAX = 4096
@@ -153,6 +156,11 @@ class VirtioScsiDevice:
         self._slot_offsets = {FIRST_REQUEST_QUEUE + q: self.tasks.slot_offset(q)
                               for q in range(config.num_queues)}
         self._lun_cache: dict[bytes, tuple[int, int]] = {}
+        #: per-LUN and per-target counters in shared memory (see .stats)
+        self.stats = DeviceStats(config.num_queues)
+        for t, target in targets.items():
+            for lun in _luns_of(target) or ():
+                self.stats.assign(t, lun)
         #: how long a TMF waits for a running task to finish before answering FAILURE
         self.tmf_timeout = tmf_timeout
         self._set_config(config)
@@ -256,14 +264,19 @@ class VirtioScsiDevice:
         t, lun = addr
         if self.on_arrival is not None:
             self.on_arrival(t, lun, tag)
+        q = queue_index - FIRST_REQUEST_QUEUE
+        stats = self.stats
+        stats.arrive(q, t)
         target = self.targets.get(t)
         if target is None:
+            stats.leave(q, t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
 
         if data_out and data_in and total(data_out) and total(data_in):
             # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
             # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
             # a SCSI CHECK CONDITION, since the target never saw the command.
+            stats.leave(q, t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
 
         # The worker side of the task table (TaskTable.begin / end, inlined): publish the
@@ -276,18 +289,22 @@ class VirtioScsiDevice:
             held_response, held_lun = _hold_unpack(mem, hold)
             if held_lun == ALL_LUNS or held_lun == lun:
                 mem[slot] = 0
+                stats.leave(q, t)
                 return self._respond(wr, resp_buf, held_response)
+        started = _now_ns()
         try:
             result = target.execute(lun, cdb, data_out, data_in)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
             mem[slot] = 0
+            stats.done(q, t, lun, True, 0, 0, _now_ns() - started)
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
         cancelled = mem[slot + 1]
         mem[slot] = 0
         if cancelled:                   # a TMF aborted / reset it while it ran
+            stats.done(q, t, lun, True, 0, 0, _now_ns() - started)
             return self._respond(wr, resp_buf, cancelled)
 
         # resid = data buffer length - bytes moved (clamped: never trust a count).
@@ -295,11 +312,14 @@ class VirtioScsiDevice:
             moved = result.data_in
             moved = in_len if moved > in_len else moved if moved > 0 else 0
             resid = in_len - moved
+            written = 0
         elif data_out and (out_len := sum(map(len, data_out))):
             used = result.data_out
-            moved, resid = 0, out_len - (out_len if used > out_len else used if used > 0 else 0)
+            written = out_len if used > out_len else used if used > 0 else 0
+            moved, resid = 0, out_len - written
         else:
-            moved = resid = 0
+            moved = resid = written = 0
+        stats.done(q, t, lun, result.status != 0, moved, written, _now_ns() - started)
         sense = result.sense
         response = VIRTIO_SCSI_S_OVERRUN if result.overrun else VIRTIO_SCSI_S_OK
         sense_len = len(sense)
@@ -499,11 +519,13 @@ class VirtioScsiDevice:
             from vscsi.scsi import ScsiTarget
 
             self.targets[target] = ScsiTarget({lun: unit})
+            self.stats.assign(target, lun)
         else:
             luns = self._luns_dict(existing)
             if lun in luns:
                 raise ValueError(f"LUN {target}:{lun} already exists")
             self.targets[target] = type(existing)({**luns, lun: unit})
+        self.stats.assign(target, lun)
         if not notify:
             return False
         return self.post_event(VIRTIO_SCSI_T_TRANSPORT_RESET, target, lun,
@@ -520,6 +542,7 @@ class VirtioScsiDevice:
         if lun not in luns:
             raise KeyError(f"no LUN {target}:{lun}")
         unit = luns.pop(lun)
+        self.stats.release(target, lun)
         if luns:
             self.targets[target] = type(existing)(luns)
         else:
@@ -544,6 +567,7 @@ class VirtioScsiDevice:
 
     def close(self) -> None:
         self.tasks.close()
+        self.stats.close()
 
 
 _LUN_TMFS = frozenset((
