@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": ("vscsi.bench.command", "run fio-like jobs through our driver"),
     "simulate": ("vscsi.sim.command", "discrete-event model of the steering policies"),
     "vm": ("vscsi.vm.command", "build and boot a Linux guest against a backend"),
+    "rpc": ("vscsi.rpc.command", "manage a running `vscsi serve` (LUNs, stats, steering)"),
 }
 
 

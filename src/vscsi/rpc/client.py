@@ -29,9 +29,9 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)
-        except OSError:
+        except OSError as exc:
             self.sock.close()
-            raise
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from None
         self._file = self.sock.makefile("rb")
         self._ids = itertools.count(1)
 
