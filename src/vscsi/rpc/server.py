@@ -97,7 +97,7 @@ def listen_unix(path: str) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    sock.listen(16)
+    sock.listen(128)
     sock.setblocking(False)
     return sock
 
@@ -242,6 +242,9 @@ class RpcServer:
             ident = None
         try:
             method, params, notification = _parse_request(request)
+        except _Refused as exc:
+            return _error(ident, exc.code, str(exc))
+        try:
             fn = self.methods.get(method)
             if fn is None:
                 raise _Refused(METHOD_NOT_FOUND, f"unknown method {method!r} "
@@ -258,7 +261,8 @@ class RpcServer:
                 log.exception("rpc: method %s failed", method)
                 raise _Refused(INTERNAL_ERROR, f"{method}: internal error: {exc}") from None
         except _Refused as exc:
-            return _error(ident, exc.code, str(exc))
+            # A notification is never answered, not even with an error (JSON-RPC 2.0).
+            return None if notification else _error(ident, exc.code, str(exc))
         if notification:
             return None
         return {"jsonrpc": "2.0", "id": ident, "result": result}
