@@ -193,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
                                stats_path=args.stats, protocol_features=features,
                                max_sessions=1 if args.once else None,
                                poll_us=args.poll_us)
+        if args.log_file:
+            restore_hup = _reopen_on_sighup(server, reopen_logs)
         try:
             server.bind()
         except ServerError as exc:
@@ -211,8 +213,6 @@ def run(args: argparse.Namespace) -> int:
 
             serve_metrics(controller, *metrics_at)  # OSError: port in use...
             log.info("Prometheus metrics on http://%s:%d/metrics", *metrics_at)
-        if args.log_file:
-            restore_hup = _reopen_on_sighup(server, reopen_logs)
         for spec in specs:
             log.info("LUN %s", spec)
         log.info("request queue workers on CPUs %s", ",".join(map(str, cpus[:queues])))
