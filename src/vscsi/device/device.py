@@ -298,13 +298,13 @@ class VirtioScsiDevice:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
             mem[slot] = 0
-            stats.done(q, t, lun, True, 0, 0, _now_ns() - started)
+            stats.done(q, t, addr, True, 0, 0, _now_ns() - started)
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
         cancelled = mem[slot + 1]
         mem[slot] = 0
         if cancelled:                   # a TMF aborted / reset it while it ran
-            stats.done(q, t, lun, True, 0, 0, _now_ns() - started)
+            stats.done(q, t, addr, True, 0, 0, _now_ns() - started)
             return self._respond(wr, resp_buf, cancelled)
 
         # resid = data buffer length - bytes moved (clamped: never trust a count).
@@ -319,7 +319,7 @@ class VirtioScsiDevice:
             moved, resid = 0, out_len - written
         else:
             moved = resid = written = 0
-        stats.done(q, t, lun, result.status != 0, moved, written, _now_ns() - started)
+        stats.done(q, t, addr, result.status != 0, moved, written, _now_ns() - started)
         sense = result.sense
         response = VIRTIO_SCSI_S_OVERRUN if result.overrun else VIRTIO_SCSI_S_OK
         sense_len = len(sense)

@@ -13,9 +13,10 @@ Tables (q: request queue, 0-based; t: target 0..255; s: a LUN's slot):
 * ``switches[q][t]``: requests for t that arrived on q while an earlier request of t was
   still executing on another queue (the seed's per-target stickiness broken, as blk-mq's
   static map does), detected with one in-flight byte per (t, q);
-* ``luns[q][s]``: commands, bytes read, bytes written, errors (status not GOOD or a
+* ``luns[q][s]``: bytes read, bytes written, errors (status not GOOD or a
   transport failure) and a latency histogram: bucket i counts executions that took
-  [2**(i-1), 2**i) microseconds (bucket 0: under 1 us; the last one: everything longer).
+  [2**(i-1), 2**i) microseconds (bucket 0: under 1 us; the last one: everything longer),
+  whose sum is the number of commands.
 
 A LUN gets a slot when it is added (slots of removed LUNs are reused, zeroed first);
 counts live as long as the LUN.
@@ -29,8 +30,8 @@ from typing import Any
 MAX_TARGETS = 256
 DEFAULT_LUN_SLOTS = 256
 BUCKETS = 32
-# Columns of a LUN row.
-COMMANDS, READ_BYTES, WRITE_BYTES, ERRORS, HIST = 0, 1, 2, 3, 4
+# Columns of a LUN row (commands: the sum of the histogram).
+READ_BYTES, WRITE_BYTES, ERRORS, HIST = 0, 1, 2, 3
 LUN_COLUMNS = HIST + BUCKETS
 
 
@@ -106,23 +107,24 @@ class DeviceStats:
             u64[self._switch_base + cell] += 1
         inflight[first + q] = 1
 
-    def done(self, q: int, t: int, lun: int, failed: bool, read: int, written: int,
-             ns: int) -> None:
+    def done(self, q: int, t: int, addr: tuple[int, int], failed: bool, read: int,
+             written: int, ns: int) -> None:
+        """Request of ``addr`` = (t, lun) finished on queue q after ``ns`` nanoseconds.
+        Commands are not counted separately: they are the sum of the histogram."""
         self.inflight[t * self.num_queues + q] = 0
-        slot = self.slots.get((t, lun))
+        slot = self.slots.get(addr)
         if slot is None:
             return
         u64 = self.u64
         row = self._lun_base + (q * self.lun_slots + slot) * LUN_COLUMNS
-        u64[row] += 1
+        bucket = (ns // 1000).bit_length()
+        u64[row + HIST + (bucket if bucket < BUCKETS else BUCKETS - 1)] += 1
         if read:
             u64[row + READ_BYTES] += read
-        if written:
+        elif written:
             u64[row + WRITE_BYTES] += written
         if failed:
             u64[row + ERRORS] += 1
-        bucket = (ns // 1000).bit_length()
-        u64[row + HIST + (bucket if bucket < BUCKETS else BUCKETS - 1)] += 1
 
     def leave(self, q: int, t: int) -> None:
         """A request that ended before reaching a LUN (bad target, held by a TMF)."""
@@ -141,7 +143,7 @@ class DeviceStats:
                 totals[column] += value
         hist = totals[HIST:]
         return {
-            "commands": totals[COMMANDS],
+            "commands": sum(hist),
             "bytes_read": totals[READ_BYTES],
             "bytes_written": totals[WRITE_BYTES],
             "errors": totals[ERRORS],

@@ -253,7 +253,7 @@ class RpcServer:
             try:
                 result = fn(*args, **kwargs)
             except MethodError as exc:
-                raise _Refused(METHOD_FAILED, str(exc)) from None
+                raise _Refused(METHOD_FAILED, str(exc) or f"{method} failed") from None
             except (ValueError, KeyError, OSError) as exc:
                 message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
                 raise _Refused(METHOD_FAILED, f"{method}: {message}") from None
