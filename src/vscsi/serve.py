@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vscsi.serve")
 
+MAX_UNIX_PATH = 107  # bytes in a unix socket path (sun_path, less its NUL)
 MAX_QUEUES = 254  # vring indices are 8 bits on the wire: 2 + 254 = 256 virtqueues
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -83,7 +84,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "reopen_logs RPC)")
     parser.add_argument("--rpc", metavar="PATH",
                         help="JSON-RPC management socket (default: the --socket path + "
-                             "'.rpc'); see `vscsi rpc`")
+                             "'.rpc'; 'none': no socket); see `vscsi rpc`")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics over HTTP here (needs the 'metrics' "
                              "extra: prometheus-client)")
@@ -201,13 +202,20 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         controller = Controller(device, server, specs, reopen_logs=reopen_logs)
         rpc_path = args.rpc or args.socket + ".rpc"
-        rpc = RpcServer(rpc_path, controller.methods())
-        try:
-            rpc.attach(server.add_reader, server.remove_reader)
-        except OSError as exc:
-            rpc = None
-            raise UsageError(f"--rpc {rpc_path}: {exc.strerror or exc}") from None
-        log.info("management socket %s", rpc_path)
+        if args.rpc == "none":
+            log.info("no management socket (--rpc none)")
+        elif args.rpc is None and len(os.fsencode(rpc_path)) > MAX_UNIX_PATH:
+            # the vhost-user path itself fits; serve on rather than fail on our default
+            log.warning("no management socket: %s is too long for a unix socket (give "
+                        "--rpc PATH)", rpc_path)
+        else:
+            rpc = RpcServer(rpc_path, controller.methods())
+            try:
+                rpc.attach(server.add_reader, server.remove_reader)
+            except OSError as exc:
+                rpc = None
+                raise UsageError(f"--rpc {rpc_path}: {exc.strerror or exc}") from None
+            log.info("management socket %s", rpc_path)
         if metrics_at is not None:
             from vscsi.metrics import serve_metrics
 

@@ -268,3 +268,22 @@ def test_sighup_and_rpc_reopen_the_log_file(tmp_path: Path) -> None:
         assert serve.output() == ""  # nothing on stderr
     finally:
         serve.kill()
+
+
+def test_a_socket_path_too_long_for_the_default_rpc_path_still_serves(tmp_path: Path) -> None:
+    # a vhost-user socket path of 106 bytes: it fits, its ".rpc" sibling does not
+    directory = tmp_path / ("d" * (106 - len(str(tmp_path)) - 1 - len("/vs.sock")))
+    directory.mkdir()
+    serve = ServeProcess(str(directory), ["0:0=ram:1M"])
+    try:
+        assert len(os.fsencode(serve.socket + ".rpc")) > 107
+        deadline = time.monotonic() + 10
+        while "no management socket" not in serve.output():
+            assert serve.alive() and time.monotonic() < deadline, serve.output()
+            time.sleep(0.05)
+        assert not os.path.exists(serve.socket + ".rpc")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(serve.socket)  # the vhost-user socket works
+        assert serve.stop() == 0, serve.output()
+    finally:
+        serve.kill()
