@@ -26,6 +26,7 @@ from vscsi.device import EVENT_QUEUE, FIRST_REQUEST_QUEUE, VirtioScsiDevice
 from vscsi.rpc import MethodError
 from vscsi.scsi import LogicalUnit, LunSpec, parse_lun_spec, parse_size
 from vscsi.scsi.backends import FileBackend, NullBackend, RamBackend, open_backend
+from vscsi.scsi.spec import MAX_SIZE
 from vscsi.vhost_user import BackendServer
 from vscsi.vhost_user.stats import NOTIFIES
 
@@ -114,12 +115,15 @@ class Controller:
         unit = self._unit(target, lun)
         new_size = parse_size(size) if isinstance(size, str) else size
         bs = unit.block_size
-        if new_size <= 0 or new_size % bs:
-            raise MethodError(f"size {size}: must be a positive multiple of the block size {bs}")
+        if new_size <= 0 or new_size % bs or new_size > MAX_SIZE:
+            raise MethodError(f"size {size}: must be a positive multiple of the block size "
+                              f"{bs}, at most {MAX_SIZE}")
         old_size = unit.capacity
         if new_size < old_size and not shrink:
             raise MethodError(f"size {size} is below the current {old_size} bytes: data "
                               f"past it would be lost; pass shrink=true to do it anyway")
+        if new_size == old_size:
+            return {"target": target, "lun": lun, "size": old_size, "event": False}
         backend = unit.backend
         old_backend: RamBackend | None = None
         if isinstance(backend, FileBackend):
@@ -147,8 +151,6 @@ class Controller:
                 unit.num_blocks = new_size // bs
         else:
             raise MethodError(f"LUN {target}:{lun}: cannot resize a {backend.kind} backend")
-        if new_size == old_size:
-            return {"target": target, "lun": lun, "size": old_size, "event": False}
 
         def resize() -> None:
             change()

@@ -110,6 +110,11 @@ def test_garbage_gets_parse_errors_on_the_same_connection(serve: ServeProcess) -
      '"lun": 0, "size": 1000}}', -32000),  # not a multiple of 512
     ('{"jsonrpc": "2.0", "id": 1, "method": "lun_resize", "params": {"target": 0, '
      '"lun": 0, "size": 512}}', -32000),  # a shrink without shrink=true
+    ('{"jsonrpc": "2.0", "id": 1, "method": "lun_resize", "params": {"target": 0, '
+     '"lun": 0, "size": 1e400}}', -32602),
+    ('{"jsonrpc": "2.0", "id": 1, "method": "lun_resize", "params": {"target": 0, '
+     '"lun": 0, "size": 99999999999999999999999999999999999999999999999999999999999999}}',
+     -32000),
 ])
 def test_bad_requests_get_error_objects(serve: ServeProcess, request_: str, code: int) -> None:
     with Client(serve.socket + ".rpc", timeout=10) as c:
