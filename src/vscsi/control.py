@@ -193,10 +193,19 @@ class Controller:
         queues = []
         for index in range(FIRST_REQUEST_QUEUE, self.server.stats.num_vqs):
             row = snap["queues"][str(index)]
-            queues.append({"queue": index - FIRST_REQUEST_QUEUE, "virtqueue": index,
+            q = index - FIRST_REQUEST_QUEUE
+            # requests: every chain the queue served; commands, bytes, scsi_errors and
+            # latency: those that reached a LUN still present
+            counts = self.device.stats.queue(q)
+            queues.append({"queue": q, "virtqueue": index,
                            "requests": row["requests"], "interrupts": row["notifies"],
                            "wakeups": row["wakeups"], "errors": row["errors"],
-                           "state": row["state"], "cpu": row["cpu"], "pid": row["pid"]})
+                           "state": row["state"], "cpu": row["cpu"], "pid": row["pid"],
+                           "commands": counts["commands"],
+                           "bytes_read": counts["bytes_read"],
+                           "bytes_written": counts["bytes_written"],
+                           "scsi_errors": counts["errors"],
+                           "latency_us": counts["latency_us"]})
         luns = []
         for t in sorted(self.device.targets):
             for lun in sorted(getattr(self.device.targets[t], "luns", {})):

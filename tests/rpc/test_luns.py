@@ -78,6 +78,11 @@ def test_stats_agree_with_what_was_sent(serve: ServeProcess) -> None:
     assert steering[0]["switches"] == [0, 0]  # one request at a time: never busy elsewhere
     queues = stats["queues"]
     assert [q["requests"] for q in queues] == [11, 6]
+    assert [q["commands"] for q in queues] == [10, 6]  # the bad target reached no LUN
+    assert [q["bytes_written"] for q in queues] == [10 * 4096, 0]
+    assert [q["bytes_read"] for q in queues] == [0, 5 * 2048]
+    assert [q["scsi_errors"] for q in queues] == [0, 1]
+    assert all(q["latency_us"]["p90"] is not None for q in queues)
     assert all(q["interrupts"] >= 1 for q in queues)
     assert stats["steering"]["interrupts"] == [q["interrupts"] for q in queues]
 

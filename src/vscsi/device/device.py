@@ -15,9 +15,11 @@ copy of this object, so:
   the event queue, ``on_arrival``. Hot-plugging a LUN with :meth:`add_lun` /
   :meth:`remove_lun` therefore changes only the calling process: the backend must make the
   same call (``notify=False``) in every request worker, or re-fork them, before the
-  driver learns of the change from the event. Config writes likewise (the driver writes
+  driver learns of the change from the event (vscsi.control re-forks them:
+  BackendServer.restart_rings). Config writes likewise (the driver writes
   sense_size / cdb_size before DRIVER_OK, i.e. before workers start).
-* shared (MAP_SHARED memory created before the fork): the task table (:mod:`.tasks`),
+* shared (MAP_SHARED memory created before the fork): the counters (:mod:`.stats`, each
+  queue writes its own rows), the task table (:mod:`.tasks`),
   through which the control worker sees and cancels the task each request worker is
   running. Backing storage is shared by the scsi layer (positional I/O on one file, or a
   MAP_SHARED ram disk).

@@ -133,11 +133,19 @@ class DeviceStats:
     # -- reading (any process)
 
     def lun(self, target: int, lun: int) -> dict[str, Any] | None:
+        """A LUN's counters summed over the queues; None if it has no slot."""
         slot = self.slots.get((target, lun))
         if slot is None:
             return None
+        return self._summary([(q, slot) for q in range(self.num_queues)])
+
+    def queue(self, q: int) -> dict[str, Any]:
+        """Request queue q's counters summed over the LUNs it served (present ones)."""
+        return self._summary([(q, slot) for slot in self.slots.values()])
+
+    def _summary(self, rows: list[tuple[int, int]]) -> dict[str, Any]:
         totals = [0] * LUN_COLUMNS
-        for q in range(self.num_queues):
+        for q, slot in rows:
             start = self._lun_row(q, slot)
             for column, value in enumerate(self.u64[start:start + LUN_COLUMNS]):
                 totals[column] += value
