@@ -2,7 +2,7 @@
 
 A custom collector reads the same shared-memory counters as the ``stats`` RPC on every
 scrape (nothing is copied in between): per request queue (requests, interrupts, wake-ups,
-errors), per LUN (commands, bytes read and written, errors, a latency histogram with the
+errors, bytes), per LUN (commands, bytes read and written, errors, a latency histogram with the
 device's log2 microsecond buckets) and the steering (requests per target and queue, and
 the switches while busy). prometheus-client serves it from its own thread; the collector
 only reads.
@@ -48,13 +48,19 @@ class ServeCollector:
                                         "request queue", labels=["queue"])
         q_errors = CounterMetricFamily("vscsi_queue_errors", "handler failures per "
                                        "request queue", labels=["queue"])
+        q_read = CounterMetricFamily("vscsi_queue_read_bytes", "bytes read through each "
+                                     "request queue", labels=["queue"])
+        q_written = CounterMetricFamily("vscsi_queue_written_bytes", "bytes written through "
+                                        "each request queue", labels=["queue"])
         for row in stats["queues"]:
             label = [str(row["queue"])]
             q_requests.add_metric(label, row["requests"])
             q_interrupts.add_metric(label, row["interrupts"])
             q_wakeups.add_metric(label, row["wakeups"])
             q_errors.add_metric(label, row["errors"])
-        yield from (q_requests, q_interrupts, q_wakeups, q_errors)
+            q_read.add_metric(label, row["bytes_read"])
+            q_written.add_metric(label, row["bytes_written"])
+        yield from (q_requests, q_interrupts, q_wakeups, q_errors, q_read, q_written)
 
         names = ["target", "lun"]
         commands = CounterMetricFamily("vscsi_lun_commands", "commands executed", labels=names)

@@ -86,6 +86,8 @@ def test_metrics_agree_with_stats(tmp_path: Path) -> None:
                 q["requests"]
             assert sample(text, "vscsi_queue_interrupts_total", queue=str(q["queue"])) == \
                 q["interrupts"]
+            assert sample(text, "vscsi_queue_written_bytes_total", queue=str(q["queue"])) == \
+                q["bytes_written"]
         assert sample(text, "vscsi_target_queue_requests_total", target="0", queue="0") == 3
         assert sample(text, "vscsi_target_queue_requests_total", target="2", queue="1") == 1
         assert sample(text, "vscsi_lun_size_bytes", target="2", lun="3") == 1 << 20
