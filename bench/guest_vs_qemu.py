@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vscsi.bench.serving import ServeProcess
-from vscsi.vm import build_guest, run_guest
+from vscsi.vm import GuestOptions, build_guest, run_guest
 
 VCPUS = 2
 TARGETS = 8
@@ -208,8 +208,8 @@ def run_config(image, backend: str, queues: int, files: list[str], script: str,
         prof = Profiler(serve.proc.pid, profile) if profile else None
         cpu0 = serve.cpu_seconds()
         try:
-            r = run_guest(image, script, vhost_user_socket=serve.socket, vcpus=VCPUS,
-                          queues=queues, timeout=900)
+            r = run_guest(image, script, GuestOptions(vhost_user_socket=serve.socket,
+                                                      vcpus=VCPUS, queues=queues, timeout=900))
             serve.wait_idle(1, timeout=10)
             entry["backend_cpu_s"] = round(serve.cpu_seconds() - cpu0, 2)
         finally:
@@ -217,9 +217,9 @@ def run_config(image, backend: str, queues: int, files: list[str], script: str,
         if prof:
             entry["profile"] = prof.finish()
     else:
-        r = run_guest(image, script, vcpus=VCPUS, queues=queues, qemu_disks=files,
-                      qemu_queues=queues, iothreads=(backend == "qemu+iothreads"),
-                      timeout=900)
+        r = run_guest(image, script, GuestOptions(
+            vcpus=VCPUS, queues=queues, qemu_disks=files, qemu_queues=queues,
+            iothreads=(backend == "qemu+iothreads"), timeout=900))
     entry["status"] = r.status
     entry["boot_s"] = round(r.boot_seconds, 1)
     entry["total_s"] = round(time.monotonic() - t0, 1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what vscsi needs on a fresh Debian bookworm machine (as root):
-# QEMU 10 from bookworm-backports, the pieces of the guest image (busybox, fio,
+# QEMU 10 (and qemu-utils) from bookworm-backports, the pieces of the guest image (busybox, fio,
 # sg3_utils, cpio, kmod), then the project itself with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,10 @@ SRC
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null \
-  || apt-get install -y -qq qemu-system-x86 >/dev/null
+# qemu-utils (qemu-storage-daemon: the NBD server of the nbd: backend's tests) from the
+# same suite as QEMU, so their shared libraries agree.
+apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null \
+  || apt-get install -y -qq qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -qq busybox-static cpio kmod fio sg3-utils util-linux >/dev/null
 # for the guest image (vscsi.vm): gcc + binutils build tiny stand-ins for the ~80 MB of
 # libraries fio's unused engines (rbd, gluster, rdma...) pull in, keeping the initramfs

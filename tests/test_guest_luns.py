@@ -209,12 +209,13 @@ def _fields(output: str, key: str) -> list[list[str]]:
 
 @pytest.mark.guest
 def test_luns_queues_and_two_guests(image, rig: Rig) -> None:  # type: ignore[no-untyped-def]
-    from vscsi.vm import run_guest
+    from vscsi.vm import GuestOptions, run_guest
 
     serve = rig.serve
     # ---------------------------------------------------------------- boot 1
-    r1 = run_guest(image, BOOT1, vhost_user_socket=serve.socket, vcpus=2, queues=2,
-                   timeout=480, files={"/root/pattern": PATTERN})
+    r1 = run_guest(image, BOOT1, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+                                              queues=2, timeout=480,
+                                              files={"/root/pattern": PATTERN}))
     ctx = f"{r1.output}\n--- serve log ---\n{_tail(serve)}"
     assert r1.status == 0, f"guest 1 failed (status {r1.status}):\n{ctx}"
     assert "GUEST1-DONE" in r1.output, ctx
@@ -259,8 +260,8 @@ def test_luns_queues_and_two_guests(image, rig: Rig) -> None:  # type: ignore[no
 
     # ---------------------------------------------------------------- boot 2
     assert serve.proc is not None and serve.proc.poll() is None, _tail(serve)
-    r2 = run_guest(image, BOOT2, vhost_user_socket=serve.socket, vcpus=2, queues=2,
-                   timeout=480)
+    r2 = run_guest(image, BOOT2, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+                                              queues=2, timeout=480))
     ctx2 = f"{r2.output}\n--- serve log ---\n{_tail(serve)}"
     assert r2.status == 0, f"guest 2 failed (status {r2.status}):\n{ctx2}"
     assert "GUEST2-DONE" in r2.output, ctx2

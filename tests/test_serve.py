@@ -46,6 +46,25 @@ def test_missing_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert "nope.img" in one_line_error(proc)
 
 
+@pytest.mark.parametrize("spec, words", [
+    ("0:0=nbd:http://host/d0", "expected nbd://"),
+    ("0:0=nbd:nbd+unix:///d0", "socket=PATH"),
+    ("0:0=nbd:nbds://host/d0", "TLS"),
+])
+def test_bad_nbd_uri(tmp_path, spec: str, words: str) -> None:  # type: ignore[no-untyped-def]
+    proc = run_serve("--socket", str(tmp_path / "s"), "--lun", spec)
+    assert proc.returncode == 2
+    assert words in one_line_error(proc)
+
+
+def test_unreachable_nbd_server(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spec = f"0:0=nbd:nbd+unix:///d0?socket={tmp_path}/nobody.sock"
+    proc = run_serve("--socket", str(tmp_path / "s"), "--lun", spec)
+    assert proc.returncode == 2
+    assert "cannot reach NBD server" in one_line_error(proc)
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("args", [["--queues", "0"], ["--queues", "300"],
                                   ["--cpus", "x"], ["--cpus", "4096"]])
 def test_bad_numbers(tmp_path, args: list[str]) -> None:  # type: ignore[no-untyped-def]

@@ -1,8 +1,9 @@
 """The `vscsi` command. Each subcommand lives with the layer it drives and offers
 ``configure(parser)`` and ``run(args) -> int``; this module only dispatches.
 
-Errors a user can cause surface as :class:`UsageError` (or a LunSpecError / OSError from
-their input) and end in one line on stderr and exit status 2 (1 for OSError).
+Errors a user can cause surface as :class:`vscsi.usage.UsageError` (or a LunSpecError /
+OSError from their input) and end in one line on stderr and exit status 2 (1 for OSError):
+see vscsi.usage.run_command.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable
+
+from vscsi.usage import run_command
 
 # subcommand -> (module, one-line help); modules are imported only when used
 SUBCOMMANDS = {
@@ -18,12 +20,9 @@ SUBCOMMANDS = {
     "bench": ("vscsi.bench.command", "run fio-like jobs through our driver"),
     "simulate": ("vscsi.sim.command", "discrete-event model of the steering policies"),
     "vm": ("vscsi.vm.command", "build and boot a Linux guest against a backend"),
+    "trace": ("vscsi.bench.trace", "summarise a command trace (--filter T:L=trace:file=F)"),
     "rpc": ("vscsi.rpc.command", "manage a running `vscsi serve` (LUNs, stats, steering)"),
 }
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,22 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         importlib.import_module(module).configure(p)
     return parser
-
-
-def run_command(name: str, run: Callable[[argparse.Namespace], int | None],
-                args: argparse.Namespace) -> int:
-    """Run a subcommand; a user's mistake ends in one line on stderr, not a traceback."""
-    try:
-        return int(run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except (UsageError, ValueError) as exc:
-        print(f"vscsi {name}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"vscsi {name}: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

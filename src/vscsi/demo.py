@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vscsi.bench.serving import ServeProcess
-from vscsi.vm import build_guest, run_guest
+from vscsi.vm import GuestOptions, build_guest, run_guest
 
 GUEST_SCRIPT = """
 set -e
@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                   .replace("RUNTIME", str(args.runtime)))
         try:
             with console.status(f"booting a guest with {args.vcpus} vCPUs under QEMU"):
-                result = run_guest(image, script, vhost_user_socket=serve.socket,
-                                   vcpus=args.vcpus, queues=args.queues, timeout=600)
+                result = run_guest(image, script, GuestOptions(
+                    vhost_user_socket=serve.socket, vcpus=args.vcpus, queues=args.queues,
+                    timeout=600))
         finally:
             serve.stop()
         console.print(result.output.split("== /proc/interrupts")[0].rstrip())

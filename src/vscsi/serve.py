@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vscsi.cli import UsageError, run_command
+from vscsi.usage import UsageError, import_extra, run_command
 
 if TYPE_CHECKING:
     from vscsi.vhost_user import BackendServer
@@ -61,18 +61,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="request queues (default: the number of usable CPUs); QEMU's "
                              "num_queues must not exceed it")
     parser.add_argument("--lun", action="append", default=[], metavar="SPEC",
-                        help="a logical unit, TARGET:LUN=file:PATH|ram:SIZE|null:SIZE"
-                             "[,ro][,block-size=N][,serial=S]; repeatable")
+                        help="a logical unit, TARGET:LUN=file:PATH|ram:SIZE|null:SIZE|nbd:URI"
+                             "|python:MODULE:CLASS[,ro][,block-size=N][,serial=S]"
+                             "[,KEY=VALUE for a plugin]; repeatable")
+    parser.add_argument("--filter", action="append", default=[], metavar="T:L=SPEC",
+                        help="a filter in front of LUN T:L: error:..., delay:..., hang:..., "
+                             "rate:..., trace:file=PATH (docs/filters.md); repeatable, the "
+                             "first given sees a command first")
     parser.add_argument("--cpus", metavar="LIST",
                         help="CPUs for the request-queue workers, e.g. 0-3,6: worker i runs "
                              "on the i-th (default: every CPU this process may use)")
     parser.add_argument("--stats", metavar="PATH",
                         help="write per-queue counters as JSON here (on change, at most once "
                              "a second; at disconnect, SIGUSR1 and exit)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="worker processes serving the request queues (queue k goes to "
+                             "worker k mod N, worker w runs on the w-th of --cpus; default: "
+                             "one per queue, or one per usable CPU when there are fewer CPUs "
+                             "than queues)")
     parser.add_argument("--poll-us", type=int, default=0, metavar="US",
-                        help="after a kick, keep serving the ring with kicks off until it "
-                             "stays empty this long (busy polling: fewer guest exits, one "
-                             "busy CPU per queue; default 0, off)")
+                        help="adaptive polling: after a kick, keep serving the rings with "
+                             "kicks off for a window that grows up to US while work comes "
+                             "back soon after the worker slept and shrinks to nothing when "
+                             "it does not (fewer guest exits; costs CPU; default 0, off)")
+    parser.add_argument("--coalesce", default="1,0", metavar="COUNT,US",
+                        help="interrupt coalescing per request queue: signal the driver "
+                             "after COUNT completions or US microseconds after the first "
+                             "one held, whichever comes first (default 1,0: every batch)")
     parser.add_argument("--no-config-feature", action="store_true",
                         help="do not offer PROTOCOL_F_CONFIG (QEMU 7.2.0-7.2.2 crash on it)")
     parser.add_argument("--once", action="store_true",
@@ -141,6 +156,17 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _parse_coalesce(text: str) -> tuple[int, float]:
+    count, sep, us = text.partition(",")
+    try:
+        n, t = int(count), int(us) if sep else 0
+    except ValueError:
+        raise UsageError(f"--coalesce {text!r}: want COUNT,US, e.g. 8,50") from None
+    if n < 1 or not 0 <= t <= 1_000_000:
+        raise UsageError(f"--coalesce {text!r}: COUNT must be >= 1 and US 0..1000000")
+    return n, t / 1e6
+
+
 def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
     if not args.lun:
         raise UsageError("no logical units: give at least one --lun TARGET:LUN=BACKEND")
@@ -150,6 +176,8 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
         raise UsageError(f"--queues {queues}: must be 1..{MAX_QUEUES}")
     if not 0 <= args.poll_us <= 1_000_000:
         raise UsageError(f"--poll-us {args.poll_us}: must be 0..1000000")
+    if args.workers is not None and not 1 <= args.workers <= queues:
+        raise UsageError(f"--workers {args.workers}: must be 1..{queues} (the request queues)")
     if args.cpus:
         from vscsi.vhost_user import cpu_list
 
@@ -168,32 +196,44 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
 
 def run(args: argparse.Namespace) -> int:
     queues, cpus = _check_args(args)
+    count, delay = _parse_coalesce(args.coalesce)
+    # Fewer CPUs than queues: a worker per CPU serving several queues beats workers
+    # that take turns on one CPU (one wake-up serves every queue it has).
+    workers = args.workers or min(queues, len(cpus))
     metrics_at = parse_host_port(args.metrics) if args.metrics else None
     if metrics_at is not None:
-        from vscsi.metrics import check_available
-
-        check_available()  # UsageError: one line
+        import_extra("metrics", "prometheus_client")  # MissingExtra: one line, exit 2
     reopen_logs = _setup_logging(args.log_level, args.log_file)
 
     from vscsi.control import Controller
     from vscsi.device import ScsiConfig, VirtioScsiDevice
     from vscsi.rpc import RpcServer
     from vscsi.scsi import build_targets, parse_lun_spec
-    from vscsi.vhost_user import PROTOCOL_FEATURES, BackendServer, ProtocolFeature, ServerError
+    from vscsi.scsi.filters import parse_filter_arg
+    from vscsi.vhost_user import (
+        PROTOCOL_FEATURES,
+        BackendServer,
+        Pacing,
+        ProtocolFeature,
+        ServerError,
+    )
 
     specs = [parse_lun_spec(text) for text in args.lun]  # LunSpecError: one line, exit 2
+    filters = [parse_filter_arg(text) for text in args.filter]  # FilterSpecError: the same
     targets = build_targets(specs)  # opens the backends: LunSpecError / OSError
     device = server = rpc = None
     restore_hup: Callable[[], None] | None = None
     try:
+        _add_filters(targets, filters)
         device = VirtioScsiDevice(targets, ScsiConfig(num_queues=queues))
         features = PROTOCOL_FEATURES
         if args.no_config_feature:
             features &= ~(1 << ProtocolFeature.CONFIG)
-        server = BackendServer(device, args.socket, num_queues=queues, cpus=cpus,
+        server = BackendServer(device, args.socket, cpus=cpus,
                                stats_path=args.stats, protocol_features=features,
                                max_sessions=1 if args.once else None,
-                               poll_us=args.poll_us)
+                               pacing=Pacing(args.poll_us / 1e6, count, delay),
+                               workers=workers)
         if args.log_file:
             restore_hup = _reopen_on_sighup(server, reopen_logs)
         try:
@@ -217,13 +257,14 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--rpc {rpc_path}: {exc.strerror or exc}") from None
             log.info("management socket %s", rpc_path)
         if metrics_at is not None:
-            from vscsi.metrics import serve_metrics
+            from vscsi.exporter import serve_metrics
 
             serve_metrics(controller, *metrics_at)  # OSError: port in use...
             log.info("Prometheus metrics on http://%s:%d/metrics", *metrics_at)
         for spec in specs:
             log.info("LUN %s", spec)
-        log.info("request queue workers on CPUs %s", ",".join(map(str, cpus[:queues])))
+        log.info("%d request queue worker(s) on CPUs %s", workers,
+                 ",".join(map(str, cpus[:workers])))
         notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
         server.serve()
         notify_systemd("STOPPING=1")
@@ -273,6 +314,18 @@ def _reopen_on_sighup(server: BackendServer, reopen: Callable[[], bool]) -> Call
         wake_w.close()
 
     return restore
+
+
+def _add_filters(targets: dict, filters: list) -> None:
+    """Put each --filter on its LUN's stack (a LUN that is not served: one line, exit 2)."""
+    from vscsi.scsi.filters import FilterSpecError
+
+    for arg in filters:
+        target = targets.get(arg.target)
+        if target is None or arg.lun not in target.luns:
+            raise FilterSpecError(f"--filter {arg}: there is no LUN {arg.target}:{arg.lun}")
+        target.luns[arg.lun].filters.add(arg.spec)
+        log.info("filter on LUN %d:%d: %s", arg.target, arg.lun, arg.spec)
 
 
 def _close_targets(targets: dict) -> None:

@@ -1,4 +1,4 @@
-"""The task table's protocol, driven directly (the device inlines the worker side)."""
+"""The task table's protocol, driven directly (the device drives begin / end per request)."""
 
 from __future__ import annotations
 
@@ -57,5 +57,7 @@ def test_slot_bounds() -> None:
         tt.slot_offset(2)
     with pytest.raises(ValueError):
         tt.begin(-1, 0, 0, 0)
+    with pytest.raises(ValueError):
+        tt.begin(2, 0, 0, 0)
     with pytest.raises(ValueError):
         TaskTable(0)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from vscsi.memory.sgl import total, trim
 from vscsi.scsi import (
     FileBackend,
     LunSpecError,
@@ -17,7 +18,6 @@ from vscsi.scsi import (
     parse_lun_spec,
 )
 from vscsi.scsi import backends as B
-from vscsi.scsi.sgl import total, trim
 
 from .helpers import split
 

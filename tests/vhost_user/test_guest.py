@@ -51,10 +51,10 @@ def serve(tmp_path) -> Iterator[ServeProcess]:  # type: ignore[no-untyped-def]
 
 
 def test_linux_guest_over_two_queues(image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
-    from vscsi.vm import run_guest
+    from vscsi.vm import GuestOptions, run_guest
 
-    result = run_guest(image, FIO, vhost_user_socket=serve.socket, vcpus=2, queues=2,
-                       timeout=420)
+    result = run_guest(image, FIO, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+                                                queues=2, timeout=420))
     assert result.status == 0, f"{result.output}\n--- back-end ---\n{serve.output()[-3000:]}"
     assert "GUEST-DONE" in result.output
     assert "VSCSI" in result.output
@@ -71,14 +71,14 @@ def test_linux_guest_over_two_queues(image, serve: ServeProcess) -> None:  # typ
 def test_guest_reboot_keeps_the_backend(image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
     """A guest reset (firmware, new kernel: the device is reset and set up again over the
     same connection) finds the back-end serving, and the data it wrote."""
-    from vscsi.vm import run_guest
+    from vscsi.vm import GuestOptions, run_guest
 
     before = ("dd if=/dev/urandom of=/tmp/x bs=4k count=64 2>/dev/null\n"
               "dd if=/tmp/x of=/dev/sdb bs=4k oflag=direct 2>/dev/null || exit 21\n"
               "echo SUM1 $(md5sum < /tmp/x)\n")
     after = ("echo SUM2 $(dd if=/dev/sdb bs=4k count=64 iflag=direct 2>/dev/null | md5sum)\n")
-    result = run_guest(image, before, vhost_user_socket=serve.socket, vcpus=2, queues=2,
-                       timeout=420, after_reboot=after)
+    result = run_guest(image, before, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+                                                   queues=2, timeout=420, after_reboot=after))
     assert result.status == 0, f"{result.output}\n--- back-end ---\n{serve.output()[-3000:]}"
     sums = dict(line.split(" ", 1) for line in result.output.splitlines()
                 if line.startswith(("SUM1 ", "SUM2 ")))

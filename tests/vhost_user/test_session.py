@@ -30,7 +30,7 @@ from vscsi.vhost_user.codec import (
 )
 from vscsi.vhost_user.states import RingPhase
 from vscsi.vhost_user.workers import Broken
-from vscsi.virtio import DeviceRing, ring_bytes, ring_layout
+from vscsi.virtio import DeviceRing, QueueRole, queue_region_size, ring_bytes, ring_layout
 
 DEVICE_FEATURES = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 1) | (1 << 2)
 
@@ -42,6 +42,10 @@ class FakeDevice:
         self.config = bytearray(range(36))
         self.driver_features: int | None = None
         self.resets = 0
+
+    def queue_roles(self) -> tuple[QueueRole, ...]:
+        # virtio-scsi's layout with two request queues
+        return (QueueRole.CONTROL, QueueRole.EVENT, QueueRole.HOT, QueueRole.HOT)
 
     def handler_for(self, index: int):  # type: ignore[no-untyped-def]
         return lambda chain: 0
@@ -95,6 +99,9 @@ class FakeQueues:
         out, self.broken = self.broken, []
         return out
 
+    def set_inflight(self, region: memoryview | None) -> None:
+        self.log.append(("inflight", None if region is None else len(region)))
+
 
 class Front:
     """Builds the messages a front-end would send, with real memory and eventfds."""
@@ -104,7 +111,7 @@ class Front:
         self.alloc = Allocator(self.mem)
         self.device = FakeDevice()
         self.queues = FakeQueues()
-        self.session = Session(self.device, self.queues, SessionOptions(num_queues=2))
+        self.session = Session(self.device, self.queues, SessionOptions())
         self.fds: list[int] = []
 
     def eventfd(self) -> int:
@@ -214,8 +221,9 @@ def test_without_protocol_features_rings_start_enabled(front: Front) -> None:
 
 
 def test_seabios_cycle_then_linux(front: Front) -> None:
-    """SeaBIOS starts the device with only the first request queue, stops it, then Linux
-    starts every queue (vhost-user-facts.md §5)."""
+    """SeaBIOS starts the device with only the first request queue, scans targets 0-255
+    at LUN 0, stops it, then Linux starts every queue (what QEMU 7.2 and later do at each
+    boot)."""
     front.negotiate()
     front.mem_table()
     front.configure(2)
@@ -318,13 +326,51 @@ def test_features_we_cannot_do(front: Front) -> None:
     assert ack.payload == U64(1)  # VHOST_VRING_F_LOG
 
 
-def test_log_and_inflight_requests_are_refused(front: Front) -> None:
+def test_log_fd_is_refused(front: Front) -> None:
     front.negotiate()
     fd = front.dup(front.eventfd())
     (ack,) = front.send(Request.SET_LOG_FD, EMPTY, (fd,), need_reply=True)
     assert ack.payload == U64(1)
+
+
+def test_inflight_region_is_made_kept_and_given_to_rings(front: Front) -> None:
+    front.negotiate()
+    (reply,) = front.send(Request.GET_INFLIGHT_FD, codec.Inflight(0, 0, 4, 16))
+    info = reply.payload
+    assert isinstance(info, codec.Inflight) and len(reply.fds) == 1
+    assert info == codec.Inflight(4 * queue_region_size(16), 0, 4, 16)
+    assert os.fstat(reply.fds[0]).st_size == info.mmap_size
+    front.send(Request.SET_INFLIGHT_FD, info, (reply.fds[0],))  # given back, as QEMU does
+    assert front.queues.log[-1] == ("inflight", info.mmap_size)
+    front.mem_table()
+    front.configure(2)
+    front.enable(2)
+    ring = front.queues.running[2]
+    assert ring.tracker is not None  # a fresh region: version set, nothing to resume
+    region = front.session.inflight
+    assert region is not None and region.queue_view(2)[8] == 1
+    # a ring of another size than the region's has no tracking (and still runs)
+    front.configure(3, size=8)
+    front.enable(3)
+    assert front.queues.running[3].tracker is None
+    # replacing the region while rings run is refused
+    fd = os.memfd_create("x")
+    os.ftruncate(fd, info.mmap_size)
     with pytest.raises(Disconnect):
-        front.send(Request.GET_INFLIGHT_FD, codec.Inflight(0, 0, 4, 128))
+        front.send(Request.SET_INFLIGHT_FD, info, (fd,))
+
+
+def test_inflight_requests_out_of_range_are_refused(front: Front) -> None:
+    front.negotiate()
+    for bad in (codec.Inflight(0, 0, 0, 16), codec.Inflight(0, 0, 5, 16),
+                codec.Inflight(0, 0, 4, 12)):
+        with pytest.raises(Disconnect):
+            front.send(Request.GET_INFLIGHT_FD, bad)
+    fd = os.memfd_create("x")
+    os.ftruncate(fd, 64)
+    (ack,) = front.send(Request.SET_INFLIGHT_FD, codec.Inflight(64, 0, 4, 16), (fd,),
+                        need_reply=True)
+    assert ack.payload == U64(1)  # too small for 4 queues of 16
 
 
 def test_unmappable_ring_breaks_and_signals_err(front: Front) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 from vscsi.memory import Allocator, GuestMemory
+from vscsi.memory.sgl import scatter
 from vscsi.virtio import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -91,13 +92,4 @@ class RawDriver:
 def reverse_handler(chain: Chain) -> int:
     """A device that answers b"R" + the reversed request into the writable buffers."""
     resp = b"R" + b"".join(chain.readable)[::-1]
-    return scatter(resp, chain.writable)
-
-
-def scatter(data: bytes, bufs: list[memoryview]) -> int:
-    done = 0
-    for b in bufs:
-        n = min(len(b), len(data) - done)
-        b[:n] = data[done:done + n]
-        done += n
-    return done
+    return scatter(chain.writable, resp)

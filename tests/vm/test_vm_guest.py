@@ -11,7 +11,7 @@ import time
 import pytest
 
 from vscsi.cli import main as vscsi_main
-from vscsi.vm import Guest, GuestError, GuestTimeout, run_guest
+from vscsi.vm import Guest, GuestError, GuestOptions, GuestTimeout, run_guest
 
 pytestmark = pytest.mark.guest
 
@@ -46,8 +46,8 @@ exit 42
 def test_boot_against_qemu_virtio_scsi(guest_image, tmp_path) -> None:
     disks = [disk(tmp_path, "d0.img"), disk(tmp_path, "d1.img")]
     t0 = time.monotonic()
-    result = run_guest(guest_image, BOOT_SCRIPT, vcpus=2, queues=2, qemu_disks=disks,
-                       timeout=TIMEOUT)
+    result = run_guest(guest_image, BOOT_SCRIPT, GuestOptions(vcpus=2, queues=2,
+                                                              qemu_disks=disks, timeout=TIMEOUT))
     wall = time.monotonic() - t0
     print(f"boot {result.boot_seconds:.1f}s, script done {result.seconds:.1f}s, "
           f"wall {wall:.1f}s")
@@ -91,7 +91,8 @@ def test_qmp_hotplug_and_wait_for(guest_image, tmp_path) -> None:
 echo READY
 disk=$(vscsi-dev -w 120 0:0:1:0) && sg_inq "$disk" | grep -q QEMU && echo "HOTPLUGGED $disk"
 """
-    with Guest(guest_image, script, qemu_disks=[d0], qmp=True, timeout=TIMEOUT) as guest:
+    with Guest(guest_image, script, GuestOptions(qemu_disks=[d0], qmp=True,
+                                                 timeout=TIMEOUT)) as guest:
         guest.wait_for("READY", timeout=TIMEOUT)
         qmp = guest.qmp()
         assert qmp.cmd("query-status")["status"] == "running"
@@ -106,7 +107,7 @@ disk=$(vscsi-dev -w 120 0:0:1:0) && sg_inq "$disk" | grep -q QEMU && echo "HOTPL
 
 def test_timeout_kills_qemu(guest_image, tmp_path) -> None:
     # workdir: a failed run keeps its files; keep them out of /tmp
-    guest = Guest(guest_image, "sleep 1000", timeout=2, workdir=tmp_path)
+    guest = Guest(guest_image, "sleep 1000", GuestOptions(timeout=2, workdir=tmp_path))
     with pytest.raises(GuestTimeout, match="timed out after 2s") as info:
         with guest:
             guest.wait()
@@ -117,8 +118,8 @@ def test_timeout_kills_qemu(guest_image, tmp_path) -> None:
 def test_kernel_panic_is_reported(guest_image, tmp_path) -> None:
     # sysrq "c" crashes the kernel; panic=-1 and -no-reboot end QEMU at once
     with pytest.raises(GuestError, match="panicked") as info:
-        run_guest(guest_image, "echo c > /proc/sysrq-trigger; sleep 100", timeout=TIMEOUT,
-                  workdir=tmp_path)
+        run_guest(guest_image, "echo c > /proc/sysrq-trigger; sleep 100",
+                  GuestOptions(timeout=TIMEOUT, workdir=tmp_path))
     assert not isinstance(info.value, GuestTimeout)
     assert "sysrq" in info.value.console.lower()
     assert (tmp_path / "console.log").exists()

@@ -9,18 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from vscsi.vm import Guest, GuestConfigError, GuestImage, build_qemu_argv
+from vscsi.vm import Guest, GuestConfigError, GuestImage, GuestOptions, build_qemu_argv
 from vscsi.vm.cpio import read_archive
 from vscsi.vm.runner import OutputFilter, parse_console
 
 NONCE = "0badc0de12345678"
 
 
-def argv(**kw) -> list[str]:
-    base = dict(kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0",
-                console=Path("/c"))
-    base.update(kw)
-    return build_qemu_argv(**base)
+def argv(**options) -> list[str]:
+    return build_qemu_argv(GuestOptions(**options), kernel=Path("/k"), initrd=Path("/i"),
+                           cmdline="console=ttyS0", console=Path("/c"))
 
 
 def after(args: list[str], flag: str) -> list[str]:
@@ -39,7 +37,7 @@ def test_shared_memory_and_basics() -> None:
     assert "-no-reboot" in a and "-nodefaults" in a
     assert after(a, "-accel") == ["tcg,thread=multi"] and after(a, "-cpu") == ["max"]
     assert after(argv(accel="kvm"), "-accel") == ["kvm"]
-    assert "-no-reboot" not in argv(reboot=True)
+    assert "-no-reboot" not in argv(after_reboot="true")
 
 
 def test_vhost_user_device() -> None:
@@ -73,7 +71,7 @@ def test_iothread_per_queue() -> None:
 
 
 def test_both_hbas_in_fixed_slots() -> None:
-    a = argv(vhost_user_socket=Path("/s"), qemu_disks=[Path("/d0")], extra=["-S"])
+    a = argv(vhost_user_socket=Path("/s"), qemu_disks=[Path("/d0")], extra_qemu_args=["-S"])
     vus, hba = devices(a)[:2]
     assert (vus["addr"], hba["addr"]) == ("0x4", "0x5")
     assert a[-1] == "-S"
@@ -143,9 +141,9 @@ def fake_image(tmp_path) -> GuestImage:
 def test_run_archive_follows_the_base(fake_image, tmp_path) -> None:
     extra = tmp_path / "job.fio"
     extra.write_text("[job]\nrw=read\n")
-    g = Guest(fake_image, "echo hi\n", after_reboot="echo again\n",
-              files={"/etc/job.fio": extra, "data/blob": b"\x00\x01"}, env={"X": "1"},
-              workdir=tmp_path / "w")
+    g = Guest(fake_image, "echo hi\n", GuestOptions(
+        after_reboot="echo again\n", files={"/etc/job.fio": extra, "data/blob": b"\x00\x01"},
+        env={"X": "1"}, workdir=tmp_path / "w"))
     initrd = (tmp_path / "w" / "initrd.img").read_bytes()
     assert initrd[:4] == b"BASE"
     entries = {n: d for n, _, d in read_archive(initrd[4:])}
@@ -161,32 +159,32 @@ def test_run_archive_follows_the_base(fake_image, tmp_path) -> None:
 
 def test_argument_errors(fake_image, tmp_path) -> None:
     with pytest.raises(GuestConfigError, match="does not exist"):
-        Guest(fake_image, "true", vhost_user_socket=tmp_path / "nope.sock")
+        Guest(fake_image, "true", GuestOptions(vhost_user_socket=tmp_path / "nope.sock"))
     plain = tmp_path / "plain"
     plain.write_text("")
     with pytest.raises(GuestConfigError, match="not a socket"):
-        Guest(fake_image, "true", vhost_user_socket=plain)
+        Guest(fake_image, "true", GuestOptions(vhost_user_socket=plain))
     with pytest.raises(GuestConfigError, match="disk file"):
-        Guest(fake_image, "true", qemu_disks=[tmp_path / "missing.img"])
+        Guest(fake_image, "true", GuestOptions(qemu_disks=[tmp_path / "missing.img"]))
     with pytest.raises(GuestConfigError, match="accelerator"):
-        Guest(fake_image, "true", accel="hvf")
+        Guest(fake_image, "true", GuestOptions(accel="hvf"))
     with pytest.raises(GuestConfigError):
-        Guest(fake_image, "true", files={"../escape": b""})
+        Guest(fake_image, "true", GuestOptions(files={"../escape": b""}))
     with pytest.raises(GuestConfigError):
-        Guest(fake_image, "true", vcpus=0)
+        Guest(fake_image, "true", GuestOptions(vcpus=0))
 
 
 def test_socket_accepted(fake_image, tmp_path) -> None:
     path = tmp_path / "v.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
-        g = Guest(fake_image, "true", vhost_user_socket=path, workdir=tmp_path / "w")
+        g = Guest(fake_image, "true", GuestOptions(vhost_user_socket=path, workdir=tmp_path / "w"))
         assert f"socket,id=vus,path={path}" in g.argv
         g.close()
 
 
 def _config(tmp_path, **kw) -> str:
-    g = Guest(kw.pop("image"), "true", workdir=tmp_path / "w", **kw)
+    g = Guest(kw.pop("image"), "true", GuestOptions(workdir=tmp_path / "w", **kw))
     initrd = (tmp_path / "w" / "initrd.img").read_bytes()
     g.close()
     return {n: d for n, _, d in read_archive(initrd[4:])}["vscsi/config"].decode()

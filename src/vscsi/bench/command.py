@@ -19,8 +19,9 @@ import sys
 
 from vscsi.bench.jobs import JobSpec
 from vscsi.bench.loopback import Loopback
-from vscsi.bench.runner import Machine, RunOptions
+from vscsi.bench.runner import RunOptions
 from vscsi.bench.runner import run as run_jobs
+from vscsi.bench.smp import smp_machine
 from vscsi.driver.steering import POLICIES
 from vscsi.scsi import LunSpec, parse_lun_spec
 
@@ -97,15 +98,6 @@ def run_options(args: argparse.Namespace, *, targets: int | None = None) -> RunO
     )
 
 
-def smp_machine(args: argparse.Namespace, path: str, *, policy: str | None = None) -> Machine:
-    from vscsi.driver.smp import SmpConfig, SmpMachine
-
-    cfg = SmpConfig(vcpus=args.vcpus, queues=args.queues, policy=policy or args.policy,
-                    hint_delay=args.hint_delay / 1000, pin=args.pin,
-                    migrate_every=args.migrate_every, seed=args.seed)
-    return SmpMachine(path, cfg)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.vcpus < 1 or args.numjobs < 1 or (args.queues is not None and args.queues < 1):
         raise ValueError("--queues, --vcpus and --numjobs must be at least 1")
@@ -162,6 +154,9 @@ def print_table(r: dict) -> None:
         ("queue switches", str(r["queue_switches"])),
         ("locality", f"{r['locality']:.3f}"), ("IPIs", str(r["ipis"])),
         ("requests per queue", " ".join(str(n) for n in r["per_queue"])),
+        *([("backend CPU µs per request", f"{r['backend_cpu_us_per_request']:.1f}"),
+           ("requests per backend CPU-second", f"{r['requests_per_backend_cpu_s']:.0f}")]
+          if "backend_cpu_s" in r else []),
         ("submitted per CPU", " ".join(str(n) for n in per_cpu["submitted"])),
         ("interrupts per CPU", " ".join(str(n) for n in per_cpu["interrupts"])),
     ]

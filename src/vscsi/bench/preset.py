@@ -1,8 +1,9 @@
 """`vscsi bench --preset coverletter`: the measurement the design came from, redone.
 
-The 2012 cover letter ran fio (rw=read, bsrange=4k-64k, iodepth=4, one job per target,
-one LUN per target, disks on tmpfs) over 1..32 targets, single queue against
-multiqueue, and reported overall MB/s (../shared/DESIGN.md). Here each point runs the
+The 2012 cover letter of the multiqueue virtio-scsi series ran fio (rw=read,
+bsrange=4k-64k, iodepth=4, one job per target, one LUN per target, disks on tmpfs) over
+1..32 targets, single queue against multiqueue, and reported overall MB/s (the table is
+in the README). Here each point runs the
 SMP driver (one VCPU process per CPU, ``--vcpus``) over a ``vscsi serve`` this command
 starts with RAM targets (or the backend at ``--socket``), for each policy column; the
 first column is the baseline each other column's ratio divides by. Output: the table
@@ -24,7 +25,9 @@ from vscsi.bench.jobs import JobSpec
 from vscsi.bench.runner import RunOptions
 from vscsi.bench.runner import run as run_jobs
 from vscsi.bench.serving import ServeProcess
+from vscsi.bench.smp import smp_machine
 from vscsi.driver.steering import POLICIES
+from vscsi.usage import import_extra
 
 JOB = {"rw": "read", "bsrange": "4k-64k", "iodepth": 4}  # the cover letter's fio job
 DEFAULT_RUNTIME = 2.0  # seconds per point: 21 points fit in about a minute
@@ -38,6 +41,7 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def coverletter(args: argparse.Namespace) -> int:
+    import_extra("sim", "matplotlib")  # for the plot: say so before a minute of measuring
     try:
         targets = sorted({int(x) for x in parse_list(args.preset_targets, "targets")})
     except ValueError:
@@ -92,8 +96,6 @@ def run_point(args: argparse.Namespace, path: str, serve: ServeProcess | None, p
               targets: int, spec: JobSpec, runtime: float | None) -> dict:
     """One (policy, targets) point: its bench JSON, plus where the CPU time went (the
     VCPU processes, this process, and -- with our own backend -- the backend)."""
-    from vscsi.bench.command import smp_machine
-
     opts = RunOptions(spec, numjobs=1, requests=None if runtime else args.requests,
                       runtime=runtime, seed=args.seed, targets=targets)
     before = serve.wait_idle(0) if serve else None
@@ -133,7 +135,7 @@ def make_table(points: dict[tuple[str, int], dict], targets: list[int],
 
 
 def print_table(table: list[dict], policies: list[str], vcpus: int) -> None:
-    """In the shape of DESIGN.md's table: MB/s per column, multi/single per row."""
+    """In the shape of the cover letter's table: MB/s per column, multi/single per row."""
     from rich.console import Console
     from rich.table import Table
 
@@ -152,8 +154,7 @@ def print_table(table: list[dict], policies: list[str], vcpus: int) -> None:
 
 
 def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int) -> None:
-    import matplotlib
-
+    matplotlib = import_extra("sim", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from vscsi.bench.backend_cpu import peer_pid, tree_cpu_seconds
 from vscsi.bench.jobs import Job, JobSpec, JobTask, make_pattern
 from vscsi.driver.discovery import Unit
 from vscsi.driver.initiator import rw16_cdb
 from vscsi.driver.tasks import RunOutcome, Task
+from vscsi.metrics import percentile
 
 PREFILL_CHUNK = 1 << 20
 
@@ -101,21 +103,31 @@ def prefill(machine: Machine, jobs: list[Job], seed: int) -> None:
                 raise RuntimeError(f"prefill of {job.target}:{job.lun} failed at offset {offset}")
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return 0.0
-    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
-
-
 def run(machine: Machine, opts: RunOptions, vcpus: int) -> dict:
     units = select_units(machine.discover(), opts.targets)
     jobs = make_jobs(units, opts, vcpus)
     if opts.verify:
         prefill(machine, jobs, opts.seed)
     tasks = make_tasks(jobs, opts)
+    # A machine over a socket says which one; the backend at its other end is measured
+    # while its queue workers are alive (before and after the timed run).
+    sock = getattr(machine, "backend_socket", None)
+    backend = peer_pid(sock) if sock is not None else 0
+    cpu_before = tree_cpu_seconds(backend) if backend else 0.0
     outcome = machine.run_tasks(tasks, [job.cpu for job in jobs])
+    if backend:
+        outcome.extra.update(backend_cost(tree_cpu_seconds(backend) - cpu_before,
+                                          outcome.results.completed))
     return report(machine, outcome, opts, len(units))
+
+
+def backend_cost(cpu_s: float, requests: int) -> dict[str, float]:
+    """The backend's CPU time over a run, per request and as requests per CPU-second."""
+    return {
+        "backend_cpu_s": cpu_s,
+        "backend_cpu_us_per_request": cpu_s / requests * 1e6 if requests else 0.0,
+        "requests_per_backend_cpu_s": requests / cpu_s if cpu_s > 0 else 0.0,
+    }
 
 
 def report(machine: Machine, outcome: RunOutcome, opts: RunOptions, units: int) -> dict:

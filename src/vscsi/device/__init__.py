@@ -2,9 +2,8 @@
 and the SCSI target (vscsi.scsi).
 
 Read along the request path: :mod:`.wire` (config space, LUN field, header layouts),
-:mod:`.iov` (offsets over descriptor buffers), :mod:`.device` (request queues, control
-queue / TMF, event queue, hotplug), :mod:`.tasks` (the cross-process task table TMFs use),
-:mod:`.events` (pending events and EVENTS_MISSED).
+:mod:`.device` (request queues, control queue / TMF, event queue, hotplug), :mod:`.tasks`
+(the cross-process task table TMFs use), :mod:`.events` (pending events and EVENTS_MISSED).
 
 Driving it: ``drain(ring, device.handler_for(q))`` for the control queue (0) and each
 request queue (>= 2); for the event queue (1) never ``drain`` -- call

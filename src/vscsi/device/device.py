@@ -42,9 +42,8 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
-from vscsi.device.iov import gather, scatter, skip, total
 from vscsi.device.stats import DeviceStats
-from vscsi.device.tasks import ALL_LUNS, HOLD, SLOT, TaskTable
+from vscsi.device.tasks import ALL_LUNS, TaskTable
 from vscsi.device.wire import (
     AN_REQ,
     AN_RESP,
@@ -89,19 +88,22 @@ from vscsi.device.wire import (
     decode_lun,
     encode_lun,
 )
-from vscsi.virtio import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from vscsi.memory.sgl import advance, gather_exact, scatter, total
+from vscsi.virtio import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    QueueRole,
+)
 
 if TYPE_CHECKING:
-    from vscsi.scsi import LogicalUnit, ScsiTarget
+    from vscsi.scsi import LogicalUnit, ScsiResult, ScsiTarget
     from vscsi.virtio import Chain
 
 log = logging.getLogger(__name__)
 
-_slot_pack = SLOT.pack_into
-_now_ns = time.monotonic_ns
-_hold_unpack = HOLD.unpack_from
-_HOLD_SIZE = HOLD.size
 _LUN_CACHE_MAX = 4096
+_now_ns = time.monotonic_ns
 
 #: What we offer. Not INOUT (no bidirectional commands), not T10_PI, not ANY_LAYOUT (a
 #: legacy bit: VERSION_1 implies it, and we parse any layout regardless).
@@ -123,11 +125,11 @@ def _luns_of(target: Any) -> Collection[int] | None:
 class VirtioScsiDevice:
     """One virtio-scsi device. See the module docstring for what is per-process.
 
-    Driving it (what a backend does per queue):
+    Driving it (what a backend does per queue, as :meth:`queue_roles` declares):
 
-    * request queue ``q >= 2``: ``drain(ring, device.handler_for(q))`` on every kick;
-    * control queue 0: ``drain(ring, device.handler_for(0))``;
-    * event queue 1: NEVER drain it (its buffers wait for events). Call
+    * request queue ``q >= 2`` (HOT): ``drain(ring, device.handler_for(q))`` on every kick;
+    * control queue 0 (CONTROL): ``drain(ring, device.handler_for(0))``;
+    * event queue 1 (EVENT): NEVER drain it (its buffers wait for events). Call
       ``device.deliver_events(ring.pop, ring.push)`` on its kick and after
       :meth:`add_lun` / :meth:`remove_lun` / :meth:`post_event`, and signal the driver if
       it returned nonzero and ``ring.needs_notify()``. ``handler_for(1)`` is
@@ -154,15 +156,15 @@ class VirtioScsiDevice:
         self.driver_features: int | None = None
         self.events = EventQueue(event_capacity, event_max_age)
         self.tasks = TaskTable(config.num_queues)
-        self._task_mem = self.tasks.mem
-        self._slot_offsets = {FIRST_REQUEST_QUEUE + q: self.tasks.slot_offset(q)
-                              for q in range(config.num_queues)}
         self._lun_cache: dict[bytes, tuple[int, int]] = {}
         #: per-LUN and per-target counters in shared memory (see .stats)
         self.stats = DeviceStats(config.num_queues)
         for t, target in targets.items():
             for lun in _luns_of(target) or ():
                 self.stats.assign(t, lun)
+        roles = {CONTROL_QUEUE: QueueRole.CONTROL, EVENT_QUEUE: QueueRole.EVENT}
+        self._roles = tuple(roles.get(i, QueueRole.HOT)
+                            for i in range(FIRST_REQUEST_QUEUE + config.num_queues))
         #: how long a TMF waits for a running task to finish before answering FAILURE
         self.tmf_timeout = tmf_timeout
         self._set_config(config)
@@ -199,13 +201,20 @@ class VirtioScsiDevice:
 
     # -- queue dispatch ----------------------------------------------------------------------
 
+    def queue_roles(self) -> tuple[QueueRole, ...]:
+        """How each virtqueue is served, by index (§5.6.2): 0 control, 1 event, then the
+        request queues, which are the hot ones."""
+        return self._roles
+
     def handler_for(self, queue_index: int) -> Callable[[Chain], int]:
         if queue_index == CONTROL_QUEUE:
             return self.handle_control
         if queue_index == EVENT_QUEUE:
             return self.handle_event
         if FIRST_REQUEST_QUEUE <= queue_index < FIRST_REQUEST_QUEUE + self.config.num_queues:
-            return functools.partial(self.handle_request, queue_index=queue_index)
+            # Bound positionally to the queue's task slot, checked here once: no keyword
+            # dict and no range check per request.
+            return functools.partial(self._serve_request, queue_index - FIRST_REQUEST_QUEUE)
         raise ValueError(
             f"queue {queue_index} does not exist (device has {self.config.num_queues} "
             f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
@@ -220,24 +229,87 @@ class VirtioScsiDevice:
         ``queue_index`` names the queue's task slot: one caller at a time per queue.
         Never raises for anything the driver wrote.
         """
-        slot = self._slot_offsets.get(queue_index)
-        if slot is None:
+        slot = queue_index - FIRST_REQUEST_QUEUE
+        if not 0 <= slot < self.tasks.queues:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
+        return self._serve_request(slot, chain)
 
-        # Response header first: without room for it we cannot answer at all. Common case
-        # (Linux): it is the whole first writable descriptor, data-in the following ones.
+    def _serve_request(self, slot: int, chain: Chain) -> int:
+        """handle_request for task slot ``slot`` (0-based, already checked). The steps:
+        locate the two headers, look up the target, execute under the task table,
+        respond with the residual."""
+        wr = chain.writable
+        located = self._locate(chain)
+        if located.__class__ is int:
+            return located if located == 0 else self._respond(wr, None, located)
+        resp_buf, data_in, lun_field, tag, cdb, data_out = located
+        # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
+        # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
+
+        addr = self._lun_cache.get(lun_field) or self._decode_lun(lun_field)
+        if addr is None:
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+        t, lun = addr
+        if self.on_arrival is not None:
+            self.on_arrival(t, lun, tag)
+        stats = self.stats
+        stats.arrive(slot, t)
+        target = self.targets.get(t)
+        if target is None:
+            stats.leave(slot, t)
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+        if data_out and data_in and total(data_out) and total(data_in):
+            # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
+            # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
+            # a SCSI CHECK CONDITION, since the target never saw the command.
+            stats.leave(slot, t)
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+
+        # Execute, with the task published in this queue's slot so a TMF on the control
+        # queue can see it, hold it off, or cancel it.
+        tasks = self.tasks
+        held = tasks.begin(slot, t, lun, tag)
+        if held:
+            stats.leave(slot, t)
+            return self._respond(wr, resp_buf, held)
+        started = _now_ns()
+        try:
+            result = target.execute(lun, cdb, data_out, data_in)
+        except Exception:
+            # A bug or an unexpected I/O error in the target must fail the request, not
+            # the queue worker.
+            tasks.end(slot)
+            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+            log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
+            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+        cancelled = tasks.end(slot)
+        if cancelled:                   # a TMF aborted / reset it while it ran
+            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+            return self._respond(wr, resp_buf, cancelled)
+        # the bytes the target says it moved (our own scsi layer: no clamping needed)
+        stats.done(slot, t, addr, result.status != 0, result.data_in, result.data_out,
+                   _now_ns() - started)
+        return self._respond_result(wr, resp_buf, result, data_out, data_in)
+
+    def _locate(self, chain: Chain) -> tuple[memoryview | None, list[memoryview], bytes,
+                                             int, bytes, list[memoryview]] | int:
+        """Find the response header's room and parse the request header:
+        (response buffer or None if split across descriptors, data-in views, LUN field,
+        tag, CDB, data-out views); or 0 when there is no room for a response at all, or
+        VIRTIO_SCSI_S_FAILURE when the request header is short."""
+        # Response room first: without it we cannot answer at all. Common case (Linux):
+        # it is the whole first writable descriptor, data-in the following ones.
         wr = chain.writable
         resp_len = self._resp_len
+        resp_buf: memoryview | None
         if wr and len(wr[0]) >= resp_len:
-            resp_buf: memoryview | None = wr[0]
+            resp_buf = wr[0]
             data_in = wr[1:] if len(wr[0]) == resp_len else [wr[0][resp_len:], *wr[1:]]
+        elif total(wr) >= resp_len:
+            resp_buf, data_in = None, advance(wr, resp_len)
         else:
-            split = skip(wr, resp_len)
-            if split is None:
-                log.debug("request %d: writable part too short for a response", chain.head)
-                return 0
-            resp_buf, data_in = None, split
-
+            log.debug("request %d: writable part too short for a response", chain.head)
+            return 0
         # Request header: again fast when it fills the first readable descriptor.
         rd = chain.readable
         req_len = self._req_len
@@ -245,83 +317,38 @@ class VirtioScsiDevice:
             lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack_from(rd[0])
             data_out = rd[1:] if len(rd[0]) == req_len else [rd[0][req_len:], *rd[1:]]
         else:
-            header = gather(rd, req_len)
+            header = gather_exact(rd, req_len)
             if header is None:
                 log.debug("request %d: readable part too short for a header", chain.head)
-                return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+                return VIRTIO_SCSI_S_FAILURE
             lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack(header)
-            data_out = skip(rd, req_len) or []
-        # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
-        # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
+            data_out = advance(rd, req_len)
+        return resp_buf, data_in, lun_field, tag, cdb, data_out
 
-        # A driver uses a handful of distinct LUN fields: remember their decodings (the
-        # cache is bounded so a driver cycling through all 4M valid fields cannot grow it).
-        addr = self._lun_cache.get(lun_field)
-        if addr is None:
-            addr = decode_lun(lun_field)
-            if addr is None:
-                return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
-            if len(self._lun_cache) < _LUN_CACHE_MAX:
-                self._lun_cache[lun_field] = addr
-        t, lun = addr
-        if self.on_arrival is not None:
-            self.on_arrival(t, lun, tag)
-        q = queue_index - FIRST_REQUEST_QUEUE
-        stats = self.stats
-        stats.arrive(q, t)
-        target = self.targets.get(t)
-        if target is None:
-            stats.leave(q, t)
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+    def _decode_lun(self, lun_field: bytes) -> tuple[int, int] | None:
+        """(target, lun) of a LUN field, or None if malformed. A driver uses a handful of
+        distinct fields: their decodings are cached (bounded, so a driver cycling through
+        all 4M valid fields cannot grow the cache)."""
+        addr = decode_lun(lun_field)
+        if addr is not None and len(self._lun_cache) < _LUN_CACHE_MAX:
+            self._lun_cache[lun_field] = addr
+        return addr
 
-        if data_out and data_in and total(data_out) and total(data_in):
-            # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
-            # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
-            # a SCSI CHECK CONDITION, since the target never saw the command.
-            stats.leave(q, t)
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-
-        # The worker side of the task table (TaskTable.begin / end, inlined): publish the
-        # task (active byte last), then honour a hold a TMF put on this LUN.
-        mem = self._task_mem
-        _slot_pack(mem, slot, 0, 0, t, lun, tag)
-        mem[slot] = 1
-        hold = t * _HOLD_SIZE
-        if mem[hold]:
-            held_response, held_lun = _hold_unpack(mem, hold)
-            if held_lun == ALL_LUNS or held_lun == lun:
-                mem[slot] = 0
-                stats.leave(q, t)
-                return self._respond(wr, resp_buf, held_response)
-        started = _now_ns()
-        try:
-            result = target.execute(lun, cdb, data_out, data_in)
-        except Exception:
-            # A bug or an unexpected I/O error in the target must fail the request, not
-            # the queue worker.
-            mem[slot] = 0
-            stats.done(q, t, addr, True, 0, 0, _now_ns() - started)
-            log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-        cancelled = mem[slot + 1]
-        mem[slot] = 0
-        if cancelled:                   # a TMF aborted / reset it while it ran
-            stats.done(q, t, addr, True, 0, 0, _now_ns() - started)
-            return self._respond(wr, resp_buf, cancelled)
-
-        # resid = data buffer length - bytes moved (clamped: never trust a count).
+    def _respond_result(self, wr: list[memoryview], resp_buf: memoryview | None,
+                        result: ScsiResult, data_out: list[memoryview],
+                        data_in: list[memoryview]) -> int:
+        """The response to a command the target executed: status, sense, and the residual
+        (data buffer length - bytes moved, clamped: never trust a count). Returns the used
+        length: the response header plus the data-in bytes moved."""
         if data_in and (in_len := sum(map(len, data_in))):
             moved = result.data_in
             moved = in_len if moved > in_len else moved if moved > 0 else 0
             resid = in_len - moved
-            written = 0
         elif data_out and (out_len := sum(map(len, data_out))):
             used = result.data_out
-            written = out_len if used > out_len else used if used > 0 else 0
-            moved, resid = 0, out_len - written
+            moved, resid = 0, out_len - (out_len if used > out_len else used if used > 0 else 0)
         else:
-            moved = resid = written = 0
-        stats.done(q, t, addr, result.status != 0, moved, written, _now_ns() - started)
+            moved = resid = 0
         sense = result.sense
         response = VIRTIO_SCSI_S_OVERRUN if result.overrun else VIRTIO_SCSI_S_OK
         sense_len = len(sense)
@@ -333,7 +360,7 @@ class VirtioScsiDevice:
             self._resp.pack_into(resp_buf, 0, sense_len, resid, 0, status, response, sense)
         else:
             scatter(wr, self._resp.pack(sense_len, resid, 0, status, response, sense))
-        return resp_len + moved
+        return self._resp_len + moved
 
     def _respond(self, wr: list[memoryview], resp_buf: memoryview | None,
                  response: int) -> int:
@@ -357,14 +384,14 @@ class VirtioScsiDevice:
         but room for the response is answered VIRTIO_SCSI_S_FAILURE.
         """
         rd, wr = chain.readable, chain.writable
-        head = gather(rd, CTRL_TYPE.size)
+        head = gather_exact(rd, CTRL_TYPE.size)
         if head is None:
             return 0
         (kind,) = CTRL_TYPE.unpack(head)
         if kind == VIRTIO_SCSI_T_TMF:
             if total(wr) < TMF_RESP.size:
                 return 0
-            body = gather(rd, TMF_REQ.size)
+            body = gather_exact(rd, TMF_REQ.size)
             if body is None:
                 response = VIRTIO_SCSI_S_FAILURE
             else:
@@ -374,7 +401,7 @@ class VirtioScsiDevice:
         if kind in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE):
             if total(wr) < AN_RESP.size:
                 return 0
-            body = gather(rd, AN_REQ.size)
+            body = gather_exact(rd, AN_REQ.size)
             if body is None:
                 response = VIRTIO_SCSI_S_FAILURE
             else:

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vscsi.device.iov import scatter, total
 from vscsi.device.wire import EVENT, VIRTIO_SCSI_T_EVENTS_MISSED, VIRTIO_SCSI_T_NO_EVENT
+from vscsi.memory.sgl import scatter, total
 from vscsi.virtio import ChainError
 
 if TYPE_CHECKING:

@@ -34,7 +34,12 @@ ALL_LUNS = 0xFFFF
 SLOT = struct.Struct("<BBBxHxxQ")           # active, cancel, target, lun, tag
 _SLOT_INFO = struct.Struct("<BxBxHxxQ")     # active, target, lun, tag (cancel skipped)
 HOLD = struct.Struct("<BxH")                # response, lun
+_HOLD_SIZE = HOLD.size
 _TARGETS = 256
+
+
+_pack_slot = SLOT.pack_into
+_unpack_hold = HOLD.unpack_from
 
 
 class TaskTable:
@@ -45,17 +50,17 @@ class TaskTable:
         self._slots = _TARGETS * HOLD.size      # holds first, then the slots
         # mmap(-1, n) is MAP_SHARED | MAP_ANONYMOUS: forked workers share these pages.
         self._mem = mmap.mmap(-1, self._slots + queues * SLOT.size)
+        # Slot offsets computed once, in a list (the cheapest lookup): begin / end run
+        # once per request.
+        self._offsets = [self._slots + q * SLOT.size for q in range(queues)]
 
-    # -- request-queue side -----------------------------------------------------------------
-    #
-    # VirtioScsiDevice.handle_request inlines begin() / end() (a method call costs as much
-    # as the work); these two are the reference for that code, and what tests drive.
+    # -- request-queue side: one begin / end pair per request, in that queue's worker ----
 
     def slot_offset(self, queue: int) -> int:
         """Byte offset of request queue ``queue``'s slot (0-based slot number)."""
         if not 0 <= queue < self.queues:
             raise ValueError(f"slot {queue} outside 0..{self.queues - 1}")
-        return self._slots + queue * SLOT.size
+        return self._offsets[queue]
 
     @staticmethod
     def hold_offset(target: int) -> int:
@@ -69,13 +74,18 @@ class TaskTable:
         """Record that ``queue`` starts (target, lun, tag). Returns 0 to go ahead, or the
         response (RESET / ABORTED) a TMF holding that LUN imposes, in which case the slot is
         already released."""
+        try:
+            if queue < 0:
+                raise IndexError(queue)
+            off = self._offsets[queue]
+        except IndexError:
+            raise ValueError(f"slot {queue} outside 0..{self.queues - 1}") from None
         mem = self._mem
-        off = self.slot_offset(queue)
-        SLOT.pack_into(mem, off, 0, 0, target, lun, tag)
+        _pack_slot(mem, off, 0, 0, target, lun, tag)
         mem[off] = 1                                   # active, published last
-        hold = self.hold_offset(target)
+        hold = target * _HOLD_SIZE
         if mem[hold]:
-            response, held = HOLD.unpack_from(mem, hold)
+            response, held = _unpack_hold(mem, hold)
             if held == ALL_LUNS or held == lun:
                 mem[off] = 0
                 return response
@@ -85,7 +95,7 @@ class TaskTable:
         """Release ``queue``'s slot; returns the cancel response a TMF set meanwhile (the
         request must then be answered with it), else 0."""
         mem = self._mem
-        off = self.slot_offset(queue)
+        off = self._offsets[queue]
         cancel = mem[off + 1]
         mem[off] = 0
         return cancel

@@ -1,4 +1,5 @@
-"""Guest memory regions and guest-physical address translation (see guest.py)."""
+"""Guest memory regions and guest-physical address translation (see guest.py), and
+scatter-gather lists over views of that memory (sgl.py)."""
 
 from vscsi.memory.guest import Allocator, GuestMemory, GuestMemoryError, Region
 

@@ -1,6 +1,7 @@
 """vscsi.scsi -- a SCSI target: CDB decoding, the SPC-4/SBC-3 command set, sense data,
 logical units and block backends (file, ram, null). It knows nothing of virtio: it gets
-a CDB and lists of data-out / data-in memoryviews, and returns a ScsiResult.
+a CDB and lists of data-out / data-in memoryviews (vscsi.memory.sgl), and returns a
+ScsiResult.
 
 Modules, along the request path:
     spec      LUN spec grammar (TARGET:LUN=BACKEND[,opt...])
@@ -9,8 +10,10 @@ Modules, along the request path:
     commands  the command handlers and their registry
     pages     INQUIRY, VPD and mode page data
     sense     ScsiResult, sense data, ScsiError
-    sgl       scatter-gather helpers over memoryview lists
-    backends  file / ram / null block storage
+    backends  file / ram / null / nbd block storage
+    plugin    python:MODULE:CLASS backends written by users (docs/plugins.md)
+    pending   Pending (a result that comes later) and the Scheduler protocol
+    filters   the per-LUN filter stack: error, hang, delay, rate, trace (docs/filters.md)
     constants status codes, sense keys, ASC/ASCQ, opcodes
 """
 

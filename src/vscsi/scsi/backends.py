@@ -5,7 +5,8 @@ queue workers are forked from the process that opened them:
 
 * file: only positional I/O (preadv / pwritev / fallocate), never the shared file offset;
 * ram: a MAP_SHARED anonymous mapping, so a write in one worker is seen by all;
-* null: no state at all.
+* null: no state at all;
+* nbd: no shared state: each process opens its own connection on first use (nbd/disk.py).
 
 readv / writev move bytes straight between the backend and the caller's memoryviews (for
 a file: the kernel copies into guest memory, Python never touches the data). They raise
@@ -22,7 +23,9 @@ import os
 import stat
 from collections.abc import Callable
 
-from .sgl import Views, advance, total
+from vscsi.memory.sgl import Views, advance, total
+
+from .nbd import NbdDisk, NbdUriError, parse_nbd_uri
 from .spec import LunSpec, LunSpecError
 
 # Writing zeros (WRITE SAME of a zero block, discard fallback, null reads) uses slices of
@@ -96,9 +99,26 @@ class BlockBackend:
     def flush(self) -> None:
         pass
 
+    def writev_fua(self, offset: int, bufs: list[memoryview]) -> int:
+        """A write that is durable when it returns (FUA, or WCE=0). Backends whose storage
+        has a cheaper way than write + flush override it."""
+        n = self.writev(offset, bufs)
+        self.flush()
+        return n
+
     def discard(self, offset: int, length: int) -> None:
         """Deallocate a range; it reads as zeros afterwards (the LU reports LBPRZ=1)."""
         raise NotImplementedError
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Write zeros, the blocks staying allocated (WRITE SAME of a zero block without
+        UNMAP). Backends with a cheaper way than writing zeros override it."""
+        step = 64 * _ZERO_CHUNK   # bound the iovec count per call
+        while length > 0:
+            k = min(length, step)
+            self.writev(offset, _zero_views(k))
+            offset += k
+            length -= k
 
     def close(self) -> None:
         pass
@@ -180,15 +200,7 @@ class FileBackend(BlockBackend):
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
                 self._can_punch = False
-        self._write_zeros(offset, length)
-
-    def _write_zeros(self, offset: int, length: int) -> None:
-        step = 64 * _ZERO_CHUNK   # bound the iovec count per call
-        while length > 0:
-            k = min(length, step)
-            self.writev(offset, _zero_views(k))
-            offset += k
-            length -= k
+        self.write_zeroes(offset, length)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -290,6 +302,14 @@ class NullBackend(BlockBackend):
         return f"NullBackend(size={self.size})"
 
 
+class NbdBackend(NbdDisk, BlockBackend):
+    """An NBD export (nbd:URI). Transport failures raise ConnectionError / TimeoutError
+    (the logical unit reports LOGICAL UNIT COMMUNICATION FAILURE) and the next request
+    reconnects; errors the server reports raise OSError with their errno."""
+
+    kind = "nbd"
+
+
 def open_backend(spec: LunSpec) -> BlockBackend:
     """Open the backend a spec names. Problems the user can fix (missing file, a directory,
     permission, a file smaller than one block, no memory) raise LunSpecError."""
@@ -321,4 +341,18 @@ def open_backend(spec: LunSpec) -> BlockBackend:
             raise LunSpecError(f"{where}: file {path!r} is smaller than one "
                                f"{spec.block_size}-byte block")
         return backend
-    raise LunSpecError(f"{where}: unknown backend {spec.kind!r}")
+    if spec.kind == "nbd":
+        try:
+            nbd = NbdBackend(parse_nbd_uri(spec.arg), block_size=spec.block_size)
+        except NbdUriError as e:
+            raise LunSpecError(f"{where}: {e}") from None
+        except OSError as e:    # ConnectionError, TimeoutError: unreachable, refused export
+            raise LunSpecError(f"{where}: {e}") from None
+        if nbd.size == 0:
+            raise LunSpecError(f"{where}: NBD export {spec.arg!r} is smaller than one "
+                               f"{spec.block_size}-byte block")
+        if nbd.read_only and not spec.read_only:
+            raise LunSpecError(f"{where}: NBD export {spec.arg!r} is read-only (add ,ro)")
+        return nbd
+    # python plugins are loaded by plugin.load_plugin (build_targets picks it).
+    raise LunSpecError(f"{where}: backend {spec.kind!r} is not opened here")

@@ -20,12 +20,17 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+from vscsi.memory.sgl import Views, gather_prefix, scatter, total, trim
 
 from . import cdb as C
 from . import pages
+from .backends import BlockBackend
 from .constants import (
+    ABORTED_COMMAND,
     ASC_INVALID_COMMAND_OPERATION_CODE,
+    ASC_LOGICAL_UNIT_COMMUNICATION_FAILURE,
     ASC_LOGICAL_UNIT_NOT_SUPPORTED,
     ASC_MISCOMPARE_DURING_VERIFY,
     ASC_SAVING_PARAMETERS_NOT_SUPPORTED,
@@ -35,8 +40,12 @@ from .constants import (
     DATA_PROTECT,
     GOOD,
     ILLEGAL_REQUEST,
+    INQUIRY,
     MEDIUM_ERROR,
     MISCOMPARE,
+    PQ_NOT_CAPABLE,
+    REPORT_LUNS,
+    REQUEST_SENSE,
 )
 from .sense import (
     NO_SENSE_DATA,
@@ -50,14 +59,30 @@ from .sense import (
     param_list_length_error,
     write_protected,
 )
-from .sgl import Views, gather, scatter, total, trim
-
-if TYPE_CHECKING:
-    from .unit import LogicalUnit
 
 log = logging.getLogger("vscsi.scsi")
 
-Handler = Callable[["LogicalUnit", bytes, Views, Views], ScsiResult]
+
+class Unit(Protocol):
+    """What a handler reads and writes of the unit it runs on (unit.LogicalUnit is one;
+    the stand-in for a missing LUN has only ``report_lun_ids``)."""
+
+    backend: BlockBackend
+    block_size: int
+    block_shift: int
+    num_blocks: int
+    read_only: bool
+    wce: bool
+    inquiry_data: bytes
+    vpd: dict[int, bytes]
+    report_lun_ids: Sequence[int]
+    zero_block: bytes
+    max_unmap_blocks: int
+    max_unmap_descriptors: int
+    max_write_same_blocks: int
+
+
+Handler = Callable[[Unit, bytes, Views, Views], ScsiResult]
 
 # Scratch buffers for VERIFY / WRITE SAME are bounded to this many bytes per step.
 _CHUNK = 1 << 20
@@ -96,14 +121,14 @@ def command(opcode: int, name: str, usage: Sequence[int], sa: int | None = None
     return register
 
 
-def unsupported(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def unsupported(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_COMMAND_OPERATION_CODE)
 
 
 def _service_action_dispatch(opcode: int) -> Handler:
     table = _SERVICE_ACTIONS[opcode]
 
-    def dispatch(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+    def dispatch(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
         info = table.get(cdb[1] & 0x1F)
         if info is None:
             raise invalid_cdb(1, 4)
@@ -133,6 +158,12 @@ def _reply(data_in: Views, data: bytes, alloc: int) -> ScsiResult:
 
 def _io_error(e: OSError, *, write: bool, lba: int) -> ScsiError:
     log.warning("backend %s error at LBA %d: %s", "write" if write else "read", lba, e)
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        # The storage sits behind a connection that failed (an NBD server went away or
+        # stopped answering): the medium is fine, the path to it is not. ABORTED COMMAND
+        # tells the initiator to retry (Linux sd does, a few times), and the backend
+        # reconnects on the next request, so a short outage costs nothing.
+        return ScsiError(ABORTED_COMMAND, ASC_LOGICAL_UNIT_COMMUNICATION_FAILURE)
     if write and e.errno == errno.ENOSPC:
         # A thin-provisioned store ran out of space: SBC-3's answer for this case.
         return ScsiError(DATA_PROTECT, ASC_SPACE_ALLOCATION_FAILED_WRITE_PROTECT,
@@ -141,12 +172,12 @@ def _io_error(e: OSError, *, write: bool, lba: int) -> ScsiError:
                      information=lba)
 
 
-def _check_range(unit: LogicalUnit, lba: int, blocks: int) -> None:
+def _check_range(unit: Unit, lba: int, blocks: int) -> None:
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
 
 
-def _flush(unit: LogicalUnit, lba: int) -> None:
+def _flush(unit: Unit, lba: int) -> None:
     try:
         unit.backend.flush()
     except OSError as e:
@@ -155,7 +186,7 @@ def _flush(unit: LogicalUnit, lba: int) -> None:
 
 # -- READ / WRITE: the hot path -----------------------------------------------------------
 
-def _read(unit: LogicalUnit, lba: int, blocks: int, data_in: Views) -> ScsiResult:
+def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult:
     nbytes = blocks << unit.block_shift
     have = total(data_in)
     if nbytes > have:
@@ -172,7 +203,7 @@ def _read(unit: LogicalUnit, lba: int, blocks: int, data_in: Views) -> ScsiResul
     return ScsiResult(GOOD, b"", nbytes)
 
 
-def _write(unit: LogicalUnit, lba: int, blocks: int, fua: int, data_out: Views) -> ScsiResult:
+def _write(unit: Unit, lba: int, blocks: int, fua: int, data_out: Views) -> ScsiResult:
     nbytes = blocks << unit.block_shift
     have = total(data_out)
     if nbytes > have:
@@ -182,14 +213,13 @@ def _write(unit: LogicalUnit, lba: int, blocks: int, fua: int, data_out: Views) 
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
     if nbytes:
+        backend = unit.backend
+        # FUA, or a disabled write cache, makes the write durable before GOOD.
+        write = backend.writev_fua if fua or not unit.wce else backend.writev
         try:
-            unit.backend.writev(lba << unit.block_shift,
-                                data_out if have == nbytes else trim(data_out, nbytes))
+            write(lba << unit.block_shift, data_out if have == nbytes else trim(data_out, nbytes))
         except OSError as e:
             raise _io_error(e, write=True, lba=lba) from None
-        # FUA, or a disabled write cache, makes the write durable before GOOD.
-        if fua or not unit.wce:
-            _flush(unit, lba)
     return ScsiResult(GOOD, b"", 0, nbytes)
 
 
@@ -200,13 +230,13 @@ _RW16 = (0xF8, *(0xFF,) * 12, 0, 0)
 
 
 @command(0x08, "READ(6)", _RW6)
-def read6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     lba, blocks = C.rw6(cdb)
     return _read(unit, lba, blocks, data_in)
 
 
 @command(0x28, "READ(10)", _RW10)
-def read10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # RDPROTECT: we have no protection information
@@ -214,7 +244,7 @@ def read10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Sc
 
 
 @command(0xA8, "READ(12)", _RW12)
-def read12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW12.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -222,7 +252,7 @@ def read12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Sc
 
 
 @command(0x88, "READ(16)", _RW16)
-def read16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -230,13 +260,13 @@ def read16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Sc
 
 
 @command(0x0A, "WRITE(6)", _RW6)
-def write6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     lba, blocks = C.rw6(cdb)
     return _write(unit, lba, blocks, 0, data_out)
 
 
 @command(0x2A, "WRITE(10)", _RW10)
-def write10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # WRPROTECT
@@ -244,7 +274,7 @@ def write10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> S
 
 
 @command(0xAA, "WRITE(12)", _RW12)
-def write12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW12.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -252,7 +282,7 @@ def write12(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> S
 
 
 @command(0x8A, "WRITE(16)", _RW16)
-def write16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -271,7 +301,7 @@ def _first_difference(a: memoryview, b: bytes) -> int:
     raise ValueError("buffers are equal")
 
 
-def _verify(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: Views) -> ScsiResult:
+def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views) -> ScsiResult:
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # VRPROTECT
     bytchk = (flags >> 1) & 3
@@ -287,7 +317,7 @@ def _verify(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: View
         # is the whole verification (as in QEMU). Reading it back would stall this
         # queue for as long as a full-disk read.
         return good()
-    expected = gather(data_out, need)
+    expected = gather_prefix(data_out, need)
     # Read the range back in bounded steps and compare.
     step = max(1, _CHUNK // bs)
     buf = bytearray(min(blocks, step) * bs)
@@ -317,20 +347,20 @@ _VERIFY16 = (0xF6, *(0xFF,) * 12, 0, 0)
 
 
 @command(0x2F, "VERIFY(10)", _VERIFY10)
-def verify10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def verify10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     return _verify(unit, flags, lba, blocks, data_out)
 
 
 @command(0x8F, "VERIFY(16)", _VERIFY16)
-def verify16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def verify16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     return _verify(unit, flags, lba, blocks, data_out)
 
 
 # -- SYNCHRONIZE CACHE --------------------------------------------------------------------
 
-def _sync(unit: LogicalUnit, lba: int, blocks: int) -> ScsiResult:
+def _sync(unit: Unit, lba: int, blocks: int) -> ScsiResult:
     # blocks == 0 means "to the end"; an LBA past the end is still out of range.
     _check_range(unit, lba, blocks)
     # The whole backend is flushed: fdatasync has no range, and IMMED is honoured by
@@ -340,20 +370,20 @@ def _sync(unit: LogicalUnit, lba: int, blocks: int) -> ScsiResult:
 
 
 @command(0x35, "SYNCHRONIZE CACHE(10)", (0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0))
-def sync10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def sync10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     _, lba, blocks = C.RW10.unpack_from(cdb)
     return _sync(unit, lba, blocks)
 
 
 @command(0x91, "SYNCHRONIZE CACHE(16)", (0x02, *(0xFF,) * 12, 0, 0))
-def sync16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def sync16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     _, lba, blocks = C.RW16.unpack_from(cdb)
     return _sync(unit, lba, blocks)
 
 
 # -- WRITE SAME / UNMAP -------------------------------------------------------------------
 
-def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: Views,
+def _write_same(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views,
                 length_byte: int) -> ScsiResult:
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # WRPROTECT
@@ -374,7 +404,7 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
     if unit.read_only:
         raise write_protected()
     _check_range(unit, lba, blocks)
-    block = bytes(bs) if ndob else gather(data_out, bs)
+    block = bytes(bs) if ndob else gather_prefix(data_out, bs)
     zero = ndob or block == unit.zero_block
     offset = lba * bs
     length = blocks * bs
@@ -383,6 +413,8 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
         if zero and unmap:
             # Unmapped blocks read zeros (LBPRZ=1), so a zero pattern may be unmapped.
             backend.discard(offset, length)
+        elif zero:
+            backend.write_zeroes(offset, length)
         else:
             pattern = memoryview(block * min(blocks, max(1, _CHUNK // bs)))
             end = offset + length
@@ -398,13 +430,13 @@ def _write_same(unit: LogicalUnit, flags: int, lba: int, blocks: int, data_out: 
 
 
 @command(0x41, "WRITE SAME(10)", (0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0))
-def write_same10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write_same10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     return _write_same(unit, flags & 0xFE, lba, blocks, data_out, 7)   # bit 0: no NDOB
 
 
 @command(0x93, "WRITE SAME(16)", (0xF9, *(0xFF,) * 12, 0, 0))
-def write_same16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write_same16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     return _write_same(unit, flags, lba, blocks, data_out, 10)
 
@@ -413,7 +445,7 @@ _UNMAP_DESCRIPTOR = struct.Struct(">QI4x")
 
 
 @command(0x42, "UNMAP", (0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
-def unmap(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def unmap(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     anchor, plen = C.UNMAP.unpack_from(cdb)
     if anchor & 0x01:
         raise invalid_cdb(1, 0)
@@ -425,7 +457,7 @@ def unmap(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Scs
         raise write_protected()
     if plen < 8:
         raise param_list_length_error()
-    data = gather(data_out, plen)
+    data = gather_prefix(data_out, plen)
     bd_len = struct.unpack_from(">H", data, 2)[0]
     # A descriptor cut off by the parameter list length (or a block descriptor data
     # length that is not a multiple of 16) is ignored, as SBC-3 5.28.2 says.
@@ -457,7 +489,7 @@ def unmap(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> Scs
 # -- READ CAPACITY ------------------------------------------------------------------------
 
 @command(0x25, "READ CAPACITY(10)", (0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, 0))
-def read_capacity10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def read_capacity10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     lba, pmi = C.READ_CAPACITY10.unpack_from(cdb)
     if lba and not pmi & 1:
@@ -470,7 +502,7 @@ def read_capacity10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Vie
 
 @command(0x9E, "READ CAPACITY(16)", (0x1F, *(0,) * 8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
          sa=0x10)
-def read_capacity16(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def read_capacity16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     _, alloc = C.SERVICE_ACTION16.unpack_from(cdb)
     data = bytearray(32)
@@ -499,13 +531,13 @@ def inquiry_response(cdb: bytes, standard: bytes, vpd: dict[int, bytes], data_in
 
 
 @command(0x12, "INQUIRY", (0x01, 0xFF, 0xFF, 0xFF, 0))
-def inquiry(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def inquiry(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     return inquiry_response(cdb, unit.inquiry_data, unit.vpd, data_in)
 
 
 # -- MODE SENSE / MODE SELECT -------------------------------------------------------------
 
-def _block_descriptor(unit: LogicalUnit, long_lba: bool, pc: int) -> bytes:
+def _block_descriptor(unit: Unit, long_lba: bool, pc: int) -> bytes:
     if pc == pages.PC_CHANGEABLE:
         return bytes(16 if long_lba else 8)     # geometry cannot be changed
     if long_lba:
@@ -515,7 +547,7 @@ def _block_descriptor(unit: LogicalUnit, long_lba: bool, pc: int) -> bytes:
                        unit.block_size.to_bytes(3, "big"))
 
 
-def _mode_sense(unit: LogicalUnit, flags: int, pcpage: int, subpage: int, ten: bool) -> bytes:
+def _mode_sense(unit: Unit, flags: int, pcpage: int, subpage: int, ten: bool) -> bytes:
     pc = pcpage >> 6
     page_code = pcpage & 0x3F
     if pc == pages.PC_SAVED:
@@ -542,18 +574,18 @@ def _mode_sense(unit: LogicalUnit, flags: int, pcpage: int, subpage: int, ten: b
 
 
 @command(0x1A, "MODE SENSE(6)", (0x08, 0xFF, 0xFF, 0xFF, 0))
-def mode_sense6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_sense6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, pcpage, subpage, alloc = C.MODE_SENSE6.unpack_from(cdb)
     return _reply(data_in, _mode_sense(unit, flags, pcpage, subpage, False), alloc)
 
 
 @command(0x5A, "MODE SENSE(10)", (0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0))
-def mode_sense10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_sense10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, pcpage, subpage, alloc = C.MODE_SENSE10.unpack_from(cdb)
     return _reply(data_in, _mode_sense(unit, flags, pcpage, subpage, True), alloc)
 
 
-def _mode_select(unit: LogicalUnit, flags: int, plen: int, data_out: Views, ten: bool
+def _mode_select(unit: Unit, flags: int, plen: int, data_out: Views, ten: bool
                  ) -> ScsiResult:
     if flags & 0x01:
         raise invalid_cdb(1, 0)         # SP: we cannot save pages
@@ -563,7 +595,7 @@ def _mode_select(unit: LogicalUnit, flags: int, plen: int, data_out: Views, ten:
         return good()
     if plen > total(data_out):
         return _overrun()
-    data = gather(data_out, plen)
+    data = gather_prefix(data_out, plen)
     hdr = 8 if ten else 4
     if plen < hdr:
         raise param_list_length_error()
@@ -635,13 +667,13 @@ def _mode_select(unit: LogicalUnit, flags: int, plen: int, data_out: Views, ten:
 
 
 @command(0x15, "MODE SELECT(6)", (0x11, 0, 0, 0xFF, 0))
-def mode_select6(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_select6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, plen = C.MODE_SELECT6.unpack_from(cdb)
     return _mode_select(unit, flags, plen, data_out, False)
 
 
 @command(0x55, "MODE SELECT(10)", (0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
-def mode_select10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def mode_select10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     flags, plen = C.MODE_SELECT10.unpack_from(cdb)
     return _mode_select(unit, flags, plen, data_out, True)
 
@@ -649,7 +681,7 @@ def mode_select10(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
 # -- simple commands ----------------------------------------------------------------------
 
 @command(0x00, "TEST UNIT READY", (0, 0, 0, 0, 0))
-def test_unit_ready(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def test_unit_ready(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     return good()
 
@@ -663,7 +695,7 @@ def request_sense_response(cdb: bytes, sense: bytes, data_in: Views) -> ScsiResu
 
 
 @command(0x03, "REQUEST SENSE", (0x01, 0, 0, 0xFF, 0))
-def request_sense(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def request_sense(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                   ) -> ScsiResult:
     # Every error is reported with CHECK CONDITION and autosense at once, so there are
     # no deferred errors; a pending unit attention is answered before dispatch
@@ -672,14 +704,14 @@ def request_sense(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
 
 
 @command(0x1B, "START STOP UNIT", (0x01, 0, 0x0F, 0xF7, 0))
-def start_stop_unit(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def start_stop_unit(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                     ) -> ScsiResult:
     # Our medium is always spinning; a stop is accepted and has no effect (as on an SSD).
     return good()
 
 
 @command(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", (0, 0, 0, 0x03, 0))
-def prevent_allow(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def prevent_allow(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                   ) -> ScsiResult:
     return good()
 
@@ -706,7 +738,7 @@ def report_luns_response(luns: Sequence[int], cdb: bytes, data_in: Views) -> Scs
 
 
 @command(0xA0, "REPORT LUNS", (0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0))
-def report_luns(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def report_luns(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
     return report_luns_response(unit.report_lun_ids, cdb, data_in)
 
 
@@ -743,7 +775,7 @@ def _rsoc_one(info: CommandInfo | None, rctd: bool) -> bytes:
 
 @command(0xA3, "REPORT SUPPORTED OPERATION CODES",
          (0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0), sa=0x0C)
-def report_supported_opcodes(unit: LogicalUnit, cdb: bytes, data_out: Views, data_in: Views
+def report_supported_opcodes(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
                              ) -> ScsiResult:
     _, opts, opcode, sa, alloc = C.RSOC.unpack_from(cdb)
     rctd = bool(opts & 0x80)
@@ -767,5 +799,48 @@ def report_supported_opcodes(unit: LogicalUnit, cdb: bytes, data_out: Views, dat
 
 
 # -- what a target answers for a LUN that does not exist ----------------------------------
+#
+# SPC-4: INQUIRY says "no unit here" (peripheral qualifier 3, type 1Fh), REPORT LUNS lists
+# the target's LUNs, REQUEST SENSE returns LOGICAL UNIT NOT SUPPORTED as its data, and
+# every other command ends in that CHECK CONDITION. A CDB too short for one of the three
+# is "not supported" too (there is no unit whose CDB rules apply).
 
 LUN_NOT_SUPPORTED_SENSE = fixed_sense(ILLEGAL_REQUEST, *ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+_MISSING_INQUIRY = pages.standard_inquiry(PQ_NOT_CAPABLE, "NO LUN")
+_MISSING_VPD = {0x00: bytes((PQ_NOT_CAPABLE, 0x00, 0x00, 0x01, 0x00))}
+
+
+def _lun_not_supported(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                       ) -> ScsiResult:
+    raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+
+
+def _missing_inquiry(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+    if len(cdb) < 6:
+        raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+    return inquiry_response(cdb, _MISSING_INQUIRY, _MISSING_VPD, data_in)
+
+
+def _missing_report_luns(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                         ) -> ScsiResult:
+    if len(cdb) < 12:
+        raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+    return report_luns_response(unit.report_lun_ids, cdb, data_in)
+
+
+def _missing_request_sense(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                           ) -> ScsiResult:
+    if len(cdb) < 6:
+        raise ScsiError(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
+    # SPC-4 6.39: the sense data of REQUEST SENSE to a missing LUN says so.
+    return request_sense_response(cdb, LUN_NOT_SUPPORTED_SENSE, data_in)
+
+
+def build_missing_lun_dispatch() -> tuple[list[Handler], list[int]]:
+    """Like :func:`build_dispatch`, for a LUN the target does not have (the handlers
+    check CDB lengths themselves, so every minimum is 0)."""
+    handlers: list[Handler] = [_lun_not_supported] * 256
+    handlers[INQUIRY] = _missing_inquiry
+    handlers[REPORT_LUNS] = _missing_report_luns
+    handlers[REQUEST_SENSE] = _missing_request_sense
+    return handlers, [0] * 256

@@ -30,6 +30,7 @@ MISCOMPARE = 0xE
 
 # -- additional sense code / qualifier pairs (SPC-4 D.2) ------------------------------------
 ASC_NO_ADDITIONAL_SENSE = (0x00, 0x00)
+ASC_LOGICAL_UNIT_COMMUNICATION_FAILURE = (0x08, 0x00)
 ASC_WRITE_ERROR = (0x0C, 0x00)
 ASC_UNRECOVERED_READ_ERROR = (0x11, 0x00)
 ASC_PARAMETER_LIST_LENGTH_ERROR = (0x1A, 0x00)

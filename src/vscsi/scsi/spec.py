@@ -3,10 +3,18 @@
     0:0=file:disk.img
     1:3=ram:64M,ro
     0:300=null:1G,block-size=4096,serial=ABC
+    0:1=nbd:nbd+unix:///d0?socket=/run/qsd.sock
 
-BACKEND is file:PATH, ram:SIZE or null:SIZE. Options: ro, block-size=512|4096,
-serial=TEXT. A literal comma inside PATH or TEXT is written twice (",,"), as in QEMU's
-option syntax, so every path can be expressed.
+    0:2=python:examples/sparse_disk.py:SparseDisk,size=64M
+
+BACKEND is file:PATH, ram:SIZE, null:SIZE, nbd:URI (nbd://HOST[:PORT]/EXPORT or
+nbd+unix:///EXPORT?socket=PATH; the disk's size is the export's) or python:MODULE:CLASS
+(a plugin, docs/plugins.md; MODULE is a dotted module name or a path to a .py file).
+Options: ro, block-size=512|4096, serial=TEXT; a python backend gets every other KEY=VALUE
+as a constructor keyword argument (a string), so its keys cannot be named ro, block-size
+or serial. A literal comma inside PATH, URI or TEXT is written twice
+(",,"), as in QEMU's option syntax, so every path can be expressed; in a URI's export name
+a comma may also be percent-encoded (%2C).
 
 This module only parses text; it never touches the filesystem. Whether a file exists and
 how big it is are checked by open_backend (which raises the same LunSpecError), so a spec
@@ -18,18 +26,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .nbd.uri import NbdUriError, parse_nbd_uri
+
 MAX_TARGET = 255
 MAX_LUN = 16383
 BLOCK_SIZES = (512, 4096)
 MAX_SERIAL_LEN = 64
 # Offsets are off_t (signed 64-bit): no LU may be larger.
 MAX_SIZE = (1 << 63) - 1
-KINDS = ("file", "ram", "null")
+KINDS = ("file", "ram", "null", "nbd", "python")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 # ASCII digits only: str.isdigit() accepts "²" and other digits int() then rejects.
 _SIZE_RE = re.compile(r"([0-9]+)(?:([kmgtp])(?:i?b)?|b)?", re.IGNORECASE | re.ASCII)
 _NUMBER_RE = re.compile(r"[0-9]+", re.ASCII)
+_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
 class LunSpecError(ValueError):
@@ -40,12 +51,14 @@ class LunSpecError(ValueError):
 class LunSpec:
     target: int
     lun: int
-    kind: str            # "file" | "ram" | "null"
-    arg: str             # path or size text
+    kind: str            # "file" | "ram" | "null" | "nbd" | "python"
+    arg: str             # path, size text, NBD URI or MODULE:CLASS
     size: int | None     # bytes, for ram/null
     read_only: bool = False
     block_size: int = 512
     serial: str | None = None
+    #: a python plugin's own KEY=VALUE options, in the order given
+    params: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return format_lun_spec(self)
@@ -132,13 +145,23 @@ def _parse(text: str) -> LunSpec:
     backend, *options = _split_options(rest)
     kind, colon, arg = backend.partition(":")
     if kind not in KINDS:
-        raise LunSpecError(f"unknown backend {kind!r}: expected file:PATH, ram:SIZE or null:SIZE")
+        raise LunSpecError(f"unknown backend {kind!r}: expected file:PATH, ram:SIZE, "
+                           f"null:SIZE, nbd:URI or python:MODULE:CLASS")
     if not colon or not arg:
-        raise LunSpecError(f"backend {kind} needs {'a PATH' if kind == 'file' else 'a SIZE'}")
+        what = {"file": "a PATH", "nbd": "a URI", "python": "MODULE:CLASS"}.get(kind, "a SIZE")
+        raise LunSpecError(f"backend {kind} needs {what}")
+    if kind == "nbd":
+        try:
+            parse_nbd_uri(arg)
+        except NbdUriError as e:
+            raise LunSpecError(str(e)) from None
+    if kind == "python":
+        split_plugin_arg(arg)
 
     read_only = False
     block_size = 512
     serial: str | None = None
+    params: list[tuple[str, str]] = []
     seen: set[str] = set()
     for opt in options:
         name, eq, value = opt.partition("=")
@@ -159,18 +182,33 @@ def _parse(text: str) -> LunSpec:
             if not eq:
                 raise LunSpecError("option 'serial' needs a value: serial=TEXT")
             serial = _check_serial(value)
+        elif kind == "python":
+            if _IDENTIFIER_RE.fullmatch(name) is None or not eq:
+                raise LunSpecError(f"bad plugin option {opt!r}: expected KEY=VALUE with KEY "
+                                   f"a Python identifier")
+            params.append((name, value))
         else:
             raise LunSpecError(f"unknown option {name!r}: expected ro, block-size=, serial=")
 
     size: int | None = None
-    if kind != "file":
+    if kind in ("ram", "null"):
         size = parse_size(arg)
         if size == 0:
             raise LunSpecError(f"{kind} size must not be zero")
         if size % block_size:
             raise LunSpecError(f"size {arg} ({size} bytes) is not a multiple of the "
                                f"block size {block_size}")
-    return LunSpec(target, lun, kind, arg, size, read_only, block_size, serial)
+    return LunSpec(target, lun, kind, arg, size, read_only, block_size, serial, tuple(params))
+
+
+def split_plugin_arg(arg: str) -> tuple[str, str]:
+    """'pkg.mod:Class' or 'path/to/file.py:Class' -> (module or path, class name)."""
+    module, colon, cls = arg.rpartition(":")
+    if not colon or not module:
+        raise LunSpecError(f"bad plugin {arg!r}: expected python:MODULE_OR_PATH:CLASS")
+    if _IDENTIFIER_RE.fullmatch(cls) is None:
+        raise LunSpecError(f"bad plugin class name {cls!r}: expected a Python identifier")
+    return module, cls
 
 
 def format_lun_spec(spec: LunSpec) -> str:
@@ -182,4 +220,5 @@ def format_lun_spec(spec: LunSpec) -> str:
         parts.append(f"block-size={spec.block_size}")
     if spec.serial is not None:
         parts.append(f"serial={_escape(spec.serial)}")
+    parts.extend(f"{key}={_escape(value)}" for key, value in spec.params)
     return ",".join(parts)

@@ -11,14 +11,10 @@ import logging
 import mmap
 from collections.abc import Iterable, Sequence
 
+from vscsi.memory.sgl import Views
+
 from .backends import BlockBackend, open_backend
-from .commands import (
-    LUN_NOT_SUPPORTED_SENSE,
-    build_dispatch,
-    inquiry_response,
-    report_luns_response,
-    request_sense_response,
-)
+from .commands import Handler, build_dispatch, build_missing_lun_dispatch, request_sense_response
 from .constants import (
     ASC_INTERNAL_TARGET_FAILURE,
     ASC_INVALID_COMMAND_OPERATION_CODE,
@@ -28,20 +24,19 @@ from .constants import (
     HARDWARE_ERROR,
     ILLEGAL_REQUEST,
     INQUIRY,
-    PQ_NOT_CAPABLE,
     REPORT_LUNS,
     REQUEST_SENSE,
     TYPE_DISK,
     UNIT_ATTENTION,
 )
+from .filters import Command, FilterStack
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
+from .pending import Pending
+from .plugin import load_plugin
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
-from .sgl import Views
 from .spec import MAX_LUN, LunSpec, LunSpecError
 
 log = logging.getLogger("vscsi.scsi")
-
-_HANDLERS, _CDB_LENGTHS = build_dispatch()
 
 # Limits advertised in the block limits VPD page, in bytes (converted to blocks per unit).
 # 32 MiB matches virtio-scsi's default max_sectors (0xFFFF sectors); an UNMAP or WRITE SAME
@@ -55,6 +50,7 @@ MAX_WRITE_SAME_BYTES = 1 << 30
 _STATE_WCE = 0          # 1: write cache enabled
 _STATE_UA_ASC = 1       # pending unit attention: ASC (0: none) ...
 _STATE_UA_ASCQ = 2      # ... and ASCQ
+_STATE_SIZE = 3
 
 # SAM-5 5.11: the unit attention a LOGICAL UNIT RESET leaves behind, and the one for a
 # target-wide reset.
@@ -62,8 +58,63 @@ UA_LUN_RESET = (0x29, 0x03)         # BUS DEVICE RESET FUNCTION OCCURRED
 UA_RESET = (0x29, 0x00)             # POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
 
 
-class LogicalUnit:
+class _Unit:
+    """What a logical unit and the stand-in for a missing LUN share: :meth:`execute`,
+    which dispatches a CDB by opcode to the class's handler table and is the one place a
+    failure becomes a ScsiResult, and the pending unit attention it reports first."""
+
+    _handlers: list[Handler]
+    _cdb_lengths: list[int]     # the shortest CDB each opcode's handler accepts
+    _state: mmap.mmap | bytes   # see _STATE_*: the unit attention bytes
+    _empty_cdb = ASC_INVALID_COMMAND_OPERATION_CODE     # the ASC/ASCQ a CDB of 0 bytes gets
+    report_lun_ids: Sequence[int]
+
+    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+        """Run one command. Never raises: every failure is a ScsiResult."""
+        try:
+            op = cdb[0]
+            if self._state[_STATE_UA_ASC] and op != INQUIRY and op != REPORT_LUNS:
+                return self._report_unit_attention(cdb, data_in)
+            if len(cdb) < self._cdb_lengths[op]:
+                raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
+            return self._handlers[op](self, cdb, data_out, data_in)
+        except ScsiError as e:
+            return e.result()
+        except Exception:
+            if len(cdb) == 0:
+                return check_condition(ILLEGAL_REQUEST, self._empty_cdb)
+            log.exception("internal error executing CDB %s", bytes(cdb).hex())
+            return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+
+    def set_unit_attention(self, asc_ascq: tuple[int, int] | None) -> None:
+        """Make the next command (other than INQUIRY / REPORT LUNS) end in CHECK CONDITION,
+        UNIT ATTENTION with this ASC/ASCQ; None clears it. E.g. (0x2A, 0x09) CAPACITY DATA
+        HAS CHANGED after resizing a backend."""
+        asc, ascq = asc_ascq or (0, 0)
+        self._state[_STATE_UA_ASCQ] = ascq
+        self._state[_STATE_UA_ASC] = asc
+
+    @property
+    def unit_attention(self) -> tuple[int, int] | None:
+        asc = self._state[_STATE_UA_ASC]
+        return (asc, self._state[_STATE_UA_ASCQ]) if asc else None
+
+    def _report_unit_attention(self, cdb: bytes, data_in: Views) -> ScsiResult:
+        """SPC-4 5.14: the pending unit attention is reported (and cleared) by this
+        command: as REQUEST SENSE parameter data, otherwise as CHECK CONDITION instead of
+        executing it. (Several workers may race to report it; each report is valid.)"""
+        sense = fixed_sense(UNIT_ATTENTION, self._state[_STATE_UA_ASC],
+                            self._state[_STATE_UA_ASCQ])
+        self.set_unit_attention(None)
+        if cdb[0] == REQUEST_SENSE and len(cdb) >= 6:
+            return request_sense_response(cdb, sense, data_in)
+        return ScsiResult(CHECK_CONDITION, sense)
+
+
+class LogicalUnit(_Unit):
     """A direct-access block device (SBC-3) over a BlockBackend."""
+
+    _handlers, _cdb_lengths = build_dispatch()
 
     def __init__(
         self,
@@ -113,6 +164,10 @@ class LogicalUnit:
         self.inquiry_data = standard_inquiry(TYPE_DISK, self.identity.product)
         self.vpd = vpd_pages(self.identity)
 
+        # Filters in front of execute() (docs/filters.md); empty: submit() is execute().
+        self.filters = FilterStack(self._execute_command, target=target_id, lun=lun_id,
+                                   block_size=block_size)
+
         # MAP_SHARED anonymous page: survives fork() as shared memory.
         self._state = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
         # No power-on unit attention: initiators that never reset (our own driver, fio
@@ -137,55 +192,23 @@ class LogicalUnit:
         self.wce = True
         self.set_unit_attention(unit_attention)
 
-    def set_unit_attention(self, asc_ascq: tuple[int, int] | None) -> None:
-        """Make the next command (other than INQUIRY / REPORT LUNS) end in CHECK CONDITION,
-        UNIT ATTENTION with this ASC/ASCQ; None clears it. E.g. (0x2A, 0x09) CAPACITY DATA
-        HAS CHANGED after resizing a backend."""
-        asc, ascq = asc_ascq or (0, 0)
-        self._state[_STATE_UA_ASCQ] = ascq
-        self._state[_STATE_UA_ASC] = asc
-
-    @property
-    def unit_attention(self) -> tuple[int, int] | None:
-        asc = self._state[_STATE_UA_ASC]
-        return (asc, self._state[_STATE_UA_ASCQ]) if asc else None
-
     @property
     def capacity(self) -> int:
         """Bytes addressable through this unit."""
         return self.num_blocks * self.block_size
 
-    # -- the entry point -----------------------------------------------------------------
+    def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
+               ) -> ScsiResult | Pending:
+        """execute() behind the unit's filters: the result may come later (a Pending)."""
+        if not self.filters:
+            return self.execute(cdb, data_out, data_in)
+        return self.filters.submit(cdb, data_out, data_in, queue)
 
-    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
-        """Run one command. Never raises: every failure is a ScsiResult."""
-        try:
-            op = cdb[0]
-            if self._state[_STATE_UA_ASC] and op != INQUIRY and op != REPORT_LUNS:
-                return self._report_unit_attention(cdb, data_in)
-            if len(cdb) < _CDB_LENGTHS[op]:
-                raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
-            return _HANDLERS[op](self, cdb, data_out, data_in)
-        except ScsiError as e:
-            return e.result()
-        except Exception:
-            if len(cdb) == 0:
-                return check_condition(ILLEGAL_REQUEST, ASC_INVALID_COMMAND_OPERATION_CODE)
-            log.exception("internal error executing CDB %s", bytes(cdb).hex())
-            return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
-
-    def _report_unit_attention(self, cdb: bytes, data_in: Views) -> ScsiResult:
-        """SPC-4 5.14: the pending unit attention is reported (and cleared) by this
-        command: as REQUEST SENSE parameter data, otherwise as CHECK CONDITION instead of
-        executing it. (Several workers may race to report it; each report is valid.)"""
-        sense = fixed_sense(UNIT_ATTENTION, self._state[_STATE_UA_ASC],
-                            self._state[_STATE_UA_ASCQ])
-        self.set_unit_attention(None)
-        if cdb[0] == REQUEST_SENSE and len(cdb) >= 6:
-            return request_sense_response(cdb, sense, data_in)
-        return ScsiResult(CHECK_CONDITION, sense)
+    def _execute_command(self, cmd: Command) -> ScsiResult:
+        return self.execute(cmd.cdb, cmd.data_out, cmd.data_in)
 
     def close(self) -> None:
+        self.filters.close()
         self.backend.close()
         if not self._state.closed:
             self._state.close()
@@ -195,9 +218,16 @@ class LogicalUnit:
                 f"read_only={self.read_only}, lun_id={self.lun_id})")
 
 
-# What INQUIRY says for a LUN that does not exist: peripheral qualifier 3, type 0x1F.
-_ABSENT_INQUIRY = standard_inquiry(PQ_NOT_CAPABLE, "NO LUN")
-_ABSENT_VPD = {0x00: bytes((PQ_NOT_CAPABLE, 0x00, 0x00, 0x01, 0x00))}
+class _MissingLun(_Unit):
+    """What answers for a LUN a target does not have (commands.build_missing_lun_dispatch).
+    It never has a unit attention."""
+
+    _handlers, _cdb_lengths = build_missing_lun_dispatch()
+    _state = bytes(_STATE_SIZE)
+    _empty_cdb = ASC_LOGICAL_UNIT_NOT_SUPPORTED
+
+    def __init__(self, report_lun_ids: Sequence[int]) -> None:
+        self.report_lun_ids = report_lun_ids
 
 
 class ScsiTarget:
@@ -212,32 +242,26 @@ class ScsiTarget:
         self.lun_ids: tuple[int, ...] = tuple(sorted(self.luns))
         for lu in self.luns.values():
             lu.report_lun_ids = self.lun_ids
+        self._missing = _MissingLun(self.lun_ids)
 
     def __contains__(self, lun: object) -> bool:
         return lun in self.luns
 
     def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+        """Run one command on ``lun``, present or not (SPC-4 answers for a missing one).
+        Never raises."""
         unit = self.luns.get(lun)
         if unit is not None:
             return unit.execute(cdb, data_out, data_in)
-        return self._absent(cdb, data_in)
+        return self._missing.execute(cdb, data_out, data_in)
 
-    def _absent(self, cdb: bytes, data_in: Views) -> ScsiResult:
-        try:
-            op = cdb[0] if len(cdb) else -1
-            if op == INQUIRY and len(cdb) >= 6:
-                return inquiry_response(cdb, _ABSENT_INQUIRY, _ABSENT_VPD, data_in)
-            if op == REPORT_LUNS and len(cdb) >= 12:
-                return report_luns_response(self.lun_ids, cdb, data_in)
-            if op == REQUEST_SENSE and len(cdb) >= 6:
-                # SPC-4 6.39: the sense data of REQUEST SENSE to a missing LUN says so.
-                return request_sense_response(cdb, LUN_NOT_SUPPORTED_SENSE, data_in)
-            return check_condition(ILLEGAL_REQUEST, ASC_LOGICAL_UNIT_NOT_SUPPORTED)
-        except ScsiError as e:
-            return e.result()
-        except Exception:
-            log.exception("internal error executing CDB %s", bytes(cdb).hex())
-            return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+    def submit(self, lun: int, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
+               ) -> ScsiResult | Pending:
+        """execute() through the unit's filter stack (see LogicalUnit.submit)."""
+        unit = self.luns.get(lun)
+        if unit is not None:
+            return unit.submit(cdb, data_out, data_in, queue)
+        return self._missing.execute(cdb, data_out, data_in)
 
     def lun_reset(self, lun: int) -> None:
         """LOGICAL UNIT RESET of one LUN (a missing LUN has nothing to reset)."""
@@ -274,7 +298,7 @@ def build_targets(specs: Iterable[LunSpec]) -> dict[int, ScsiTarget]:
     opened: list[LogicalUnit] = []
     try:
         for spec in specs:
-            backend = open_backend(spec)
+            backend = load_plugin(spec) if spec.kind == "python" else open_backend(spec)
             try:
                 unit = LogicalUnit(backend, block_size=spec.block_size,
                                    read_only=spec.read_only, serial=spec.serial,

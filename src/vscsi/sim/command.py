@@ -23,6 +23,7 @@ from vscsi.sim.config import SimConfig, parse_bsrange, parse_size
 from vscsi.sim.params import SimParams, docs
 from vscsi.sim.runner import simulate
 from vscsi.sim.sweep import grid, run_points
+from vscsi.usage import import_extra
 
 DEFAULT_REQUESTS = 20000
 
@@ -177,6 +178,11 @@ def _dump(data: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.params_doc:
         return _params_doc(args)
+    # the optional dependencies a run will need, checked before it spends minutes
+    if args.scheduler:
+        import_extra("sim", "distributed")
+    if args.preset:
+        import_extra("sim", "matplotlib")
     params = load_params(args)
     if args.calibrate:
         return _calibrate(args, params)

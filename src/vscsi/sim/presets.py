@@ -1,6 +1,7 @@
 """Named experiments: which configurations to run, and the rows their table shows.
 
-* ``coverletter``: the job of the 2012 cover letter's table (../shared/DESIGN.md) over
+* ``coverletter``: the job of the table in the 2012 cover letter of the multiqueue
+  virtio-scsi series (fio rw=read, bsrange=4k-64k, iodepth=4; the README has it) over
   1..32 targets, single queue at 4 VCPUs vs multiqueue at 4 and 8, next to the published
   MB/s and ratios.
 * ``hint-delay``: the seed's argument against per-target queues, quantified: pertarget

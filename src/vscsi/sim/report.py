@@ -7,6 +7,8 @@ from typing import Any
 
 from rich.table import Table
 
+from vscsi.usage import import_extra
+
 
 def _f(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
@@ -76,7 +78,7 @@ def coverletter_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def coverletter_markdown(rows: list[dict[str, Any]]) -> str:
-    """The table in the shape of DESIGN.md, model beside published, for notes."""
+    """The table in the shape of the cover letter's, model beside published, for notes."""
     lines = ["| targets | single 2012 / model | mq 4 VCPUs 2012 / model | mq 8 VCPUs 2012 / model "
              "| ratio 4 2012 / model | ratio 8 2012 / model |",
              "|--:|--:|--:|--:|--:|--:|"]
@@ -124,8 +126,7 @@ def sweep_table(results: list[dict[str, Any]]) -> Table:
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
+    matplotlib = import_extra("sim", "matplotlib")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

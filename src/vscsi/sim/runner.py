@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from vscsi.bench.runner import percentile
+from vscsi.metrics import percentile
 from vscsi.sim.config import SimConfig
 from vscsi.sim.model import Model
 from vscsi.sim.params import SimParams

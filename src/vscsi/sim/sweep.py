@@ -17,6 +17,7 @@ from typing import Any
 from vscsi.sim.config import SimConfig
 from vscsi.sim.params import SimParams
 from vscsi.sim.runner import simulate
+from vscsi.usage import import_extra
 
 Point = tuple[SimConfig, SimParams]
 Progress = Callable[[int, int], None]  # (done, total)
@@ -76,17 +77,15 @@ def run_points(points: Sequence[Point], *, workers: int | None = None,
 
 def _run_dask(points: Sequence[Point], scheduler: Any,
               progress: Progress | None) -> list[dict[str, Any]]:
-    from distributed import Client
-    from distributed import as_completed as dask_completed
-
-    own = not isinstance(scheduler, Client)
-    client = Client(scheduler) if own else scheduler
+    distributed = import_extra("sim", "distributed")
+    own = not isinstance(scheduler, distributed.Client)
+    client = distributed.Client(scheduler) if own else scheduler
     try:
         # pure=False: equal points still run (cheap), and no hashing of dataclasses
         futures = client.map(run_point, list(points), pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[dict[str, Any] | None] = [None] * len(points)
-        for done, fut in enumerate(dask_completed(futures), 1):
+        for done, fut in enumerate(distributed.as_completed(futures), 1):
             results[index[fut.key]] = fut.result()
             if progress:
                 progress(done, len(points))

@@ -1,13 +1,13 @@
 """vscsi.vhost_user -- the vhost-user protocol: a sans-IO message codec, the back-end
 that serves a virtio device to QEMU (or our own front-end) with one worker process per
-request queue, and a small blocking front-end.
+hot queue (the device says which queues are hot), and a small blocking front-end.
 
 Modules, in protocol order:
     codec     messages, payload dataclasses, MessageReader / encode (sans-IO)
     states    session and vring state tables
     backend   Session: one front-end's state and the request dispatch table
     server    BackendServer: the unix socket, the main loop, signals, stats file
-    workers   QueueHost: request queues in forked worker processes, control/event inline
+    workers   QueueHost: hot queues in forked worker processes, control/event inline
     stats     per-queue counters in shared memory (+ the JSON stats file)
     frontend  FrontendClient: a blocking front-end (tests, our driver)
 """
@@ -29,7 +29,7 @@ from .codec import (
 from .frontend import BackendGone, FrontendClient, RequestRefused, attach_ring
 from .server import BackendServer, ServerError, bind_unix_socket
 from .stats import QueueStats
-from .workers import QueueHost, cpu_list
+from .workers import Pacing, QueueHost, WorkerPlan, cpu_list, plan_workers
 
 __all__ = [
     "PROTOCOL_FEATURES",
@@ -42,6 +42,7 @@ __all__ = [
     "Message",
     "MessageReader",
     "ProtocolFeature",
+    "Pacing",
     "QueueHost",
     "QueueStats",
     "RemoteProtocolError",
@@ -51,9 +52,11 @@ __all__ = [
     "ServerError",
     "Session",
     "SessionOptions",
+    "WorkerPlan",
     "attach_ring",
     "bind_unix_socket",
     "cpu_list",
+    "plan_workers",
     "encode",
     "make_ack",
     "make_reply",

@@ -24,6 +24,7 @@ took them; whatever a failed request carried is closed by the wrapper.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +32,16 @@ from typing import Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
 from vscsi.virtio import (
+    DEFAULT_MAX_INDIRECT,
     MAX_QUEUE_SIZE,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     DeviceRing,
+    InflightQueue,
+    QueueRole,
     RingAddresses,
+    queue_region_size,
+    region_size,
 )
 
 from . import codec
@@ -45,6 +51,7 @@ from .codec import (
     F_PROTOCOL_FEATURES,
     U64,
     Config,
+    Inflight,
     Message,
     ProtocolFeature,
     Request,
@@ -83,6 +90,7 @@ PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | (1 << ProtocolFeature.STATUS)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
 )
 MAX_MEM_SLOTS = 32  # GET_MAX_MEM_SLOTS: regions we accept through ADD_MEM_REG
 
@@ -108,6 +116,8 @@ class Queues(Protocol):
     def update_memory(self, mem: GuestMemory) -> None: ...
 
     def take_broken(self) -> list[Broken]: ...
+
+    def set_inflight(self, region: memoryview | None) -> None: ...
 
 
 def _close(fd: int) -> None:
@@ -144,9 +154,32 @@ class Vring:
             setattr(self, name, -1)
 
 
+class InflightRegion:
+    """The in-flight region the front-end gave us (SET_INFLIGHT_FD), mapped shared."""
+
+    def __init__(self, fd: int, info: Inflight) -> None:
+        try:
+            self.map = mmap.mmap(fd, info.mmap_size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=info.mmap_offset)
+        finally:
+            os.close(fd)
+        self.info = info
+        self.view = memoryview(self.map)
+        self._queue_bytes = queue_region_size(info.queue_size)
+
+    def queue_view(self, index: int) -> memoryview:
+        return self.view[index * self._queue_bytes:(index + 1) * self._queue_bytes]
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a ring still holds its part; the mapping goes with the last view
+
+
 @dataclass
 class SessionOptions:
-    num_queues: int  # request queues; the device has 2 + num_queues virtqueues
     protocol_features: int = PROTOCOL_FEATURES
     max_mem_slots: int = MAX_MEM_SLOTS
     name: str = "front-end"
@@ -159,7 +192,9 @@ class Session:
         self.device = device
         self.queues = queues
         self.options = options
-        self.num_vqs = 2 + options.num_queues
+        roles = device.queue_roles()
+        self.num_vqs = len(roles)
+        self.num_hot = sum(role is QueueRole.HOT for role in roles)
         self.state = SessionState.AWAIT_OWNER
         self.features = 0  # acked by SET_FEATURES
         self.protocol_features = 0  # acked by SET_PROTOCOL_FEATURES
@@ -192,7 +227,10 @@ class Session:
             Request.SET_CONFIG: self._set_config,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
+        self.inflight: InflightRegion | None = None
 
     # ------------------------------------------------------------------ the wrapper
 
@@ -216,7 +254,10 @@ class Session:
             raise
         if request in codec.REPLY_PAYLOADS:
             assert payload is not None, request
-            return [codec.make_reply(request, payload)]  # type: ignore[arg-type]
+            fds: tuple[int, ...] = ()
+            if isinstance(payload, tuple):  # a reply that carries fds
+                payload, fds = payload
+            return [codec.make_reply(request, payload, fds=fds)]  # type: ignore[arg-type]
         if msg.need_reply:
             return [codec.make_ack(request, True)]
         return []
@@ -268,8 +309,8 @@ class Session:
         self.protocol_features = value
 
     def _get_queue_num(self, msg: Message) -> U64:
-        # The total number of virtqueues: QEMU checks only that it is not below what it
-        # wants, and a front-end of ours learns the request queues as this minus 2.
+        # The total number of virtqueues, as the device declares them: QEMU checks only
+        # that it is not below what it wants.
         return U64(self.num_vqs)
 
     def _get_max_mem_slots(self, msg: Message) -> U64:
@@ -332,6 +373,7 @@ class Session:
         self.stop_all()
         self.state = session_next(self.state, SessionEvent.DISCONNECT)
         self._set_memory([])
+        self._set_inflight(None)
 
     def _set_status(self, msg: Message) -> None:
         value = _u64(msg)
@@ -426,13 +468,58 @@ class Session:
         self._install_memory(keep)  # closes the removed region's fd
         log.debug("%s: removed memory region(s) %s", self.options.name, gone)
 
+    # ------------------------------------------------------------------ in-flight region
+
+    def _get_inflight_fd(self, msg: Message) -> tuple[Inflight, tuple[int, ...]]:
+        """A fresh zeroed region for ``num_queues`` queues of ``queue_size``: the
+        front-end keeps it (and gives it back with SET_INFLIGHT_FD, also to a restarted
+        back-end)."""
+        want = msg.payload
+        assert isinstance(want, Inflight)
+        if not 1 <= want.num_queues <= self.num_vqs:
+            raise BackendError(f"in-flight region for {want.num_queues} queues "
+                               f"(this device has {self.num_vqs})")
+        if not (1 <= want.queue_size <= MAX_QUEUE_SIZE
+                and want.queue_size & (want.queue_size - 1) == 0):
+            raise BackendError(f"in-flight region for queues of {want.queue_size}")
+        size = region_size(want.num_queues, want.queue_size)
+        fd = os.memfd_create("vscsi-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)  # zeroed: every queue's version is 0, "never used"
+        except OSError as exc:
+            os.close(fd)
+            raise BackendError(f"cannot make the in-flight region: {exc}") from None
+        return Inflight(size, 0, want.num_queues, want.queue_size), (fd,)
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        info = msg.payload
+        assert isinstance(info, Inflight)
+        fd = msg.fds[0]
+        if any(ring.served for ring in self.vrings):
+            raise BackendError("SET_INFLIGHT_FD while rings run")
+        need = region_size(info.num_queues, info.queue_size)
+        if info.num_queues < 1 or info.queue_size < 1 or info.mmap_size < need:
+            raise BackendError(f"in-flight region of {info.mmap_size} bytes for "
+                               f"{info.num_queues} queues of {info.queue_size}")
+        try:
+            region = InflightRegion(fd, info)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"cannot map the in-flight region: {exc}") from None
+        self._set_inflight(region)
+
+    def _set_inflight(self, region: InflightRegion | None) -> None:
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = region
+        self.queues.set_inflight(region.view if region is not None else None)
+
     # ------------------------------------------------------------------ rings
 
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < self.num_vqs:
             raise BackendError(
                 f"virtqueue {index} does not exist: this back-end has {self.num_vqs} "
-                f"({self.options.num_queues} request queues; start it with more --queues)"
+                f"({self.num_hot} hot queues; start it with more --queues)"
             )
         return self.vrings[index]
 
@@ -578,10 +665,23 @@ class Session:
                 self.mem, addrs,
                 event_idx=bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1),
                 last_avail_idx=ring.base,
-                max_indirect=1024 if self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0,
+                max_indirect=(DEFAULT_MAX_INDIRECT
+                              if self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0),
+                tracker=self._tracker(ring),
             )
         except (GuestMemoryError, ValueError) as exc:
             raise BackendError(f"bad ring addresses: {exc}") from None
+
+    def _tracker(self, ring: Vring) -> InflightQueue | None:
+        """The ring's part of the in-flight region, if the front-end gave one for it."""
+        region = self.inflight
+        if region is None or ring.num is None:
+            return None
+        if ring.index >= region.info.num_queues or ring.num != region.info.queue_size:
+            log.warning("%s: virtqueue %d (size %s) has no room in the in-flight region",
+                        self.options.name, ring.index, ring.num)
+            return None
+        return InflightQueue(region.queue_view(ring.index), ring.num)
 
     def _break(self, ring: Vring, reason: str, last_avail_idx: int | None = None) -> None:
         if ring.phase is not RingPhase.STARTED:

@@ -1,9 +1,9 @@
 """The vhost-user back-end server: a unix socket, one front-end at a time.
 
 The main process runs one select() loop over: the listening socket (while nobody is
-connected), the front-end's socket, the control and event queues' kick eventfds (those
-queues are served here), the request-queue workers' control channels (a worker reports a
-broken ring or dies), and a self-pipe for signals. Request queues run in worker
+connected), the front-end's socket, the kick eventfds of the device's control and event
+queues (those queues are served here), the hot-queue workers' control channels (a worker
+reports a broken ring or dies), and a self-pipe for signals. Hot queues run in worker
 processes (workers.py); the session logic is backend.py; the wire format codec.py.
 
 Reading: each recvmsg() asks for at most the rest of the message being assembled
@@ -34,7 +34,7 @@ from . import codec
 from .backend import PROTOCOL_FEATURES, Disconnect, Session, SessionOptions
 from .codec import MAX_FDS, MessageReader, RemoteProtocolError, Request, Role
 from .stats import QueueStats
-from .workers import QueueHost, VirtioDevice
+from .workers import Pacing, QueueHost, VirtioDevice, plan_workers
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def bind_unix_socket(path: str) -> socket.socket:
 class BackendServer:
     """Serve ``device`` over vhost-user on ``socket_path`` until :meth:`request_stop`.
 
-    ``num_queues``: request queues (virtqueues 2..num_queues+1). ``cpus``: CPUs the
-    request-queue workers are pinned to, in queue order (None: unpinned). ``stats_path``:
-    JSON file of per-queue counters (see stats.py), rewritten on changes (at most once
-    a second), at each session end, on SIGUSR1 and at exit.
+    The device says how many virtqueues it has and which are hot (``queue_roles``).
+    ``cpus``: CPUs the hot-queue workers are pinned to, in queue order (None:
+    unpinned). ``stats_path``: JSON file of per-queue counters (see stats.py), rewritten
+    on changes (at most once a second), at each session end, on SIGUSR1 and at exit.
     """
 
     def __init__(
@@ -98,20 +98,19 @@ class BackendServer:
         device: VirtioDevice,
         socket_path: str,
         *,
-        num_queues: int,
         cpus: Sequence[int] | None = None,
         stats_path: str | None = None,
         protocol_features: int = PROTOCOL_FEATURES,
         max_sessions: int | None = None,
-        poll_us: int = 0,
+        pacing: Pacing | None = None,
+        workers: int | None = None,
     ) -> None:
         self.device = device
         self.socket_path = socket_path
-        self.num_queues = num_queues
         self.stats_path = stats_path
         self.protocol_features = protocol_features
         self.max_sessions = max_sessions
-        self.stats = QueueStats(2 + num_queues)
+        self.stats = QueueStats(device.queue_roles())
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.session: Session | None = None
@@ -122,8 +121,9 @@ class BackendServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.queues = QueueHost(device, self.stats, cpus=cpus, inherited=self._main_sockets,
-                                poll_s=poll_us / 1e6)
+        plan = plan_workers(device.queue_roles(), cpus, workers)
+        self.queues = QueueHost(device, self.stats, workers=plan,
+                                inherited=self._main_sockets, pacing=pacing)
         self._stats_written = 0.0
         self._stats_last: object = None
         # fd -> (socket, callback): sockets others poll through this loop (see add_reader)
@@ -172,7 +172,8 @@ class BackendServer:
 
     def bind(self) -> None:
         self.listener = bind_unix_socket(self.socket_path)
-        log.info("listening on %s (%d request queues)", self.socket_path, self.num_queues)
+        log.info("listening on %s (%d hot queues)", self.socket_path,
+                 len(self.stats.hot_queues))
 
     def request_stop(self) -> None:
         self._stop = True
@@ -277,7 +278,7 @@ class BackendServer:
         self.reader = MessageReader(Role.BACKEND)
         self.session = Session(
             self.device, self.queues,
-            SessionOptions(self.num_queues, protocol_features=self.protocol_features, name=name),
+            SessionOptions(protocol_features=self.protocol_features, name=name),
         )
         log.info("%s connected", name)
 
@@ -342,7 +343,11 @@ class BackendServer:
                 return
             for reply in replies:
                 log.debug("-> %s %s", reply.request.name, reply.payload)
-                if not self._send(conn, codec.encode(reply), reply.fds):
+                sent = self._send(conn, codec.encode(reply), reply.fds)
+                for fd in reply.fds:  # a reply's fds were made to be given away
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                if not sent:
                     return
 
     def _answer_bad(self, conn: socket.socket, exc: RemoteProtocolError) -> bool:

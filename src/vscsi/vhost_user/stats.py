@@ -18,10 +18,13 @@ import mmap
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from vscsi.virtio import QueueRole
+
 # Column numbers of a row.
-REQUESTS = 0  # chains handed to the device handler
+REQUESTS = 0  # chains taken from the ring (bad chains included)
 WAKEUPS = 1  # kicks (or start/poll passes) that ran a drain
 NOTIFIES = 2  # call-eventfd writes
 ERRORS = 3  # handler exceptions (each failed one chain with 0 bytes)
@@ -37,13 +40,15 @@ STATE_NAMES = {STATE_IDLE: "idle", STATE_RUNNING: "running", STATE_BROKEN: "brok
 
 
 class QueueStats:
-    """``num_vqs`` rows of counters in shared memory (see the module docstring)."""
+    """One row of counters in shared memory per virtqueue of a device whose queues have
+    ``roles`` (see the module docstring)."""
 
-    def __init__(self, num_vqs: int, *, first_request_queue: int = 2) -> None:
-        self.num_vqs = num_vqs
-        self.first_request_queue = first_request_queue
+    def __init__(self, roles: Sequence[QueueRole]) -> None:
+        self.num_vqs = len(roles)
+        self.hot_queues = [i for i, role in enumerate(roles) if role is QueueRole.HOT]
+        self.control_queues = [i for i, role in enumerate(roles) if role is QueueRole.CONTROL]
         # mmap(-1, n) is MAP_SHARED | MAP_ANONYMOUS: forked children share it.
-        self._map = mmap.mmap(-1, max(1, num_vqs) * COLUMNS * 8)
+        self._map = mmap.mmap(-1, max(1, self.num_vqs) * COLUMNS * 8)
         self._u64 = memoryview(self._map).cast("Q")
 
     def row(self, index: int) -> memoryview:
@@ -56,8 +61,8 @@ class QueueStats:
         return self._u64[index * COLUMNS + column]
 
     def requests_per_queue(self) -> list[int]:
-        """Requests served by each request queue, in queue order (vq 2, 3, ...)."""
-        return [self.get(i, REQUESTS) for i in range(self.first_request_queue, self.num_vqs)]
+        """Requests served by each hot queue, in queue order."""
+        return [self.get(i, REQUESTS) for i in self.hot_queues]
 
     def snapshot(self) -> dict[str, Any]:
         queues = {}
@@ -82,12 +87,9 @@ class QueueStats:
         }
 
     def summary(self) -> str:
-        """One line for the log: requests per request queue."""
-        parts = [
-            f"q{i - self.first_request_queue}={self.get(i, REQUESTS)}"
-            for i in range(self.first_request_queue, self.num_vqs)
-        ]
-        ctl = self.get(0, REQUESTS) if self.num_vqs else 0
+        """One line for the log: requests per hot queue (numbered from 0)."""
+        parts = [f"q{n}={self.get(i, REQUESTS)}" for n, i in enumerate(self.hot_queues)]
+        ctl = sum(self.get(i, REQUESTS) for i in self.control_queues)
         return f"requests per queue: {' '.join(parts)} (control {ctl})"
 
     def write_json(self, path: str, extra: dict[str, Any] | None = None) -> None:

@@ -1,15 +1,18 @@
-"""Who serves each virtqueue: request queues in worker processes, the control and event
-queues in the main process.
+"""Who serves each virtqueue: the device's hot queues in worker processes, its control and
+event queues in the main process. The device says which queue is which
+(``VirtioDevice.queue_roles``, see vscsi.virtio.queues); nothing here knows a device type.
 
 Process model (the choice, and why)
 -----------------------------------
-A request queue gets its own process, forked from the back-end's main process when the
-queue starts (started and enabled, see states.py) and stopped when it stops. Forking at
-start, rather than keeping a pool, means the worker inherits everything as it is at that
-moment without any serialisation: the device object with its open backends (files by
-descriptor, RAM disks MAP_SHARED), the device's negotiated features, the guest memory
-mapping, the ring (validated by the parent before the fork), and the kick/call eventfds.
-Threads would not do: the GIL would serialise the queues.
+Which worker serves which hot queue, and on which CPU, is data (:func:`plan_workers`,
+``QueueHost.workers``): today one worker per hot queue. A worker gets its own process,
+forked from the back-end's main process when the queue starts (started and enabled, see
+states.py) and stopped when it stops. Forking at start, rather than keeping a pool,
+means the worker inherits everything as it is at that moment without any serialisation:
+the device object with its open backends (files by descriptor, RAM disks MAP_SHARED),
+the device's negotiated features, the guest memory mapping, the ring (validated by the
+parent before the fork), and the kick/call eventfds. Threads would not do: the GIL would
+serialise the queues.
 
 What can change while a worker runs is sent over its control channel, a SOCK_SEQPACKET
 socketpair carrying one small JSON object per message, with fds as SCM_RIGHTS:
@@ -44,19 +47,25 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
-from vscsi.virtio import Chain, DeviceRing, RingBroken, drain
+from vscsi.virtio import (
+    Chain,
+    DeviceRing,
+    InflightQueue,
+    QueueRole,
+    RingAddresses,
+    RingBroken,
+    drain,
+    queue_region_size,
+)
 
 from . import stats as st
+from .pacing import AdaptivePoll, Coalescer
 
 log = logging.getLogger(__name__)
-
-FIRST_REQUEST_QUEUE = 2  # virtio-scsi: 0 control, 1 event, 2.. requests
-CONTROL_QUEUE = 0
-EVENT_QUEUE = 1
 
 CTL_TIMEOUT = 30.0  # seconds to wait for a worker's answer (a batch of slow I/O)
 POLL_INTERVAL = 0.005  # seconds between passes over a ring that has no kick fd
@@ -67,6 +76,10 @@ class VirtioDevice(Protocol):
     """What the back-end needs of a device (vscsi.device.VirtioScsiDevice fits)."""
 
     features: int
+
+    def queue_roles(self) -> Sequence[QueueRole]:
+        """How each virtqueue is served, by index; its length is the number of queues."""
+        ...
 
     def handler_for(self, queue_index: int) -> Callable[[Chain], int]: ...
 
@@ -154,46 +167,64 @@ def _map_regions(rows: list[list[int]], fds: list[int]) -> GuestMemory:
 # --------------------------------------------------------------------------- the worker
 
 
-def counting(handler: Callable[[Chain], int], row: memoryview) -> Callable[[Chain], int]:
-    """``handler`` that also counts each chain in the queue's stats row (built once per
-    queue, not per batch: it runs per request)."""
-    requests = st.REQUESTS
+@dataclass(frozen=True)
+class RingSpec:
+    """What a worker needs to serve a ring that the main process validated: sent over the
+    control channel (with the kick and call fds) when a ring joins a running worker."""
 
-    def counted(chain: Chain) -> int:
-        row[requests] += 1
-        return handler(chain)
+    index: int
+    size: int
+    desc: int
+    avail: int
+    used: int
+    last_avail_idx: int
+    event_idx: bool
+    max_indirect: int
+    tracked: bool  # its in-flight state lives in the region (queue ``index``'s part)
 
-    return counted
+    @classmethod
+    def of(cls, index: int, ring: DeviceRing) -> RingSpec:
+        a = ring.addrs
+        return cls(index, a.size, a.desc, a.avail, a.used, ring.last_avail_idx,
+                   ring.event_idx, ring.max_indirect, ring.tracker is not None)
+
+    def build(self, mem: GuestMemory, inflight: memoryview | None) -> DeviceRing:
+        tracker = None
+        if self.tracked:
+            if inflight is None:
+                raise ValueError("in-flight tracking without a region")
+            part = queue_region_size(self.size)
+            tracker = InflightQueue(inflight[self.index * part:(self.index + 1) * part],
+                                    self.size)
+        return DeviceRing(mem, RingAddresses(self.size, self.desc, self.avail, self.used),
+                          event_idx=self.event_idx, last_avail_idx=self.last_avail_idx,
+                          max_indirect=self.max_indirect, tracker=tracker)
 
 
-class _Worker:
-    """The child side: serves one ring until told to stop (runs in the forked process)."""
+class _Served:
+    """One ring a worker serves: its ring, handler, fds, counters and interrupt pacing."""
 
-    def __init__(
-        self, index: int, ring: DeviceRing, mem: GuestMemory, handler: Callable[[Chain], int],
-        kick_fd: int, call_fd: int, ctl: socket.socket, row: memoryview,
-        *, poll_s: float = 0.0,
-    ) -> None:
+    def __init__(self, index: int, ring: DeviceRing, handler: Callable[[Chain], int],
+                 kick_fd: int, call_fd: int, row: memoryview, coalescer: Coalescer) -> None:
         self.index = index
         self.ring = ring
-        self.mem = mem
+        self.handle = handler
         self.kick_fd = kick_fd
         self.call_fd = call_fd
-        self.ctl = ctl
         self.row = row
-        self.handle = counting(handler, row)
-        self.poll_s = poll_s
+        self.coalescer = coalescer
 
-    def batch(self, rearm: bool = True) -> str | None:
-        """Drain the whole available ring once; signal the driver if it wants it.
-        Returns a reason when the ring is broken. ``rearm=False``: leave the driver's
-        kicks off, we go on polling (see :meth:`poll`)."""
+    def serve(self, now: float, rearm: bool) -> str | None:
+        """Drain the ring once and signal the driver as the pacing says. Returns a reason
+        when the ring is broken. ``rearm=False``: leave the driver's kicks off (polling)."""
         row = self.row
         row[st.WAKEUPS] += 1
+        ring = self.ring
+        before, taken = ring.used_idx, ring.last_avail_idx
         notify = False
         while True:
             try:
-                notify |= drain(self.ring, self.handle, rearm=rearm)
+                notify |= drain(ring, self.handle, rearm=rearm)
                 break
             except RingBroken as exc:
                 return f"ring broken: {exc}"
@@ -203,159 +234,358 @@ class _Worker:
                 row[st.ERRORS] += 1
                 notify = True
                 log.exception("queue %d: request handler failed", self.index)
-        row[st.LAST_AVAIL] = self.ring.last_avail_idx
-        if notify and self.call_fd >= 0:
-            row[st.NOTIFIES] += 1
-            signal_eventfd(self.call_fd)
+        row[st.LAST_AVAIL] = ring.last_avail_idx
+        # Counted per pass, not per request: no extra frame on the hot path.
+        row[st.REQUESTS] += (ring.last_avail_idx - taken) & 0xFFFF
+        if notify and self.coalescer.completed((ring.used_idx - before) & 0xFFFF or 1, now):
+            self.signal()
         return None
 
-    def poll(self) -> str | None:
-        """Serve the ring with the driver's kicks off for as long as chains keep coming
-        within ``poll_s`` of each other (a kick costs the guest an exit to QEMU and us a
-        wake-up), then re-arm kicks and go back to sleep."""
-        ring = self.ring
-        broken = self.batch(rearm=False)
-        deadline = time.monotonic() + self.poll_s
-        while broken is None:
-            try:
-                more = ring.has_available()
-            except RingBroken as exc:
-                return f"ring broken: {exc}"
-            if more:
-                broken = self.batch(rearm=False)
-                deadline = time.monotonic() + self.poll_s
-            elif time.monotonic() >= deadline:
-                return self.batch()
-        return broken
+    def signal(self) -> None:
+        if self.call_fd >= 0:
+            self.row[st.NOTIFIES] += 1
+            signal_eventfd(self.call_fd)
 
-    def command(self, msg: dict[str, Any], fds: list[int]) -> bool | str:
-        """Apply one control message. True: stop now; a str: the ring broke."""
-        op = msg.get("op")
-        if op == "stop":
-            for fd in fds:
+    def close(self) -> None:
+        for fd in (self.kick_fd, self.call_fd):
+            if fd >= 0:
                 os.close(fd)
-            send_ctl(self.ctl, {"op": "stopped", "last_avail_idx": self.ring.last_avail_idx})
-            return True
-        if op == "call":
-            if self.call_fd >= 0:
-                os.close(self.call_fd)
-            self.call_fd = fds[0] if fds else -1
-            # QEMU swaps its masked notifier for the guest's irqfd while we run, without
-            # waiting for us, and checks the old one for a pending signal right away: a
-            # completion we signalled on the old fd after that check would be lost. One
-            # spurious interrupt on the new fd closes the window (libvhost-user does
-            # the same); the driver finds nothing new and carries on.
-            if self.call_fd >= 0:
-                signal_eventfd(self.call_fd)
-            send_ctl(self.ctl, {"op": "ok"})
-            return False
-        if op == "mem":
-            try:
-                new = _map_regions(msg["regions"], fds)
-            except GuestMemoryError as exc:
-                return f"cannot map the new memory table: {exc}"
-            try:
-                self.ring.remap(new)
-            except GuestMemoryError as exc:
-                new.close()
-                return f"ring not inside the new memory table: {exc}"
-            old, self.mem = self.mem, new
-            old.close()
-            send_ctl(self.ctl, {"op": "ok"})
-            return False
-        for fd in fds:
-            os.close(fd)
-        log.error("queue %d: unknown control message %r", self.index, msg)
-        return False
+        self.kick_fd = self.call_fd = -1
 
-    def run(self) -> None:
-        poller = select.poll()
-        ctl_fd = self.ctl.fileno()
-        poller.register(ctl_fd, select.POLLIN)
-        if self.kick_fd >= 0:
-            poller.register(self.kick_fd, select.POLLIN)
-        timeout = None if self.kick_fd >= 0 else POLL_INTERVAL * 1000
+
+class _Worker:
+    """The child side: serves its rings until the last one is removed (runs in the
+    forked process). ``make_handler(index)`` gives the device's handler for a ring."""
+
+    def __init__(self, mem: GuestMemory, ctl: socket.socket,
+                 make_handler: Callable[[int], Callable[[Chain], int]],
+                 stats: st.QueueStats, pacing: Pacing,
+                 inflight: memoryview | None = None) -> None:
+        self.mem = mem
+        self.inflight = inflight  # the in-flight region, as it was when we were forked
+        self.ctl = ctl
+        self.make_handler = make_handler
+        self.stats = stats
+        self.pacing = pacing
+        self.served: dict[int, _Served] = {}
+        self.by_kick: dict[int, _Served] = {}
+        self.poll = AdaptivePoll(pacing.poll_s)
+        self.poller = select.poll()
+        self.poller.register(ctl.fileno(), select.POLLIN)
+
+    # -- rings joining and leaving
+
+    def add(self, index: int, ring: DeviceRing, kick_fd: int, call_fd: int) -> None:
+        row = self.stats.row(index)
+        served = _Served(index, ring, self.make_handler(index), kick_fd, call_fd, row,
+                         Coalescer(self.pacing.coalesce_count, self.pacing.coalesce_s))
+        self.served[index] = served
+        if kick_fd >= 0:
+            self.by_kick[kick_fd] = served
+            self.poller.register(kick_fd, select.POLLIN)
+        row[st.PID] = os.getpid()
+        row[st.STATE] = st.STATE_RUNNING
         # Chains may have been made available before we started (the kick came before
         # SET_VRING_ENABLE, or before a restart): look at the ring straight away.
-        broken = self.batch()
-        while broken is None:
-            kicked = self.kick_fd < 0
-            for fd, _event in poller.poll(timeout):
+        self._serve(served, time.monotonic(), rearm=True)
+
+    def remove(self, index: int) -> int:
+        served = self.served.pop(index)
+        if served.coalescer.flush():
+            served.signal()
+        if served.kick_fd >= 0:
+            self.poller.unregister(served.kick_fd)
+            del self.by_kick[served.kick_fd]
+        served.close()
+        return served.ring.last_avail_idx
+
+    def _serve(self, served: _Served, now: float, rearm: bool) -> None:
+        broken = served.serve(now, rearm)
+        if broken is not None:
+            last = served.ring.last_avail_idx
+            self.remove(served.index)
+            served.row[st.STATE] = st.STATE_BROKEN
+            log.error("queue %d: %s; the queue stops until the front-end resets it",
+                      served.index, broken)
+            send_ctl(self.ctl, {"op": "broken", "index": served.index, "reason": broken,
+                                "last_avail_idx": last})
+
+    # -- control messages
+
+    def command(self, msg: dict[str, Any], fds: list[int]) -> None:
+        op = msg.get("op")
+        if op == "add":
+            spec = RingSpec(**msg["ring"])
+            kick_fd, call_fd = (fds[0], fds[1]) if msg["fds"] == "kc" else (
+                (fds[0], -1) if msg["fds"] == "k" else (-1, fds[0]) if msg["fds"] == "c"
+                else (-1, -1))
+            try:
+                ring = spec.build(self.mem, self.inflight)
+            except (GuestMemoryError, ValueError) as exc:
+                for fd in fds:
+                    os.close(fd)
+                send_ctl(self.ctl, {"op": "broken", "index": spec.index,
+                                    "reason": f"ring not mapped: {exc}",
+                                    "last_avail_idx": spec.last_avail_idx})
+                return
+            send_ctl(self.ctl, {"op": "ok"})
+            self.add(spec.index, ring, kick_fd, call_fd)
+            return
+        if op == "remove":
+            for fd in fds:
+                os.close(fd)
+            index = int(msg["index"])
+            last = self.remove(index) if index in self.served else None
+            send_ctl(self.ctl, {"op": "removed", "index": index, "last_avail_idx": last})
+            return
+        if op == "call":
+            served = self.served.get(int(msg["index"]))
+            if served is None:
+                for fd in fds:
+                    os.close(fd)
+            else:
+                if served.call_fd >= 0:
+                    os.close(served.call_fd)
+                served.call_fd = fds[0] if fds else -1
+                # QEMU swaps its masked notifier for the guest's irqfd while we run,
+                # without waiting for us, and checks the old one for a pending signal
+                # right away: a completion we signalled on the old fd after that check
+                # would be lost. One spurious interrupt on the new fd closes the window
+                # (libvhost-user does the same); the driver finds nothing new.
+                served.signal()
+            send_ctl(self.ctl, {"op": "ok"})
+            return
+        if op == "mem":
+            self._remap(msg, fds)
+            return
+        for fd in fds:
+            os.close(fd)
+        log.error("worker %d: unknown control message %r", os.getpid(), msg)
+
+    def _remap(self, msg: dict[str, Any], fds: list[int]) -> None:
+        try:
+            new = _map_regions(msg["regions"], fds)
+        except GuestMemoryError as exc:
+            for index in list(self.served):
+                self._break(index, f"cannot map the new memory table: {exc}")
+            send_ctl(self.ctl, {"op": "ok"})
+            return
+        for index, served in list(self.served.items()):
+            try:
+                served.ring.remap(new)
+            except GuestMemoryError as exc:
+                self._break(index, f"ring not inside the new memory table: {exc}")
+        old, self.mem = self.mem, new
+        old.close()
+        send_ctl(self.ctl, {"op": "ok"})
+
+    def _break(self, index: int, reason: str) -> None:
+        served = self.served[index]
+        last = served.ring.last_avail_idx
+        self.remove(index)
+        served.row[st.STATE] = st.STATE_BROKEN
+        log.error("queue %d: %s; the queue stops until the front-end resets it", index, reason)
+        send_ctl(self.ctl, {"op": "broken", "index": index, "reason": reason,
+                            "last_avail_idx": last})
+
+    # -- the loop
+
+    def _timeout(self, now: float) -> float | None:
+        """Seconds the loop may sleep: until the next held interrupt is due, or the poll
+        interval of a ring without a kick fd; None: until something happens."""
+        timeout: float | None = None
+        for served in self.served.values():
+            due = served.coalescer.deadline()
+            if due is not None:
+                left = max(0.0, due - now)
+                timeout = left if timeout is None else min(timeout, left)
+            if served.kick_fd < 0:
+                timeout = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
+        return timeout
+
+    def _busy_poll(self, window: float) -> bool:
+        """Serve the rings with kicks off for as long as chains keep coming within
+        ``window`` of each other. True if it found work at least once."""
+        found = False
+        deadline = time.monotonic() + window
+        while self.served:
+            now = time.monotonic()
+            hit = False
+            for served in list(self.served.values()):
+                try:
+                    more = served.ring.has_available()
+                except RingBroken as exc:
+                    self._break(served.index, f"ring broken: {exc}")
+                    continue
+                if more:
+                    hit = True
+                    self._serve(served, now, rearm=False)
+            if hit:
+                found = True
+                deadline = now + window
+            elif now >= deadline:
+                break
+        return found
+
+    def run(self) -> None:
+        poller = self.poller
+        ctl_fd = self.ctl.fileno()
+        asleep_since = time.monotonic()
+        while self.served:
+            now = time.monotonic()
+            timeout = self._timeout(now)
+            events = poller.poll(None if timeout is None else timeout * 1000)
+            now = time.monotonic()
+            kicked: list[_Served] = []
+            for fd, _event in events:
                 if fd == ctl_fd:
                     msg, fds = recv_ctl(self.ctl)
                     if msg is None:
                         return  # the main process is gone
-                    outcome = self.command(msg, fds)
-                    if outcome is True:
-                        return
-                    if isinstance(outcome, str):
-                        broken = outcome
-                        break
+                    self.command(msg, fds)
                 else:
                     consume_eventfd(fd)
-                    kicked = True
-            if broken is None and kicked:
-                broken = self.poll() if self.poll_s else self.batch()
-        self.row[st.STATE] = st.STATE_BROKEN
-        log.error("queue %d: %s; the queue stops until the front-end resets it",
-                  self.index, broken)
-        send_ctl(self.ctl, {"op": "broken", "reason": broken,
-                            "last_avail_idx": self.ring.last_avail_idx})
+                    served = self.by_kick.get(fd)
+                    if served is not None:
+                        kicked.append(served)
+            if not events:
+                kicked = [s for s in self.served.values() if s.kick_fd < 0]
+            if kicked:
+                self.poll.woke(now - asleep_since)
+            window = self.poll.window
+            for served in kicked:
+                if served.index in self.served:
+                    self._serve(served, now, rearm=not window)
+            if window and kicked:
+                self._busy_poll(window)
+                now = time.monotonic()
+                for served in list(self.served.values()):
+                    self._serve(served, now, rearm=True)  # re-arm kicks before sleeping
+            for served in self.served.values():
+                if served.coalescer.due(now):
+                    served.signal()
+            asleep_since = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How workers poll and coalesce interrupts (see pacing.py); the defaults do neither."""
+
+    poll_s: float = 0.0          # adaptive poll window's maximum
+    coalesce_count: int = 1      # signal after this many completions ...
+    coalesce_s: float = 0.0      # ... or this long after the first held one
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker process: the hot queues it serves and the CPU it is pinned to (None:
+    unpinned)."""
+
+    queues: tuple[int, ...]
+    cpu: int | None
+
+
+def plan_workers(roles: Sequence[QueueRole], cpus: Sequence[int] | None,
+                 workers: int | None = None) -> list[WorkerPlan]:
+    """``workers`` workers (default: one per hot queue) sharing the hot queues evenly:
+    the k-th hot queue goes to worker k mod ``workers``, so one worker serves them all
+    when ``workers`` is 1; worker w is pinned to ``cpus[w % len(cpus)]``."""
+    hot = [i for i, role in enumerate(roles) if role is QueueRole.HOT]
+    if not hot:
+        return []
+    n = len(hot) if workers is None else workers
+    if not 1 <= n <= len(hot):
+        raise ValueError(f"{n} workers for {len(hot)} hot queues")
+    return [WorkerPlan(tuple(hot[w::n]), cpus[w % len(cpus)] if cpus else None)
+            for w in range(n)]
 
 
 @dataclass
 class _Child:
-    index: int
+    """A worker process and the request queues it serves now."""
+
+    number: int
     pid: int
     ctl: socket.socket
     cpu: int | None
+    queues: set[int]
 
 
 # --------------------------------------------------------------------------- the host
 
 
 class QueueHost:
-    """Runs the rings the session starts: request queues in forked worker processes,
-    control and event queues in this process (``service`` on their kick).
+    """Runs the rings the session starts: the device's hot queues in forked worker
+    processes, its control and event queues in this process (``service`` on their kick).
 
-    ``cpus``: worker for request queue i (0-based) is pinned to ``cpus[i % len(cpus)]``;
-    None leaves workers unpinned. ``inherited``: objects (sockets) the main process owns
-    that a worker must close after the fork (the listening and the front-end sockets),
-    so that a front-end sees EOF when the main process dies.
+    ``workers``: which worker serves which hot queues, on which CPU; by default
+    :func:`plan_workers` over ``cpus`` (None: unpinned), one worker per hot queue. A
+    worker process is forked when the first of its queues starts (inheriting the device,
+    the memory table and the ring as they are then), later queues join it over its control
+    channel, and it exits when its last queue stops. ``inherited``: objects (sockets) the
+    main process owns that a worker must close after the fork (the listening and the
+    front-end sockets), so that a front-end sees EOF when the main process dies.
     """
 
     def __init__(
         self, device: VirtioDevice, stats: st.QueueStats, *,
         cpus: Sequence[int] | None = None,
+        workers: Sequence[WorkerPlan] | None = None,
         inherited: Callable[[], Iterable[socket.socket]] = lambda: (),
-        poll_s: float = 0.0,
+        pacing: Pacing | None = None,
     ) -> None:
         self.device = device
-        self.poll_s = poll_s  # see _Worker.poll
+        self.pacing = pacing or Pacing()
         self.stats = stats
-        self.cpus = list(cpus) if cpus else None
+        self.roles = tuple(device.queue_roles())
+        self.workers = list(workers) if workers is not None else plan_workers(self.roles, cpus)
+        # hot queue -> the number of the worker that serves it
+        self.worker_of = {q: w for w, plan in enumerate(self.workers) for q in plan.queues}
+        hot = [i for i, role in enumerate(self.roles) if role is QueueRole.HOT]
+        if sorted(self.worker_of) != hot or \
+                sum(len(plan.queues) for plan in self.workers) != len(hot):
+            raise ValueError(f"worker plan {self.workers} does not give each hot queue "
+                             f"{hot} exactly one worker")
         self.inherited = inherited
-        self._children: dict[int, _Child] = {}
+        self._children: dict[int, _Child] = {}     # by worker number
         self._inline: dict[int, _Inline] = {}
         self._broken: list[Broken] = []
+        self._inflight: memoryview | None = None
 
     # -- what the session calls
 
     def running(self) -> set[int]:
-        return set(self._children) | set(self._inline)
+        return {q for c in self._children.values() for q in c.queues} | set(self._inline)
+
+    def _child_of(self, index: int) -> _Child | None:
+        child = self._children.get(self.worker_of.get(index, -1))
+        return child if child is not None and index in child.queues else None
 
     def start(self, index: int, ring: DeviceRing, mem: GuestMemory, kick_fd: int,
               call_fd: int) -> None:
         row = self.stats.row(index)
         row[st.SESSIONS] += 1
         row[st.LAST_AVAIL] = ring.last_avail_idx
-        if index < FIRST_REQUEST_QUEUE:
-            self._inline[index] = _Inline(index, ring, kick_fd, call_fd, row, self.device)
+        role = self.roles[index]
+        if role is not QueueRole.HOT:
+            self._inline[index] = _Inline(index, role, ring, kick_fd, call_fd, row,
+                                          self.device)
             row[st.STATE] = st.STATE_RUNNING
             row[st.PID] = os.getpid()
             self.service(index)
             return
-        self._fork(index, ring, mem, kick_fd, call_fd)
+        number = self.worker_of[index]
+        child = self._children.get(number)
+        if child is None:
+            self._fork(number, index, ring, mem, kick_fd, call_fd)
+            return
+        # The worker maps the ring itself; it gets its own copies of the fds.
+        fds = [fd for fd in (kick_fd, call_fd) if fd >= 0]
+        which = ("k" if kick_fd >= 0 else "") + ("c" if call_fd >= 0 else "")
+        child.queues.add(index)
+        self._ask(child, {"op": "add", "ring": asdict(RingSpec.of(index, ring)),
+                          "fds": which}, fds)
+        row[st.CPU] = child.cpu + 1 if child.cpu is not None else 0
 
     def stop(self, index: int) -> int:
         """Stop serving ``index``; returns its last_avail_idx."""
@@ -363,25 +593,30 @@ class QueueHost:
         if inline is not None:
             inline.row[st.STATE] = st.STATE_IDLE
             return inline.ring.last_avail_idx
-        child = self._children.pop(index)
+        child = self._child_of(index)
         last = None
-        try:
-            send_ctl(child.ctl, {"op": "stop"})
-            while last is None:
-                msg, fds = recv_ctl(child.ctl, CTL_TIMEOUT)
-                for fd in fds:
-                    os.close(fd)
-                if msg is None:
-                    break
-                if msg.get("op") in ("stopped", "broken"):
-                    last = int(msg["last_avail_idx"])
-        except (OSError, TimeoutError, ValueError) as exc:
-            log.error("queue %d: worker did not stop cleanly (%s); killing it", index, exc)
+        if child is not None:
+            child.queues.discard(index)
             try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._reap(child)
+                send_ctl(child.ctl, {"op": "remove", "index": index})
+                while last is None:
+                    msg, fds = recv_ctl(child.ctl, CTL_TIMEOUT)
+                    for fd in fds:
+                        os.close(fd)
+                    if msg is None:
+                        break
+                    if msg.get("op") == "broken":
+                        self._record_broken(child, msg)
+                    if msg.get("op") == "removed" and int(msg["index"]) == index:
+                        if msg["last_avail_idx"] is None:
+                            break
+                        last = int(msg["last_avail_idx"])
+            except (OSError, TimeoutError, ValueError) as exc:
+                log.error("queue %d: worker did not stop cleanly (%s); killing it", index, exc)
+                self._kill(child)
+            if not child.queues and child.number in self._children:
+                self._children.pop(child.number)
+                self._reap(child)  # it exits once it serves nothing
         if last is None:
             last = self.stats.get(index, st.LAST_AVAIL)
         if self.stats.get(index, st.STATE) != st.STATE_BROKEN:
@@ -394,8 +629,9 @@ class QueueHost:
             inline.call_fd = fd
             signal_eventfd(fd)  # see _Worker.command("call")
             return
-        child = self._children[index]
-        self._ask(child, {"op": "call"}, [fd] if fd >= 0 else [])
+        child = self._child_of(index)
+        if child is not None:
+            self._ask(child, {"op": "call", "index": index}, [fd] if fd >= 0 else [])
 
     def update_memory(self, mem: GuestMemory) -> None:
         """Move every running ring to ``mem``; returns once no worker uses the old table.
@@ -416,6 +652,13 @@ class QueueHost:
     def take_broken(self) -> list[Broken]:
         out, self._broken = self._broken, []
         return out
+
+    def set_inflight(self, region: memoryview | None) -> None:
+        """The in-flight region (SET_INFLIGHT_FD); it only changes while no ring runs,
+        so every worker, forked later, inherits the current one."""
+        if self._children:
+            raise RuntimeError("in-flight region replaced while workers run")
+        self._inflight = region
 
     def stop_all(self) -> None:
         for index in sorted(self.running()):
@@ -453,32 +696,44 @@ class QueueHost:
             self.service(index)
 
     def _child_readable(self, child: _Child) -> None:
-        if self._children.get(child.index) is not child:
-            return  # stopped meanwhile (its fd number may have been reused)
+        if self._children.get(child.number) is not child:
+            return  # gone meanwhile (its fd number may have been reused)
         try:
             msg, fds = recv_ctl(child.ctl, 0)
         except (OSError, TimeoutError, ValueError):
             msg, fds = None, []
         for fd in fds:
             os.close(fd)
-        if msg is not None and msg.get("op") != "broken":
-            log.warning("queue %d: unexpected message from worker: %r", child.index, msg)
+        if msg is not None:
+            if msg.get("op") == "broken":
+                self._record_broken(child, msg)
+            else:
+                log.warning("worker %d: unexpected message: %r", child.number, msg)
             return
-        self._children.pop(child.index, None)
-        self._reap(child)
-        if msg is None:
-            reason = "worker process died"
-            last = self.stats.get(child.index, st.LAST_AVAIL)
-        else:
-            reason, last = str(msg["reason"]), int(msg["last_avail_idx"])
-        self.stats.row(child.index)[st.STATE] = st.STATE_BROKEN
-        self._broken.append(Broken(child.index, reason, last))
+        self._worker_died(child, "worker process died")
 
     # -- worker processes
 
+    def _record_broken(self, child: _Child, msg: dict[str, Any]) -> None:
+        index = int(msg["index"])
+        child.queues.discard(index)
+        self.stats.row(index)[st.STATE] = st.STATE_BROKEN
+        self._broken.append(Broken(index, str(msg["reason"]), int(msg["last_avail_idx"])))
+        if not child.queues and self._children.get(child.number) is child:
+            self._children.pop(child.number)
+            self._reap(child)
+
+    def _worker_died(self, child: _Child, reason: str) -> None:
+        self._children.pop(child.number, None)
+        self._kill(child)
+        for index in sorted(child.queues):
+            self.stats.row(index)[st.STATE] = st.STATE_BROKEN
+            self._broken.append(Broken(index, reason, self.stats.get(index, st.LAST_AVAIL)))
+        child.queues.clear()
+
     def _ask(self, child: _Child, msg: dict[str, Any], fds: Sequence[int]) -> None:
-        """Send a command and wait for its ``ok``; a worker that breaks or dies instead
-        is recorded as broken."""
+        """Send a command and wait for its ``ok``; a worker that dies instead is recorded
+        as broken (with every queue it served)."""
         try:
             send_ctl(child.ctl, msg, fds)
             while True:
@@ -490,23 +745,21 @@ class QueueHost:
                 if answer.get("op") == "ok":
                     return
                 if answer.get("op") == "broken":
-                    self._children.pop(child.index, None)
-                    self._reap(child)
-                    self.stats.row(child.index)[st.STATE] = st.STATE_BROKEN
-                    self._broken.append(Broken(child.index, str(answer["reason"]),
-                                               int(answer["last_avail_idx"])))
-                    return
+                    self._record_broken(child, answer)
+                    if msg.get("op") == "add" and answer.get("index") == msg["ring"]["index"]:
+                        return  # the ring it was asked to add could not be mapped
+                    if self._children.get(child.number) is not child:
+                        return  # that was its last queue: it exited
         except (OSError, TimeoutError, ValueError) as exc:
-            log.error("queue %d: worker failed (%s)", child.index, exc)
-            self._children.pop(child.index, None)
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._reap(child)
-            self.stats.row(child.index)[st.STATE] = st.STATE_BROKEN
-            self._broken.append(Broken(child.index, f"worker failed: {exc}",
-                                       self.stats.get(child.index, st.LAST_AVAIL)))
+            log.error("worker %d failed (%s)", child.number, exc)
+            self._worker_died(child, f"worker failed: {exc}")
+
+    def _kill(self, child: _Child) -> None:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._reap(child)
 
     def _reap(self, child: _Child) -> None:
         child.ctl.close()
@@ -515,16 +768,10 @@ class QueueHost:
         except ChildProcessError:
             pass
 
-    def _cpu_for(self, index: int) -> int | None:
-        if not self.cpus:
-            return None
-        return self.cpus[(index - FIRST_REQUEST_QUEUE) % len(self.cpus)]
-
-    def _fork(self, index: int, ring: DeviceRing, mem: GuestMemory, kick_fd: int,
-              call_fd: int) -> None:
-        handler = self.device.handler_for(index)
+    def _fork(self, number: int, index: int, ring: DeviceRing, mem: GuestMemory,
+              kick_fd: int, call_fd: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cpu = self._cpu_for(index)
+        cpu = self.workers[number].cpu
         row = self.stats.row(index)
         # Flush our buffered output so the child does not write it a second time.
         sys.stdout.flush()
@@ -546,12 +793,12 @@ class QueueHost:
                     try:
                         os.sched_setaffinity(0, {cpu})
                     except OSError as exc:
-                        log.warning("queue %d: cannot pin to CPU %d: %s", index, cpu, exc)
-                row[st.PID] = os.getpid()
+                        log.warning("worker %d: cannot pin to CPU %d: %s", number, cpu, exc)
                 row[st.CPU] = cpu + 1 if cpu is not None else 0
-                row[st.STATE] = st.STATE_RUNNING
-                _Worker(index, ring, mem, handler, kick_fd, call_fd, child_end, row,
-                        poll_s=self.poll_s).run()
+                worker = _Worker(mem, child_end, self.device.handler_for, self.stats,
+                                 self.pacing, self._inflight)
+                worker.add(index, ring, kick_fd, call_fd)
+                worker.run()
             except BaseException:
                 code = 1
                 try:
@@ -562,36 +809,41 @@ class QueueHost:
                 os._exit(code)
         # ---- the parent
         child_end.close()
-        self._children[index] = _Child(index, pid, parent_end, cpu)
-        log.debug("queue %d: worker %d started on CPU %s at avail %d", index, pid, cpu,
-                  ring.last_avail_idx)
+        self._children[number] = _Child(number, pid, parent_end, cpu, {index})
+        log.debug("queue %d: worker %d (pid %d) started on CPU %s at avail %d", index,
+                  number, pid, cpu, ring.last_avail_idx)
 
 
 class _Inline:
-    """A queue served in the main process: the control queue (drained per kick) and the
-    event queue (never drained: the device fills its buffers as events occur)."""
+    """A queue served in the main process: a CONTROL queue (drained per kick) or an EVENT
+    queue (never drained: the device fills its buffers as events occur)."""
 
-    def __init__(self, index: int, ring: DeviceRing, kick_fd: int, call_fd: int,
-                 row: memoryview, device: VirtioDevice) -> None:
+    def __init__(self, index: int, role: QueueRole, ring: DeviceRing, kick_fd: int,
+                 call_fd: int, row: memoryview, device: VirtioDevice) -> None:
         self.index = index
+        self.role = role
         self.ring = ring
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.row = row
         self.device = device
-        self.handle = counting(device.handler_for(index), row)
+        self.handle = device.handler_for(index)
 
     def service(self) -> str | None:
         row = self.row
         row[st.WAKEUPS] += 1
         ring = self.ring
         try:
-            if self.index == EVENT_QUEUE:
+            if self.role is QueueRole.EVENT:
                 pushed = self.device.deliver_events(ring.pop, ring.push)
                 row[st.REQUESTS] += pushed
                 notify = bool(pushed) and ring.needs_notify()
             else:
-                notify = drain(ring, self.handle)
+                taken = ring.last_avail_idx
+                try:
+                    notify = drain(ring, self.handle)
+                finally:
+                    row[st.REQUESTS] += (ring.last_avail_idx - taken) & 0xFFFF
         except RingBroken as exc:
             return f"ring broken: {exc}"
         except Exception:

@@ -1,6 +1,6 @@
 """Split virtqueues (virtio 1.2 §2.7), both sides: layout, the device side (pop chains,
 push used, drain), the driver side (add, publish, reclaim), indirect descriptors, EVENT_IDX
-notification suppression and feature bits."""
+notification suppression, feature bits, and the roles a device gives its queues."""
 
 from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, DeviceRing, drain
 from vscsi.virtio.driver import DriverRing
@@ -18,6 +18,8 @@ from vscsi.virtio.features import (
     VIRTQ_USED_F_NO_NOTIFY,
     has_feature,
 )
+from vscsi.virtio.inflight import InflightQueue, queue_region_size, region_size
+from vscsi.virtio.queues import QueueRole
 from vscsi.virtio.ring import (
     MAX_QUEUE_SIZE,
     ChainError,
@@ -47,12 +49,16 @@ __all__ = [
     "ChainError",
     "DeviceRing",
     "DriverRing",
+    "InflightQueue",
+    "QueueRole",
     "RingAddresses",
     "RingBroken",
     "RingFull",
     "drain",
     "has_feature",
     "need_event",
+    "queue_region_size",
+    "region_size",
     "ring_bytes",
     "ring_layout",
 ]

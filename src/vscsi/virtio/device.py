@@ -28,6 +28,7 @@ from vscsi.virtio.features import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
 )
+from vscsi.virtio.inflight import InflightQueue
 from vscsi.virtio.ring import (
     DESC,
     DESC_SIZE,
@@ -86,6 +87,7 @@ class DeviceRing:
         event_idx: bool,
         last_avail_idx: int = 0,
         max_indirect: int = DEFAULT_MAX_INDIRECT,
+        tracker: InflightQueue | None = None,
     ):
         self.addrs = addrs
         self.size = addrs.size
@@ -99,7 +101,17 @@ class DeviceRing:
         self._avail_event_off = RING_OFF + 8 * addrs.size
         self._used_event_off = RING_OFF + 2 * addrs.size
         self.remap(mem)
-        self.used_idx: int = _unpack_u16(self._used, IDX_OFF)[0]
+        self.used_idx: int = _unpack_u16(self._used, IDX_OFF)[0]  # published
+        self._fill_idx = self.used_idx  # filled (published at the next flush)
+        # In-flight tracking that survives us (vhost-user INFLIGHT_SHMFD): after a
+        # restart it says where to resume and which heads to run again, oldest first.
+        self.tracker = tracker
+        self._resubmit: list[int] = []
+        if tracker is not None:
+            resumed = tracker.recover(self.used_idx)
+            if resumed is not None:
+                self.last_avail_idx, heads = resumed
+                self._resubmit = heads[::-1]  # pop() takes from the end
         # Last avail idx read from the ring; re-read only when we catch up with it, so a
         # batch costs one idx load, not one per chain.
         self._shadow_avail = self.last_avail_idx
@@ -143,7 +155,7 @@ class DeviceRing:
         """True if the driver made a chain available that we have not popped."""
         if self.broken:
             raise RingBroken("ring is broken")
-        if self._shadow_avail != self.last_avail_idx:
+        if self._shadow_avail != self.last_avail_idx or self._resubmit:
             return True
         return self._avail_idx() != self.last_avail_idx
 
@@ -152,6 +164,10 @@ class DeviceRing:
         that request) or RingBroken."""
         if self.broken:
             raise RingBroken("ring is broken")
+        if self._resubmit:
+            head = self._resubmit.pop()  # still marked in flight, with its old counter
+            self.inflight += 1
+            return self._walk(head)
         last = self.last_avail_idx
         if self._shadow_avail == last:
             if self._avail_idx() == last:
@@ -164,6 +180,8 @@ class DeviceRing:
         last = (last + 1) & 0xFFFF
         self.last_avail_idx = last
         self.inflight += 1
+        if self.tracker is not None:
+            self.tracker.take(head)
         if self._notify and self.event_idx:
             # Notifications are on while we pop outside drain(): keep avail_event at what
             # we consumed, or the driver's next kick would be suppressed.
@@ -221,25 +239,42 @@ class DeviceRing:
 
     # ---- pushing and notifying -------------------------------------------------------
 
-    def push(self, head: int, written: int) -> None:
-        """Return chain ``head`` to the driver with ``written`` bytes in its writable part."""
+    def fill(self, head: int, written: int) -> None:
+        """Write the used element for chain ``head`` (``written`` bytes in its writable
+        part) without publishing it: :meth:`flush` makes every filled element visible
+        with one index store (libvhost-user's fill / flush)."""
         if not 0 <= head < self.size:
             raise ValueError(f"head {head} out of range for a queue of {self.size}")
-        used = self._used
-        idx = self.used_idx
-        _pack_elem(used, RING_OFF + 8 * (idx & self._mask), head, written)
-        if WEAK_ORDERING:
-            mb()  # the element before the idx that publishes it
-        idx = (idx + 1) & 0xFFFF
-        _pack_u16(used, IDX_OFF, idx)
-        self.used_idx = idx
+        idx = self._fill_idx
+        _pack_elem(self._used, RING_OFF + 8 * (idx & self._mask), head, written)
+        self._fill_idx = (idx + 1) & 0xFFFF
         self.inflight -= 1
         self._pushed += 1
+        if self.tracker is not None:
+            self.tracker.fill(head)
+
+    def flush(self) -> None:
+        """Publish the used elements filled since the last flush (one used idx store)."""
+        idx = self._fill_idx
+        if idx != self.used_idx:
+            if WEAK_ORDERING:
+                mb()  # the elements before the idx that publishes them
+            _pack_u16(self._used, IDX_OFF, idx)
+            self.used_idx = idx
+            if self.tracker is not None:
+                self.tracker.published(idx)
+
+    def push(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver with ``written`` bytes in its writable part,
+        published at once (:meth:`fill` + :meth:`flush`)."""
+        self.fill(head, written)
+        self.flush()
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for the pushes since the last call,
         decided once for the whole batch (EVENT_IDX: used_event passed; otherwise: no
         VIRTQ_AVAIL_F_NO_INTERRUPT)."""
+        self.flush()
         if not self._pushed:
             return False
         pushed, self._pushed = self._pushed, 0
@@ -272,34 +307,38 @@ class DeviceRing:
 
 def drain(ring: DeviceRing, handle: Callable[[Chain], int], *, rearm: bool = True) -> bool:
     """The one device loop: notifications off, pop every chain, handle(chain) -> bytes
-    written, push; ChainError -> push(head, 0); notifications on, re-check; returns
-    whether the driver must be signalled.
+    written, fill its used element; ChainError -> fill(head, 0); publish the used idx once
+    per pass; notifications on, re-check; returns whether the driver must be signalled.
 
     ``rearm=False`` leaves notifications off when the ring runs dry, for a caller that
     goes on polling the ring (and must call drain with ``rearm=True`` before it sleeps).
 
-    RingBroken propagates (the queue is dead; what was pushed stays pushed). If ``handle``
-    raises, its chain is failed with (head, 0) and notifications are re-enabled before
-    the exception propagates, so the queue is not left silent.
+    RingBroken propagates (the queue is dead; what was filled is published). If
+    ``handle`` raises, its chain is failed with (head, 0), what was filled is published
+    and notifications are re-enabled before the exception propagates, so the queue is
+    not left silent.
     """
-    pop, push = ring.pop, ring.push
+    pop, fill = ring.pop, ring.fill
     while True:
         ring.set_notify(False)
-        while True:
-            try:
-                chain = pop()
-            except ChainError as e:
-                push(e.head, 0)
-                continue
-            if chain is None:
-                break
-            try:
-                written = handle(chain)
-            except BaseException:
-                push(chain.head, 0)
-                ring.set_notify(True)
-                raise
-            push(chain.head, written)
+        try:
+            while True:
+                try:
+                    chain = pop()
+                except ChainError as e:
+                    fill(e.head, 0)
+                    continue
+                if chain is None:
+                    break
+                try:
+                    written = handle(chain)
+                except BaseException:
+                    fill(chain.head, 0)
+                    ring.set_notify(True)
+                    raise
+                fill(chain.head, written)
+        finally:
+            ring.flush()
         if not rearm:
             return ring.needs_notify()
         ring.set_notify(True)

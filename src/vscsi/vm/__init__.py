@@ -2,7 +2,8 @@
 it against a vhost-user-scsi backend (or QEMU's own virtio-scsi), run a script inside.
 
     image = build_guest()                       # cached under $VSCSI_CACHE or ~/.cache/vscsi
-    result = run_guest(image, "sg_inq /dev/sda", vhost_user_socket="/tmp/vscsi.sock")
+    result = run_guest(image, "sg_inq /dev/sda",
+                       GuestOptions(vhost_user_socket="/tmp/vscsi.sock"))
     result.status, result.output
 """
 
@@ -11,6 +12,7 @@ from .runner import (
     Guest,
     GuestConfigError,
     GuestError,
+    GuestOptions,
     GuestResult,
     GuestTimeout,
     PhaseResult,
@@ -23,6 +25,7 @@ __all__ = [
     "GuestConfigError",
     "GuestError",
     "GuestImage",
+    "GuestOptions",
     "GuestResult",
     "GuestTimeout",
     "ImageError",

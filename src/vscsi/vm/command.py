@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .image import ImageError, build_guest
-from .runner import GuestConfigError, GuestError, GuestTimeout, run_guest
+from .runner import GuestConfigError, GuestError, GuestOptions, GuestTimeout, run_guest
 
 EXIT_TIMEOUT = 124
 EXIT_GUEST_FAILED = 125
@@ -127,14 +127,13 @@ def _run(args: argparse.Namespace) -> int:
         if not Path(d).exists():
             raise GuestConfigError(f"disk file {d} does not exist")
     image = build_guest(args.cache, kernel_deb=args.kernel_deb)
-    result = run_guest(
-        image, script,
+    result = run_guest(image, script, GuestOptions(
         vhost_user_socket=args.socket, vcpus=args.vcpus, queues=args.queues,
         memory=args.memory, qemu_disks=args.disk, qemu_queues=args.qemu_queues,
         iothreads=args.iothreads, timeout=args.timeout, extra_qemu_args=args.qemu_arg,
         after_reboot=after, kernel_args=args.kernel_arg, console_log=args.console,
         stream=sys.stdout,
-    )
+    ))
     if result.output and not result.output.endswith("\n"):
         print()  # the script's last line had no newline; keep the shell prompt clean
     if not result.powered_off:

@@ -6,7 +6,7 @@ image and no root. The guest's serial console goes to a file that is read as it 
 /init frames the script's output with markers carrying a per-run nonce (see
 :mod:`vscsi.vm.init`), which is how the exit status comes back.
 
-Two ways to use it:
+What to boot and how is one :class:`GuestOptions`. Two ways to use it:
 
 * :func:`run_guest` -- boot, run, wait, return a :class:`GuestResult`;
 * :class:`Guest` -- the same, step by step, for tests that act on the running guest:
@@ -30,7 +30,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -118,34 +118,79 @@ class GuestResult:
     attempts: int = 1          # 2: QEMU crashed during boot and run_guest booted again
 
 
-def run_guest(
-    image: GuestImage,
-    script: str,
-    *,
-    vhost_user_socket: str | os.PathLike[str] | None = None,
-    vcpus: int = 2,
-    queues: int = 2,
-    memory: str = "512M",
-    qemu_disks: Sequence[str | os.PathLike[str]] = (),
-    qemu_queues: int | None = None,
-    iothreads: bool = False,
-    timeout: float = 300,
-    extra_qemu_args: Sequence[str] = (),
-    after_reboot: str | None = None,
-    **options: Any,
-) -> GuestResult:
+@dataclass(frozen=True)
+class GuestOptions:
+    """How to boot the guest and run its script; every field has a working default.
+
+    The devices:
+
+    * vhost_user_socket: attach a vhost-user-scsi-pci device with `queues` request
+      queues to the backend listening there;
+    * vhost_user_options: extra vhost-user-scsi-pci properties, e.g.
+      {"virtqueue_size": 256, "event_idx": False};
+    * reconnect_ms: let QEMU reconnect to a restarted backend (chardev reconnect-ms);
+    * qemu_disks: files served by QEMU's own virtio-scsi-pci (`qemu_queues` request
+      queues, default `queues`), one target each (scsi-id i, LUN 0);
+    * iothreads: one QEMU iothread per queue of that HBA (iothread-vq-mapping).
+
+    The machine: vcpus, memory, accel ("tcg", the default or $VSCSI_ACCEL, or "kvm"),
+    kernel_args (appended to the kernel command line, e.g. "loglevel=7"),
+    extra_qemu_args (appended to QEMU's command line), qmp (open a QMP socket, see
+    Guest.qmp()).
+
+    The run:
+
+    * after_reboot: a second script; the guest runs the first, resets the machine (a
+      real reboot: firmware, new kernel, the device reset and set up again) and runs
+      this one;
+    * files: {guest path: bytes | str | host Path} added to the per-run archive (e.g. a
+      fio job file), directories created as needed;
+    * env: variables exported to the script;
+    * settle_timeout: how long /init waits for the disks to appear (s);
+    * scan_targets: the SCSI targets the guest scans at boot, or None for all 256 (what a
+      normal guest does, and a test of how the device answers for absent targets).
+      "auto": with only qemu_disks, just their targets (saves seconds under TCG); with a
+      vhost-user device, all;
+    * timeout: seconds from QEMU's start until the run is killed (GuestTimeout);
+    * crash_retries: how often run_guest starts over after QEMU crashed during boot or
+      hung in a reboot's reset (see run_guest);
+    * console_log: keep the serial console in this file;
+    * stream: a text stream that receives the script's output as it arrives;
+    * workdir: where the run's files go (default: a temp directory, removed after a
+      successful run, kept after a failure).
+    """
+
+    vhost_user_socket: str | os.PathLike[str] | None = None
+    vhost_user_options: Mapping[str, object] = field(default_factory=dict)
+    reconnect_ms: int | None = None
+    queues: int = 2
+    qemu_disks: Sequence[str | os.PathLike[str]] = ()
+    qemu_queues: int | None = None
+    iothreads: bool = False
+    vcpus: int = 2
+    memory: str = "512M"
+    accel: str | None = None
+    kernel_args: str | Sequence[str] = ()
+    extra_qemu_args: Sequence[str] = ()
+    qmp: bool = False
+    after_reboot: str | None = None
+    files: Mapping[str, bytes | str | Path] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    settle_timeout: int = 120
+    scan_targets: Sequence[int] | str | None = "auto"
+    timeout: float = 300
+    crash_retries: int = 1
+    console_log: str | os.PathLike[str] | None = None
+    stream: IO[str] | None = field(default=None, repr=False)
+    workdir: str | os.PathLike[str] | None = None
+
+
+def run_guest(image: GuestImage, script: str,
+              options: GuestOptions | None = None) -> GuestResult:
     """Boot `image`, run `script` (busybox sh) as root, return its output and status.
 
-    vhost_user_socket: attach a vhost-user-scsi-pci device with `queues` request
-    queues to the backend listening there. qemu_disks: files served by QEMU's own
-    virtio-scsi-pci (`qemu_queues`, default `queues`), one target each (scsi-id i,
-    LUN 0); iothreads: one QEMU iothread per queue (iothread-vq-mapping).
-    after_reboot: a second script; the guest runs `script`, resets the machine (a
-    real reboot: firmware, new kernel, the device reset and set up again) and runs
-    this one. Other keyword options are those of :class:`Guest`.
-
-    Raises GuestTimeout after `timeout` seconds, GuestError if the guest never
-    reports a status, GuestConfigError for bad arguments.
+    Raises GuestTimeout after `options.timeout` seconds, GuestError if the guest never
+    reports a status, GuestConfigError for bad options.
 
     QEMU 10's multi-threaded TCG very rarely aborts during boot (an assertion in
     iotlb_to_section, seen about once in 30 boots here, with nothing from the guest).
@@ -155,20 +200,16 @@ def run_guest(
     rarely, TCG again): the run then starts over, first script included, so a script
     used with `after_reboot` should be safe to run twice. Anything else is reported.
     """
-    retries = int(options.pop("crash_retries", 1))
+    options = options or GuestOptions()
     attempt = 1
     while True:
         try:
-            with Guest(
-                image, script, vhost_user_socket=vhost_user_socket, vcpus=vcpus,
-                queues=queues, memory=memory, qemu_disks=qemu_disks,
-                qemu_queues=qemu_queues, iothreads=iothreads, timeout=timeout,
-                extra_qemu_args=extra_qemu_args, after_reboot=after_reboot, **options,
-            ) as guest:
+            with Guest(image, script, options) as guest:
                 result = guest.wait()
             return dataclasses.replace(result, attempts=attempt)
         except GuestError as exc:
-            if not (exc.qemu_crashed_early or exc.qemu_hung_in_reset) or attempt > retries:
+            retry = exc.qemu_crashed_early or exc.qemu_hung_in_reset
+            if not retry or attempt > options.crash_retries:
                 raise
             log.warning("QEMU crashed before the script started, or hung in a reboot's "
                         "reset; running again from the start: %s", exc.summary)
@@ -177,103 +218,36 @@ def run_guest(
 
 class Guest:
     """One QEMU process running the guest. Use as a context manager (start on enter,
-    kill on exit) or call start() / wait() / close() yourself.
+    kill on exit) or call start() / wait() / close() yourself. For tests that act on the
+    running guest: wait_for() output the script prints, talk to QEMU over QMP (qmp()),
+    then wait()."""
 
-    Options beyond run_guest's:
-
-    * kernel_args: appended to the kernel command line (e.g. "loglevel=7");
-    * files: {guest path: bytes | str | host Path} added to the per-run archive
-      (e.g. a fio job file), directories created as needed;
-    * env: variables exported to the script;
-    * settle_timeout: how long /init waits for the disks to appear (s);
-    * scan_targets: the SCSI targets the guest scans at boot, or None for all 256 (what
-      a normal guest does, and a test of how the device answers for absent targets).
-      "auto" (the default): with only qemu_disks, just their targets (saves seconds
-      under TCG); with a vhost-user device, all;
-    * qmp: open a QMP socket (see qmp());
-    * vhost_user_options: extra vhost-user-scsi-pci properties, e.g.
-      {"virtqueue_size": 256, "event_idx": False};
-    * reconnect_ms: let QEMU reconnect to a restarted backend (chardev reconnect-ms);
-    * accel: "tcg" (default, or $VSCSI_ACCEL) or "kvm";
-    * console_log: keep the serial console in this file;
-    * stream: a text stream that receives the script's output as it arrives;
-    * workdir: where the run's files go (default: a temp directory, removed after a
-      successful run, kept after a failure).
-    """
-
-    def __init__(
-        self,
-        image: GuestImage,
-        script: str,
-        *,
-        vhost_user_socket: str | os.PathLike[str] | None = None,
-        vcpus: int = 2,
-        queues: int = 2,
-        memory: str = "512M",
-        qemu_disks: Sequence[str | os.PathLike[str]] = (),
-        qemu_queues: int | None = None,
-        iothreads: bool = False,
-        timeout: float = 300,
-        extra_qemu_args: Sequence[str] = (),
-        after_reboot: str | None = None,
-        kernel_args: str | Sequence[str] = (),
-        files: Mapping[str, bytes | str | Path] | None = None,
-        env: Mapping[str, str] | None = None,
-        settle_timeout: int = 120,
-        scan_targets: Sequence[int] | str | None = "auto",
-        qmp: bool = False,
-        vhost_user_options: Mapping[str, object] | None = None,
-        reconnect_ms: int | None = None,
-        accel: str | None = None,
-        console_log: str | os.PathLike[str] | None = None,
-        stream: IO[str] | None = None,
-        workdir: str | os.PathLike[str] | None = None,
-    ) -> None:
-        if vcpus < 1:
-            raise GuestConfigError(f"vcpus must be at least 1, not {vcpus}")
-        if queues < 1 or (qemu_queues is not None and qemu_queues < 1):
-            raise GuestConfigError("queues must be at least 1")
+    def __init__(self, image: GuestImage, script: str,
+                 options: GuestOptions | None = None) -> None:
+        options = options or GuestOptions()
+        self.accel = _check_options(image, options)
         self.image = image
         self.script = script
-        self.after_reboot = after_reboot
-        self.timeout = timeout
-        self.stream = stream
-        self.vhost_user_socket = Path(vhost_user_socket) if vhost_user_socket else None
-        if self.vhost_user_socket is not None:
-            _check_socket(self.vhost_user_socket)
-        disks = [Path(d) for d in qemu_disks]
-        for d in disks:
-            if not d.exists():
-                raise GuestConfigError(f"disk file {d} does not exist")
-        for p in (image.kernel, image.initramfs):
-            if not Path(p).is_file():
-                raise GuestConfigError(f"guest image file {p} is missing: run `vscsi vm build`")
-        if shutil.which(QEMU) is None:
-            raise GuestConfigError(f"{QEMU} not found: run scripts/setup-host.sh")
-        self.accel = (accel or os.environ.get("VSCSI_ACCEL") or "tcg").lower()
-        if self.accel not in ("tcg", "kvm"):
-            raise GuestConfigError(f"accelerator must be tcg or kvm, not {self.accel!r}")
-        if self.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise GuestConfigError("VSCSI_ACCEL=kvm but /dev/kvm is not usable")
+        self.after_reboot = options.after_reboot
+        self.timeout = options.timeout
+        self.stream = options.stream
+        self.vhost_user_socket = (Path(options.vhost_user_socket)
+                                  if options.vhost_user_socket else None)
+        disks = [Path(d) for d in options.qemu_disks]
 
+        workdir, console_log = options.workdir, options.console_log
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vscsi-vm-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_path = Path(console_log) if console_log else self.workdir / "console.log"
-        self.qmp_path = self.workdir / "qmp.sock" if qmp else None
+        self.qmp_path = self.workdir / "qmp.sock" if options.qmp else None
         self.nonce = secrets.token_hex(8)
-        self._phases_expected = 2 if after_reboot is not None else 1
+        self._phases_expected = 2 if self.after_reboot is not None else 1
 
-        if scan_targets == "auto":
-            scan_targets = range(len(disks)) if disks and self.vhost_user_socket is None \
-                else None
-        elif isinstance(scan_targets, str):
-            raise GuestConfigError(f"scan_targets must be 'auto', None or target numbers, "
-                                   f"not {scan_targets!r}")
-        self.scan_targets = None if scan_targets is None else tuple(scan_targets)
+        self.scan_targets = _scan_targets(options)
         initrd = self.workdir / "initrd.img"
         try:
-            extra = self._run_archive(files or {}, env or {}, settle_timeout)
+            extra = self._run_archive(options.files, options.env, options.settle_timeout)
         except BaseException:
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
@@ -282,18 +256,13 @@ class Guest:
             f.write(Path(image.initramfs).read_bytes())
             f.write(extra)
 
-        cmdline = BASE_CMDLINE
+        kernel_args = options.kernel_args
         extra_kargs = [kernel_args] if isinstance(kernel_args, str) else list(kernel_args)
-        if extra_kargs:
-            cmdline += " " + " ".join(extra_kargs)
+        cmdline = " ".join([BASE_CMDLINE, *extra_kargs])
         self.argv = build_qemu_argv(
+            dataclasses.replace(options, accel=self.accel, qemu_disks=disks),
             kernel=Path(image.kernel), initrd=initrd, cmdline=cmdline,
-            console=self.console_path, vcpus=vcpus, memory=memory, accel=self.accel,
-            reboot=after_reboot is not None, qmp=self.qmp_path,
-            vhost_user_socket=self.vhost_user_socket, queues=queues,
-            vhost_user_options=vhost_user_options or {}, reconnect_ms=reconnect_ms,
-            qemu_disks=disks, qemu_queues=qemu_queues or queues, iothreads=iothreads,
-            extra=extra_qemu_args,
+            console=self.console_path, qmp=self.qmp_path,
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self._stderr_path = self.workdir / "qemu.stderr"
@@ -394,9 +363,9 @@ class Guest:
 
     def qmp(self) -> Any:
         """A connected qemu.qmp.legacy.QEMUMonitorProtocol (sync): ``.cmd("device_del",
-        id="vus0")`` returns the result or raises. Needs Guest(..., qmp=True)."""
+        id="vus0")`` returns the result or raises. Needs GuestOptions(qmp=True)."""
         if self.qmp_path is None:
-            raise GuestConfigError("QMP was not enabled: pass qmp=True")
+            raise GuestConfigError("QMP was not enabled: pass GuestOptions(qmp=True)")
         if self._qmp is None:
             from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -652,6 +621,42 @@ def qemu_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+def _check_options(image: GuestImage, options: GuestOptions) -> str:
+    """Raise GuestConfigError for options that cannot work; return the accelerator."""
+    if options.vcpus < 1:
+        raise GuestConfigError(f"vcpus must be at least 1, not {options.vcpus}")
+    if options.queues < 1 or (options.qemu_queues is not None and options.qemu_queues < 1):
+        raise GuestConfigError("queues must be at least 1")
+    if options.vhost_user_socket:
+        _check_socket(Path(options.vhost_user_socket))
+    for d in options.qemu_disks:
+        if not Path(d).exists():
+            raise GuestConfigError(f"disk file {d} does not exist")
+    for p in (image.kernel, image.initramfs):
+        if not Path(p).is_file():
+            raise GuestConfigError(f"guest image file {p} is missing: run `vscsi vm build`")
+    if shutil.which(QEMU) is None:
+        raise GuestConfigError(f"{QEMU} not found: run scripts/setup-host.sh")
+    accel = (options.accel or os.environ.get("VSCSI_ACCEL") or "tcg").lower()
+    if accel not in ("tcg", "kvm"):
+        raise GuestConfigError(f"accelerator must be tcg or kvm, not {accel!r}")
+    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise GuestConfigError("VSCSI_ACCEL=kvm but /dev/kvm is not usable")
+    return accel
+
+
+def _scan_targets(options: GuestOptions) -> tuple[int, ...] | None:
+    """The targets /init scans, None for all: see GuestOptions.scan_targets."""
+    scan = options.scan_targets
+    if scan == "auto":
+        only_qemu_disks = options.qemu_disks and not options.vhost_user_socket
+        return tuple(range(len(options.qemu_disks))) if only_qemu_disks else None
+    if isinstance(scan, str):
+        raise GuestConfigError(f"scan_targets must be 'auto', None or target numbers, "
+                               f"not {scan!r}")
+    return None if scan is None else tuple(scan)
+
+
 def _check_socket(path: Path) -> None:
     try:
         st = path.stat()
@@ -663,84 +668,87 @@ def _check_socket(path: Path) -> None:
         raise GuestConfigError(f"{path} is not a socket")
 
 
-def build_qemu_argv(
-    *,
-    kernel: Path,
-    initrd: Path,
-    cmdline: str,
-    console: Path,
-    vcpus: int = 2,
-    memory: str = "512M",
-    accel: str = "tcg",
-    reboot: bool = False,
-    qmp: Path | None = None,
-    vhost_user_socket: Path | None = None,
-    queues: int = 2,
-    vhost_user_options: Mapping[str, object] | None = None,
-    reconnect_ms: int | None = None,
-    qemu_disks: Sequence[Path] = (),
-    qemu_queues: int = 2,
-    iothreads: bool = False,
-    extra: Iterable[str] = (),
-) -> list[str]:
+def build_qemu_argv(options: GuestOptions, *, kernel: Path, initrd: Path, cmdline: str,
+                    console: Path, qmp: Path | None = None) -> list[str]:
     """The QEMU command line. Devices get fixed PCI slots so the guest probes (and
     names) them in the same order every time: the vhost-user HBA first (slot 4), then
     QEMU's own virtio-scsi (slot 5); slots from 0x10 up are free for tests' hot-plug."""
+    argv = [QEMU, *_machine_args(options, kernel, initrd, cmdline, console)]
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if options.vhost_user_socket is not None:
+        argv += _vhost_user_args(options)
+    if options.qemu_disks:
+        argv += _qemu_hba_args(options)
+    argv += list(options.extra_qemu_args)
+    return argv
+
+
+def _machine_args(options: GuestOptions, kernel: Path, initrd: Path, cmdline: str,
+                  console: Path) -> list[str]:
+    """Machine, memory, CPUs, kernel and serial console."""
+    memory = options.memory
     argv = [
-        QEMU,
         "-nodefaults", "-no-user-config", "-display", "none",
         # guest RAM a vhost-user backend can map: a shared memfd
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
         "-machine", "q35,memory-backend=mem",
         "-m", memory,
-        "-smp", str(vcpus),
+        "-smp", str(options.vcpus),
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con",
     ]
-    if accel == "kvm":
+    if options.accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
         # one host thread per vCPU; "max" gives the guest every feature TCG emulates
         argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    if not reboot:
+    if options.after_reboot is None:
         argv.append("-no-reboot")
-    if qmp is not None:
-        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
-    if vhost_user_socket is not None:
-        chardev = f"socket,id=vus,path={vhost_user_socket}"
-        if reconnect_ms:
-            if qemu_version() >= (9, 2):
-                chardev += f",reconnect-ms={int(reconnect_ms)}"
-            else:  # older QEMU (bookworm's 7.2) counts whole seconds
-                chardev += f",reconnect={max(1, -(-int(reconnect_ms) // 1000))}"
-        dev: dict[str, object] = {
-            "driver": "vhost-user-scsi-pci", "id": "vus0", "chardev": "vus",
-            "num_queues": queues, "bus": "pcie.0", "addr": "0x4",
-        }
-        dev.update(vhost_user_options or {})
-        argv += ["-chardev", chardev, "-device", json.dumps(dev)]
-    if qemu_disks:
-        hba: dict[str, object] = {
-            "driver": "virtio-scsi-pci", "id": "qscsi", "num_queues": qemu_queues,
-            "bus": "pcie.0", "addr": "0x5",
-        }
-        if iothreads:
-            for i in range(qemu_queues):
-                argv += ["-object", f"iothread,id=io{i}"]
-            # without "vqs", QEMU spreads the request queues over the listed iothreads
-            hba["iothread-vq-mapping"] = [{"iothread": f"io{i}"} for i in range(qemu_queues)]
-        argv += ["-device", json.dumps(hba)]
-        for i, disk in enumerate(qemu_disks):
-            argv += [
-                "-blockdev", json.dumps({
-                    "driver": "file", "node-name": f"qf{i}", "filename": str(disk),
-                    "aio": "threads", "discard": "unmap",
-                }),
-                "-blockdev", json.dumps({"driver": "raw", "node-name": f"qd{i}", "file": f"qf{i}"}),
-                "-device", json.dumps({
-                    "driver": "scsi-hd", "id": f"qdisk{i}", "drive": f"qd{i}",
-                    "bus": "qscsi.0", "channel": 0, "scsi-id": i, "lun": 0,
-                }),
-            ]
-    argv += list(extra)
+    return argv
+
+
+def _vhost_user_args(options: GuestOptions) -> list[str]:
+    """The vhost-user-scsi-pci device in slot 4 and the socket chardev it talks over."""
+    chardev = f"socket,id=vus,path={options.vhost_user_socket}"
+    reconnect_ms = options.reconnect_ms
+    if reconnect_ms:
+        if qemu_version() >= (9, 2):
+            chardev += f",reconnect-ms={int(reconnect_ms)}"
+        else:  # older QEMU (bookworm's 7.2) counts whole seconds
+            chardev += f",reconnect={max(1, -(-int(reconnect_ms) // 1000))}"
+    dev: dict[str, object] = {
+        "driver": "vhost-user-scsi-pci", "id": "vus0", "chardev": "vus",
+        "num_queues": options.queues, "bus": "pcie.0", "addr": "0x4",
+    }
+    dev.update(options.vhost_user_options)
+    return ["-chardev", chardev, "-device", json.dumps(dev)]
+
+
+def _qemu_hba_args(options: GuestOptions) -> list[str]:
+    """QEMU's own virtio-scsi-pci in slot 5, one raw file disk per target."""
+    queues = options.qemu_queues or options.queues
+    argv: list[str] = []
+    hba: dict[str, object] = {
+        "driver": "virtio-scsi-pci", "id": "qscsi", "num_queues": queues,
+        "bus": "pcie.0", "addr": "0x5",
+    }
+    if options.iothreads:
+        for i in range(queues):
+            argv += ["-object", f"iothread,id=io{i}"]
+        # without "vqs", QEMU spreads the request queues over the listed iothreads
+        hba["iothread-vq-mapping"] = [{"iothread": f"io{i}"} for i in range(queues)]
+    argv += ["-device", json.dumps(hba)]
+    for i, disk in enumerate(options.qemu_disks):
+        argv += [
+            "-blockdev", json.dumps({
+                "driver": "file", "node-name": f"qf{i}", "filename": str(disk),
+                "aio": "threads", "discard": "unmap",
+            }),
+            "-blockdev", json.dumps({"driver": "raw", "node-name": f"qd{i}", "file": f"qf{i}"}),
+            "-device", json.dumps({
+                "driver": "scsi-hd", "id": f"qdisk{i}", "drive": f"qd{i}",
+                "bus": "qscsi.0", "channel": 0, "scsi-id": i, "lun": 0,
+            }),
+        ]
     return argv

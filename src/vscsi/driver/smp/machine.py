@@ -209,6 +209,11 @@ class SmpMachine:
                        f"affinity {self.interrupts.cpu_for(q)}")
         return "; ".join(out)
 
+    @property
+    def backend_socket(self) -> socket.socket:
+        """The connected vhost-user socket (the bench measures the process behind it)."""
+        return self.frontend.client.sock
+
     def describe(self) -> dict[str, object]:
         p, cfg, neg = self.initiator.policy, self.cfg, self.neg
         return {

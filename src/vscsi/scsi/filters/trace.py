@@ -1,0 +1,84 @@
+"""trace: one JSON line per command, appended to a file (docs/filters.md has the fields).
+
+The file is opened when the filter joins a stack (a bad path fails `vscsi serve` at start
+or the RPC call), in append mode and line-buffered: each line is one write(2) to an
+O_APPEND file, so the forked queue workers sharing it never interleave within a line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TextIO
+
+from ..constants import CHECK_CONDITION
+from ..pending import Pending
+from ..sense import ScsiResult
+from .base import Filter, after
+from .command import OP_NAMES, Command, Stage, lba_range
+from .spec import FilterSpec, FilterSpecError
+
+log = logging.getLogger("vscsi.scsi.filters")
+
+
+class TraceFilter(Filter):
+    kind = "trace"
+
+    def __init__(self, spec: FilterSpec) -> None:
+        super().__init__(spec)
+        self.path = spec.get("file") or ""
+        self.file: TextIO | None = None
+
+    def open(self) -> None:
+        try:
+            self.file = open(self.path, "a", buffering=1, encoding="utf-8")
+        except OSError as e:
+            raise FilterSpecError(f"trace: cannot open {self.path!r}: "
+                                  f"{e.strerror or e}") from None
+
+    def handle(self, cmd: Command, next_stage: Stage) -> ScsiResult | Pending:
+        clock = cmd.scheduler.time if cmd.scheduler is not None else time.monotonic
+        wall = time.time()
+        start = clock()
+
+        def record(result: ScsiResult) -> ScsiResult:
+            try:
+                self.write(cmd, result, wall, clock() - start)
+            except (OSError, ValueError) as e:    # a full disk must not fail the command
+                log.warning("trace %s: %s", self.path, e)
+            return result
+
+        return after(next_stage(cmd), record)
+
+    def write(self, cmd: Command, result: ScsiResult, wall: float, latency: float) -> None:
+        if self.file is None:       # removed while this command was in flight
+            return
+        self.file.write(json.dumps(trace_record(cmd, result, wall, latency),
+                                   separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def trace_record(cmd: Command, result: ScsiResult, wall: float, latency: float) -> dict:
+    op = cmd.opcode
+    r = lba_range(cmd.cdb)
+    sense = result.sense if result.status == CHECK_CONDITION and len(result.sense) >= 14 \
+        else b""
+    return {
+        "time": round(wall, 6),
+        "queue": cmd.queue,
+        "lun": f"{cmd.target}:{cmd.lun}",
+        "op": op,
+        "name": OP_NAMES.get(op, f"0x{op & 0xFF:02x}"),
+        "lba": r[0] if r else None,
+        "blocks": r[1] if r and r[1] < 1 << 32 else None,
+        "status": result.status,
+        "key": sense[2] & 0x0F if sense else None,
+        "asc": sense[12] if sense else None,
+        "ascq": sense[13] if sense else None,
+        "latency_us": round(latency * 1e6, 1),
+    }

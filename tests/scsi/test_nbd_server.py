@@ -1,0 +1,177 @@
+"""The NBD client and the nbd: backend against a real server, qemu-storage-daemon exporting
+a file: every command round-trips and lands in the file, several requests in flight on one
+connection, one connection per process after fork(), and a server killed and restarted
+gives ABORTED COMMAND / LOGICAL UNIT COMMUNICATION FAILURE, then service again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vscsi.bench.storage_daemon import QSD, StorageDaemon, free_tcp_port
+from vscsi.scsi import LogicalUnit, open_backend
+from vscsi.scsi.nbd import NbdDisk, parse_nbd_uri
+from vscsi.scsi.nbd.protocol import CMD_READ, CMD_WRITE
+from vscsi.scsi.spec import LunSpecError, parse_lun_spec
+
+from .helpers import GOOD, assert_check, read10, run, write10
+
+pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed "
+                                                    "(qemu-utils; scripts/setup-host.sh)")
+
+SIZE = 4 << 20
+COMMUNICATION_FAILURE = (0xB, 0x08, 0x00)      # ABORTED COMMAND, LU COMMUNICATION FAILURE
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, image: Path):
+    qsd = StorageDaemon(image, tmp_path / "q.sock").start()
+    yield qsd
+    qsd.stop()
+
+
+def file_bytes(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def check_round_trips(disk: NbdDisk, image: Path) -> None:
+    assert disk.size == SIZE and not disk.read_only
+    data = os.urandom(3 * 4096)
+    src = memoryview(data)
+    assert disk.writev(4096, [src[:100], src[100:5000], src[5000:]]) == len(data)
+    disk.flush()
+    assert file_bytes(image, 4096, len(data)) == data
+    back = bytearray(len(data))
+    view = memoryview(back)
+    assert disk.readv(4096, [view[:7], view[7:8192], view[8192:]]) == len(data)
+    assert back == data
+
+    fua = os.urandom(512)
+    disk.writev_fua(SIZE - 512, [memoryview(fua)])
+    assert file_bytes(image, SIZE - 512, 512) == fua
+
+    disk.write_zeroes(65536, 65536)
+    disk.discard(3 << 20, 1 << 20)
+    disk.trim(2 << 20, 1 << 20)            # contents undefined afterwards: only no error
+    disk.flush()
+    assert file_bytes(image, 65536, 65536) == bytes(65536)
+    assert file_bytes(image, 3 << 20, 1 << 20) == bytes(1 << 20)
+    zeros = bytearray(b"\xff" * 65536)
+    disk.readv(65536, [memoryview(zeros)])
+    assert zeros == bytes(65536)
+
+
+def test_round_trips_unix(daemon: StorageDaemon, image: Path):
+    disk = NbdDisk(parse_nbd_uri(daemon.uri))
+    try:
+        check_round_trips(disk, image)
+    finally:
+        disk.close()
+
+
+def test_round_trips_tcp(tmp_path: Path, image: Path):
+    qsd = StorageDaemon(image, port=free_tcp_port()).start()
+    try:
+        disk = NbdDisk(parse_nbd_uri(qsd.uri))
+        check_round_trips(disk, image)
+        disk.close()
+    finally:
+        qsd.stop()
+
+
+def test_many_in_flight_on_one_connection(daemon: StorageDaemon, image: Path):
+    disk = NbdDisk(parse_nbd_uri(daemon.uri))
+    conn = disk.connection()
+    blocks = [os.urandom(4096) for _ in range(16)]
+    writes = [conn.submit(CMD_WRITE, i * 8192, buffers=[memoryview(b)])
+              for i, b in enumerate(blocks)]
+    conn.wait_all(list(reversed(writes)))
+    bufs = [bytearray(4096) for _ in blocks]
+    reads = [conn.submit(CMD_READ, i * 8192, buffers=[memoryview(b)])
+             for i, b in enumerate(bufs)]
+    assert conn.in_flight == 16
+    for cookie in reversed(reads):
+        conn.wait(cookie)
+    assert bufs == blocks
+    disk.close()
+
+
+def test_one_connection_per_process(daemon: StorageDaemon, image: Path):
+    disk = NbdDisk(parse_nbd_uri(daemon.uri))
+    first = bytearray(512)
+    disk.readv(0, [memoryview(first)])
+    parent_conn = disk.connection()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            disk.writev(512, [memoryview(b"C" * 512)])
+            again = bytearray(512)
+            disk.readv(0, [memoryview(again)])
+            status = 0 if again == first and disk.connection() is not parent_conn else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's session survived the child's exit and sees the child's write.
+    assert disk.connection() is parent_conn
+    back = bytearray(512)
+    disk.readv(512, [memoryview(back)])
+    assert back == b"C" * 512
+    disk.close()
+
+
+def test_logical_unit_over_nbd_survives_server_restart(daemon: StorageDaemon, image: Path):
+    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
+    assert backend.kind == "nbd"
+    unit = LogicalUnit(backend)
+    data = os.urandom(8 * 512)
+    result, _ = run(unit, write10(16, 8, flags=0x08), out=data, pieces=3)    # FUA
+    assert result.status == GOOD
+    assert file_bytes(image, 16 * 512, len(data)) == data
+    result, got = run(unit, read10(16, 8), in_len=len(data), pieces=2)
+    assert result.status == GOOD and got == data
+    result, _ = run(unit, bytes([0x35]) + bytes(9))                          # SYNC CACHE
+    assert result.status == GOOD
+
+    daemon.kill()
+    result, _ = run(unit, read10(16, 8), in_len=len(data))
+    assert_check(result, COMMUNICATION_FAILURE)
+    result, _ = run(unit, write10(0, 1), out=bytes(512))
+    assert_check(result, COMMUNICATION_FAILURE)
+
+    daemon.start()
+    result, got = run(unit, read10(16, 8), in_len=len(data))
+    assert result.status == GOOD and got == data
+    unit.close()
+
+
+def test_open_backend_refusals(tmp_path: Path, daemon: StorageDaemon, image: Path):
+    with pytest.raises(LunSpecError, match="cannot reach NBD server") as info:
+        open_backend(parse_lun_spec(f"0:0=nbd:nbd+unix:///d0?socket={tmp_path}/none.sock"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(LunSpecError, match="no such export"):
+        open_backend(parse_lun_spec(f"0:0=nbd:nbd+unix:///nope?socket={daemon.sock}"))
+
+    ro = StorageDaemon(image, tmp_path / "ro.sock", writable=False).start()
+    try:
+        with pytest.raises(LunSpecError, match=r"read-only \(add ,ro\)"):
+            open_backend(parse_lun_spec(f"1:0=nbd:{ro.uri}"))
+        backend = open_backend(parse_lun_spec(f"1:0=nbd:{ro.uri},ro"))
+        unit = LogicalUnit(backend, read_only=True)
+        result, _ = run(unit, write10(0, 1), out=bytes(512))
+        assert_check(result, (0x7, 0x27, 0x00))                              # WRITE PROTECTED
+        unit.close()
+    finally:
+        ro.stop()

@@ -1,0 +1,161 @@
+"""QueueHost on its own, with a device that is not virtio-scsi: the device's queue roles
+decide what is forked and what is served inline, the worker plan is data, and a handler
+that raises fails its chain, is counted, and still gets the driver signalled by a real
+forked worker over real eventfds."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from vscsi.memory import Allocator, GuestMemory
+from vscsi.vhost_user import stats as st
+from vscsi.vhost_user.workers import QueueHost, WorkerPlan, plan_workers
+from vscsi.virtio import Chain, DeviceRing, DriverRing, QueueRole, ring_bytes, ring_layout
+
+HOT, CONTROL, EVENT = QueueRole.HOT, QueueRole.CONTROL, QueueRole.EVENT
+HANG_GUARD = 10.0  # seconds: a worker that never answers fails the test instead of hanging it
+
+
+class EchoDevice:
+    """A made-up device: every queue echoes its request back upper-cased, and a request
+    that starts with b"boom" makes the handler raise (a device bug)."""
+
+    features = 0
+
+    def __init__(self, roles: tuple[QueueRole, ...]) -> None:
+        self.roles = roles
+
+    def queue_roles(self) -> tuple[QueueRole, ...]:
+        return self.roles
+
+    def handler_for(self, queue_index: int) -> Callable[[Chain], int]:
+        def echo(chain: Chain) -> int:
+            data = b"".join(bytes(v) for v in chain.readable)
+            if data.startswith(b"boom"):
+                raise RuntimeError("the device fell over")
+            out = chain.writable[0]
+            out[:len(data)] = data.upper()
+            return len(data)
+        return echo
+
+    def deliver_events(self, pop: object, push: object) -> int:
+        return 0
+
+    def read_config(self) -> bytes:
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        pass
+
+    def set_driver_features(self, features: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+@dataclass
+class Queue:
+    mem: GuestMemory
+    driver: DriverRing
+    device: DeviceRing
+    kick: int
+    call: int
+    alloc: Allocator
+
+    def send(self, payload: bytes) -> int:
+        """Make one chain available (payload in, as much room out) and kick; returns the
+        address of its writable buffer."""
+        src = self.alloc.alloc(len(payload))
+        dst = self.alloc.alloc(len(payload))
+        self.mem.view(src, len(payload))[:] = payload
+        self.driver.add([(src, len(payload))], [(dst, len(payload))], payload)
+        if self.driver.publish():
+            os.eventfd_write(self.kick, 1)
+        return dst
+
+    def wait_call(self) -> None:
+        ready, _, _ = select.select([self.call], [], [], HANG_GUARD)
+        assert ready, "the worker never signalled the call eventfd"
+        os.eventfd_read(self.call)
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = GuestMemory.anonymous(1 << 20)
+    yield m
+    m.close()
+
+
+def make_queue(mem: GuestMemory, alloc: Allocator) -> Queue:
+    addrs = ring_layout(8, alloc.alloc(ring_bytes(8), 4096))
+    return Queue(mem, DriverRing(mem, addrs, event_idx=True),
+                 DeviceRing(mem, addrs, event_idx=True),
+                 os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK), alloc)
+
+
+def test_plan_follows_the_device_roles() -> None:
+    assert plan_workers((CONTROL, HOT, EVENT, HOT, HOT), [5, 7]) == [
+        WorkerPlan((1,), 5), WorkerPlan((3,), 7), WorkerPlan((4,), 5)]
+    assert plan_workers((HOT, HOT), None) == [WorkerPlan((0,), None), WorkerPlan((1,), None)]
+    assert plan_workers((CONTROL, EVENT), [0]) == []
+    # fewer workers than hot queues: they share them, k-th queue to worker k mod n
+    assert plan_workers((CONTROL, EVENT, HOT, HOT, HOT), [5, 7], 2) == [
+        WorkerPlan((2, 4), 5), WorkerPlan((3,), 7)]
+    assert plan_workers((HOT, HOT), None, 1) == [WorkerPlan((0, 1), None)]
+    for bad in (0, 3):
+        with pytest.raises(ValueError):
+            plan_workers((HOT, HOT), None, bad)
+
+
+def test_host_refuses_a_plan_that_misses_or_shares_hot_queues() -> None:
+    device = EchoDevice((HOT, CONTROL, HOT))
+    stats = st.QueueStats(device.queue_roles())
+    host = QueueHost(device, stats, workers=[WorkerPlan((2,), None), WorkerPlan((0,), 1)])
+    assert host.workers == [WorkerPlan((2,), None), WorkerPlan((0,), 1)]
+    for bad in ([WorkerPlan((0,), None)],                              # queue 2 unserved
+                [WorkerPlan((0, 2), None), WorkerPlan((2,), None)],    # 2 served twice
+                [WorkerPlan((0,), None), WorkerPlan((1,), None)]):     # 1 is not hot
+        with pytest.raises(ValueError):
+            QueueHost(device, stats, workers=bad)
+    assert stats.hot_queues == [0, 2] and stats.control_queues == [1]
+
+
+def test_raising_handler_fails_the_chain_and_the_worker_still_signals(mem: GuestMemory) -> None:
+    # Queue 0 is hot: a device that numbers its queues unlike virtio-scsi.
+    device = EchoDevice((HOT, CONTROL))
+    stats = st.QueueStats(device.queue_roles())
+    host = QueueHost(device, stats)
+    alloc = Allocator(mem)
+    q = make_queue(mem, alloc)
+    host.start(0, q.device, mem, q.kick, q.call)
+    try:
+        # Let the worker finish the pass it makes at start, so that the failing chain is
+        # served by the batch its kick wakes (and no later kick can cover for a lost
+        # signal).
+        deadline = time.monotonic() + HANG_GUARD
+        while stats.get(0, st.WAKEUPS) == 0:
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.001)
+        q.send(b"boom")
+        q.wait_call()
+        assert q.driver.reclaim() == [(b"boom", 0)]   # failed with 0 bytes written
+        assert stats.get(0, st.ERRORS) == 1
+        # the worker carries on: the next request is served normally
+        out = q.send(b"hello")
+        q.wait_call()
+        assert q.driver.reclaim() == [(b"hello", 5)]
+        assert bytes(mem.view(out, 5)) == b"HELLO"
+        assert stats.get(0, st.REQUESTS) == 2 and stats.get(0, st.ERRORS) == 1
+        assert stats.get(0, st.PID) not in (0, os.getpid())      # served by a forked worker
+    finally:
+        last_avail = host.stop(0)
+        os.close(q.kick)
+        os.close(q.call)
+    assert last_avail == 2
