@@ -216,3 +216,24 @@ def test_lun_ops_without_a_front_end(serve: ServeProcess) -> None:
         assert guest.capacity(2, 0, 0) == 4 * MiB
     finally:
         guest.close()
+
+
+def test_lun_add_reaches_a_worker_that_serves_both_queues(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    serve = start_serve(str(tmp_path), ["0:0=ram:1M"], ("--workers", "1"))
+    try:
+        guest = Guest(serve)
+        try:
+            stats = rpc(serve, "stats")
+            pids = {q["pid"] for q in stats["queues"]}  # type: ignore[index]
+            assert len(pids) == 1  # one worker process for both request queues
+            rpc(serve, "lun_add", spec="0:1=ram:1M")
+            assert guest.events(1) == [(TRANSPORT_RESET, encode_lun(0, 1), RESCAN)]
+            new_pids = {q["pid"] for q in rpc(serve, "stats")["queues"]}  # type: ignore[index]
+            assert len(new_pids) == 1 and not new_pids & pids
+            for q in (2, 3):
+                assert guest.capacity(q, 0, 1) == MiB
+        finally:
+            guest.close()
+        assert serve.stop() == 0, serve.output()
+    finally:
+        serve.kill()
