@@ -113,11 +113,11 @@ def _fields(output: str, key: str) -> list[str]:
 
 @pytest.mark.guest
 def test_lun_add_resize_remove_under_a_live_guest(image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
-    from vscsi.vm.runner import Guest
+    from vscsi.vm import Guest, GuestOptions
 
     rpc_path = serve.socket + ".rpc"
-    with Guest(image, SCRIPT, vhost_user_socket=serve.socket, vcpus=2, queues=2,
-               timeout=600) as guest, Client(rpc_path, timeout=120) as rpc:
+    options = GuestOptions(vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=600)
+    with Guest(image, SCRIPT, options) as guest, Client(rpc_path, timeout=120) as rpc:
         guest.wait_for("STEP ADD", timeout=400)
         added = rpc.call("lun_add", spec="0:1=ram:64M")
         assert added["event"] is True

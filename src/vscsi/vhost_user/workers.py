@@ -444,9 +444,11 @@ class _Worker:
                         return  # the main process is gone
                     self.command(msg, fds)
                 else:
-                    consume_eventfd(fd)
+                    # Only a ring still served: a "remove" earlier in this batch of events
+                    # has closed its kick fd (reading it would fail with EBADF).
                     served = self.by_kick.get(fd)
                     if served is not None:
+                        consume_eventfd(fd)
                         kicked.append(served)
             if not events:
                 kicked = [s for s in self.served.values() if s.kick_fd < 0]
