@@ -12,7 +12,8 @@ Tables (q: request queue, 0-based; t: target 0..255; s: a LUN's slot):
   the device sees it);
 * ``switches[q][t]``: requests for t that arrived on q while an earlier request of t was
   still executing on another queue (the seed's per-target stickiness broken, as blk-mq's
-  static map does), detected with one in-flight byte per (t, q);
+  static map does), detected with an in-flight count per (t, q) (a byte: a queue may
+  have several requests of t answered later);
 * ``luns[q][s]``: bytes read, bytes written, errors (status not GOOD or a
   transport failure) and a latency histogram: bucket i counts executions that took
   [2**(i-1), 2**i) microseconds (bucket 0: under 1 us; the last one: everything longer),
@@ -102,16 +103,20 @@ class DeviceStats:
         cell = q * MAX_TARGETS + t
         u64[cell] += 1
         first = t * self.num_queues
+        mine = first + q
         inflight = self.inflight
-        if inflight.find(b"\x01", first, first + self.num_queues) >= 0:
+        own = inflight[mine]
+        if own:  # this queue already runs some of t (answered later): look past them
+            inflight[mine] = 0
+        if inflight[first:first + self.num_queues].strip(b"\0"):
             u64[self._switch_base + cell] += 1
-        inflight[first + q] = 1
+        inflight[mine] = own + 1 if own < 255 else 255
 
     def done(self, q: int, t: int, addr: tuple[int, int], failed: bool, read: int,
              written: int, ns: int) -> None:
         """Request of ``addr`` = (t, lun) finished on queue q after ``ns`` nanoseconds.
         Commands are not counted separately: they are the sum of the histogram."""
-        self.inflight[t * self.num_queues + q] = 0
+        self._left(t * self.num_queues + q)
         slot = self.slots.get(addr)
         if slot is None:
             return
@@ -128,7 +133,13 @@ class DeviceStats:
 
     def leave(self, q: int, t: int) -> None:
         """A request that ended before reaching a LUN (bad target, held by a TMF)."""
-        self.inflight[t * self.num_queues + q] = 0
+        self._left(t * self.num_queues + q)
+
+    def _left(self, cell: int) -> None:
+        inflight = self.inflight
+        count = inflight[cell]
+        if count:
+            inflight[cell] = count - 1
 
     # -- reading (any process)
 

@@ -31,7 +31,7 @@ from .constants import (
 )
 from .filters import Command, FilterStack
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
-from .pending import Pending
+from .pending import Pending, Scheduler
 from .plugin import load_plugin
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .spec import MAX_LUN, LunSpec, LunSpecError
@@ -196,6 +196,14 @@ class LogicalUnit(_Unit):
     def capacity(self) -> int:
         """Bytes addressable through this unit."""
         return self.num_blocks * self.block_size
+
+    def set_scheduler(self, scheduler: Scheduler) -> None:
+        """The loop of the worker process that serves this unit: filters and backends
+        that answer later wait on it."""
+        self.filters.scheduler = scheduler
+        setter = getattr(self.backend, "set_scheduler", None)
+        if setter is not None:
+            setter(scheduler)
 
     def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
                ) -> ScsiResult | Pending:
