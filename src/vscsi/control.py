@@ -2,15 +2,16 @@
 
 A :class:`Controller` holds the running device, the LUN specs and the BackendServer.
 A LUN change happens in this (the main) process, inside ``server.restart_rings``: every
-served ring is stopped (its worker finishes the batch it is executing: nothing is in
-flight afterwards, new requests wait in the ring), the device is changed, and the rings
-start again from where they stopped -- the new workers are forked from this process, so
+served ring is stopped (its worker finishes the request it is executing; requests a
+filter answers later are aborted, and the guest retries them: nothing is in flight
+afterwards, new requests wait in the ring), the device is changed, and the rings start
+again from where they stopped -- the new workers are forked from this process, so
 they inherit the new LUN table (files by descriptor, RAM disks as MAP_SHARED mappings).
 The guest is then told by an event on the event queue, which this process serves:
 TRANSPORT_RESET RESCAN on add, REMOVED on remove, PARAM_CHANGE 2Ah/09h (CAPACITY DATA
-HAS CHANGED, also set as a unit attention on the unit) on resize. The answer to the RPC
-is sent after all of that. A removed unit is synced and closed once the workers that
-could use it are gone.
+HAS CHANGED, also set as a unit attention on the unit) on resize. A LUN's filter stack
+(docs/filters.md) changes the same way. The answer to the RPC is sent after all of that.
+A removed unit is synced and closed once the workers that could use it are gone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from vscsi.device import EVENT_QUEUE, FIRST_REQUEST_QUEUE, VirtioScsiDevice
 from vscsi.rpc import MethodError
 from vscsi.scsi import LogicalUnit, LunSpec, parse_lun_spec, parse_size
 from vscsi.scsi.backends import FileBackend, NullBackend, RamBackend, open_backend
+from vscsi.scsi.filters import parse_filter
 from vscsi.scsi.spec import MAX_SIZE
 from vscsi.vhost_user import BackendServer
 from vscsi.vhost_user.stats import NOTIFIES
@@ -46,8 +48,8 @@ class Controller:
 
     def methods(self) -> dict[str, Callable[..., Any]]:
         return {name: getattr(self, name) for name in (
-            "lun_add", "lun_remove", "lun_resize", "lun_list", "stats", "steering",
-            "shutdown", "reopen_logs")}
+            "lun_add", "lun_remove", "lun_resize", "lun_list", "filter_add", "filter_remove",
+            "filter_list", "stats", "steering", "shutdown", "reopen_logs")}
 
     # ------------------------------------------------------------------ LUNs
 
@@ -184,6 +186,30 @@ class Controller:
                             "block_size": unit.block_size, "read_only": unit.read_only,
                             "serial": unit.serial})
         return out
+
+    # ------------------------------------------------------------------ filters
+
+    def filter_add(self, target: int, lun: int, spec: str) -> dict[str, Any]:
+        """Put a filter (the --filter grammar after '=', e.g. "delay:read=2ms") at the inner
+        end of a LUN's stack (docs/filters.md); returns its id."""
+        unit = self._unit(target, lun)
+        parsed = parse_filter(spec)  # FilterSpecError: -32000 with its message
+        added: list[int] = []
+        self.server.restart_rings(lambda: added.append(unit.filters.add(parsed)))
+        log.info("rpc: filter %d on LUN %d:%d: %s", added[0], target, lun, spec)
+        return {"target": target, "lun": lun, "id": added[0]}
+
+    def filter_remove(self, target: int, lun: int, id: int) -> dict[str, Any]:  # noqa: A002
+        """Take filter ``id`` off a LUN's stack (the name the RPC uses: JSON "id")."""
+        unit = self._unit(target, lun)
+        if not any(f["id"] == id for f in unit.filters.list()):
+            raise MethodError(f"no filter {id} on LUN {target}:{lun}")
+        self.server.restart_rings(lambda: unit.filters.remove(id))
+        log.info("rpc: filter %d off LUN %d:%d", id, target, lun)
+        return {"target": target, "lun": lun, "id": id, "removed": True}
+
+    def filter_list(self, target: int, lun: int) -> list[dict[str, object]]:
+        return self._unit(target, lun).filters.list()
 
     # ------------------------------------------------------------------ stats
 

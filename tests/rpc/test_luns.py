@@ -237,3 +237,34 @@ def test_lun_add_reaches_a_worker_that_serves_both_queues(tmp_path) -> None:  # 
         assert serve.stop() == 0, serve.output()
     finally:
         serve.kill()
+
+
+def test_filters_over_rpc_and_requests_answered_later_are_counted(serve: ServeProcess) -> None:
+    from vscsi.rpc import Client, RpcError
+
+    guest = Guest(serve)
+    try:
+        added = rpc(serve, "filter_add", target=0, lun=0, spec="delay:read=40ms")
+        assert added == {"target": 0, "lun": 0, "id": 1}
+        assert rpc(serve, "filter_list", target=0, lun=0) == [
+            {"id": 1, "spec": "delay:read=40ms"}]
+        # reads are answered later (after the delay), by both re-forked workers
+        for q in (2, 3):
+            r = guest.command(q, 0, 0, read10(q, 2), data_in=1024)
+            assert r.status == 0 and r.data == bytes(1024)
+        lun = rpc(serve, "stats")["luns"][0]  # type: ignore[index]
+        assert lun["commands"] == 2 and lun["bytes_read"] == 2048
+        assert lun["latency_us"]["p50"] >= 32768  # held for at least 40 ms
+        with Client(serve.socket + ".rpc", timeout=30) as c:
+            with pytest.raises(RpcError, match="bad duration"):
+                c.call("filter_add", target=0, lun=0, spec="delay:read=5")
+            with pytest.raises(RpcError, match="no filter 9 on LUN 0:0"):
+                c.call("filter_remove", target=0, lun=0, id=9)
+            with pytest.raises(RpcError, match="no LUN 0:4"):
+                c.call("filter_list", target=0, lun=4)
+        assert rpc(serve, "filter_remove", target=0, lun=0, id=1)["removed"] is True  # type: ignore[index]
+        assert rpc(serve, "filter_list", target=0, lun=0) == []
+        r = guest.command(2, 0, 0, write10(0, 1), data_out=b"w" * 512)
+        assert r.status == 0
+    finally:
+        guest.close()
