@@ -7,7 +7,8 @@
     vscsi rpc --socket /tmp/vscsi.sock.rpc steering      # a table (--json: the JSON)
 
 Arguments: lun_add SPEC; lun_remove TARGET:LUN; lun_resize TARGET:LUN SIZE [shrink];
-any method also takes NAME=VALUE parameters (VALUE as JSON, else as a string).
+any method also takes NAME=VALUE parameters (VALUE as JSON, else as a string), e.g.
+``filter_add target=0 lun=0 spec=delay:read=2ms``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print JSON even where a table is the default (steering)")
     parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
                         help="seconds to wait for the answer (default 60)")
-    parser.add_argument("method", help="lun_add, lun_remove, lun_resize, lun_list, stats, "
+    parser.add_argument("method", help="lun_add, lun_remove, lun_resize, lun_list, "
+                                       "filter_add, filter_remove, filter_list, stats, "
                                        "steering, shutdown, reopen_logs")
     parser.add_argument("args", nargs="*", metavar="ARG")
 
