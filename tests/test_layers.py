@@ -22,8 +22,8 @@ ROOT = "vscsi"
 # packages of one rank (bench, sim, vm) never import each other.
 LAYERS: list[tuple[str, ...]] = [
     # leaves that import nothing of vscsi: how commands report a user's mistake; the
-    # figures bench and sim both report
-    ("usage", "metrics"),
+    # figures bench and sim both report; the JSON-RPC server and client
+    ("usage", "metrics", "rpc"),
     ("memory",),
     ("virtio",),
     ("scsi",),
@@ -35,6 +35,9 @@ LAYERS: list[tuple[str, ...]] = [
     # below bench/sim/vm
     ("testing",),
     ("bench", "sim", "vm"),
+    # what `vscsi serve` is asked over its RPC socket, and its Prometheus exporter
+    ("control",),
+    ("exporter",),
     # programs on top of the tools: `python -m vscsi.serve`, `python -m vscsi.demo`
     ("serve", "demo"),
     ("cli",),

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "simulate": ("vscsi.sim.command", "discrete-event model of the steering policies"),
     "vm": ("vscsi.vm.command", "build and boot a Linux guest against a backend"),
     "trace": ("vscsi.bench.trace", "summarise a command trace (--filter T:L=trace:file=F)"),
+    "rpc": ("vscsi.rpc.command", "manage a running `vscsi serve` (LUNs, stats, steering)"),
 }
 
 

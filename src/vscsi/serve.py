@@ -18,19 +18,34 @@ Per-queue request counts are logged when a front-end disconnects, on SIGUSR1 and
 exit, and written as JSON to ``--stats PATH`` (see vscsi.vhost_user.stats: ``per_queue``
 is the list of requests per request queue). SIGINT/SIGTERM stop the back-end cleanly:
 running requests finish, files are synced and closed, the socket is removed.
+
+While it runs, ``vscsi rpc --socket PATH.rpc METHOD ...`` manages it over the JSON-RPC
+socket ``--rpc`` (vscsi.control: add, remove and resize LUNs under a live guest, stats,
+the steering table, shutdown, reopen_logs); ``--metrics HOST:PORT`` exposes the same
+counters to Prometheus. Under systemd (NOTIFY_SOCKET set) readiness is reported once the
+sockets listen (Type=notify); with ``--log-file``, SIGHUP reopens it (logrotate).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import socket
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from vscsi.usage import UsageError, run_command
+from vscsi.usage import UsageError, import_extra, run_command
+
+if TYPE_CHECKING:
+    from vscsi.vhost_user import BackendServer
 
 log = logging.getLogger("vscsi.serve")
 
+MAX_UNIX_PATH = 107  # bytes in a unix socket path (sun_path, less its NUL)
 MAX_QUEUES = 254  # vring indices are 8 bits on the wire: 2 + 254 = 256 virtqueues
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -79,14 +94,66 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="exit after the first front-end disconnects")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                         help="default: info")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="log here instead of stderr (reopened on SIGHUP and by the "
+                             "reopen_logs RPC)")
+    parser.add_argument("--rpc", metavar="PATH",
+                        help="JSON-RPC management socket (default: the --socket path + "
+                             "'.rpc'; 'none': no socket); see `vscsi rpc`")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP here (needs the 'metrics' "
+                             "extra: prometheus-client)")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s vscsi[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FORMAT = "%(asctime)s vscsi[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def _setup_logging(level: str, path: str | None = None) -> Callable[[], bool]:
+    """Log to stderr, or append to ``path``; returns what reopens the file (False when
+    logging to stderr)."""
+    if path is None:
+        logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT,
+                            stream=sys.stderr)
+        return lambda: False
+    handler = logging.FileHandler(path)  # OSError: one line from run_command
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler],
+                        force=True)
+
+    def reopen() -> bool:
+        new = handler._open()  # before swapping: a failure keeps the old file
+        old = handler.setStream(new)
+        if old is not None:
+            old.close()
+        log.info("log file %s reopened", path)
+        return True
+
+    return reopen
+
+
+def notify_systemd(state: str, address: str | None = None) -> bool:
+    """Send ``state`` (e.g. "READY=1") to systemd's notification socket, if there is one
+    (NOTIFY_SOCKET: a path, or an abstract name starting with '@'). One datagram."""
+    address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.send(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %r: %s", address, exc)
+        return False
+    return True
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9123")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _parse_coalesce(text: str) -> tuple[int, float]:
@@ -128,14 +195,19 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
     queues, cpus = _check_args(args)
     count, delay = _parse_coalesce(args.coalesce)
     # Fewer CPUs than queues: a worker per CPU serving several queues beats workers
     # that take turns on one CPU (one wake-up serves every queue it has).
     workers = args.workers or min(queues, len(cpus))
+    metrics_at = parse_host_port(args.metrics) if args.metrics else None
+    if metrics_at is not None:
+        import_extra("metrics", "prometheus_client")  # MissingExtra: one line, exit 2
+    reopen_logs = _setup_logging(args.log_level, args.log_file)
 
+    from vscsi.control import Controller
     from vscsi.device import ScsiConfig, VirtioScsiDevice
+    from vscsi.rpc import RpcServer
     from vscsi.scsi import build_targets, parse_lun_spec
     from vscsi.scsi.filters import parse_filter_arg
     from vscsi.vhost_user import (
@@ -149,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_lun_spec(text) for text in args.lun]  # LunSpecError: one line, exit 2
     filters = [parse_filter_arg(text) for text in args.filter]  # FilterSpecError: the same
     targets = build_targets(specs)  # opens the backends: LunSpecError / OSError
-    device = server = None
+    device = server = rpc = None
+    restore_hup: Callable[[], None] | None = None
     try:
         _add_filters(targets, filters)
         device = VirtioScsiDevice(targets, ScsiConfig(num_queues=queues))
@@ -161,16 +234,45 @@ def run(args: argparse.Namespace) -> int:
                                max_sessions=1 if args.once else None,
                                pacing=Pacing(args.poll_us / 1e6, count, delay),
                                workers=workers)
+        if args.log_file:
+            restore_hup = _reopen_on_sighup(server, reopen_logs)
         try:
             server.bind()
         except ServerError as exc:
             raise UsageError(str(exc)) from None
+        controller = Controller(device, server, specs, reopen_logs=reopen_logs)
+        rpc_path = args.rpc or args.socket + ".rpc"
+        if args.rpc == "none":
+            log.info("no management socket (--rpc none)")
+        elif args.rpc is None and len(os.fsencode(rpc_path)) > MAX_UNIX_PATH:
+            # the vhost-user path itself fits; serve on rather than fail on our default
+            log.warning("no management socket: %s is too long for a unix socket (give "
+                        "--rpc PATH)", rpc_path)
+        else:
+            rpc = RpcServer(rpc_path, controller.methods())
+            try:
+                rpc.attach(server.add_reader, server.remove_reader)
+            except OSError as exc:
+                rpc = None
+                raise UsageError(f"--rpc {rpc_path}: {exc.strerror or exc}") from None
+            log.info("management socket %s", rpc_path)
+        if metrics_at is not None:
+            from vscsi.exporter import serve_metrics
+
+            serve_metrics(controller, *metrics_at)  # OSError: port in use...
+            log.info("Prometheus metrics on http://%s:%d/metrics", *metrics_at)
         for spec in specs:
             log.info("LUN %s", spec)
         log.info("%d request queue worker(s) on CPUs %s", workers,
                  ",".join(map(str, cpus[:workers])))
+        notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
         server.serve()
+        notify_systemd("STOPPING=1")
     finally:
+        if restore_hup is not None:
+            restore_hup()
+        if rpc is not None:
+            rpc.close()
         if server is not None:
             server.close()
         if device is not None:
@@ -178,6 +280,40 @@ def run(args: argparse.Namespace) -> int:
         _close_targets(targets)
     log.info("stopped")
     return 0
+
+
+def _reopen_on_sighup(server: BackendServer, reopen: Callable[[], bool]) -> Callable[[], None]:
+    """SIGHUP reopens the log file, from the server's loop (a self-pipe it polls), not
+    inside the signal handler, which may interrupt a log write."""
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+
+    def readable() -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while wake_r.recv(64):
+                pass
+        try:
+            reopen()
+        except OSError as exc:
+            log.error("cannot reopen the log file: %s", exc)
+
+    def on_hup(signum: int, frame: object) -> None:
+        with contextlib.suppress(OSError):
+            wake_w.send(b"\0")
+
+    server.add_reader(wake_r, readable)
+    server.add_reader(wake_w, lambda: None)  # never readable: listed so workers close it
+    old = signal.signal(signal.SIGHUP, on_hup)
+
+    def restore() -> None:
+        signal.signal(signal.SIGHUP, old)
+        server.remove_reader(wake_r)
+        server.remove_reader(wake_w)
+        wake_r.close()
+        wake_w.close()
+
+    return restore
 
 
 def _add_filters(targets: dict, filters: list) -> None:

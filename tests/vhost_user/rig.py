@@ -115,14 +115,16 @@ class TestGuest:
 
     # ------------------------------------------------------------------ setup
 
-    def negotiate(self, *, protocol: int = WANT_PROTOCOL) -> int:
+    def negotiate(self, *, protocol: int = WANT_PROTOCOL, device_features: int = 0) -> int:
+        """``device_features``: device-specific bits to accept too, if offered (e.g.
+        virtio-scsi HOTPLUG and CHANGE, to get events)."""
         c = self.client
         offered = c.get_features()
         assert offered >> F_PROTOCOL_FEATURES & 1
         proto = c.get_protocol_features()
         c.set_protocol_features(proto & protocol)
         c.set_owner()
-        want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        want = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | device_features
         if self.event_idx:
             want |= 1 << VIRTIO_RING_F_EVENT_IDX
         self.features = (offered & want) | (1 << F_PROTOCOL_FEATURES)

@@ -159,3 +159,45 @@ def test_raising_handler_fails_the_chain_and_the_worker_still_signals(mem: Guest
         os.close(q.kick)
         os.close(q.call)
     assert last_avail == 2
+
+
+class SlowEchoDevice(EchoDevice):
+    """EchoDevice whose b"slow" requests take a while (the worker is busy meanwhile)."""
+
+    def handler_for(self, queue_index: int, complete=None) -> Callable[[Chain], int]:  # type: ignore[no-untyped-def]
+        echo = super().handler_for(queue_index, complete)
+
+        def slow(chain: Chain) -> int:
+            if bytes(chain.readable[0][:4]) == b"slow":
+                time.sleep(0.3)
+            return echo(chain)
+        return slow
+
+
+def test_stop_while_a_kick_is_pending_does_not_crash_the_worker(
+        mem: GuestMemory, capfd: pytest.CaptureFixture[str]) -> None:
+    # The worker is busy when both a kick and the stop arrive: its next poll returns the
+    # control channel (the stop closes the kick fd) and the kick fd together, and the
+    # closed fd must not be read (EBADF killed the worker with a traceback, seen when
+    # vscsi.control restarted the rings under I/O).
+    device = SlowEchoDevice((HOT, CONTROL))
+    stats = st.QueueStats(device.queue_roles())
+    host = QueueHost(device, stats)
+    alloc = Allocator(mem)
+    q = make_queue(mem, alloc)
+    host.start(0, q.device, mem, q.kick, q.call)
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        while stats.get(0, st.WAKEUPS) == 0:
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.001)
+        q.send(b"slow")
+        time.sleep(0.1)                 # the worker is inside the slow request now
+        q.send(b"next")                 # a second chain while it is busy ...
+        os.eventfd_write(q.kick, 1)     # ... and a kick (event_idx may have spared it)
+    finally:
+        last_avail = host.stop(0)
+        os.close(q.kick)
+        os.close(q.call)
+    assert last_avail in (1, 2)
+    assert "Traceback" not in capfd.readouterr().err

@@ -15,9 +15,11 @@ copy of this object, so:
   the event queue, ``on_arrival``. Hot-plugging a LUN with :meth:`add_lun` /
   :meth:`remove_lun` therefore changes only the calling process: the backend must make the
   same call (``notify=False``) in every request worker, or re-fork them, before the
-  driver learns of the change from the event. Config writes likewise (the driver writes
+  driver learns of the change from the event (vscsi.control re-forks them:
+  BackendServer.restart_rings). Config writes likewise (the driver writes
   sense_size / cdb_size before DRIVER_OK, i.e. before workers start).
-* shared (MAP_SHARED memory created before the fork): the task table (:mod:`.tasks`),
+* shared (MAP_SHARED memory created before the fork): the counters (:mod:`.stats`, each
+  queue writes its own rows), the task table (:mod:`.tasks`),
   through which the control worker sees and cancels the task each request worker is
   running. Backing storage is shared by the scsi layer (positional I/O on one file, or a
   MAP_SHARED ram disk).
@@ -35,11 +37,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
 from vscsi.device.later import LaterTask, LaterTasks, abort_all
+from vscsi.device.stats import DeviceStats
 from vscsi.device.tasks import ALL_LUNS, TaskTable
 from vscsi.device.wire import (
     AN_REQ,
@@ -102,6 +106,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LUN_CACHE_MAX = 4096
+_now_ns = time.monotonic_ns
 
 #: What we offer. Not INOUT (no bidirectional commands), not T10_PI, not ANY_LAYOUT (a
 #: legacy bit: VERSION_1 implies it, and we parse any layout regardless).
@@ -160,6 +165,11 @@ class VirtioScsiDevice:
         #: it to its workers (attach_broadcast); alone, the device asks itself
         self._broadcast: Callable[[dict[str, Any]], list[dict[str, Any]]] = self._ask_self
         self._lun_cache: dict[bytes, tuple[int, int]] = {}
+        #: per-LUN and per-target counters in shared memory (see .stats)
+        self.stats = DeviceStats(config.num_queues)
+        for t, target in targets.items():
+            for lun in _luns_of(target) or ():
+                self.stats.assign(t, lun)
         roles = {CONTROL_QUEUE: QueueRole.CONTROL, EVENT_QUEUE: QueueRole.EVENT}
         self._roles = tuple(roles.get(i, QueueRole.HOT)
                             for i in range(FIRST_REQUEST_QUEUE + config.num_queues))
@@ -259,13 +269,17 @@ class VirtioScsiDevice:
         t, lun = addr
         if self.on_arrival is not None:
             self.on_arrival(t, lun, tag)
+        stats = self.stats
+        stats.arrive(slot, t)
         target = self.targets.get(t)
         if target is None:
+            stats.leave(slot, t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
         if data_out and data_in and total(data_out) and total(data_in):
             # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
             # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
             # a SCSI CHECK CONDITION, since the target never saw the command.
+            stats.leave(slot, t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
 
         # Execute, with the task published in this queue's slot so a TMF on the control
@@ -273,40 +287,55 @@ class VirtioScsiDevice:
         tasks = self.tasks
         held = tasks.begin(slot, t, lun, tag)
         if held:
+            stats.leave(slot, t)
             return self._respond(wr, resp_buf, held)
+        started = _now_ns()
         try:
             result = target.submit(lun, cdb, data_out, data_in, slot)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
             tasks.end(slot)
+            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
         cancelled = tasks.end(slot)
         if result.__class__ is Pending:
             if complete is None:
                 result.abort()
+                stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
                 log.error("target %d lun %d: command %s answers later, which this queue "
                           "cannot wait for", t, lun, cdb[:1].hex())
                 return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
             task = LaterTask(chain.head, t, lun, tag, result)  # type: ignore[arg-type]
             self.later.add(slot, task)
             result.then(functools.partial(  # type: ignore[union-attr]
-                self._answer_later, slot, complete, task, wr, resp_buf, data_out, data_in))
+                self._answer_later, slot, complete, task, wr, resp_buf, data_out, data_in,
+                started))
             if cancelled:  # a TMF came while it started: it ends with that TMF's answer
                 task.cancel = cancelled
                 result.abort()  # type: ignore[union-attr]
             return None
         if cancelled:                   # a TMF aborted / reset it while it ran
+            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
             return self._respond(wr, resp_buf, cancelled)
+        # the bytes the target says it moved (our own scsi layer: no clamping needed)
+        stats.done(slot, t, addr, result.status != 0, result.data_in, result.data_out,
+                   _now_ns() - started)
         return self._respond_result(wr, resp_buf, result, data_out, data_in)
 
     def _answer_later(self, slot: int, complete: Callable[[int, int], None], task: LaterTask,
                       wr: list[memoryview], resp_buf: memoryview | None,
                       data_out: list[memoryview], data_in: list[memoryview],
-                      result: ScsiResult) -> None:
+                      started: int, result: ScsiResult) -> None:
         """A request answered later got its result (or was aborted: task.cancel)."""
         self.later.remove(slot, task.head)
+        addr = (task.target, task.lun)
+        if task.cancel:
+            self.stats.done(slot, task.target, addr, True, 0, 0, _now_ns() - started)
+        else:
+            self.stats.done(slot, task.target, addr, result.status != 0, result.data_in,
+                            result.data_out, _now_ns() - started)
         try:
             if task.cancel:
                 written = self._respond(wr, resp_buf, task.cancel)
@@ -641,11 +670,13 @@ class VirtioScsiDevice:
             from vscsi.scsi import ScsiTarget
 
             self.targets[target] = ScsiTarget({lun: unit})
+            self.stats.assign(target, lun)
         else:
             luns = self._luns_dict(existing)
             if lun in luns:
                 raise ValueError(f"LUN {target}:{lun} already exists")
             self.targets[target] = type(existing)({**luns, lun: unit})
+        self.stats.assign(target, lun)
         if not notify:
             return False
         return self.post_event(VIRTIO_SCSI_T_TRANSPORT_RESET, target, lun,
@@ -662,6 +693,7 @@ class VirtioScsiDevice:
         if lun not in luns:
             raise KeyError(f"no LUN {target}:{lun}")
         unit = luns.pop(lun)
+        self.stats.release(target, lun)
         if luns:
             self.targets[target] = type(existing)(luns)
         else:
@@ -686,6 +718,7 @@ class VirtioScsiDevice:
 
     def close(self) -> None:
         self.tasks.close()
+        self.stats.close()
 
 
 _LUN_TMFS = frozenset((

@@ -348,6 +348,24 @@ class Session:
             ring.close_fds()
             self.vrings[ring.index] = fresh
 
+    def restart_served(self, while_stopped: Callable[[], None] | None = None) -> list[int]:
+        """Stop every served ring, run ``while_stopped`` (if given), and start the rings
+        again from where they stopped; returns their indices. Workers are forked at
+        start, so the new ones inherit whatever the caller changed in the device
+        meanwhile. A stop waits for the worker's current batch, so while ``while_stopped``
+        runs no request is executing (new ones wait in the rings, none is lost). The
+        rings restart even if ``while_stopped`` raises (the exception then propagates)."""
+        stopped = [ring for ring in self.vrings if ring.served]
+        for ring in stopped:
+            ring.base = self.queues.stop(ring.index)
+        try:
+            if while_stopped is not None:
+                while_stopped()
+        finally:
+            for ring in stopped:
+                self._start(ring)
+        return [ring.index for ring in stopped]
+
     def close(self) -> None:
         """The front-end is gone: stop everything, release memory and fds."""
         if self.state is SessionState.CLOSED:

@@ -126,6 +126,8 @@ class BackendServer:
                                 inherited=self._main_sockets, pacing=pacing)
         self._stats_written = 0.0
         self._stats_last: object = None
+        # fd -> (socket, callback): sockets others poll through this loop (see add_reader)
+        self._readers: dict[int, tuple[socket.socket, Callable[[], None]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,6 +136,39 @@ class BackendServer:
         for sock in (self.listener, self.conn, self._wake_r, self._wake_w):
             if sock is not None:
                 yield sock
+        for sock, _callback in self._readers.values():
+            yield sock
+
+    def add_reader(self, sock: socket.socket, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the loop whenever ``sock`` is readable. For a caller's
+        own sockets (a management interface): the loop does not know what they are; a
+        forked worker closes them. The callback must not block for long."""
+        self._readers[sock.fileno()] = (sock, callback)
+
+    def remove_reader(self, sock: socket.socket) -> None:
+        entry = self._readers.get(sock.fileno())
+        if entry is not None and entry[0] is sock:
+            del self._readers[sock.fileno()]
+
+    def restart_rings(self, while_stopped: Callable[[], None] | None = None) -> list[int]:
+        """Stop every served ring, run ``while_stopped``, start them again from where they
+        stopped (see Session.restart_served): the way to hand a changed device to the
+        worker processes. Without a front-end, just runs ``while_stopped``."""
+        if self.session is None:
+            if while_stopped is not None:
+                while_stopped()
+            return []
+        try:
+            return self.session.restart_served(while_stopped)
+        finally:
+            self.session.poll_broken()
+
+    def service_queue(self, index: int) -> None:
+        """One pass over a queue the main process serves (e.g. the event queue, after
+        the device posted an event); nothing if it is not running here."""
+        self.queues.service(index)
+        if self.session is not None:
+            self.session.poll_broken()
 
     def bind(self) -> None:
         self.listener = bind_unix_socket(self.socket_path)
@@ -206,6 +241,8 @@ class BackendServer:
             conn = self.conn
             handlers[conn.fileno()] = lambda: self._readable(conn)
         handlers.update(self.queues.poll_fds())
+        for fd, (_sock, callback) in self._readers.items():
+            handlers[fd] = callback
         try:
             ready, _, _ = select.select(list(handlers), [], [], STATS_INTERVAL)
         except InterruptedError:

@@ -1,0 +1,191 @@
+"""Per-LUN and per-target counters, seen from the device side, shared by every process
+that serves a queue.
+
+One anonymous MAP_SHARED mapping, made when the device is built (before any worker is
+forked), holds rows that exactly one queue writes: the process serving request queue q
+writes only row q of each table, so there is no lock; the main process sums the rows
+when asked (``snapshot``). Reads race with writes; a count one behind is fine for stats.
+
+Tables (q: request queue, 0-based; t: target 0..255; s: a LUN's slot):
+
+* ``requests[q][t]``: requests for target t that arrived on queue q (the steering, as
+  the device sees it);
+* ``switches[q][t]``: requests for t that arrived on q while an earlier request of t was
+  still executing on another queue (the seed's per-target stickiness broken, as blk-mq's
+  static map does), detected with an in-flight count per (t, q) (a byte: a queue may
+  have several requests of t answered later);
+* ``luns[q][s]``: bytes read, bytes written, errors (status not GOOD or a
+  transport failure) and a latency histogram: bucket i counts executions that took
+  [2**(i-1), 2**i) microseconds (bucket 0: under 1 us; the last one: everything longer),
+  whose sum is the number of commands.
+
+A LUN gets a slot when it is added (slots of removed LUNs are reused, zeroed first);
+counts live as long as the LUN.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any
+
+MAX_TARGETS = 256
+DEFAULT_LUN_SLOTS = 256
+BUCKETS = 32
+# Columns of a LUN row (commands: the sum of the histogram).
+READ_BYTES, WRITE_BYTES, ERRORS, HIST = 0, 1, 2, 3
+LUN_COLUMNS = HIST + BUCKETS
+
+
+def bucket_bounds_us(index: int) -> tuple[float, float]:
+    """[low, high) microseconds of histogram bucket ``index``."""
+    low = 0.0 if index == 0 else float(1 << (index - 1))
+    high = float("inf") if index == BUCKETS - 1 else float(1 << index)
+    return low, high
+
+
+def percentile_us(hist: list[int], fraction: float) -> float | None:
+    """The upper bound (us) of the bucket holding the ``fraction`` quantile; None if empty.
+    The last bucket has no upper bound: its lower one is returned."""
+    count = sum(hist)
+    if not count:
+        return None
+    rank = fraction * count
+    seen = 0
+    for index, n in enumerate(hist):
+        seen += n
+        if seen >= rank and n:
+            low, high = bucket_bounds_us(index)
+            return high if high != float("inf") else low
+    return None
+
+
+class DeviceStats:
+    def __init__(self, num_queues: int, lun_slots: int = DEFAULT_LUN_SLOTS) -> None:
+        self.num_queues = num_queues
+        self.lun_slots = lun_slots
+        self._switch_base = num_queues * MAX_TARGETS
+        self._lun_base = 2 * num_queues * MAX_TARGETS
+        words = self._lun_base + num_queues * lun_slots * LUN_COLUMNS
+        self._map = mmap.mmap(-1, words * 8)
+        self.u64 = memoryview(self._map).cast("Q")
+        # inflight[t * num_queues + q]: 1 while queue q executes a request of target t
+        self.inflight = mmap.mmap(-1, MAX_TARGETS * num_queues)
+        self.slots: dict[tuple[int, int], int] = {}  # (target, lun) -> slot
+        self._free = list(range(lun_slots - 1, -1, -1))
+
+    # -- LUN slots (main process, before the workers that use them are forked)
+
+    def assign(self, target: int, lun: int) -> int | None:
+        """A slot for (target, lun), zeroed; None when all are taken (not counted)."""
+        if (target, lun) in self.slots:
+            return self.slots[(target, lun)]
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        for q in range(self.num_queues):
+            start = self._lun_row(q, slot)
+            self.u64[start:start + LUN_COLUMNS] = memoryview(bytes(8 * LUN_COLUMNS)).cast("Q")
+        self.slots[(target, lun)] = slot
+        return slot
+
+    def release(self, target: int, lun: int) -> None:
+        slot = self.slots.pop((target, lun), None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def _lun_row(self, q: int, slot: int) -> int:
+        return self._lun_base + (q * self.lun_slots + slot) * LUN_COLUMNS
+
+    # -- the request path (queue q's process only; a few integer stores)
+
+    def arrive(self, q: int, t: int) -> None:
+        u64 = self.u64
+        cell = q * MAX_TARGETS + t
+        u64[cell] += 1
+        first = t * self.num_queues
+        mine = first + q
+        inflight = self.inflight
+        own = inflight[mine]
+        if own:  # this queue already runs some of t (answered later): look past them
+            inflight[mine] = 0
+        if inflight[first:first + self.num_queues].strip(b"\0"):
+            u64[self._switch_base + cell] += 1
+        inflight[mine] = own + 1 if own < 255 else 255
+
+    def done(self, q: int, t: int, addr: tuple[int, int], failed: bool, read: int,
+             written: int, ns: int) -> None:
+        """Request of ``addr`` = (t, lun) finished on queue q after ``ns`` nanoseconds.
+        Commands are not counted separately: they are the sum of the histogram."""
+        self._left(t * self.num_queues + q)
+        slot = self.slots.get(addr)
+        if slot is None:
+            return
+        u64 = self.u64
+        row = self._lun_base + (q * self.lun_slots + slot) * LUN_COLUMNS
+        bucket = (ns // 1000).bit_length()
+        u64[row + HIST + (bucket if bucket < BUCKETS else BUCKETS - 1)] += 1
+        if read:
+            u64[row + READ_BYTES] += read
+        elif written:
+            u64[row + WRITE_BYTES] += written
+        if failed:
+            u64[row + ERRORS] += 1
+
+    def leave(self, q: int, t: int) -> None:
+        """A request that ended before reaching a LUN (bad target, held by a TMF)."""
+        self._left(t * self.num_queues + q)
+
+    def _left(self, cell: int) -> None:
+        inflight = self.inflight
+        count = inflight[cell]
+        if count:
+            inflight[cell] = count - 1
+
+    # -- reading (any process)
+
+    def lun(self, target: int, lun: int) -> dict[str, Any] | None:
+        """A LUN's counters summed over the queues; None if it has no slot."""
+        slot = self.slots.get((target, lun))
+        if slot is None:
+            return None
+        return self._summary([(q, slot) for q in range(self.num_queues)])
+
+    def queue(self, q: int) -> dict[str, Any]:
+        """Request queue q's counters summed over the LUNs it served (present ones)."""
+        return self._summary([(q, slot) for slot in self.slots.values()])
+
+    def _summary(self, rows: list[tuple[int, int]]) -> dict[str, Any]:
+        totals = [0] * LUN_COLUMNS
+        for q, slot in rows:
+            start = self._lun_row(q, slot)
+            for column, value in enumerate(self.u64[start:start + LUN_COLUMNS]):
+                totals[column] += value
+        hist = totals[HIST:]
+        return {
+            "commands": sum(hist),
+            "bytes_read": totals[READ_BYTES],
+            "bytes_written": totals[WRITE_BYTES],
+            "errors": totals[ERRORS],
+            "latency_us": {f"p{p}": percentile_us(hist, p / 100) for p in (50, 90, 99)},
+            "latency_hist": hist,
+        }
+
+    def steering(self) -> dict[int, dict[str, list[int]]]:
+        """Per target that saw requests: requests and switches per request queue."""
+        out: dict[int, dict[str, list[int]]] = {}
+        u64 = self.u64
+        for t in range(MAX_TARGETS):
+            per_queue = [u64[q * MAX_TARGETS + t] for q in range(self.num_queues)]
+            if any(per_queue):
+                out[t] = {"requests": per_queue,
+                          "switches": [u64[self._switch_base + q * MAX_TARGETS + t]
+                                       for q in range(self.num_queues)]}
+        return out
+
+    def close(self) -> None:
+        self.u64.release()
+        try:
+            self._map.close()
+        except BufferError:
+            pass
+        self.inflight.close()

@@ -1,0 +1,83 @@
+"""The device-side counters (vscsi.device.stats): per (queue, target) requests and
+switches while busy, per-LUN bytes / errors / latency histogram, slot reuse, and that
+forked processes write into the same counters."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vscsi.device.stats import BUCKETS, DeviceStats, bucket_bounds_us, percentile_us
+
+
+def test_switch_counted_only_while_another_queue_runs_the_target() -> None:
+    s = DeviceStats(3)
+    s.assign(0, 0)
+    s.arrive(0, 0)                  # q0 starts a request of target 0
+    s.arrive(1, 0)                  # q1 gets one while q0's still runs: a switch
+    s.arrive(2, 7)                  # another target: not a switch
+    s.done(0, 0, (0, 0), False, 512, 0, 3_000)
+    s.done(1, 0, (0, 0), False, 0, 1024, 70_000)
+    s.leave(2, 7)
+    s.arrive(2, 0)                  # target 0 idle everywhere now: not a switch
+    s.done(2, 0, (0, 0), True, 0, 0, 10**16)  # ~3 hours
+    steering = s.steering()
+    assert steering[0] == {"requests": [1, 1, 1], "switches": [0, 1, 0]}
+    assert steering[7] == {"requests": [0, 0, 1], "switches": [0, 0, 0]}
+    lun = s.lun(0, 0)
+    assert lun is not None
+    assert (lun["commands"], lun["bytes_read"], lun["bytes_written"], lun["errors"]) == \
+        (3, 512, 1024, 1)
+    hist = lun["latency_hist"]
+    assert hist[(3).bit_length()] == 1 and hist[(70).bit_length()] == 1
+    assert hist[BUCKETS - 1] == 1  # a very long one lands in the last bucket
+    s.close()
+
+
+def test_slots_are_reused_zeroed_and_bounded() -> None:
+    s = DeviceStats(2, lun_slots=2)
+    assert s.assign(0, 0) is not None and s.assign(0, 1) is not None
+    assert s.assign(0, 2) is None  # full: that LUN is not counted
+    s.done(1, 0, (0, 1), False, 4096, 0, 1000)
+    s.done(1, 0, (0, 2), False, 4096, 0, 1000)  # no slot: ignored
+    s.release(0, 1)
+    assert s.lun(0, 1) is None
+    s.assign(5, 5)
+    assert s.lun(5, 5)["commands"] == 0 and s.lun(5, 5)["bytes_read"] == 0  # type: ignore[index]
+    s.close()
+
+
+def test_forked_writers_share_the_counters() -> None:
+    s = DeviceStats(2)
+    s.assign(1, 3)
+    pids = []
+    for q in range(2):
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(100):
+                s.arrive(q, 1)
+                s.done(q, 1, (1, 3), False, 512, 0, 2000)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    assert s.lun(1, 3)["commands"] == 200  # type: ignore[index]
+    assert s.lun(1, 3)["bytes_read"] == 200 * 512  # type: ignore[index]
+    assert s.steering()[1]["requests"] == [100, 100]
+    s.close()
+
+
+@given(st.lists(st.integers(0, 1000), min_size=BUCKETS, max_size=BUCKETS),
+       st.floats(0.01, 0.5), st.floats(0.5, 1.0))
+def test_percentiles_are_ordered_and_within_the_data(hist: list[int], lo: float,
+                                                     hi: float) -> None:
+    a, b = percentile_us(hist, lo), percentile_us(hist, hi)
+    if sum(hist) == 0:
+        assert a is None and b is None
+        return
+    assert a is not None and b is not None and a <= b
+    used = [i for i, n in enumerate(hist) if n]
+    assert bucket_bounds_us(used[0])[0] <= a <= max(bucket_bounds_us(used[-1])[1],
+                                                    bucket_bounds_us(used[-1])[0])
