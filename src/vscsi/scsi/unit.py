@@ -31,7 +31,7 @@ from .constants import (
 )
 from .filters import Command, FilterStack
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
-from .pending import Pending
+from .pending import Pending, Scheduler
 from .plugin import load_plugin
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .spec import MAX_LUN, LunSpec, LunSpecError
@@ -69,8 +69,10 @@ class _Unit:
     _empty_cdb = ASC_INVALID_COMMAND_OPERATION_CODE     # the ASC/ASCQ a CDB of 0 bytes gets
     report_lun_ids: Sequence[int]
 
-    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
-        """Run one command. Never raises: every failure is a ScsiResult."""
+    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult | Pending:
+        """Run one command. Never raises: every failure is a ScsiResult. A Pending comes
+        back only once set_scheduler gave the unit a loop and its backend does I/O
+        asynchronously (READ, WRITE, SYNCHRONIZE CACHE)."""
         try:
             op = cdb[0]
             if self._state[_STATE_UA_ASC] and op != INQUIRY and op != REPORT_LUNS:
@@ -192,6 +194,13 @@ class LogicalUnit(_Unit):
         self.wce = True
         self.set_unit_attention(unit_attention)
 
+    def set_scheduler(self, scheduler: Scheduler | None) -> None:
+        """Give the unit the loop of the queue worker it runs in (after fork, in that
+        worker): its filters time with it, and its backend completes I/O on it. None
+        makes everything synchronous again."""
+        self.filters.scheduler = scheduler
+        self.backend.set_scheduler(scheduler)
+
     @property
     def capacity(self) -> int:
         """Bytes addressable through this unit."""
@@ -204,7 +213,7 @@ class LogicalUnit(_Unit):
             return self.execute(cdb, data_out, data_in)
         return self.filters.submit(cdb, data_out, data_in, queue)
 
-    def _execute_command(self, cmd: Command) -> ScsiResult:
+    def _execute_command(self, cmd: Command) -> ScsiResult | Pending:
         return self.execute(cmd.cdb, cmd.data_out, cmd.data_in)
 
     def close(self) -> None:
@@ -247,9 +256,10 @@ class ScsiTarget:
     def __contains__(self, lun: object) -> bool:
         return lun in self.luns
 
-    def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+    def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views
+                ) -> ScsiResult | Pending:
         """Run one command on ``lun``, present or not (SPC-4 answers for a missing one).
-        Never raises."""
+        Never raises; a Pending only as LogicalUnit.execute says."""
         unit = self.luns.get(lun)
         if unit is not None:
             return unit.execute(cdb, data_out, data_in)
