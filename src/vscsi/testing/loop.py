@@ -54,8 +54,12 @@ class EventLoop:
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         with self._lock:
+            wake = not self._ready
             self._ready.append(callback)
-        os.eventfd_write(self._wakeup, 1)
+        # One wakeup per batch: a non-empty queue was already signalled and is drained
+        # whole by the loop.
+        if wake:
+            os.eventfd_write(self._wakeup, 1)
 
     # -- running ------------------------------------------------------------------------
 
