@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vscsi.scsi import LogicalUnit, ScsiResult
+from vscsi.scsi import LogicalUnit, ScsiResult, iouring
 from vscsi.scsi.backends import FileBackend, open_backend
+from vscsi.scsi.iothreads import IoPending
 from vscsi.scsi.pending import Pending
 from vscsi.scsi.spec import LunSpecError, parse_lun_spec
 from vscsi.testing.loop import EventLoop
@@ -83,8 +84,16 @@ def wait(loop: EventLoop, pendings: list[Pending]) -> list[ScsiResult]:
     return [p.result for p in pendings]     # type: ignore[misc]
 
 
-def direct_unit(path: str, threads: int = 16, backend_class=FileBackend, **kw) -> LogicalUnit:
+def direct_unit(path: str, threads: int = 16, backend_class=FileBackend, *,
+                engine: str = "threads", **kw) -> LogicalUnit:
+    if engine == "io_uring":
+        return LogicalUnit(backend_class(path, direct=True, uring=True), **kw)
     return LogicalUnit(backend_class(path, direct=True, threads=threads), **kw)
+
+
+needs_liburing = pytest.mark.skipif(not iouring.AVAILABLE,
+                                    reason="the liburing module is not installed")
+ENGINES = ["threads", pytest.param("io_uring", marks=needs_liburing)]
 
 
 # -- the synchronous path stays as it was -------------------------------------------------
@@ -117,9 +126,10 @@ def test_set_scheduler_reaches_the_filters_and_the_backend(direct_dir):
 
 # -- many in flight -----------------------------------------------------------------------
 
-def test_many_reads_and_writes_in_flight_complete_on_the_loop_thread(direct_dir):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_many_reads_and_writes_in_flight_complete_on_the_loop_thread(direct_dir, engine):
     path = new_file(direct_dir)
-    unit = direct_unit(path, threads=16)
+    unit = direct_unit(path, threads=16, engine=engine)
     rng = random.Random(7)
     model = bytearray(DISK)
     with EventLoop() as loop:
@@ -295,12 +305,12 @@ def test_alignment_is_probed(direct_dir):
         assert backend.direct_align == 1
 
 
-@pytest.mark.parametrize("asynchronous", [False, True])
-def test_unaligned_guest_buffers_go_through_a_bounce_buffer(direct_dir, asynchronous):
-    unit = direct_unit(new_file(direct_dir))
+@pytest.mark.parametrize("engine", ["synchronous", *ENGINES])
+def test_unaligned_guest_buffers_go_through_a_bounce_buffer(direct_dir, engine):
+    unit = direct_unit(new_file(direct_dir), engine=engine)
     backend = unit.backend
     loop = EventLoop()
-    if asynchronous:
+    if engine != "synchronous":
         unit.set_scheduler(loop)
 
     def do(cdb, out, din):
@@ -395,11 +405,75 @@ def test_io_errors_become_medium_errors_among_good_completions(direct_dir):
     unit.close()
 
 
+@needs_liburing
+def test_io_uring_errors_and_fua(direct_dir):
+    # A read-only descriptor under a writable unit: the kernel refuses the write (EBADF).
+    path = new_file(direct_dir)
+    unit = LogicalUnit(FileBackend(path, read_only=True, direct=True, uring=True))
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        buf = aligned(BS)
+        [r] = wait(loop, [unit.execute(write10(3, 1, 0x08), [buf], [])])
+        assert assert_check(r, WRITE_ERROR).information == 3
+        [r] = wait(loop, [unit.execute(read10(3, 1), [], [buf])])
+        assert r.status == GOOD
+    unit.close()
+    # FUA: the fdatasync is submitted only once the data is written, and the command
+    # completes only after it.
+    unit = direct_unit(path, engine="io_uring")
+    ring = unit.backend.uring
+    journal: list[str] = []
+    real_writev, real_fdatasync = ring.writev, ring.fdatasync
+
+    def noting(io: IoPending, event: str) -> IoPending:
+        # (an IoPending has one consumer: chain a new one behind it)
+        out = IoPending()
+        io.then(lambda outcome: (journal.append(event), out.finish(outcome)))
+        return out
+
+    def writev(scheduler, offset, bufs):
+        return noting(real_writev(scheduler, offset, bufs), "written")
+
+    def fdatasync(scheduler):
+        journal.append("fdatasync submitted")
+        return noting(real_fdatasync(scheduler), "synced")
+    ring.writev, ring.fdatasync = writev, fdatasync
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        buf = aligned(BS)
+        buf[:] = pattern(9, 1)
+        p = unit.execute(write16(9, 1, 0x08), [buf], [])
+        p.then(lambda r: journal.append("GOOD"))
+        wait(loop, [p])
+        assert journal == ["written", "fdatasync submitted", "synced", "GOOD"]
+        journal.clear()
+        wait(loop, [unit.execute(write16(9, 1), [buf], [])])
+        assert journal == ["written"]
+        p = unit.execute(SYNC10, [], [])
+        assert isinstance(p, Pending)
+        [r] = wait(loop, [p])
+        assert r.status == GOOD and journal == ["written", "fdatasync submitted", "synced"]
+    unit.close()
+    with open(path, "rb") as f:
+        f.seek(9 * BS)
+        assert f.read(BS) == pattern(9, 1)
+
+
+def test_aio_io_uring_without_liburing_is_a_clear_error(direct_dir):
+    spec = parse_lun_spec(f"0:0=file:{new_file(direct_dir)},direct,aio=io_uring")
+    if iouring.AVAILABLE:
+        open_backend(spec).close()
+    else:
+        with pytest.raises(LunSpecError, match="needs the liburing module"):
+            open_backend(spec)
+
+
 # -- fork ---------------------------------------------------------------------------------
 
-def test_threads_start_again_in_a_forked_worker(direct_dir):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_threads_start_again_in_a_forked_worker(direct_dir, engine):
     path = new_file(direct_dir)
-    unit = direct_unit(path, threads=4)
+    unit = direct_unit(path, threads=4, engine=engine)
     with EventLoop() as loop:
         unit.set_scheduler(loop)
         buf = aligned(BS)

@@ -61,6 +61,8 @@ def test_direct_and_threads():
     s = parse_lun_spec("0:0=file:d.img,threads=8")
     assert (s.direct, s.io_threads) == (False, 8)
     assert parse_lun_spec("0:0=file:d.img").io_threads == 0
+    s = parse_lun_spec("0:0=file:d.img,direct,aio=io_uring")
+    assert (s.aio, s.io_threads) == ("io_uring", 0)
 
 
 @pytest.mark.parametrize("text, words", [
@@ -97,7 +99,9 @@ def test_direct_and_threads():
     ("0:0=file:x,direct=1", "option 'direct' takes no value"),
     ("0:0=file:x,threads=", "bad threads ''"),
     ("0:0=file:x,threads=257", "threads 257 out of range 0..256"),
-    ("0:0=file:x,odirect", "expected ro, block-size=, serial=, direct, threads="),
+    ("0:0=file:x,odirect", "expected ro, block-size=, serial=, direct, threads=, aio="),
+    ("0:0=file:x,aio=native", "bad aio 'native': expected threads or io_uring"),
+    ("0:0=ram:1M,aio=io_uring", "option 'aio' applies to file: backends only"),
 ])
 def test_errors_name_the_problem(text, words):
     with pytest.raises(LunSpecError) as info:
@@ -145,6 +149,7 @@ def specs(draw) -> LunSpec:
         serial=draw(st.none() | _serials),
         direct=kind == "file" and draw(st.booleans()),
         threads=draw(st.none() | st.integers(0, 256)) if kind == "file" else None,
+        aio=draw(st.sampled_from(["threads", "io_uring"])) if kind == "file" else "threads",
     )
 
 

@@ -31,7 +31,8 @@ from collections.abc import Callable
 
 from vscsi.memory.sgl import Views, advance, total
 
-from .iothreads import IoPending, IoThreadPool
+from . import iouring
+from .iothreads import IoOutcome, IoPending, IoThreadPool
 from .nbd import NbdDisk, NbdUriError, parse_nbd_uri
 from .pending import Scheduler
 from .spec import LunSpec, LunSpecError
@@ -181,13 +182,14 @@ class FileBackend(BlockBackend):
     logical block size (``direct_align``); a request whose guest buffers are not goes
     through an aligned bounce buffer instead (counted in ``bounced``).
 
-    threads > 0 gives the backend an I/O thread pool (see BlockBackend.submit_readv).
+    threads > 0 gives the backend an I/O thread pool (see BlockBackend.submit_readv);
+    uring=True does the same through io_uring (vscsi.scsi.iouring: no thread per request).
     """
 
     kind = "file"
 
     def __init__(self, path: str, *, read_only: bool = False, block_size: int = 512,
-                 direct: bool = False, threads: int = 0) -> None:
+                 direct: bool = False, threads: int = 0, uring: bool = False) -> None:
         self.path = path
         self.read_only = read_only
         self.direct = direct
@@ -213,6 +215,56 @@ class FileBackend(BlockBackend):
         self.bounced = 0        # requests that went through a bounce buffer
         if threads:
             self.io_pool = IoThreadPool(threads, name=f"vscsi-io-{os.path.basename(path)}")
+        self.uring = iouring.UringIo(self.fd) if uring else None
+
+    # -- asynchronous I/O through io_uring (the thread pool's is BlockBackend's) -----------
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.scheduler is not None and (self.uring is not None
+                                               or self.io_pool is not None)
+
+    def submit_readv(self, offset: int, bufs: list[memoryview]) -> IoPending:
+        if self.uring is None:
+            return super().submit_readv(offset, bufs)
+        assert self.scheduler is not None
+        if self.direct and not self._aligned(offset, bufs):
+            return _finished(self.readv, offset, bufs)      # the bounce path, right here
+        want = total(bufs)
+        return _whole(self.uring.readv(self.scheduler, offset, bufs), want,
+                      lambda done: self._preadv_all(offset + done, advance(bufs, done)))
+
+    def submit_writev(self, offset: int, bufs: list[memoryview], *, fua: bool = False
+                      ) -> IoPending:
+        if self.uring is None:
+            return super().submit_writev(offset, bufs, fua=fua)
+        assert self.scheduler is not None
+        if self.direct and not self._aligned(offset, bufs):
+            return _finished(self.writev_fua if fua else self.writev, offset, bufs)
+        want = total(bufs)
+        written = _whole(self.uring.writev(self.scheduler, offset, bufs), want,
+                         lambda done: self._pwritev_all(offset + done, advance(bufs, done)))
+        if not fua:
+            return written
+        # Durable before it completes: the fdatasync starts once the data is written.
+        result = IoPending()
+
+        def then_flush(outcome: IoOutcome) -> None:
+            if isinstance(outcome, BaseException):
+                result.finish(outcome)
+                return
+            assert self.uring is not None and self.scheduler is not None
+            self.uring.fdatasync(self.scheduler).then(
+                lambda synced: result.finish(synced if isinstance(synced, BaseException)
+                                             else outcome))
+        written.then(then_flush)
+        return result
+
+    def submit_flush(self) -> IoPending:
+        if self.uring is None:
+            return super().submit_flush()
+        assert self.scheduler is not None
+        return self.uring.fdatasync(self.scheduler)
 
     def readv(self, offset: int, bufs: list[memoryview]) -> int:
         if self.direct and not self._aligned(offset, bufs):
@@ -308,6 +360,8 @@ class FileBackend(BlockBackend):
 
     def close(self) -> None:
         super().close()
+        if self.uring is not None:
+            self.uring.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -315,6 +369,34 @@ class FileBackend(BlockBackend):
     def __repr__(self) -> str:
         return (f"FileBackend({self.path!r}, size={self.size}, read_only={self.read_only}"
                 f"{', direct' if self.direct else ''})")
+
+
+def _finished(call: Callable[[int, list[memoryview]], int], offset: int,
+              bufs: list[memoryview]) -> IoPending:
+    """A synchronous call's outcome as an IoPending that is already done."""
+    pending = IoPending()
+    try:
+        pending.finish(call(offset, bufs))
+    except Exception as e:
+        pending.finish(e)
+    return pending
+
+
+def _whole(io: IoPending, want: int, finish_rest: Callable[[int], int]) -> IoPending:
+    """An IoPending for all ``want`` bytes: a short transfer (rare: a signal, the end of
+    the file) is finished synchronously by ``finish_rest(bytes done)``."""
+    result = IoPending()
+
+    def done(outcome: IoOutcome) -> None:
+        if isinstance(outcome, int) and outcome < want:
+            try:
+                finish_rest(outcome)
+                outcome = want
+            except Exception as e:
+                outcome = e
+        result.finish(outcome)
+    io.then(done)
+    return result
 
 
 def _address(view: memoryview) -> int:
@@ -458,8 +540,12 @@ def open_backend(spec: LunSpec) -> BlockBackend:
     if spec.kind == "file":
         path = spec.arg
         try:
+            if spec.aio == "io_uring" and not iouring.AVAILABLE:
+                raise LunSpecError(f"{where}: aio=io_uring needs the liburing module "
+                                   f"(pip install liburing), or use aio=threads")
             backend = FileBackend(path, read_only=spec.read_only, block_size=spec.block_size,
-                                  direct=spec.direct, threads=spec.io_threads)
+                                  direct=spec.direct, threads=spec.io_threads,
+                                  uring=spec.aio == "io_uring")
         except FileNotFoundError:
             raise LunSpecError(f"{where}: file {path!r} does not exist") from None
         except IsADirectoryError:
