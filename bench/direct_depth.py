@@ -1,6 +1,7 @@
 """4k random reads at depth on an O_DIRECT file on the real disk, through LogicalUnits:
-the asynchronous path (a thread pool per worker, completions on a real loop) against
-one-at-a-time execution, with fio on the host at the same depth as the disk's own limit.
+the asynchronous path (a thread pool per worker, and io_uring when the liburing module is
+installed; completions on a real loop) against one-at-a-time execution, with fio on the
+host at the same depth as the disk's own limit.
 
     PYTHONPATH=src python bench/direct_depth.py [--file /var/tmp/vscsi-depth.img]
         [--size 1G] [--depth 32] [--threads 32] [--seconds 5] [--rounds 3] [--keep]
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from vscsi.scsi import LogicalUnit
+from vscsi.scsi import LogicalUnit, iouring
 from vscsi.scsi.backends import FileBackend
 from vscsi.scsi.pending import Pending
 from vscsi.scsi.spec import LunSpecError, parse_size
@@ -53,10 +54,11 @@ def cdbs(blocks: int, seed: int):
         yield READ16.pack(0x88, 0, rng.randrange(blocks) * (BS // 512), BS // 512, 0, 0)
 
 
-def run_lu(path: str, depth: int, threads: int, seconds: float) -> float:
-    """IOPS of 4k random reads kept ``depth`` deep through a LogicalUnit (threads=0: one
-    at a time, synchronously, as a queue worker runs today)."""
-    backend = FileBackend(path, read_only=True, direct=True, threads=threads)
+def run_lu(path: str, depth: int, threads: int, seconds: float, uring: bool = False
+           ) -> float:
+    """IOPS of 4k random reads kept ``depth`` deep through a LogicalUnit (threads=0 and
+    not uring: one at a time, synchronously, as a queue worker runs today)."""
+    backend = FileBackend(path, read_only=True, direct=True, threads=threads, uring=uring)
     unit = LogicalUnit(backend, read_only=True)
     blocks = backend.size // BS
     memory = mmap.mmap(-1, depth * BS)
@@ -65,7 +67,7 @@ def run_lu(path: str, depth: int, threads: int, seconds: float) -> float:
     done = 0
     errors = 0
     try:
-        if threads == 0:
+        if threads == 0 and not uring:
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 r = unit.execute(next_cdb(), [], [slots[0]])
@@ -134,6 +136,8 @@ def main() -> int:
     have_fio = shutil.which("fio") is not None
     prepare(a.file, size - size % BS)
     runs: dict[str, list[float]] = {"async": [], "sync": []}
+    if iouring.AVAILABLE:
+        runs["uring"] = []
     if have_fio:
         runs["fio"] = []
     try:
@@ -141,6 +145,8 @@ def main() -> int:
             for name in runs:
                 if name == "async":
                     iops = run_lu(a.file, a.depth, a.threads, a.seconds)
+                elif name == "uring":
+                    iops = run_lu(a.file, a.depth, 0, a.seconds, uring=True)
                 elif name == "sync":
                     iops = run_lu(a.file, 1, 0, a.seconds)
                 else:
@@ -155,8 +161,10 @@ def main() -> int:
           f"median of {a.rounds} alternating rounds, load {os.getloadavg()[0]:.2f}")
     print("| run | depth | IOPS (median) | rounds | vs one-at-a-time |")
     print("|---|---:|---:|---|---:|")
-    rows = [("LogicalUnit, async path", "async", a.depth),
-            ("LogicalUnit, one at a time", "sync", 1)]
+    rows = [(f"LogicalUnit, {a.threads} I/O threads", "async", a.depth)]
+    if iouring.AVAILABLE:
+        rows.append(("LogicalUnit, aio=io_uring", "uring", a.depth))
+    rows.append(("LogicalUnit, one at a time", "sync", 1))
     if have_fio:
         rows.append(("fio libaio on the host", "fio", a.depth))
     for label, name, depth in rows:
@@ -164,8 +172,10 @@ def main() -> int:
         print(f"| {label} | {depth} | {med[name]:.0f} | {each} | "
               f"{med[name] / med['sync']:.2f}x |")
     if have_fio:
-        print(f"\nasync / fio (the disk's limit at depth {a.depth}): "
-              f"{med['async'] / med['fio']:.2f}")
+        for label, name, _ in rows:
+            if name in ("async", "uring"):
+                print(f"{label} / fio (the disk's limit at depth {a.depth}): "
+                      f"{med[name] / med['fio']:.2f}")
     return 0
 
 

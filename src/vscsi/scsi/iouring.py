@@ -2,8 +2,10 @@
 
 The same job as :class:`vscsi.scsi.iothreads.IoThreadPool` for the calls that matter at
 depth -- readv, writev, fdatasync on one descriptor -- without a thread per request: the
-loop's thread fills submission entries and enters the kernel once per request, and reaps
-completions in batches. The ring signals an eventfd for every completion; one helper
+loop's thread fills submission entries and hands them to the kernel together, once per
+turn of the loop (a zero-delay timer), and reaps completions in batches. (Entering the
+kernel once per request costs as much as the I/O itself in a VM: each entry kicks the
+disk's queue.) The ring signals an eventfd for every completion; one helper
 thread waits on that eventfd (the binding's own waits would hold the GIL) and asks the
 loop, through Scheduler.call_soon_threadsafe, to reap. Every ring operation therefore
 happens on the loop's thread.
@@ -65,6 +67,7 @@ class UringIo:
         if sqe is None:
             # Submission queue full (more in flight than entries): hand the queued
             # entries to the kernel, which frees their slots.
+            self._unsubmitted = 0
             _uring.io_uring_submit(ring)
             sqe = _uring.io_uring_get_sqe(ring)
             if sqe is None:
@@ -80,21 +83,30 @@ class UringIo:
         _uring.io_uring_sqe_set_data64(sqe, tag)
         pending = IoPending()
         self._in_flight[tag] = (pending, iov)
-        _uring.io_uring_submit(ring)
+        if not self._unsubmitted:
+            scheduler.call_later(0, self._push)
+        self._unsubmitted += 1
         return pending
+
+    def _push(self) -> None:
+        """Hand every entry filled since the last push to the kernel, in one call."""
+        if self._unsubmitted and self._owner == os.getpid():
+            self._unsubmitted = 0
+            _uring.io_uring_submit(self._ring)
 
     # -- completion ---------------------------------------------------------------------
 
     def _reap(self) -> None:
-        """On the loop's thread: deliver every completion the ring holds."""
+        """On the loop's thread: deliver the completions the ring holds now (those that
+        arrive meanwhile signal the eventfd again: the loop gets its turn in between)."""
         if self._owner != os.getpid():
             return      # closed since the waiter asked
         ring, cqe = self._ring, self._cqe
-        while True:
+        for _ in range(_uring.io_uring_cq_ready(ring)):
             try:
                 _uring.io_uring_peek_cqe(ring, cqe)
             except BlockingIOError:
-                return
+                break
             entry = cqe[0]
             tag = entry.user_data
             try:
@@ -131,6 +143,7 @@ class UringIo:
         _uring.io_uring_register_eventfd(self._ring, self._wakeup)
         self._in_flight: dict[int, tuple[IoPending, Any]] = {}
         self._next_tag = 1
+        self._unsubmitted = 0       # entries filled but not yet handed to the kernel
         self._stop = threading.Event()
         self._waiter = threading.Thread(target=self._wait_for_completions,
                                         args=(self._wakeup, self._stop),
@@ -143,6 +156,7 @@ class UringIo:
         in flight is waited for first: the kernel may be writing into its buffers."""
         if self._owner != os.getpid():
             return
+        self._push()
         while self._in_flight:
             _uring.io_uring_wait_cqe(self._ring, self._cqe)
             self._reap()
