@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -102,6 +104,7 @@ def test_direct_and_threads():
     ("0:0=file:x,odirect", "expected ro, block-size=, serial=, direct, threads=, aio="),
     ("0:0=file:x,aio=native", "bad aio 'native': expected threads or io_uring"),
     ("0:0=ram:1M,aio=io_uring", "option 'aio' applies to file: backends only"),
+    ("0:0=file:x,aio=io_uring,threads=4", "'threads' applies to aio=threads only"),
 ])
 def test_errors_name_the_problem(text, words):
     with pytest.raises(LunSpecError) as info:
@@ -138,7 +141,7 @@ def specs(draw) -> LunSpec:
         if size % div:
             unit, div = "", 1
         arg = f"{size // div}{unit}"
-    return LunSpec(
+    spec = LunSpec(
         target=draw(st.integers(0, 255)),
         lun=draw(st.integers(0, 16383)),
         kind=kind,
@@ -149,8 +152,10 @@ def specs(draw) -> LunSpec:
         serial=draw(st.none() | _serials),
         direct=kind == "file" and draw(st.booleans()),
         threads=draw(st.none() | st.integers(0, 256)) if kind == "file" else None,
-        aio=draw(st.sampled_from(["threads", "io_uring"])) if kind == "file" else "threads",
     )
+    if kind == "file" and spec.threads is None and draw(st.booleans()):
+        spec = dataclasses.replace(spec, aio="io_uring")
+    return spec
 
 
 @given(specs())

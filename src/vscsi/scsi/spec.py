@@ -231,6 +231,8 @@ def _parse(text: str) -> LunSpec:
             raise LunSpecError(f"unknown option {name!r}: expected ro, block-size=, serial="
                                + (", direct, threads=, aio=" if kind == "file" else ""))
 
+    if aio == "io_uring" and threads is not None:
+        raise LunSpecError("option 'threads' applies to aio=threads only (io_uring needs none)")
     size: int | None = None
     if kind in ("ram", "null"):
         size = parse_size(arg)
