@@ -56,14 +56,14 @@ echo GUEST-DONE
 
 @pytest.mark.guest
 def test_python_plugins_serve_a_guest() -> None:
-    from vscsi.vm import build_guest, run_guest
+    from vscsi.vm import GuestOptions, build_guest, run_guest
 
     image = build_guest()
     luns = [f"0:0=python:{EXAMPLES}/sparse_disk.py:SparseDisk,size=32M",
             f"0:1=python:{EXAMPLES}/lba_disk.py:LbaDisk,size=16M,ro"]
     with ServeProcess(luns, queues=1) as serve:
-        result = run_guest(image, SCRIPT, vhost_user_socket=serve.socket, vcpus=2, queues=1,
-                           timeout=480)
+        result = run_guest(image, SCRIPT, GuestOptions(
+            vhost_user_socket=serve.socket, vcpus=2, queues=1, timeout=480))
         log = serve.output()[-3000:]
     ctx = f"{result.output}\n--- serve log ---\n{log}"
     assert result.status == 0, f"guest failed (status {result.status}):\n{ctx}"

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vscsi.device.wire import CMD_RESP_FIXED, encode_lun
+from vscsi.scsi.pending import Pending
 from vscsi.virtio import Chain
 
 GOOD = 0x00
@@ -49,6 +50,18 @@ class FakeTarget:
         self.resets: list[int] = []
         self.hook: Callable[[int], None] = lambda lun: None
         self.reset_hook: Callable[[int], None] = lambda lun: None
+        self.later: dict[int, list[Pending]] = {}
+
+    def submit(self, lun: int, cdb: bytes, data_out: list[memoryview],
+               data_in: list[memoryview], queue: int = 0) -> FakeResult | Pending:
+        """What the device calls: ``later[lun]`` (a list of Pendings to hand out), else
+        execute() at once."""
+        later = self.later.get(lun)
+        if later:
+            pending = later.pop(0)
+            self.calls.append((lun, cdb[0]))
+            return pending
+        return self.execute(lun, cdb, data_out, data_in)
 
     def execute(self, lun: int, cdb: bytes, data_out: list[memoryview],
                 data_in: list[memoryview]) -> FakeResult:

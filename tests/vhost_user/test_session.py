@@ -47,7 +47,7 @@ class FakeDevice:
         # virtio-scsi's layout with two request queues
         return (QueueRole.CONTROL, QueueRole.EVENT, QueueRole.HOT, QueueRole.HOT)
 
-    def handler_for(self, index: int):  # type: ignore[no-untyped-def]
+    def handler_for(self, index: int, complete=None):  # type: ignore[no-untyped-def]
         return lambda chain: 0
 
     def deliver_events(self, pop, push) -> int:  # type: ignore[no-untyped-def]

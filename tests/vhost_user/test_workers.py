@@ -34,7 +34,7 @@ class EchoDevice:
     def queue_roles(self) -> tuple[QueueRole, ...]:
         return self.roles
 
-    def handler_for(self, queue_index: int) -> Callable[[Chain], int]:
+    def handler_for(self, queue_index: int, complete=None) -> Callable[[Chain], int]:  # type: ignore[no-untyped-def]
         def echo(chain: Chain) -> int:
             data = b"".join(bytes(v) for v in chain.readable)
             if data.startswith(b"boom"):

@@ -50,15 +50,19 @@ def _own_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (its queue workers), parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        if p in out:
+            continue
+        out.append(p)
+        todo.extend(_children(p))
+    return out
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its live descendants (reaped ones are not counted: take
     both readings while the workers to be measured are alive)."""
-    total, todo, seen = 0.0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _own_seconds(p)
-        todo.extend(_children(p))
-    return total
+    return sum(_own_seconds(p) for p in process_tree(pid))

@@ -39,6 +39,7 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
+from vscsi.device.later import LaterTask, LaterTasks, abort_all
 from vscsi.device.tasks import ALL_LUNS, TaskTable
 from vscsi.device.wire import (
     AN_REQ,
@@ -85,6 +86,7 @@ from vscsi.device.wire import (
     encode_lun,
 )
 from vscsi.memory.sgl import advance, gather_exact, scatter, total
+from vscsi.scsi.pending import Pending
 from vscsi.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -94,6 +96,7 @@ from vscsi.virtio import (
 
 if TYPE_CHECKING:
     from vscsi.scsi import LogicalUnit, ScsiResult, ScsiTarget
+    from vscsi.scsi.pending import Scheduler
     from vscsi.virtio import Chain
 
 log = logging.getLogger(__name__)
@@ -151,6 +154,11 @@ class VirtioScsiDevice:
         self.driver_features: int | None = None
         self.events = EventQueue(event_capacity, event_max_age)
         self.tasks = TaskTable(config.num_queues)
+        #: requests whose result comes later, per queue (only in the worker serving it)
+        self.later = LaterTasks(config.num_queues)
+        #: how a TMF reaches the requests in flight in every worker: the back-end wires
+        #: it to its workers (attach_broadcast); alone, the device asks itself
+        self._broadcast: Callable[[dict[str, Any]], list[dict[str, Any]]] = self._ask_self
         self._lun_cache: dict[bytes, tuple[int, int]] = {}
         roles = {CONTROL_QUEUE: QueueRole.CONTROL, EVENT_QUEUE: QueueRole.EVENT}
         self._roles = tuple(roles.get(i, QueueRole.HOT)
@@ -196,7 +204,12 @@ class VirtioScsiDevice:
         request queues, which are the hot ones."""
         return self._roles
 
-    def handler_for(self, queue_index: int) -> Callable[[Chain], int]:
+    def handler_for(self, queue_index: int,
+                    complete: Callable[[int, int], None] | None = None
+                    ) -> Callable[[Chain], int | None]:
+        """The handler of one virtqueue. ``complete(head, written)``: how a request
+        queue answers a request whose result comes later (the handler returned None for
+        it); without it, such a request fails (VIRTIO_SCSI_S_FAILURE)."""
         if queue_index == CONTROL_QUEUE:
             return self.handle_control
         if queue_index == EVENT_QUEUE:
@@ -204,7 +217,8 @@ class VirtioScsiDevice:
         if FIRST_REQUEST_QUEUE <= queue_index < FIRST_REQUEST_QUEUE + self.config.num_queues:
             # Bound positionally to the queue's task slot, checked here once: no keyword
             # dict and no range check per request.
-            return functools.partial(self._serve_request, queue_index - FIRST_REQUEST_QUEUE)
+            return functools.partial(self._serve_request, queue_index - FIRST_REQUEST_QUEUE,
+                                     complete)
         raise ValueError(
             f"queue {queue_index} does not exist (device has {self.config.num_queues} "
             f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
@@ -222,9 +236,12 @@ class VirtioScsiDevice:
         slot = queue_index - FIRST_REQUEST_QUEUE
         if not 0 <= slot < self.tasks.queues:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
-        return self._serve_request(slot, chain)
+        result = self._serve_request(slot, None, chain)
+        assert result is not None  # no completion callback: never answered later
+        return result
 
-    def _serve_request(self, slot: int, chain: Chain) -> int:
+    def _serve_request(self, slot: int, complete: Callable[[int, int], None] | None,
+                       chain: Chain) -> int | None:
         """handle_request for task slot ``slot`` (0-based, already checked). The steps:
         locate the two headers, look up the target, execute under the task table,
         respond with the residual."""
@@ -258,7 +275,7 @@ class VirtioScsiDevice:
         if held:
             return self._respond(wr, resp_buf, held)
         try:
-            result = target.execute(lun, cdb, data_out, data_in)
+            result = target.submit(lun, cdb, data_out, data_in, slot)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
@@ -266,9 +283,40 @@ class VirtioScsiDevice:
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
         cancelled = tasks.end(slot)
+        if result.__class__ is Pending:
+            if complete is None:
+                result.abort()
+                log.error("target %d lun %d: command %s answers later, which this queue "
+                          "cannot wait for", t, lun, cdb[:1].hex())
+                return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+            task = LaterTask(chain.head, t, lun, tag, result)  # type: ignore[arg-type]
+            self.later.add(slot, task)
+            result.then(functools.partial(  # type: ignore[union-attr]
+                self._answer_later, slot, complete, task, wr, resp_buf, data_out, data_in))
+            if cancelled:  # a TMF came while it started: it ends with that TMF's answer
+                task.cancel = cancelled
+                result.abort()  # type: ignore[union-attr]
+            return None
         if cancelled:                   # a TMF aborted / reset it while it ran
             return self._respond(wr, resp_buf, cancelled)
         return self._respond_result(wr, resp_buf, result, data_out, data_in)
+
+    def _answer_later(self, slot: int, complete: Callable[[int, int], None], task: LaterTask,
+                      wr: list[memoryview], resp_buf: memoryview | None,
+                      data_out: list[memoryview], data_in: list[memoryview],
+                      result: ScsiResult) -> None:
+        """A request answered later got its result (or was aborted: task.cancel)."""
+        self.later.remove(slot, task.head)
+        try:
+            if task.cancel:
+                written = self._respond(wr, resp_buf, task.cancel)
+            else:
+                written = self._respond_result(wr, resp_buf, result, data_out, data_in)
+        except Exception:
+            log.exception("target %d lun %d: response failed", task.target, task.lun)
+            written = 0
+        complete(task.head, written)
+        task.finish()
 
     def _locate(self, chain: Chain) -> tuple[memoryview | None, list[memoryview], bytes,
                                              int, bytes, list[memoryview]] | int:
@@ -432,16 +480,16 @@ class VirtioScsiDevice:
         if luns is not None and lun not in luns:
             return VIRTIO_SCSI_S_INCORRECT_LUN
         tasks = self.tasks
-        if subtype == VIRTIO_SCSI_T_TMF_QUERY_TASK:
-            found = any(True for _ in tasks.running(t, lun, tag))
-            return VIRTIO_SCSI_S_FUNCTION_SUCCEEDED if found else VIRTIO_SCSI_S_FUNCTION_COMPLETE
-        if subtype == VIRTIO_SCSI_T_TMF_QUERY_TASK_SET:
-            found = any(True for _ in tasks.running(t, lun))
+        if subtype in (VIRTIO_SCSI_T_TMF_QUERY_TASK, VIRTIO_SCSI_T_TMF_QUERY_TASK_SET):
+            one = tag if subtype == VIRTIO_SCSI_T_TMF_QUERY_TASK else None
+            found = any(True for _ in tasks.running(t, lun, one)) or \
+                self._later_tasks("query", t, lun, one, 0)
             return VIRTIO_SCSI_S_FUNCTION_SUCCEEDED if found else VIRTIO_SCSI_S_FUNCTION_COMPLETE
         if subtype == VIRTIO_SCSI_T_TMF_ABORT_TASK:
             for q in tasks.running(t, lun, tag):
                 tasks.cancel(q, VIRTIO_SCSI_S_ABORTED)
             ok = tasks.wait_idle(t, lun, tag, timeout=self.tmf_timeout)
+            ok = self._later_tasks("abort", t, lun, tag, VIRTIO_SCSI_S_ABORTED) >= 0 and ok
             return VIRTIO_SCSI_S_FUNCTION_COMPLETE if ok else VIRTIO_SCSI_S_FAILURE
         if subtype in (VIRTIO_SCSI_T_TMF_ABORT_TASK_SET, VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET):
             tasks.hold(t, lun, VIRTIO_SCSI_S_ABORTED)
@@ -449,6 +497,8 @@ class VirtioScsiDevice:
                 for q in tasks.running(t, lun):
                     tasks.cancel(q, VIRTIO_SCSI_S_ABORTED)
                 ok = tasks.wait_idle(t, lun, timeout=self.tmf_timeout)
+                ok = self._later_tasks("abort", t, lun, None, VIRTIO_SCSI_S_ABORTED) >= 0 \
+                    and ok
             finally:
                 tasks.release(t)
             return VIRTIO_SCSI_S_FUNCTION_COMPLETE if ok else VIRTIO_SCSI_S_FAILURE
@@ -464,6 +514,8 @@ class VirtioScsiDevice:
                 tasks.cancel(q, VIRTIO_SCSI_S_RESET)
             if not tasks.wait_idle(t, lun, timeout=self.tmf_timeout):
                 return VIRTIO_SCSI_S_FAILURE
+            if self._later_tasks("abort", t, lun, None, VIRTIO_SCSI_S_RESET) < 0:
+                return VIRTIO_SCSI_S_FAILURE
             for each in reset:
                 target.lun_reset(each)
         except Exception:
@@ -472,6 +524,68 @@ class VirtioScsiDevice:
         finally:
             tasks.release(t)
         return VIRTIO_SCSI_S_FUNCTION_COMPLETE
+
+    # -- requests answered later, in every worker --------------------------------------------
+
+    def _later_tasks(self, op: str, target: int, lun: int, tag: int | None,
+                     response: int) -> int:
+        """Query or abort the matching requests in flight in every worker; how many there
+        were (-1: a worker did not answer within tmf_timeout)."""
+        try:
+            replies = self._broadcast({"tmf": op, "target": target, "lun": lun, "tag": tag,
+                                       "response": response})
+        except TimeoutError:
+            log.error("target %d lun %d: %s of requests in flight timed out", target, lun, op)
+            return -1
+        return sum(int(r.get("found", 0)) for r in replies)
+
+    def attach_broadcast(self,
+                         broadcast: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> None:
+        """How messages reach the device in every worker process (the back-end's)."""
+        self._broadcast = broadcast
+
+    def _ask_self(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        answers: list[dict[str, Any]] = []
+        self.on_message(msg, answers.append)
+        if not answers:
+            raise TimeoutError("requests in flight in this process cannot be waited for")
+        return answers
+
+    def on_message(self, msg: dict[str, Any], reply: Callable[[dict[str, Any]], None]) -> None:
+        """A message for the device in this process (a worker's part of a broadcast):
+        ``{"tmf": "query" | "abort", target, lun, tag, response}``. ``reply`` is called
+        once, possibly later (an abort waits for the I/O that owns the buffers)."""
+        op = msg.get("tmf")
+        if op in ("query", "abort"):
+            tag = msg.get("tag")
+            found = list(self.later.matching(int(msg["target"]), int(msg["lun"]),
+                                             None if tag is None else int(tag)))
+            if op == "query":
+                reply({"found": len(found)})
+            else:
+                abort_all(found, int(msg["response"]), lambda n: reply({"found": n}))
+            return
+        reply({"error": f"unknown device message {msg!r}"})
+
+    def abort_queue(self, queue_index: int, done: Callable[[], None]) -> None:
+        """The ring stops: end every request of the queue that is still in flight
+        (VIRTIO_SCSI_S_ABORTED, pushed like any answer) and call ``done`` once none is
+        left touching guest memory."""
+        slot = queue_index - FIRST_REQUEST_QUEUE
+        abort_all(self.later.in_queue(slot), VIRTIO_SCSI_S_ABORTED, lambda n: done())
+
+    def in_flight(self, queue_index: int | None = None) -> int:
+        """Requests answered later still in flight (of one queue, or all)."""
+        return self.later.count(None if queue_index is None
+                                else queue_index - FIRST_REQUEST_QUEUE)
+
+    def set_scheduler(self, scheduler: Scheduler) -> None:
+        """The worker's loop, for every unit (and its filters) that waits for something."""
+        for target in self.targets.values():
+            for unit in getattr(target, "luns", {}).values():
+                setter = getattr(unit, "set_scheduler", None)
+                if setter is not None:
+                    setter(scheduler)
 
     # -- event queue, §5.6.6.3 ---------------------------------------------------------------
 

@@ -206,6 +206,14 @@ class LogicalUnit(_Unit):
         """Bytes addressable through this unit."""
         return self.num_blocks * self.block_size
 
+    def set_scheduler(self, scheduler: Scheduler) -> None:
+        """The loop of the worker process that serves this unit: filters and backends
+        that answer later wait on it."""
+        self.filters.scheduler = scheduler
+        setter = getattr(self.backend, "set_scheduler", None)
+        if setter is not None:
+            setter(scheduler)
+
     def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
                ) -> ScsiResult | Pending:
         """execute() behind the unit's filters: the result may come later (a Pending)."""

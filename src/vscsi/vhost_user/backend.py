@@ -624,6 +624,11 @@ class Session:
             self._break(ring, str(exc))
             return
         assert self.mem is not None
+        again = device_ring.resubmitting
+        if again:
+            log.info("%s: virtqueue %d resumes from the in-flight region: %d request(s) "
+                     "taken by an earlier back-end run again", self.options.name,
+                     ring.index, again)
         self.queues.start(ring.index, device_ring, self.mem, ring.kick_fd, ring.call_fd)
         log.debug("%s: virtqueue %d started (size %d, avail %d)", self.options.name,
                   ring.index, device_ring.size, device_ring.last_avail_idx)

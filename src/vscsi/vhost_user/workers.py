@@ -63,6 +63,7 @@ from vscsi.virtio import (
 )
 
 from . import stats as st
+from .loop import EventLoop
 from .pacing import AdaptivePoll, Coalescer
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,12 @@ class VirtioDevice(Protocol):
         """How each virtqueue is served, by index; its length is the number of queues."""
         ...
 
-    def handler_for(self, queue_index: int) -> Callable[[Chain], int]: ...
+    def handler_for(self, queue_index: int,
+                    complete: Callable[[int, int], None] | None = None
+                    ) -> Callable[[Chain], int | None]:
+        """The handler of a queue; for a hot queue, ``complete(head, written)`` answers a
+        request the handler returned None for (answered later)."""
+        ...
 
     def deliver_events(
         self, pop: Callable[[], Chain | None], push: Callable[[int, int], None]
@@ -202,17 +208,29 @@ class RingSpec:
 
 
 class _Served:
-    """One ring a worker serves: its ring, handler, fds, counters and interrupt pacing."""
+    """One ring a worker serves: its ring, handler, fds, counters and interrupt pacing.
+    Requests answered later come back through :meth:`complete`; what they filled is
+    published (and signalled) at the end of the loop pass, with everything else."""
 
-    def __init__(self, index: int, ring: DeviceRing, handler: Callable[[Chain], int],
+    def __init__(self, index: int, ring: DeviceRing,
+                 make_handler: Callable[..., Callable[[Chain], int | None]],
                  kick_fd: int, call_fd: int, row: memoryview, coalescer: Coalescer) -> None:
         self.index = index
         self.ring = ring
-        self.handle = handler
+        self.handle = make_handler(index, self.complete)
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.row = row
         self.coalescer = coalescer
+        self.completed = 0  # answered later since the last publish
+        self.stopping = False  # being removed: requests in flight end, no new ones
+
+    def complete(self, head: int, written: int) -> None:
+        """A request answered later: its used element now, published with the pass (a
+        broken ring is not touched any more)."""
+        if not self.ring.broken:
+            self.ring.fill(head, written)
+            self.completed += 1
 
     def serve(self, now: float, rearm: bool) -> str | None:
         """Drain the ring once and signal the driver as the pacing says. Returns a reason
@@ -220,7 +238,7 @@ class _Served:
         row = self.row
         row[st.WAKEUPS] += 1
         ring = self.ring
-        before, taken = ring.used_idx, ring.last_avail_idx
+        taken = ring.last_avail_idx
         notify = False
         while True:
             try:
@@ -237,9 +255,20 @@ class _Served:
         row[st.LAST_AVAIL] = ring.last_avail_idx
         # Counted per pass, not per request: no extra frame on the hot path.
         row[st.REQUESTS] += (ring.last_avail_idx - taken) & 0xFFFF
-        if notify and self.coalescer.completed((ring.used_idx - before) & 0xFFFF or 1, now):
-            self.signal()
+        completed, self.completed = self.completed, 0
+        self._pace(notify, completed + ((ring.last_avail_idx - taken) & 0xFFFF), now)
         return None
+
+    def publish(self, now: float) -> None:
+        """Publish what requests answered later filled since the last pass."""
+        if self.completed and not self.ring.broken:
+            completed, self.completed = self.completed, 0
+            self.ring.flush()
+            self._pace(self.ring.needs_notify(), completed, now)
+
+    def _pace(self, notify: bool, completions: int, now: float) -> None:
+        if notify and self.coalescer.completed(completions or 1, now):
+            self.signal()
 
     def signal(self) -> None:
         if self.call_fd >= 0:
@@ -255,62 +284,90 @@ class _Served:
 
 class _Worker:
     """The child side: serves its rings until the last one is removed (runs in the
-    forked process). ``make_handler(index)`` gives the device's handler for a ring."""
+    forked process). Its event loop (loop.py) is also the Scheduler the device's units
+    use to answer requests later."""
 
-    def __init__(self, mem: GuestMemory, ctl: socket.socket,
-                 make_handler: Callable[[int], Callable[[Chain], int]],
+    def __init__(self, mem: GuestMemory, ctl: socket.socket, device: VirtioDevice,
                  stats: st.QueueStats, pacing: Pacing,
                  inflight: memoryview | None = None) -> None:
         self.mem = mem
         self.inflight = inflight  # the in-flight region, as it was when we were forked
         self.ctl = ctl
-        self.make_handler = make_handler
+        self.device = device
         self.stats = stats
         self.pacing = pacing
         self.served: dict[int, _Served] = {}
-        self.by_kick: dict[int, _Served] = {}
         self.poll = AdaptivePoll(pacing.poll_s)
-        self.poller = select.poll()
-        self.poller.register(ctl.fileno(), select.POLLIN)
+        self.loop = EventLoop()
+        self.loop.add_reader(ctl.fileno(), self._on_ctl)
+        self._kicked: list[_Served] = []
+        self._gone = False  # the main process closed our control channel
+        set_scheduler = getattr(device, "set_scheduler", None)
+        if set_scheduler is not None:
+            set_scheduler(self.loop)
 
     # -- rings joining and leaving
 
     def add(self, index: int, ring: DeviceRing, kick_fd: int, call_fd: int) -> None:
         row = self.stats.row(index)
-        served = _Served(index, ring, self.make_handler(index), kick_fd, call_fd, row,
+        served = _Served(index, ring, self.device.handler_for, kick_fd, call_fd, row,
                          Coalescer(self.pacing.coalesce_count, self.pacing.coalesce_s))
         self.served[index] = served
         if kick_fd >= 0:
-            self.by_kick[kick_fd] = served
-            self.poller.register(kick_fd, select.POLLIN)
+            self.loop.add_reader(kick_fd, lambda: self._on_kick(served))
         row[st.PID] = os.getpid()
         row[st.STATE] = st.STATE_RUNNING
         # Chains may have been made available before we started (the kick came before
-        # SET_VRING_ENABLE, or before a restart): look at the ring straight away.
+        # SET_VRING_ENABLE, or before a restart, or requests to run again after a crash):
+        # look at the ring straight away.
         self._serve(served, time.monotonic(), rearm=True)
 
-    def remove(self, index: int) -> int:
-        served = self.served.pop(index)
-        if served.coalescer.flush():
-            served.signal()
+    def remove(self, index: int, answer: Callable[[int], None]) -> None:
+        """Stop serving ``index``: its requests still in flight end first (aborted;
+        those whose I/O owns guest buffers when that I/O ends), then ``answer`` gets its
+        last_avail_idx."""
+        served = self.served[index]
+        served.stopping = True
         if served.kick_fd >= 0:
-            self.poller.unregister(served.kick_fd)
-            del self.by_kick[served.kick_fd]
-        served.close()
-        return served.ring.last_avail_idx
+            self.loop.remove_reader(served.kick_fd)
+
+        def drained() -> None:
+            served.publish(time.monotonic())
+            if served.coalescer.flush():
+                served.signal()
+            self.served.pop(index, None)
+            served.close()
+            answer(served.ring.last_avail_idx)
+
+        abort_queue = getattr(self.device, "abort_queue", None)
+        if abort_queue is None:
+            drained()
+        else:
+            abort_queue(index, drained)
 
     def _serve(self, served: _Served, now: float, rearm: bool) -> None:
         broken = served.serve(now, rearm)
         if broken is not None:
-            last = served.ring.last_avail_idx
-            self.remove(served.index)
-            served.row[st.STATE] = st.STATE_BROKEN
-            log.error("queue %d: %s; the queue stops until the front-end resets it",
-                      served.index, broken)
-            send_ctl(self.ctl, {"op": "broken", "index": served.index, "reason": broken,
-                                "last_avail_idx": last})
+            self._break(served.index, broken)
+
+    def _break(self, index: int, reason: str) -> None:
+        served = self.served[index]
+        last = served.ring.last_avail_idx
+        served.row[st.STATE] = st.STATE_BROKEN
+        log.error("queue %d: %s; the queue stops until the front-end resets it", index, reason)
+        # The ring cannot be trusted: requests in flight end, nothing more is pushed.
+        served.ring.broken = True
+        self.remove(index, lambda _last: send_ctl(self.ctl, {
+            "op": "broken", "index": index, "reason": reason, "last_avail_idx": last}))
 
     # -- control messages
+
+    def _on_ctl(self) -> None:
+        msg, fds = recv_ctl(self.ctl)
+        if msg is None:
+            self._gone = True
+            return
+        self.command(msg, fds)
 
     def command(self, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
@@ -335,8 +392,11 @@ class _Worker:
             for fd in fds:
                 os.close(fd)
             index = int(msg["index"])
-            last = self.remove(index) if index in self.served else None
-            send_ctl(self.ctl, {"op": "removed", "index": index, "last_avail_idx": last})
+            if index not in self.served:
+                send_ctl(self.ctl, {"op": "removed", "index": index, "last_avail_idx": None})
+                return
+            self.remove(index, lambda last: send_ctl(self.ctl, {
+                "op": "removed", "index": index, "last_avail_idx": last}))
             return
         if op == "call":
             served = self.served.get(int(msg["index"]))
@@ -357,6 +417,13 @@ class _Worker:
             return
         if op == "mem":
             self._remap(msg, fds)
+            return
+        if op == "device":
+            for fd in fds:
+                os.close(fd)
+            seq = msg.get("seq")
+            self.device.on_message(msg["msg"], lambda answer: send_ctl(
+                self.ctl, {"op": "device-reply", "seq": seq, "answer": answer}))
             return
         for fd in fds:
             os.close(fd)
@@ -379,16 +446,11 @@ class _Worker:
         old.close()
         send_ctl(self.ctl, {"op": "ok"})
 
-    def _break(self, index: int, reason: str) -> None:
-        served = self.served[index]
-        last = served.ring.last_avail_idx
-        self.remove(index)
-        served.row[st.STATE] = st.STATE_BROKEN
-        log.error("queue %d: %s; the queue stops until the front-end resets it", index, reason)
-        send_ctl(self.ctl, {"op": "broken", "index": index, "reason": reason,
-                            "last_avail_idx": last})
-
     # -- the loop
+
+    def _on_kick(self, served: _Served) -> None:
+        consume_eventfd(served.kick_fd)
+        self._kicked.append(served)
 
     def _timeout(self, now: float) -> float | None:
         """Seconds the loop may sleep: until the next held interrupt is due, or the poll
@@ -412,6 +474,8 @@ class _Worker:
             now = time.monotonic()
             hit = False
             for served in list(self.served.values()):
+                if served.stopping:
+                    continue
                 try:
                     more = served.ring.has_available()
                 except RingBroken as exc:
@@ -428,43 +492,36 @@ class _Worker:
         return found
 
     def run(self) -> None:
-        poller = self.poller
-        ctl_fd = self.ctl.fileno()
+        loop = self.loop
         asleep_since = time.monotonic()
-        while self.served:
+        while (self.served or self.device_in_flight()) and not self._gone:
+            ready = loop.run_once(self._timeout(time.monotonic()))
             now = time.monotonic()
-            timeout = self._timeout(now)
-            events = poller.poll(None if timeout is None else timeout * 1000)
-            now = time.monotonic()
-            kicked: list[_Served] = []
-            for fd, _event in events:
-                if fd == ctl_fd:
-                    msg, fds = recv_ctl(self.ctl)
-                    if msg is None:
-                        return  # the main process is gone
-                    self.command(msg, fds)
-                else:
-                    consume_eventfd(fd)
-                    served = self.by_kick.get(fd)
-                    if served is not None:
-                        kicked.append(served)
-            if not events:
+            kicked, self._kicked = self._kicked, []
+            if not ready:
                 kicked = [s for s in self.served.values() if s.kick_fd < 0]
             if kicked:
                 self.poll.woke(now - asleep_since)
             window = self.poll.window
             for served in kicked:
-                if served.index in self.served:
+                if not served.stopping:
                     self._serve(served, now, rearm=not window)
             if window and kicked:
                 self._busy_poll(window)
                 now = time.monotonic()
                 for served in list(self.served.values()):
-                    self._serve(served, now, rearm=True)  # re-arm kicks before sleeping
-            for served in self.served.values():
+                    if not served.stopping:
+                        self._serve(served, now, rearm=True)  # re-arm kicks, then sleep
+            for served in list(self.served.values()):
+                served.publish(now)
                 if served.coalescer.due(now):
                     served.signal()
             asleep_since = time.monotonic()
+        loop.close()
+
+    def device_in_flight(self) -> int:
+        in_flight = getattr(self.device, "in_flight", None)
+        return in_flight() if in_flight is not None else 0
 
 
 @dataclass(frozen=True)
@@ -547,7 +604,11 @@ class QueueHost:
             raise ValueError(f"worker plan {self.workers} does not give each hot queue "
                              f"{hot} exactly one worker")
         self.inherited = inherited
+        attach = getattr(device, "attach_broadcast", None)
+        if attach is not None:
+            attach(self.broadcast)  # how the device reaches its copies in the workers
         self._children: dict[int, _Child] = {}     # by worker number
+        self._seq = 0
         self._inline: dict[int, _Inline] = {}
         self._broken: list[Broken] = []
         self._inflight: memoryview | None = None
@@ -652,6 +713,52 @@ class QueueHost:
     def take_broken(self) -> list[Broken]:
         out, self._broken = self._broken, []
         return out
+
+    def broadcast(self, msg: dict[str, Any], timeout: float = CTL_TIMEOUT
+                  ) -> list[dict[str, Any]]:
+        """Hand ``msg`` to the device in every worker (its on_message) and wait for every
+        answer; with no worker running, this process's device answers. TimeoutError if
+        a worker takes longer than ``timeout`` (it may be waiting for slow I/O)."""
+        if not self._children:
+            answers: list[dict[str, Any]] = []
+            self.device.on_message(msg, answers.append)
+            if not answers:
+                raise TimeoutError("the device did not answer at once")
+            return answers
+        self._seq += 1
+        seq = self._seq
+        waiting = {}
+        for child in list(self._children.values()):
+            try:
+                send_ctl(child.ctl, {"op": "device", "seq": seq, "msg": msg})
+                waiting[child.number] = child
+            except OSError as exc:
+                self._worker_died(child, f"worker failed: {exc}")
+        answers = []
+        deadline = time.monotonic() + timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(waiting)} worker(s) did not answer {msg}")
+            ready, _, _ = select.select([c.ctl for c in waiting.values()], [], [], left)
+            for child in [c for c in waiting.values() if c.ctl in ready]:
+                try:
+                    answer, fds = recv_ctl(child.ctl, 0)
+                except (OSError, TimeoutError, ValueError):
+                    answer, fds = None, []
+                for fd in fds:
+                    os.close(fd)
+                if answer is None:
+                    waiting.pop(child.number)
+                    self._worker_died(child, "worker process died")
+                elif answer.get("op") == "device-reply" and answer.get("seq") == seq:
+                    waiting.pop(child.number)
+                    answers.append(answer["answer"])
+                elif answer.get("op") == "broken":
+                    self._record_broken(child, answer)
+                    if self._children.get(child.number) is not child:
+                        waiting.pop(child.number)
+        return answers
 
     def set_inflight(self, region: memoryview | None) -> None:
         """The in-flight region (SET_INFLIGHT_FD); it only changes while no ring runs,
@@ -795,8 +902,8 @@ class QueueHost:
                     except OSError as exc:
                         log.warning("worker %d: cannot pin to CPU %d: %s", number, cpu, exc)
                 row[st.CPU] = cpu + 1 if cpu is not None else 0
-                worker = _Worker(mem, child_end, self.device.handler_for, self.stats,
-                                 self.pacing, self._inflight)
+                worker = _Worker(mem, child_end, self.device, self.stats, self.pacing,
+                                 self._inflight)
                 worker.add(index, ring, kick_fd, call_fd)
                 worker.run()
             except BaseException:

@@ -124,6 +124,11 @@ class DeviceRing:
         self._notify = True
         self.set_notify(True)  # clear a stale NO_NOTIFY / avail_event left by a former owner
 
+    @property
+    def resubmitting(self) -> int:
+        """Heads from the in-flight region still to be run again."""
+        return len(self._resubmit)
+
     def remap(self, mem: GuestMemory) -> None:
         """Use a new memory table (vhost-user SET_MEM_TABLE); the ring stays where it is
         in guest-physical space. GuestMemoryError if an area is no longer mapped."""
@@ -305,10 +310,14 @@ class DeviceRing:
             mb()  # the flag/event store before the caller's re-check of avail idx
 
 
-def drain(ring: DeviceRing, handle: Callable[[Chain], int], *, rearm: bool = True) -> bool:
+def drain(ring: DeviceRing, handle: Callable[[Chain], int | None], *,
+          rearm: bool = True) -> bool:
     """The one device loop: notifications off, pop every chain, handle(chain) -> bytes
     written, fill its used element; ChainError -> fill(head, 0); publish the used idx once
     per pass; notifications on, re-check; returns whether the driver must be signalled.
+    A handler that returns None keeps the chain in flight: whoever answers it later calls
+    ``ring.fill(head, written)`` and ``ring.flush()``, in any order (the used ring says
+    which head completed).
 
     ``rearm=False`` leaves notifications off when the ring runs dry, for a caller that
     goes on polling the ring (and must call drain with ``rearm=True`` before it sleeps).
@@ -336,7 +345,8 @@ def drain(ring: DeviceRing, handle: Callable[[Chain], int], *, rearm: bool = Tru
                     fill(chain.head, 0)
                     ring.set_notify(True)
                     raise
-                fill(chain.head, written)
+                if written is not None:  # None: answered later, with ring.fill()
+                    fill(chain.head, written)
         finally:
             ring.flush()
         if not rearm:

@@ -1,0 +1,99 @@
+"""Requests answered later: the commands of each request queue whose SCSI result is a
+Pending (I/O on a helper thread, a network reply, a delay or hang a filter injects), so a
+queue has many requests in flight and completes them in any order.
+
+They live in the worker process that serves the queue, so task management reaches them
+by message (VirtioScsiDevice.on_message): ABORT TASK and the resets abort the matching
+ones -- a command answers the TMF's response once nothing touches its buffers any more --
+and the TMF is answered only after all of them did (SAM-5: the affected commands end
+before the TMF does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from vscsi.scsi.pending import Pending
+
+from .tasks import ALL_LUNS
+
+__all__ = ["LaterTask", "LaterTasks"]
+
+
+class LaterTask:
+    """One request in flight: its identity, its Pending, and the response a TMF imposed
+    (0: none)."""
+
+    __slots__ = ("head", "target", "lun", "tag", "pending", "cancel", "finished", "_waiters")
+
+    def __init__(self, head: int, target: int, lun: int, tag: int, pending: Pending) -> None:
+        self.head = head
+        self.target = target
+        self.lun = lun
+        self.tag = tag
+        self.pending = pending
+        self.cancel = 0
+        self.finished = False
+        self._waiters: list[Callable[[], None]] = []
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        if self.finished:
+            callback()
+        else:
+            self._waiters.append(callback)
+
+    def finish(self) -> None:
+        self.finished = True
+        waiters, self._waiters = self._waiters, []
+        for callback in waiters:
+            callback()
+
+
+class LaterTasks:
+    """The requests in flight, per request queue (0-based slot)."""
+
+    def __init__(self, queues: int) -> None:
+        self._by_queue: list[dict[int, LaterTask]] = [{} for _ in range(queues)]
+
+    def add(self, slot: int, task: LaterTask) -> None:
+        self._by_queue[slot][task.head] = task
+
+    def remove(self, slot: int, head: int) -> None:
+        self._by_queue[slot].pop(head, None)
+
+    def count(self, slot: int | None = None) -> int:
+        if slot is None:
+            return sum(map(len, self._by_queue))
+        return len(self._by_queue[slot])
+
+    def matching(self, target: int, lun: int = ALL_LUNS, tag: int | None = None,
+                 slot: int | None = None) -> Iterator[LaterTask]:
+        queues = self._by_queue if slot is None else [self._by_queue[slot]]
+        for tasks in queues:
+            for task in list(tasks.values()):
+                if (task.target == target and (lun == ALL_LUNS or task.lun == lun)
+                        and (tag is None or task.tag == tag)):
+                    yield task
+
+    def in_queue(self, slot: int) -> list[LaterTask]:
+        return list(self._by_queue[slot].values())
+
+
+def abort_all(tasks: list[LaterTask], response: int, done: Callable[[int], None]) -> None:
+    """Abort ``tasks`` with ``response`` and call ``done(len(tasks))`` once every one of
+    them finished (at once if none is left waiting on I/O)."""
+    left = [len(tasks)]
+
+    def one_finished() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            done(len(tasks))
+
+    if not tasks:
+        done(0)
+        return
+    for task in tasks:
+        if not task.cancel:
+            task.cancel = response
+        task.when_finished(one_finished)
+        task.pending.abort()
