@@ -194,21 +194,15 @@ class LogicalUnit(_Unit):
         self.wce = True
         self.set_unit_attention(unit_attention)
 
-    def set_scheduler(self, scheduler: Scheduler | None) -> None:
-        """Give the unit the loop of the queue worker it runs in (after fork, in that
-        worker): its filters time with it, and its backend completes I/O on it. None
-        makes everything synchronous again."""
-        self.filters.scheduler = scheduler
-        self.backend.set_scheduler(scheduler)
-
     @property
     def capacity(self) -> int:
         """Bytes addressable through this unit."""
         return self.num_blocks * self.block_size
 
-    def set_scheduler(self, scheduler: Scheduler) -> None:
+    def set_scheduler(self, scheduler: Scheduler | None) -> None:
         """The loop of the worker process that serves this unit: filters and backends
-        that answer later wait on it."""
+        that answer later wait on it (a file with threads or aio=io_uring completes its
+        I/O there). None makes everything synchronous again."""
         self.filters.scheduler = scheduler
         setter = getattr(self.backend, "set_scheduler", None)
         if setter is not None:
