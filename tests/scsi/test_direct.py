@@ -126,14 +126,27 @@ def test_set_scheduler_reaches_the_filters_and_the_backend(direct_dir):
 
 # -- many in flight -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_many_reads_and_writes_in_flight_complete_on_the_loop_thread(direct_dir, engine):
+class ThreadSafeOnly:
+    """A loop seen through the Scheduler protocol alone (no add_reader): io_uring then
+    waits for completions on a helper thread."""
+
+    def __init__(self, loop: EventLoop) -> None:
+        self.time, self.call_later = loop.time, loop.call_later
+        self.call_soon_threadsafe = loop.call_soon_threadsafe
+
+
+@pytest.mark.parametrize("engine, watch", [
+    ("threads", True),
+    pytest.param("io_uring", True, marks=needs_liburing),
+    pytest.param("io_uring", False, marks=needs_liburing)])
+def test_many_reads_and_writes_in_flight_complete_on_the_loop_thread(direct_dir, engine,
+                                                                      watch):
     path = new_file(direct_dir)
     unit = direct_unit(path, threads=16, engine=engine)
     rng = random.Random(7)
     model = bytearray(DISK)
     with EventLoop() as loop:
-        unit.set_scheduler(loop)
+        unit.set_scheduler(loop if watch else ThreadSafeOnly(loop))
         # 64 writes of 1..16 blocks at distinct places, all in flight at once.
         extents = [(slot * 16, rng.randint(1, 16)) for slot in rng.sample(range(512), 64)]
         finished_on: set[threading.Thread] = set()

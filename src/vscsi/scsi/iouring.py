@@ -5,10 +5,11 @@ depth -- readv, writev, fdatasync on one descriptor -- without a thread per requ
 loop's thread fills submission entries and hands them to the kernel together, once per
 turn of the loop (a zero-delay timer), and reaps completions in batches. (Entering the
 kernel once per request costs as much as the I/O itself in a VM: each entry kicks the
-disk's queue.) The ring signals an eventfd for every completion; one helper
-thread waits on that eventfd (the binding's own waits would hold the GIL) and asks the
-loop, through Scheduler.call_soon_threadsafe, to reap. Every ring operation therefore
-happens on the loop's thread.
+disk's queue.) The ring signals an eventfd for every completion. A loop that can watch a
+descriptor (``add_reader(fd, callback)``, as the queue workers' loop can) watches that
+eventfd itself; for any other Scheduler one helper thread waits on it (the binding's own
+waits would hold the GIL) and asks the loop, through call_soon_threadsafe, to reap.
+Every ring operation happens on the loop's thread.
 
 A ring does not survive fork(): it is created on first use in the process that uses it.
 """
@@ -118,6 +119,14 @@ class UringIo:
             if pending is not None:
                 pending.finish(outcome)
 
+    def _on_wakeup(self) -> None:
+        """The loop saw the eventfd readable (loops with add_reader)."""
+        try:
+            os.eventfd_read(self._wakeup)
+        except BlockingIOError:
+            return
+        self._reap()
+
     def _wait_for_completions(self, wakeup: int, stop: threading.Event) -> None:
         poller = select.poll()
         poller.register(wakeup, select.POLLIN)
@@ -145,10 +154,17 @@ class UringIo:
         self._next_tag = 1
         self._unsubmitted = 0       # entries filled but not yet handed to the kernel
         self._stop = threading.Event()
-        self._waiter = threading.Thread(target=self._wait_for_completions,
-                                        args=(self._wakeup, self._stop),
-                                        name="vscsi-uring", daemon=True)
-        self._waiter.start()
+        self._waiter: threading.Thread | None = None
+        self._reader_loop: Any = None
+        add_reader = getattr(scheduler, "add_reader", None)
+        if add_reader is not None:
+            add_reader(self._wakeup, self._on_wakeup)
+            self._reader_loop = scheduler
+        else:
+            self._waiter = threading.Thread(target=self._wait_for_completions,
+                                            args=(self._wakeup, self._stop),
+                                            name="vscsi-uring", daemon=True)
+            self._waiter.start()
         self._owner = os.getpid()
 
     def close(self) -> None:
@@ -161,8 +177,11 @@ class UringIo:
             _uring.io_uring_wait_cqe(self._ring, self._cqe)
             self._reap()
         self._stop.set()
-        os.eventfd_write(self._wakeup, 1)
-        self._waiter.join()
+        if self._waiter is not None:
+            os.eventfd_write(self._wakeup, 1)
+            self._waiter.join()
+        if self._reader_loop is not None:
+            self._reader_loop.remove_reader(self._wakeup)
         _uring.io_uring_queue_exit(self._ring)
         os.close(self._wakeup)
         self._owner = -1

@@ -3,7 +3,8 @@ I/O to complete on helper threads, the way a queue worker's loop does it.
 
 It runs on the thread that calls :meth:`EventLoop.run_until`. Other threads hand callbacks
 over with call_soon_threadsafe, which queues them and wakes the loop through an eventfd;
-timers use the monotonic clock. Time is real here; for tests that need to control it, use
+timers use the monotonic clock; add_reader watches a descriptor, as the queue workers'
+loop (vscsi.vhost_user.loop) can. Time is real here; for tests that need to control it, use
 :class:`vscsi.testing.clock.ManualClock`.
 """
 
@@ -38,6 +39,7 @@ class EventLoop:
         self._ready: deque[Callable[[], None]] = deque()
         self._timers: list[tuple[float, int, _Timer, Callable[[], None]]] = []
         self._seq = itertools.count()
+        self._readers: dict[int, Callable[[], None]] = {}
         #: the thread that ran the loop last (callbacks run there and nowhere else)
         self.thread: threading.Thread | None = None
 
@@ -61,6 +63,18 @@ class EventLoop:
         if wake:
             os.eventfd_write(self._wakeup, 1)
 
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Run ``callback`` whenever ``fd`` is readable."""
+        if fd in self._readers:
+            self._poll.modify(fd, select.POLLIN)
+        else:
+            self._poll.register(fd, select.POLLIN)
+        self._readers[fd] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
     # -- running ------------------------------------------------------------------------
 
     def run_once(self, timeout: float) -> int:
@@ -69,16 +83,21 @@ class EventLoop:
         self.thread = threading.current_thread()
         if self._timers:
             timeout = min(timeout, max(0.0, self._timers[0][0] - self.time()))
-        if not self._ready and self._poll.poll(int(timeout * 1000)):
-            try:
-                os.eventfd_read(self._wakeup)
-            except BlockingIOError:
-                pass
+        ran = 0
+        for fd, _ in self._poll.poll(0 if self._ready else int(timeout * 1000)):
+            if fd == self._wakeup:
+                try:
+                    os.eventfd_read(self._wakeup)
+                except BlockingIOError:
+                    pass
+            elif fd in self._readers:
+                self._readers[fd]()
+                ran += 1
         with self._lock:
             ready, self._ready = self._ready, deque()
         for callback in ready:
             callback()
-        ran = len(ready)
+        ran += len(ready)
         now = self.time()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer, callback = heapq.heappop(self._timers)
