@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -53,6 +55,18 @@ def test_limits_and_options():
     assert s.serial == "a,b"
 
 
+def test_direct_and_threads():
+    s = parse_lun_spec("0:0=file:d.img,direct")
+    assert (s.direct, s.threads, s.io_threads) == (True, None, 16)
+    s = parse_lun_spec("0:0=file:d.img,direct,threads=0")
+    assert (s.direct, s.io_threads) == (True, 0)
+    s = parse_lun_spec("0:0=file:d.img,threads=8")
+    assert (s.direct, s.io_threads) == (False, 8)
+    assert parse_lun_spec("0:0=file:d.img").io_threads == 0
+    s = parse_lun_spec("0:0=file:d.img,direct,aio=io_uring")
+    assert (s.aio, s.io_threads) == ("io_uring", 0)
+
+
 @pytest.mark.parametrize("text, words", [
     ("", "expected TARGET:LUN=BACKEND"),
     ("0:0", "expected TARGET:LUN=BACKEND"),
@@ -82,6 +96,15 @@ def test_limits_and_options():
     ("0:0=ram:1M,serial=", "empty serial"),
     ("0:0=ram:1M,serial=a b", "printable ASCII"),
     ("0:0=ram:1M,serial=" + "s" * 65, "longer than 64"),
+    ("0:0=ram:1M,direct", "option 'direct' applies to file: backends only"),
+    ("0:0=null:1M,threads=4", "option 'threads' applies to file: backends only"),
+    ("0:0=file:x,direct=1", "option 'direct' takes no value"),
+    ("0:0=file:x,threads=", "bad threads ''"),
+    ("0:0=file:x,threads=257", "threads 257 out of range 0..256"),
+    ("0:0=file:x,odirect", "expected ro, block-size=, serial=, direct, threads=, aio="),
+    ("0:0=file:x,aio=native", "bad aio 'native': expected threads or io_uring"),
+    ("0:0=ram:1M,aio=io_uring", "option 'aio' applies to file: backends only"),
+    ("0:0=file:x,aio=io_uring,threads=4", "'threads' applies to aio=threads only"),
 ])
 def test_errors_name_the_problem(text, words):
     with pytest.raises(LunSpecError) as info:
@@ -118,7 +141,7 @@ def specs(draw) -> LunSpec:
         if size % div:
             unit, div = "", 1
         arg = f"{size // div}{unit}"
-    return LunSpec(
+    spec = LunSpec(
         target=draw(st.integers(0, 255)),
         lun=draw(st.integers(0, 16383)),
         kind=kind,
@@ -127,7 +150,12 @@ def specs(draw) -> LunSpec:
         read_only=draw(st.booleans()),
         block_size=block_size,
         serial=draw(st.none() | _serials),
+        direct=kind == "file" and draw(st.booleans()),
+        threads=draw(st.none() | st.integers(0, 256)) if kind == "file" else None,
     )
+    if kind == "file" and spec.threads is None and draw(st.booleans()):
+        spec = dataclasses.replace(spec, aio="io_uring")
+    return spec
 
 
 @given(specs())

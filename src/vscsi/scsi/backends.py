@@ -11,6 +11,11 @@ queue workers are forked from the process that opened them:
 readv / writev move bytes straight between the backend and the caller's memoryviews (for
 a file: the kernel copies into guest memory, Python never touches the data). They raise
 OSError on failure; the logical unit turns that into MEDIUM ERROR sense.
+
+A backend with an ``io_pool`` (a file with threads=N) can also run them asynchronously once
+a queue worker has given it its scheduler: submit_readv / submit_writev / submit_flush
+return an IoPending whose outcome (the byte count, None, or the exception) arrives on the
+worker's thread. Without a scheduler everything is synchronous.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -25,7 +31,10 @@ from collections.abc import Callable
 
 from vscsi.memory.sgl import Views, advance, total
 
+from . import iouring
+from .iothreads import IoOutcome, IoPending, IoThreadPool
 from .nbd import NbdDisk, NbdUriError, parse_nbd_uri
+from .pending import Scheduler
 from .spec import LunSpec, LunSpecError
 
 # Writing zeros (WRITE SAME of a zero block, discard fallback, null reads) uses slices of
@@ -35,6 +44,7 @@ _ZEROS = memoryview(bytes(_ZERO_CHUNK))
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+BLKSSZGET = 0x1268      # ioctl: a block device's logical sector size
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
@@ -89,6 +99,37 @@ class BlockBackend:
 
     kind = "none"
     size: int = 0
+    #: the queue worker's loop (set_scheduler); None: synchronous I/O only
+    scheduler: Scheduler | None = None
+    #: helper threads for submit_*; None: this backend only does synchronous I/O
+    io_pool: IoThreadPool | None = None
+
+    def set_scheduler(self, scheduler: Scheduler | None) -> None:
+        self.scheduler = scheduler
+
+    @property
+    def asynchronous(self) -> bool:
+        """True when submit_* may be used: the I/O then completes on the scheduler."""
+        return self.scheduler is not None and self.io_pool is not None
+
+    # The asynchronous forms run the synchronous methods on the pool's threads, so a
+    # subclass that overrides readv (to inject an error, say) changes both paths.
+
+    def submit_readv(self, offset: int, bufs: list[memoryview]) -> IoPending:
+        assert self.io_pool is not None and self.scheduler is not None
+        return self.io_pool.submit(self.scheduler, lambda: self.readv(offset, bufs))
+
+    def submit_writev(self, offset: int, bufs: list[memoryview], *, fua: bool = False
+                      ) -> IoPending:
+        """fua: durable when it completes (writev_fua)."""
+        assert self.io_pool is not None and self.scheduler is not None
+        write = self.writev_fua if fua else self.writev
+        return self.io_pool.submit(self.scheduler, lambda: write(offset, bufs))
+
+    def submit_flush(self) -> IoPending:
+        """Everything written before it was called is durable when it completes."""
+        assert self.io_pool is not None and self.scheduler is not None
+        return self.io_pool.submit(self.scheduler, self.flush)
 
     def readv(self, offset: int, bufs: list[memoryview]) -> int:
         raise NotImplementedError
@@ -121,7 +162,8 @@ class BlockBackend:
             length -= k
 
     def close(self) -> None:
-        pass
+        if self.io_pool is not None:
+            self.io_pool.close()
 
     def __enter__(self) -> BlockBackend:
         return self
@@ -133,16 +175,27 @@ class BlockBackend:
 class FileBackend(BlockBackend):
     """A regular file or a block device, through one O_CLOEXEC descriptor.
 
-    The page cache is used (no O_DIRECT): flush() is fdatasync, which SYNCHRONIZE CACHE,
-    FUA and WCE=0 rely on.
+    By default the page cache is used: flush() is fdatasync, which SYNCHRONIZE CACHE, FUA
+    and WCE=0 rely on. direct=True opens with O_DIRECT (QEMU's cache=none): no page cache,
+    and fdatasync still empties the disk's own write cache. O_DIRECT wants the file
+    offset, each buffer's address and each buffer's length aligned to the device's
+    logical block size (``direct_align``); a request whose guest buffers are not goes
+    through an aligned bounce buffer instead (counted in ``bounced``).
+
+    threads > 0 gives the backend an I/O thread pool (see BlockBackend.submit_readv);
+    uring=True does the same through io_uring (vscsi.scsi.iouring: no thread per request).
     """
 
     kind = "file"
 
-    def __init__(self, path: str, *, read_only: bool = False, block_size: int = 512) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, block_size: int = 512,
+                 direct: bool = False, threads: int = 0, uring: bool = False) -> None:
         self.path = path
         self.read_only = read_only
+        self.direct = direct
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
         self.fd = os.open(path, flags)
         try:
             st = os.fstat(self.fd)
@@ -153,13 +206,77 @@ class FileBackend(BlockBackend):
                 raw = os.lseek(self.fd, 0, os.SEEK_END)
             else:
                 raise OSError(errno.EINVAL, "not a regular file or block device")
+            self.direct_align = _direct_alignment(self.fd, st) if direct else 1
         except BaseException:
             os.close(self.fd)
             raise
         self.size = raw - raw % block_size
         self._can_punch = True
+        self.bounced = 0        # requests that went through a bounce buffer
+        if threads:
+            self.io_pool = IoThreadPool(threads, name=f"vscsi-io-{os.path.basename(path)}")
+        self.uring = iouring.UringIo(self.fd) if uring else None
+
+    # -- asynchronous I/O through io_uring (the thread pool's is BlockBackend's) -----------
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.scheduler is not None and (self.uring is not None
+                                               or self.io_pool is not None)
+
+    def submit_readv(self, offset: int, bufs: list[memoryview]) -> IoPending:
+        if self.uring is None:
+            return super().submit_readv(offset, bufs)
+        assert self.scheduler is not None
+        if self.direct and not self._aligned(offset, bufs):
+            return _finished(self.readv, offset, bufs)      # the bounce path, right here
+        want = total(bufs)
+        return _whole(self.uring.readv(self.scheduler, offset, bufs), want,
+                      lambda done: self._preadv_all(offset + done, advance(bufs, done)))
+
+    def submit_writev(self, offset: int, bufs: list[memoryview], *, fua: bool = False
+                      ) -> IoPending:
+        if self.uring is None:
+            return super().submit_writev(offset, bufs, fua=fua)
+        assert self.scheduler is not None
+        if self.direct and not self._aligned(offset, bufs):
+            return _finished(self.writev_fua if fua else self.writev, offset, bufs)
+        want = total(bufs)
+        written = _whole(self.uring.writev(self.scheduler, offset, bufs), want,
+                         lambda done: self._pwritev_all(offset + done, advance(bufs, done)))
+        if not fua:
+            return written
+        # Durable before it completes: the fdatasync starts once the data is written.
+        result = IoPending()
+
+        def then_flush(outcome: IoOutcome) -> None:
+            if isinstance(outcome, BaseException):
+                result.finish(outcome)
+                return
+            assert self.uring is not None and self.scheduler is not None
+            self.uring.fdatasync(self.scheduler).then(
+                lambda synced: result.finish(synced if isinstance(synced, BaseException)
+                                             else outcome))
+        written.then(then_flush)
+        return result
+
+    def submit_flush(self) -> IoPending:
+        if self.uring is None:
+            return super().submit_flush()
+        assert self.scheduler is not None
+        return self.uring.fdatasync(self.scheduler)
 
     def readv(self, offset: int, bufs: list[memoryview]) -> int:
+        if self.direct and not self._aligned(offset, bufs):
+            return self._bounce_readv(offset, bufs)
+        return self._preadv_all(offset, bufs)
+
+    def writev(self, offset: int, bufs: list[memoryview]) -> int:
+        if self.direct and not self._aligned(offset, bufs):
+            return self._bounce_writev(offset, bufs)
+        return self._pwritev_all(offset, bufs)
+
+    def _preadv_all(self, offset: int, bufs: list[memoryview]) -> int:
         want = total(bufs)
         done = os.preadv(self.fd, bufs, offset)
         while done < want:
@@ -174,7 +291,7 @@ class FileBackend(BlockBackend):
             done += n
         return want
 
-    def writev(self, offset: int, bufs: list[memoryview]) -> int:
+    def _pwritev_all(self, offset: int, bufs: list[memoryview]) -> int:
         want = total(bufs)
         done = os.pwritev(self.fd, bufs, offset)
         while done < want:
@@ -182,6 +299,45 @@ class FileBackend(BlockBackend):
             if n == 0:
                 raise OSError(errno.EIO, "pwritev wrote nothing")
             done += n
+        return want
+
+    # -- O_DIRECT alignment -----------------------------------------------------------------
+
+    def _aligned(self, offset: int, bufs: list[memoryview]) -> bool:
+        mask = self.direct_align - 1
+        if offset & mask:
+            return False
+        for view in bufs:
+            if view.nbytes & mask or _address(view) & mask:
+                return False
+        return True
+
+    def _bounce(self, length: int) -> mmap.mmap:
+        # An anonymous mapping is page aligned, which satisfies any logical block size.
+        self.bounced += 1
+        mask = self.direct_align - 1
+        return mmap.mmap(-1, max(mmap.PAGESIZE, (length + mask) & ~mask))
+
+    def _bounce_readv(self, offset: int, bufs: list[memoryview]) -> int:
+        # An unaligned offset or tail cannot happen through a LogicalUnit (open_backend
+        # refuses block sizes below direct_align), only unaligned guest buffers.
+        want = total(bufs)
+        with self._bounce(want) as buf, memoryview(buf) as view:
+            self._preadv_all(offset, [view[:want]])
+            pos = 0
+            for b in bufs:
+                b[:] = view[pos:pos + b.nbytes]
+                pos += b.nbytes
+        return want
+
+    def _bounce_writev(self, offset: int, bufs: list[memoryview]) -> int:
+        want = total(bufs)
+        with self._bounce(want) as buf, memoryview(buf) as view:
+            pos = 0
+            for b in bufs:
+                view[pos:pos + b.nbytes] = b
+                pos += b.nbytes
+            self._pwritev_all(offset, [view[:want]])
         return want
 
     def flush(self) -> None:
@@ -203,12 +359,70 @@ class FileBackend(BlockBackend):
         self.write_zeroes(offset, length)
 
     def close(self) -> None:
+        super().close()
+        if self.uring is not None:
+            self.uring.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def __repr__(self) -> str:
-        return f"FileBackend({self.path!r}, size={self.size}, read_only={self.read_only})"
+        return (f"FileBackend({self.path!r}, size={self.size}, read_only={self.read_only}"
+                f"{', direct' if self.direct else ''})")
+
+
+def _finished(call: Callable[[int, list[memoryview]], int], offset: int,
+              bufs: list[memoryview]) -> IoPending:
+    """A synchronous call's outcome as an IoPending that is already done."""
+    pending = IoPending()
+    try:
+        pending.finish(call(offset, bufs))
+    except Exception as e:
+        pending.finish(e)
+    return pending
+
+
+def _whole(io: IoPending, want: int, finish_rest: Callable[[int], int]) -> IoPending:
+    """An IoPending for all ``want`` bytes: a short transfer (rare: a signal, the end of
+    the file) is finished synchronously by ``finish_rest(bytes done)``."""
+    result = IoPending()
+
+    def done(outcome: IoOutcome) -> None:
+        if isinstance(outcome, int) and outcome < want:
+            try:
+                finish_rest(outcome)
+                outcome = want
+            except Exception as e:
+                outcome = e
+        result.finish(outcome)
+    io.then(done)
+    return result
+
+
+def _address(view: memoryview) -> int:
+    """The address of a buffer's first byte; -1 (never aligned) if ctypes cannot see it
+    (a read-only buffer such as bytes)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return -1
+
+
+def _direct_alignment(fd: int, st: os.stat_result) -> int:
+    """What O_DIRECT needs offsets, addresses and lengths aligned to: a block device's
+    logical sector size, or for a file what a probe read shows (512, else 4096)."""
+    if stat.S_ISBLK(st.st_mode):
+        return int.from_bytes(fcntl.ioctl(fd, BLKSSZGET, bytes(4)), "little")
+    with mmap.mmap(-1, 2 * mmap.PAGESIZE) as probe, memoryview(probe) as view:
+        try:
+            # 512 bytes at offset 512 into a buffer 512 bytes past a page boundary: only
+            # a device whose logical block is 512 bytes takes that.
+            os.preadv(fd, [view[512:1024]], 512)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return 4096
+    return 512
 
 
 class RamBackend(BlockBackend):
@@ -326,7 +540,12 @@ def open_backend(spec: LunSpec) -> BlockBackend:
     if spec.kind == "file":
         path = spec.arg
         try:
-            backend = FileBackend(path, read_only=spec.read_only, block_size=spec.block_size)
+            if spec.aio == "io_uring" and not iouring.AVAILABLE:
+                raise LunSpecError(f"{where}: aio=io_uring needs the liburing module "
+                                   f"(pip install liburing), or use aio=threads")
+            backend = FileBackend(path, read_only=spec.read_only, block_size=spec.block_size,
+                                  direct=spec.direct, threads=spec.io_threads,
+                                  uring=spec.aio == "io_uring")
         except FileNotFoundError:
             raise LunSpecError(f"{where}: file {path!r} does not exist") from None
         except IsADirectoryError:
@@ -335,7 +554,17 @@ def open_backend(spec: LunSpec) -> BlockBackend:
             hint = "" if spec.read_only else " (add ,ro for read-only access)"
             raise LunSpecError(f"{where}: permission denied opening {path!r}{hint}") from None
         except OSError as e:
+            if spec.direct and e.errno == errno.EINVAL:
+                # open(2) says EINVAL for O_DIRECT on a filesystem that lacks it (tmpfs).
+                raise LunSpecError(f"{where}: {path!r} cannot be opened with O_DIRECT (its "
+                                   f"filesystem does not support it, e.g. tmpfs): drop "
+                                   f",direct") from None
             raise LunSpecError(f"{where}: cannot use {path!r}: {e.strerror or e}") from None
+        if backend.direct_align > spec.block_size:
+            backend.close()
+            raise LunSpecError(f"{where}: {path!r} needs O_DIRECT I/O in "
+                               f"{backend.direct_align}-byte units: use "
+                               f"block-size={backend.direct_align}")
         if backend.size == 0:
             backend.close()
             raise LunSpecError(f"{where}: file {path!r} is smaller than one "

@@ -11,6 +11,13 @@ virtio-scsi does) -> write protection -> LBA range -> I/O. Nothing is transferre
 unless every check passed.
 
 Handlers raise ScsiError for CHECK CONDITION; the unit converts it.
+
+READ, WRITE and SYNCHRONIZE CACHE on a backend that runs I/O asynchronously (one with a
+thread pool, once the queue worker gave it its scheduler) return a Pending after the same
+checks; the I/O's outcome becomes the same ScsiResult or sense the synchronous path gives
+(:func:`_finish_io`). Durability does not change: a FUA or WCE=0 write completes after its
+data and an fdatasync (both on the I/O thread), and a SYNCHRONIZE CACHE completes after an
+fdatasync that started after every write completed before it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from . import pages
 from .backends import BlockBackend
 from .constants import (
     ABORTED_COMMAND,
+    ASC_INTERNAL_TARGET_FAILURE,
     ASC_INVALID_COMMAND_OPERATION_CODE,
     ASC_LOGICAL_UNIT_COMMUNICATION_FAILURE,
     ASC_LOGICAL_UNIT_NOT_SUPPORTED,
@@ -39,6 +47,7 @@ from .constants import (
     ASC_WRITE_ERROR,
     DATA_PROTECT,
     GOOD,
+    HARDWARE_ERROR,
     ILLEGAL_REQUEST,
     INQUIRY,
     MEDIUM_ERROR,
@@ -47,10 +56,13 @@ from .constants import (
     REPORT_LUNS,
     REQUEST_SENSE,
 )
+from .iothreads import IoOutcome, IoPending
+from .pending import Pending
 from .sense import (
     NO_SENSE_DATA,
     ScsiError,
     ScsiResult,
+    check_condition,
     fixed_sense,
     good,
     invalid_cdb,
@@ -82,7 +94,8 @@ class Unit(Protocol):
     max_write_same_blocks: int
 
 
-Handler = Callable[[Unit, bytes, Views, Views], ScsiResult]
+#: a command handler: the result, or a Pending when the backend finishes the I/O later
+Handler = Callable[[Unit, bytes, Views, Views], "ScsiResult | Pending"]
 
 # Scratch buffers for VERIFY / WRITE SAME are bounded to this many bytes per step.
 _CHUNK = 1 << 20
@@ -128,7 +141,8 @@ def unsupported(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> Scsi
 def _service_action_dispatch(opcode: int) -> Handler:
     table = _SERVICE_ACTIONS[opcode]
 
-    def dispatch(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+    def dispatch(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                 ) -> ScsiResult | Pending:
         info = table.get(cdb[1] & 0x1F)
         if info is None:
             raise invalid_cdb(1, 4)
@@ -177,6 +191,24 @@ def _check_range(unit: Unit, lba: int, blocks: int) -> None:
         raise lba_out_of_range()
 
 
+def _finish_io(io: IoPending, result: ScsiResult, *, write: bool, lba: int) -> Pending:
+    """A Pending that gets ``result`` when the I/O succeeds, and the sense the synchronous
+    path gives for its OSError when it fails. The I/O owns the guest buffers until it
+    ends, so an abort cannot finish the command early (Pending's default)."""
+    pending = Pending()
+
+    def done(outcome: IoOutcome) -> None:
+        if not isinstance(outcome, BaseException):
+            pending.finish(result)
+        elif isinstance(outcome, OSError):
+            pending.finish(_io_error(outcome, write=write, lba=lba).result())
+        else:
+            log.error("backend I/O failed at LBA %d", lba, exc_info=outcome)
+            pending.finish(check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE))
+    io.then(done)
+    return pending
+
+
 def _flush(unit: Unit, lba: int) -> None:
     try:
         unit.backend.flush()
@@ -186,7 +218,7 @@ def _flush(unit: Unit, lba: int) -> None:
 
 # -- READ / WRITE: the hot path -----------------------------------------------------------
 
-def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult:
+def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult | Pending:
     nbytes = blocks << unit.block_shift
     have = total(data_in)
     if nbytes > have:
@@ -194,16 +226,22 @@ def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult:
         return _overrun()
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
+    result = ScsiResult(GOOD, b"", nbytes)
     if nbytes:
+        backend = unit.backend
+        bufs = data_in if have == nbytes else trim(data_in, nbytes)
+        if backend.asynchronous:
+            return _finish_io(backend.submit_readv(lba << unit.block_shift, bufs), result,
+                              write=False, lba=lba)
         try:
-            unit.backend.readv(lba << unit.block_shift,
-                               data_in if have == nbytes else trim(data_in, nbytes))
+            backend.readv(lba << unit.block_shift, bufs)
         except OSError as e:
             raise _io_error(e, write=False, lba=lba) from None
-    return ScsiResult(GOOD, b"", nbytes)
+    return result
 
 
-def _write(unit: Unit, lba: int, blocks: int, fua: int, data_out: Views) -> ScsiResult:
+def _write(unit: Unit, lba: int, blocks: int, fua: int, data_out: Views
+           ) -> ScsiResult | Pending:
     nbytes = blocks << unit.block_shift
     have = total(data_out)
     if nbytes > have:
@@ -212,15 +250,21 @@ def _write(unit: Unit, lba: int, blocks: int, fua: int, data_out: Views) -> Scsi
         raise write_protected()
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
+    result = ScsiResult(GOOD, b"", 0, nbytes)
     if nbytes:
         backend = unit.backend
+        bufs = data_out if have == nbytes else trim(data_out, nbytes)
         # FUA, or a disabled write cache, makes the write durable before GOOD.
-        write = backend.writev_fua if fua or not unit.wce else backend.writev
+        durable = bool(fua) or not unit.wce
+        if backend.asynchronous:
+            return _finish_io(backend.submit_writev(lba << unit.block_shift, bufs,
+                                                    fua=durable), result, write=True, lba=lba)
+        write = backend.writev_fua if durable else backend.writev
         try:
-            write(lba << unit.block_shift, data_out if have == nbytes else trim(data_out, nbytes))
+            write(lba << unit.block_shift, bufs)
         except OSError as e:
             raise _io_error(e, write=True, lba=lba) from None
-    return ScsiResult(GOOD, b"", 0, nbytes)
+    return result
 
 
 _RW6 = (0x1F, 0xFF, 0xFF, 0xFF, 0)
@@ -230,13 +274,15 @@ _RW16 = (0xF8, *(0xFF,) * 12, 0, 0)
 
 
 @command(0x08, "READ(6)", _RW6)
-def read6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+          ) -> ScsiResult | Pending:
     lba, blocks = C.rw6(cdb)
     return _read(unit, lba, blocks, data_in)
 
 
 @command(0x28, "READ(10)", _RW10)
-def read10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+           ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # RDPROTECT: we have no protection information
@@ -244,7 +290,8 @@ def read10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResul
 
 
 @command(0xA8, "READ(12)", _RW12)
-def read12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+           ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW12.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -252,7 +299,8 @@ def read12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResul
 
 
 @command(0x88, "READ(16)", _RW16)
-def read16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def read16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+           ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -260,13 +308,15 @@ def read16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResul
 
 
 @command(0x0A, "WRITE(6)", _RW6)
-def write6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write6(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+           ) -> ScsiResult | Pending:
     lba, blocks = C.rw6(cdb)
     return _write(unit, lba, blocks, 0, data_out)
 
 
 @command(0x2A, "WRITE(10)", _RW10)
-def write10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+            ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # WRPROTECT
@@ -274,7 +324,8 @@ def write10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResu
 
 
 @command(0xAA, "WRITE(12)", _RW12)
-def write12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+            ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW12.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -282,7 +333,8 @@ def write12(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResu
 
 
 @command(0x8A, "WRITE(16)", _RW16)
-def write16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+            ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     if flags & 0xE0:
         raise invalid_cdb(1, 7)
@@ -360,23 +412,27 @@ def verify16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiRes
 
 # -- SYNCHRONIZE CACHE --------------------------------------------------------------------
 
-def _sync(unit: Unit, lba: int, blocks: int) -> ScsiResult:
+def _sync(unit: Unit, lba: int, blocks: int) -> ScsiResult | Pending:
     # blocks == 0 means "to the end"; an LBA past the end is still out of range.
     _check_range(unit, lba, blocks)
     # The whole backend is flushed: fdatasync has no range, and IMMED is honoured by
     # simply finishing before we answer.
+    if unit.backend.asynchronous:
+        return _finish_io(unit.backend.submit_flush(), good(), write=True, lba=lba)
     _flush(unit, lba)
     return good()
 
 
 @command(0x35, "SYNCHRONIZE CACHE(10)", (0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0))
-def sync10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def sync10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+           ) -> ScsiResult | Pending:
     _, lba, blocks = C.RW10.unpack_from(cdb)
     return _sync(unit, lba, blocks)
 
 
 @command(0x91, "SYNCHRONIZE CACHE(16)", (0x02, *(0xFF,) * 12, 0, 0))
-def sync16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def sync16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+           ) -> ScsiResult | Pending:
     _, lba, blocks = C.RW16.unpack_from(cdb)
     return _sync(unit, lba, blocks)
 

@@ -6,15 +6,19 @@
     0:1=nbd:nbd+unix:///d0?socket=/run/qsd.sock
 
     0:2=python:examples/sparse_disk.py:SparseDisk,size=64M
+    0:3=file:/var/lib/images/d.img,direct,threads=32
 
 BACKEND is file:PATH, ram:SIZE, null:SIZE, nbd:URI (nbd://HOST[:PORT]/EXPORT or
 nbd+unix:///EXPORT?socket=PATH; the disk's size is the export's) or python:MODULE:CLASS
 (a plugin, docs/plugins.md; MODULE is a dotted module name or a path to a .py file).
-Options: ro, block-size=512|4096, serial=TEXT; a python backend gets every other KEY=VALUE
-as a constructor keyword argument (a string), so its keys cannot be named ro, block-size
-or serial. A literal comma inside PATH, URI or TEXT is written twice
-(",,"), as in QEMU's option syntax, so every path can be expressed; in a URI's export name
-a comma may also be percent-encoded (%2C).
+Options: ro, block-size=512|4096, serial=TEXT; a file also takes direct (O_DIRECT, QEMU's
+cache=none), threads=N (0..256: helper threads per queue worker that keep N requests
+in flight; default 16 with direct, 0 -- one request at a time -- without) and
+aio=threads|io_uring (io_uring: no threads, needs the liburing module); a python
+backend gets every other KEY=VALUE as a constructor keyword argument (a string), so its
+keys cannot be named ro, block-size, serial, direct, threads or aio. A literal comma inside
+PATH, URI or TEXT is written twice (",,"), as in QEMU's option syntax, so every path can
+be expressed; in a URI's export name a comma may also be percent-encoded (%2C).
 
 This module only parses text; it never touches the filesystem. Whether a file exists and
 how big it is are checked by open_backend (which raises the same LunSpecError), so a spec
@@ -32,6 +36,11 @@ MAX_TARGET = 255
 MAX_LUN = 16383
 BLOCK_SIZES = (512, 4096)
 MAX_SERIAL_LEN = 64
+MAX_THREADS = 256
+#: I/O threads per worker of a direct file when the spec does not say (the guest's
+#: usual queue depth is 32 per LUN, spread over two or more queue workers)
+DEFAULT_DIRECT_THREADS = 16
+AIO_MODES = ("threads", "io_uring")
 # Offsets are off_t (signed 64-bit): no LU may be larger.
 MAX_SIZE = (1 << 63) - 1
 KINDS = ("file", "ram", "null", "nbd", "python")
@@ -59,6 +68,22 @@ class LunSpec:
     serial: str | None = None
     #: a python plugin's own KEY=VALUE options, in the order given
     params: tuple[tuple[str, str], ...] = ()
+    #: file only: open with O_DIRECT
+    direct: bool = False
+    #: file only: I/O threads per queue worker; None: the default for direct or not
+    threads: int | None = None
+    #: file only: "threads" (default) or "io_uring" (needs the liburing module)
+    aio: str = "threads"
+
+    @property
+    def io_threads(self) -> int:
+        """The threads a file backend runs its I/O on (0: synchronous; io_uring needs
+        none)."""
+        if self.aio == "io_uring":
+            return 0
+        if self.threads is not None:
+            return self.threads
+        return DEFAULT_DIRECT_THREADS if self.direct else 0
 
     def __str__(self) -> str:
         return format_lun_spec(self)
@@ -161,6 +186,9 @@ def _parse(text: str) -> LunSpec:
     read_only = False
     block_size = 512
     serial: str | None = None
+    direct = False
+    threads: int | None = None
+    aio = "threads"
     params: list[tuple[str, str]] = []
     seen: set[str] = set()
     for opt in options:
@@ -182,14 +210,29 @@ def _parse(text: str) -> LunSpec:
             if not eq:
                 raise LunSpecError("option 'serial' needs a value: serial=TEXT")
             serial = _check_serial(value)
+        elif name in ("direct", "threads", "aio") and kind != "file":
+            raise LunSpecError(f"option {name!r} applies to file: backends only")
+        elif name == "direct":
+            if eq:
+                raise LunSpecError("option 'direct' takes no value")
+            direct = True
+        elif name == "threads":
+            threads = _number(value, "threads", MAX_THREADS)
+        elif name == "aio":
+            if value not in AIO_MODES:
+                raise LunSpecError(f"bad aio {value!r}: expected threads or io_uring")
+            aio = value
         elif kind == "python":
             if _IDENTIFIER_RE.fullmatch(name) is None or not eq:
                 raise LunSpecError(f"bad plugin option {opt!r}: expected KEY=VALUE with KEY "
                                    f"a Python identifier")
             params.append((name, value))
         else:
-            raise LunSpecError(f"unknown option {name!r}: expected ro, block-size=, serial=")
+            raise LunSpecError(f"unknown option {name!r}: expected ro, block-size=, serial="
+                               + (", direct, threads=, aio=" if kind == "file" else ""))
 
+    if aio == "io_uring" and threads is not None:
+        raise LunSpecError("option 'threads' applies to aio=threads only (io_uring needs none)")
     size: int | None = None
     if kind in ("ram", "null"):
         size = parse_size(arg)
@@ -198,7 +241,8 @@ def _parse(text: str) -> LunSpec:
         if size % block_size:
             raise LunSpecError(f"size {arg} ({size} bytes) is not a multiple of the "
                                f"block size {block_size}")
-    return LunSpec(target, lun, kind, arg, size, read_only, block_size, serial, tuple(params))
+    return LunSpec(target, lun, kind, arg, size, read_only, block_size, serial, tuple(params),
+                   direct, threads, aio)
 
 
 def split_plugin_arg(arg: str) -> tuple[str, str]:
@@ -220,5 +264,11 @@ def format_lun_spec(spec: LunSpec) -> str:
         parts.append(f"block-size={spec.block_size}")
     if spec.serial is not None:
         parts.append(f"serial={_escape(spec.serial)}")
+    if spec.direct:
+        parts.append("direct")
+    if spec.threads is not None:
+        parts.append(f"threads={spec.threads}")
+    if spec.aio != "threads":
+        parts.append(f"aio={spec.aio}")
     parts.extend(f"{key}={_escape(value)}" for key, value in spec.params)
     return ",".join(parts)

@@ -69,8 +69,10 @@ class _Unit:
     _empty_cdb = ASC_INVALID_COMMAND_OPERATION_CODE     # the ASC/ASCQ a CDB of 0 bytes gets
     report_lun_ids: Sequence[int]
 
-    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
-        """Run one command. Never raises: every failure is a ScsiResult."""
+    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult | Pending:
+        """Run one command. Never raises: every failure is a ScsiResult. A Pending comes
+        back only once set_scheduler gave the unit a loop and its backend does I/O
+        asynchronously (READ, WRITE, SYNCHRONIZE CACHE)."""
         try:
             op = cdb[0]
             if self._state[_STATE_UA_ASC] and op != INQUIRY and op != REPORT_LUNS:
@@ -197,9 +199,10 @@ class LogicalUnit(_Unit):
         """Bytes addressable through this unit."""
         return self.num_blocks * self.block_size
 
-    def set_scheduler(self, scheduler: Scheduler) -> None:
+    def set_scheduler(self, scheduler: Scheduler | None) -> None:
         """The loop of the worker process that serves this unit: filters and backends
-        that answer later wait on it."""
+        that answer later wait on it (a file with threads or aio=io_uring completes its
+        I/O there). None makes everything synchronous again."""
         self.filters.scheduler = scheduler
         setter = getattr(self.backend, "set_scheduler", None)
         if setter is not None:
@@ -212,7 +215,7 @@ class LogicalUnit(_Unit):
             return self.execute(cdb, data_out, data_in)
         return self.filters.submit(cdb, data_out, data_in, queue)
 
-    def _execute_command(self, cmd: Command) -> ScsiResult:
+    def _execute_command(self, cmd: Command) -> ScsiResult | Pending:
         return self.execute(cmd.cdb, cmd.data_out, cmd.data_in)
 
     def close(self) -> None:
@@ -255,9 +258,10 @@ class ScsiTarget:
     def __contains__(self, lun: object) -> bool:
         return lun in self.luns
 
-    def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+    def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views
+                ) -> ScsiResult | Pending:
         """Run one command on ``lun``, present or not (SPC-4 answers for a missing one).
-        Never raises."""
+        Never raises; a Pending only as LogicalUnit.execute says."""
         unit = self.luns.get(lun)
         if unit is not None:
             return unit.execute(cdb, data_out, data_in)

@@ -1,0 +1,187 @@
+"""Backend I/O through io_uring, when the ``liburing`` binding (PyPI: liburing) is installed.
+
+The same job as :class:`vscsi.scsi.iothreads.IoThreadPool` for the calls that matter at
+depth -- readv, writev, fdatasync on one descriptor -- without a thread per request: the
+loop's thread fills submission entries and hands them to the kernel together, once per
+turn of the loop (a zero-delay timer), and reaps completions in batches. (Entering the
+kernel once per request costs as much as the I/O itself in a VM: each entry kicks the
+disk's queue.) The ring signals an eventfd for every completion. A loop that can watch a
+descriptor (``add_reader(fd, callback)``, as the queue workers' loop can) watches that
+eventfd itself; for any other Scheduler one helper thread waits on it (the binding's own
+waits would hold the GIL) and asks the loop, through call_soon_threadsafe, to reap.
+Every ring operation happens on the loop's thread.
+
+A ring does not survive fork(): it is created on first use in the process that uses it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .iothreads import IoPending
+from .pending import Scheduler
+
+try:
+    import liburing as _uring
+except ImportError:     # optional: the thread pool does the same job without it
+    _uring = None
+
+__all__ = ["AVAILABLE", "UringIo"]
+
+AVAILABLE = _uring is not None
+
+
+class UringIo:
+    """One io_uring for one file descriptor, used from one loop per process."""
+
+    def __init__(self, fd: int, entries: int = 128) -> None:
+        if _uring is None:
+            raise RuntimeError("the liburing module is not installed")
+        self.fd = fd
+        self.entries = entries
+        self._owner = -1
+        self._scheduler: Scheduler | None = None
+
+    # -- submission (on the loop's thread) ------------------------------------------------
+
+    def readv(self, scheduler: Scheduler, offset: int, bufs: list[memoryview]) -> IoPending:
+        return self._submit(scheduler, _uring.io_uring_prep_readv, offset, bufs)
+
+    def writev(self, scheduler: Scheduler, offset: int, bufs: list[memoryview]) -> IoPending:
+        return self._submit(scheduler, _uring.io_uring_prep_writev, offset, bufs)
+
+    def fdatasync(self, scheduler: Scheduler) -> IoPending:
+        return self._submit(scheduler, None, 0, [])
+
+    def _submit(self, scheduler: Scheduler, prep: Callable[..., Any] | None, offset: int,
+                bufs: list[memoryview]) -> IoPending:
+        if self._owner != os.getpid():
+            self._start(scheduler)
+        self._scheduler = scheduler
+        ring = self._ring
+        sqe = _uring.io_uring_get_sqe(ring)
+        if sqe is None:
+            # Submission queue full (more in flight than entries): hand the queued
+            # entries to the kernel, which frees their slots.
+            self._unsubmitted = 0
+            _uring.io_uring_submit(ring)
+            sqe = _uring.io_uring_get_sqe(ring)
+            if sqe is None:
+                raise OSError(errno.EBUSY, "io_uring submission queue is full")
+        tag = self._next_tag
+        self._next_tag += 1
+        iov = None
+        if prep is None:
+            _uring.io_uring_prep_fsync(sqe, self.fd, _uring.IORING_FSYNC_DATASYNC)
+        else:
+            iov = _uring.Iovec(list(bufs))   # keeps the buffers alive until completion
+            prep(sqe, self.fd, iov, offset)
+        _uring.io_uring_sqe_set_data64(sqe, tag)
+        pending = IoPending()
+        self._in_flight[tag] = (pending, iov)
+        if not self._unsubmitted:
+            scheduler.call_later(0, self._push)
+        self._unsubmitted += 1
+        return pending
+
+    def _push(self) -> None:
+        """Hand every entry filled since the last push to the kernel, in one call."""
+        if self._unsubmitted and self._owner == os.getpid():
+            self._unsubmitted = 0
+            _uring.io_uring_submit(self._ring)
+
+    # -- completion ---------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """On the loop's thread: deliver the completions the ring holds now (those that
+        arrive meanwhile signal the eventfd again: the loop gets its turn in between)."""
+        if self._owner != os.getpid():
+            return      # closed since the waiter asked
+        ring, cqe = self._ring, self._cqe
+        for _ in range(_uring.io_uring_cq_ready(ring)):
+            try:
+                _uring.io_uring_peek_cqe(ring, cqe)
+            except BlockingIOError:
+                break
+            entry = cqe[0]
+            tag = entry.user_data
+            try:
+                outcome: Any = entry.res     # the binding raises OSError for -errno
+            except OSError as e:
+                outcome = e
+            _uring.io_uring_cq_advance(ring, 1)
+            pending, _ = self._in_flight.pop(tag, (None, None))
+            if pending is not None:
+                pending.finish(outcome)
+
+    def _on_wakeup(self) -> None:
+        """The loop saw the eventfd readable (loops with add_reader)."""
+        try:
+            os.eventfd_read(self._wakeup)
+        except BlockingIOError:
+            return
+        self._reap()
+
+    def _wait_for_completions(self, wakeup: int, stop: threading.Event) -> None:
+        poller = select.poll()
+        poller.register(wakeup, select.POLLIN)
+        while not stop.is_set():
+            if not poller.poll(1000):
+                continue
+            try:
+                os.eventfd_read(wakeup)
+            except BlockingIOError:
+                continue
+            scheduler = self._scheduler
+            if scheduler is not None and not stop.is_set():
+                scheduler.call_soon_threadsafe(self._reap)
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def _start(self, scheduler: Scheduler) -> None:
+        # (A ring inherited through fork() belongs to the parent: leave it alone.)
+        self._ring = _uring.Ring()
+        self._cqe = _uring.Cqe()
+        _uring.io_uring_queue_init(self.entries, self._ring)
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        _uring.io_uring_register_eventfd(self._ring, self._wakeup)
+        self._in_flight: dict[int, tuple[IoPending, Any]] = {}
+        self._next_tag = 1
+        self._unsubmitted = 0       # entries filled but not yet handed to the kernel
+        self._stop = threading.Event()
+        self._waiter: threading.Thread | None = None
+        self._reader_loop: Any = None
+        add_reader = getattr(scheduler, "add_reader", None)
+        if add_reader is not None:
+            add_reader(self._wakeup, self._on_wakeup)
+            self._reader_loop = scheduler
+        else:
+            self._waiter = threading.Thread(target=self._wait_for_completions,
+                                            args=(self._wakeup, self._stop),
+                                            name="vscsi-uring", daemon=True)
+            self._waiter.start()
+        self._owner = os.getpid()
+
+    def close(self) -> None:
+        """Stop the completion thread and free the ring (this process's only). I/O still
+        in flight is waited for first: the kernel may be writing into its buffers."""
+        if self._owner != os.getpid():
+            return
+        self._push()
+        while self._in_flight:
+            _uring.io_uring_wait_cqe(self._ring, self._cqe)
+            self._reap()
+        self._stop.set()
+        if self._waiter is not None:
+            os.eventfd_write(self._wakeup, 1)
+            self._waiter.join()
+        if self._reader_loop is not None:
+            self._reader_loop.remove_reader(self._wakeup)
+        _uring.io_uring_queue_exit(self._ring)
+        os.close(self._wakeup)
+        self._owner = -1

@@ -1,0 +1,521 @@
+"""O_DIRECT files with many requests in flight: a real file on the real disk, real helper
+threads, a real loop (vscsi.testing.loop.EventLoop) that the I/O completes on."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vscsi.scsi import LogicalUnit, ScsiResult, iouring
+from vscsi.scsi.backends import FileBackend, open_backend
+from vscsi.scsi.iothreads import IoPending
+from vscsi.scsi.pending import Pending
+from vscsi.scsi.spec import LunSpecError, parse_lun_spec
+from vscsi.testing.loop import EventLoop
+
+from .helpers import (
+    GOOD,
+    INTERNAL_FAILURE,
+    READ_ERROR,
+    WRITE_ERROR,
+    assert_check,
+    parse_sense,
+    read10,
+    read16,
+    rw12,
+    write10,
+    write16,
+)
+
+BS = 512
+DISK = 4 << 20
+SYNC10 = bytes((0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+
+
+def _direct_dir(base) -> str:
+    """A directory on a filesystem that takes O_DIRECT, or skip with the reason."""
+    probe = os.path.join(base, "probe")
+    with open(probe, "wb") as f:
+        f.truncate(4096)
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
+    except OSError as e:
+        pytest.skip(f"{base} does not take O_DIRECT ({e.strerror}); tests need a real disk")
+    finally:
+        os.unlink(probe)
+    return str(base)
+
+
+@pytest.fixture(scope="module")
+def direct_dir(tmp_path_factory) -> str:
+    return _direct_dir(tmp_path_factory.mktemp("direct"))
+
+
+_files = iter(range(1 << 30))
+
+
+def new_file(directory: str, size: int = DISK) -> str:
+    path = os.path.join(directory, f"disk{next(_files)}.img")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def aligned(n: int) -> memoryview:
+    """n bytes of page-aligned memory, as guest memory is (an mmap)."""
+    return memoryview(mmap.mmap(-1, n))
+
+
+def pattern(lba: int, blocks: int, salt: int = 0) -> bytes:
+    return b"".join(bytes([(lba + i + salt) % 251 + 1]) * BS for i in range(blocks))
+
+
+def wait(loop: EventLoop, pendings: list[Pending]) -> list[ScsiResult]:
+    loop.run_until(lambda: all(p.done for p in pendings))
+    return [p.result for p in pendings]     # type: ignore[misc]
+
+
+def direct_unit(path: str, threads: int = 16, backend_class=FileBackend, *,
+                engine: str = "threads", **kw) -> LogicalUnit:
+    if engine == "io_uring":
+        return LogicalUnit(backend_class(path, direct=True, uring=True), **kw)
+    return LogicalUnit(backend_class(path, direct=True, threads=threads), **kw)
+
+
+needs_liburing = pytest.mark.skipif(not iouring.AVAILABLE,
+                                    reason="the liburing module is not installed")
+ENGINES = ["threads", pytest.param("io_uring", marks=needs_liburing)]
+
+
+# -- the synchronous path stays as it was -------------------------------------------------
+
+def test_without_a_scheduler_everything_is_synchronous(direct_dir):
+    unit = direct_unit(new_file(direct_dir))
+    try:
+        data = aligned(4096)
+        data[:] = pattern(8, 8)
+        assert isinstance(unit.execute(write10(8, 8), [data], []), ScsiResult)
+        back = aligned(4096)
+        r = unit.execute(read10(8, 8), [], [back])
+        assert isinstance(r, ScsiResult) and r.status == GOOD and back == data
+        assert unit.backend.bounced == 0
+        assert unit.backend.io_pool._owner == -1        # no thread was ever started
+    finally:
+        unit.close()
+
+
+def test_set_scheduler_reaches_the_filters_and_the_backend(direct_dir):
+    unit = direct_unit(new_file(direct_dir))
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        assert unit.filters.scheduler is loop and unit.backend.scheduler is loop
+        assert unit.backend.asynchronous
+        unit.set_scheduler(None)
+        assert not unit.backend.asynchronous and unit.filters.scheduler is None
+    unit.close()
+
+
+# -- many in flight -----------------------------------------------------------------------
+
+class ThreadSafeOnly:
+    """A loop seen through the Scheduler protocol alone (no add_reader): io_uring then
+    waits for completions on a helper thread."""
+
+    def __init__(self, loop: EventLoop) -> None:
+        self.time, self.call_later = loop.time, loop.call_later
+        self.call_soon_threadsafe = loop.call_soon_threadsafe
+
+
+@pytest.mark.parametrize("engine, watch", [
+    ("threads", True),
+    pytest.param("io_uring", True, marks=needs_liburing),
+    pytest.param("io_uring", False, marks=needs_liburing)])
+def test_many_reads_and_writes_in_flight_complete_on_the_loop_thread(direct_dir, engine,
+                                                                      watch):
+    path = new_file(direct_dir)
+    unit = direct_unit(path, threads=16, engine=engine)
+    rng = random.Random(7)
+    model = bytearray(DISK)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop if watch else ThreadSafeOnly(loop))
+        # 64 writes of 1..16 blocks at distinct places, all in flight at once.
+        extents = [(slot * 16, rng.randint(1, 16)) for slot in rng.sample(range(512), 64)]
+        finished_on: set[threading.Thread] = set()
+        pendings = []
+        for lba, n in extents:
+            buf = aligned(n * BS)
+            buf[:] = pattern(lba, n, salt=3)
+            model[lba * BS:(lba + n) * BS] = buf
+            cdb = rng.choice([write10, write16])(lba, n)
+            p = unit.execute(cdb, [buf], [])
+            assert isinstance(p, Pending)
+            p.then(lambda r: finished_on.add(threading.current_thread()))
+            pendings.append(p)
+        results = wait(loop, pendings)
+        assert all(r.status == GOOD and r.data_out == n * BS
+                   for r, (_, n) in zip(results, extents, strict=True))
+        assert finished_on == {threading.current_thread()}
+        # Read everything back at once, in 4-piece scatter lists.
+        reads = []
+        for lba, n in extents:
+            buf = aligned(n * BS)
+            cuts = sorted({0, n * BS} | {BS * rng.randint(0, n) for _ in range(3)})
+            views = [buf[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+            reads.append((buf, unit.execute(rng.choice([read10, read16])(lba, n), [], views)))
+        results = wait(loop, [p for _, p in reads])
+        for (buf, _), r, (lba, n) in zip(reads, results, extents, strict=True):
+            assert r.status == GOOD and r.data_in == n * BS
+            assert buf == model[lba * BS:(lba + n) * BS]
+    unit.close()
+    with open(path, "rb") as f:         # and it is in the file, seen without the unit
+        assert f.read() == model
+
+
+class GatedFile(FileBackend):
+    """Each I/O waits for its LBA's gate: the test decides the order they finish in."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.gates: dict[int, threading.Event] = {}
+
+    def _gate(self, offset: int) -> None:
+        assert self.gates.setdefault(offset // BS, threading.Event()).wait(60)
+
+    def readv(self, offset, bufs):
+        self._gate(offset)
+        return super().readv(offset, bufs)
+
+    def writev(self, offset, bufs):
+        self._gate(offset)
+        return super().writev(offset, bufs)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.permutations(range(12)), sizes=st.lists(st.integers(1, 8), min_size=12,
+                                                         max_size=12))
+def test_completions_in_any_order_answer_their_own_request(direct_dir, order, sizes):
+    unit = direct_unit(new_file(direct_dir, 1 << 20), threads=12, backend_class=GatedFile)
+    backend = unit.backend
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        lbas = [i * 16 for i in range(12)]
+        for lba in lbas:
+            backend.gates[lba] = threading.Event()
+        for phase in ("write", "read"):
+            bufs, pendings = [], []
+            for lba, n in zip(lbas, sizes, strict=True):
+                buf = aligned(n * BS)
+                if phase == "write":
+                    buf[:] = pattern(lba, n)
+                    pendings.append(unit.execute(write10(lba, n), [buf], []))
+                else:
+                    pendings.append(unit.execute(read10(lba, n), [], [buf]))
+                bufs.append(buf)
+            for i in order:
+                assert not pendings[i].done
+                backend.gates[lbas[i]].set()
+                loop.run_until(lambda p=pendings[i]: p.done)
+                # Only the request whose I/O was let go has finished.
+                assert [p.done for p in pendings].count(True) == order.index(i) + 1
+                r = pendings[i].result
+                assert r.status == GOOD
+                if phase == "read":
+                    assert r.data_in == sizes[i] * BS
+                    assert bufs[i] == pattern(lbas[i], sizes[i])
+            for gate in backend.gates.values():
+                gate.clear()
+    unit.close()
+
+
+# -- durability ---------------------------------------------------------------------------
+
+class JournalFile(FileBackend):
+    """Records, from the I/O threads, each write and each fdatasync in the order done."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.journal: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def writev(self, offset, bufs):
+        n = super().writev(offset, bufs)
+        with self.lock:
+            self.journal.append(("write", offset // BS))
+        return n
+
+    def flush(self):
+        super().flush()
+        with self.lock:
+            self.journal.append(("flush", -1))
+
+
+@pytest.mark.parametrize("cdb, fua", [(write10(5, 1), False), (write10(5, 1, 0x08), True),
+                                      (write16(5, 1, 0x08), True),
+                                      (rw12(0xAA, 5, 1, 0x08), True)])
+def test_fua_write_is_good_only_after_its_data_and_a_flush(direct_dir, cdb, fua):
+    unit = direct_unit(new_file(direct_dir), backend_class=JournalFile)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        buf = aligned(BS)
+        buf[:] = pattern(5, 1)
+        p = unit.execute(cdb, [buf], [])
+        seen: list[list[tuple[str, int]]] = []
+        p.then(lambda r: seen.append(list(unit.backend.journal)))
+        [r] = wait(loop, [p])
+        assert r.status == GOOD
+        assert seen == [[("write", 5), ("flush", -1)] if fua else [("write", 5)]]
+    unit.close()
+
+
+def test_write_cache_disabled_flushes_every_write(direct_dir):
+    unit = direct_unit(new_file(direct_dir), backend_class=JournalFile)
+    unit.wce = False
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        bufs = [aligned(BS) for _ in range(8)]
+        pendings = [unit.execute(write10(i, 1), [bufs[i]], []) for i in range(8)]
+        wait(loop, pendings)
+        journal = unit.backend.journal
+        assert journal.count(("flush", -1)) == 8
+        # every write is followed by a flush (on its own thread, so after its own data)
+        assert all(journal[i + 1:].count(("flush", -1)) > 0
+                   for i, e in enumerate(journal) if e[0] == "write")
+    unit.close()
+
+
+def test_synchronize_cache_flushes_after_the_writes_completed_before_it(direct_dir):
+    unit = direct_unit(new_file(direct_dir), backend_class=JournalFile)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        bufs = [aligned(BS) for _ in range(16)]
+        wait(loop, [unit.execute(write10(i, 1), [bufs[i]], []) for i in range(16)])
+        assert ("flush", -1) not in unit.backend.journal
+        p = unit.execute(SYNC10, [], [])
+        assert isinstance(p, Pending)
+        [r] = wait(loop, [p])
+        assert r.status == GOOD
+        assert unit.backend.journal[-1] == ("flush", -1)
+        assert unit.backend.journal.count(("flush", -1)) == 1
+    unit.close()
+
+
+# -- alignment ----------------------------------------------------------------------------
+
+def test_alignment_is_probed(direct_dir):
+    with FileBackend(new_file(direct_dir), direct=True) as backend:
+        assert backend.direct_align in (512, 4096)
+    with FileBackend(new_file(direct_dir)) as backend:
+        assert backend.direct_align == 1
+
+
+@pytest.mark.parametrize("engine", ["synchronous", *ENGINES])
+def test_unaligned_guest_buffers_go_through_a_bounce_buffer(direct_dir, engine):
+    unit = direct_unit(new_file(direct_dir), engine=engine)
+    backend = unit.backend
+    loop = EventLoop()
+    if engine != "synchronous":
+        unit.set_scheduler(loop)
+
+    def do(cdb, out, din):
+        r = unit.execute(cdb, out, din)
+        return wait(loop, [r])[0] if isinstance(r, Pending) else r
+
+    # Buffers one byte into a bytearray: the address is not aligned.
+    raw = bytearray(1 + 3 * BS)
+    odd = memoryview(raw)[1:]
+    odd[:] = pattern(40, 3)
+    assert do(write10(40, 3), [odd], []).status == GOOD
+    assert backend.bounced == 1
+    # Read-only data (bytes) and a scatter list with a 100-byte piece: bounced too.
+    data = pattern(50, 2)
+    assert do(write10(50, 2), [memoryview(data)], []).status == GOOD
+    assert backend.bounced == 2
+    back = bytearray(2 * BS)
+    pieces = [memoryview(back)[:100], memoryview(back)[100:]]
+    assert do(read10(50, 2), [], pieces).status == GOOD
+    assert back == data and backend.bounced == 3
+    back = bytearray(1 + 3 * BS)
+    assert do(read10(40, 3), [], [memoryview(back)[1:]]).status == GOOD
+    assert back[1:] == pattern(40, 3) and backend.bounced == 4
+    # Aligned memory goes straight through.
+    page = aligned(4096)
+    assert do(read10(40, 3), [], [page[:3 * BS]]).status == GOOD
+    assert page[:3 * BS] == pattern(40, 3) and backend.bounced == 4
+    unit.close()
+    loop.close()
+
+
+def test_a_block_size_below_the_direct_alignment_is_refused(direct_dir):
+    path = new_file(direct_dir)
+    with FileBackend(path, direct=True) as backend:
+        align = backend.direct_align
+    if align == 512:
+        pytest.skip("this disk takes 512-byte O_DIRECT I/O: every block size fits")
+    with pytest.raises(LunSpecError, match=f"use block-size={align}"):
+        open_backend(parse_lun_spec(f"0:0=file:{path},direct"))
+
+
+# -- errors -------------------------------------------------------------------------------
+
+class FailingFile(FileBackend):
+    """EIO on the blocks in ``bad``, and a flush that fails on demand."""
+
+    bad: set[int] = set()
+    flush_error: BaseException | None = None
+
+    def readv(self, offset, bufs):
+        if offset // BS in self.bad:
+            raise OSError(errno.EIO, "injected")
+        return super().readv(offset, bufs)
+
+    def writev(self, offset, bufs):
+        if offset // BS in self.bad:
+            raise OSError(errno.EIO, "injected")
+        return super().writev(offset, bufs)
+
+    def flush(self):
+        if self.flush_error is not None:
+            raise self.flush_error
+        super().flush()
+
+
+def test_io_errors_become_medium_errors_among_good_completions(direct_dir):
+    unit = direct_unit(new_file(direct_dir), backend_class=FailingFile)
+    unit.backend.bad = {7, 21}
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        bufs = [aligned(BS) for _ in range(32)]
+        reads = [unit.execute(read10(i, 1), [], [bufs[i]]) for i in range(32)]
+        writes = [unit.execute(write10(i, 1, 0x08), [bufs[i]], []) for i in range(32)]
+        for i, r in enumerate(wait(loop, reads)):
+            if i in unit.backend.bad:
+                assert assert_check(r, READ_ERROR).information == i
+            else:
+                assert r.status == GOOD
+        for i, r in enumerate(wait(loop, writes)):
+            if i in unit.backend.bad:
+                assert assert_check(r, WRITE_ERROR).information == i
+            else:
+                assert r.status == GOOD
+        unit.backend.flush_error = OSError(errno.EIO, "injected")
+        [r] = wait(loop, [unit.execute(SYNC10, [], [])])
+        assert_check(r, WRITE_ERROR)
+        # A bug below the SCSI layer (not an OSError) fails the command, not the loop.
+        unit.backend.flush_error = RuntimeError("bug")
+        [r] = wait(loop, [unit.execute(SYNC10, [], [])])
+        assert_check(r, INTERNAL_FAILURE)
+        assert parse_sense(r.sense).key == 0x4
+    unit.close()
+
+
+@needs_liburing
+def test_io_uring_errors_and_fua(direct_dir):
+    # A read-only descriptor under a writable unit: the kernel refuses the write (EBADF).
+    path = new_file(direct_dir)
+    unit = LogicalUnit(FileBackend(path, read_only=True, direct=True, uring=True))
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        buf = aligned(BS)
+        [r] = wait(loop, [unit.execute(write10(3, 1, 0x08), [buf], [])])
+        assert assert_check(r, WRITE_ERROR).information == 3
+        [r] = wait(loop, [unit.execute(read10(3, 1), [], [buf])])
+        assert r.status == GOOD
+    unit.close()
+    # FUA: the fdatasync is submitted only once the data is written, and the command
+    # completes only after it.
+    unit = direct_unit(path, engine="io_uring")
+    ring = unit.backend.uring
+    journal: list[str] = []
+    real_writev, real_fdatasync = ring.writev, ring.fdatasync
+
+    def noting(io: IoPending, event: str) -> IoPending:
+        # (an IoPending has one consumer: chain a new one behind it)
+        out = IoPending()
+        io.then(lambda outcome: (journal.append(event), out.finish(outcome)))
+        return out
+
+    def writev(scheduler, offset, bufs):
+        return noting(real_writev(scheduler, offset, bufs), "written")
+
+    def fdatasync(scheduler):
+        journal.append("fdatasync submitted")
+        return noting(real_fdatasync(scheduler), "synced")
+    ring.writev, ring.fdatasync = writev, fdatasync
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        buf = aligned(BS)
+        buf[:] = pattern(9, 1)
+        p = unit.execute(write16(9, 1, 0x08), [buf], [])
+        p.then(lambda r: journal.append("GOOD"))
+        wait(loop, [p])
+        assert journal == ["written", "fdatasync submitted", "synced", "GOOD"]
+        journal.clear()
+        wait(loop, [unit.execute(write16(9, 1), [buf], [])])
+        assert journal == ["written"]
+        p = unit.execute(SYNC10, [], [])
+        assert isinstance(p, Pending)
+        [r] = wait(loop, [p])
+        assert r.status == GOOD and journal == ["written", "fdatasync submitted", "synced"]
+    unit.close()
+    with open(path, "rb") as f:
+        f.seek(9 * BS)
+        assert f.read(BS) == pattern(9, 1)
+
+
+def test_aio_io_uring_without_liburing_is_a_clear_error(direct_dir):
+    spec = parse_lun_spec(f"0:0=file:{new_file(direct_dir)},direct,aio=io_uring")
+    if iouring.AVAILABLE:
+        open_backend(spec).close()
+    else:
+        with pytest.raises(LunSpecError, match="needs the liburing module"):
+            open_backend(spec)
+
+
+# -- fork ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_threads_start_again_in_a_forked_worker(direct_dir, engine):
+    path = new_file(direct_dir)
+    unit = direct_unit(path, threads=4, engine=engine)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        buf = aligned(BS)
+        buf[:] = pattern(1, 1)
+        wait(loop, [unit.execute(write10(1, 1), [buf], [])])     # threads run in the parent
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with EventLoop() as child_loop:
+                    unit.set_scheduler(child_loop)
+                    back = aligned(BS)
+                    [r] = wait(child_loop, [unit.execute(read10(1, 1), [], [back])])
+                    code = 0 if r.status == GOOD and back == pattern(1, 1) else 3
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    unit.close()
+
+
+# -- the command line ---------------------------------------------------------------------
+
+def test_direct_on_a_filesystem_without_o_direct_is_one_line_exit_2(tmp_path):
+    # procfs refuses O_DIRECT at open(2) with EINVAL, as tmpfs did before Linux 6.6.
+    with pytest.raises(LunSpecError, match="cannot be opened with O_DIRECT"):
+        open_backend(parse_lun_spec("0:0=file:/proc/version,ro,direct"))
+    proc = subprocess.run([sys.executable, "-m", "vscsi.serve", "--socket",
+                           str(tmp_path / "s"), "--lun", "0:0=file:/proc/version,ro,direct"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "O_DIRECT" in lines[0] and "Traceback" not in proc.stderr
