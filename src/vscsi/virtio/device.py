@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vscsi.memory import GuestMemory, GuestMemoryError
 from vscsi.virtio.features import (
@@ -45,6 +46,9 @@ from vscsi.virtio.ring import (
     store_u16,
     used_bytes,
 )
+
+if TYPE_CHECKING:
+    from vscsi.virtio.packed import PackedDeviceRing
 
 __all__ = ["Chain", "DeviceRing", "drain"]
 
@@ -270,10 +274,12 @@ class DeviceRing:
             mb()  # the flag/event store before the caller's re-check of avail idx
 
 
-def drain(ring: DeviceRing, handle: Callable[[Chain], int], *, rearm: bool = True) -> bool:
-    """The one device loop: notifications off, pop every chain, handle(chain) -> bytes
-    written, push; ChainError -> push(head, 0); notifications on, re-check; returns
-    whether the driver must be signalled.
+def drain(
+    ring: DeviceRing | PackedDeviceRing, handle: Callable[[Chain], int], *, rearm: bool = True
+) -> bool:
+    """The one device loop (either ring kind): notifications off, pop every chain,
+    handle(chain) -> bytes written, push; ChainError -> push(head, 0); notifications on,
+    re-check; returns whether the driver must be signalled.
 
     ``rearm=False`` leaves notifications off when the ring runs dry, for a caller that
     goes on polling the ring (and must call drain with ``rearm=True`` before it sleeps).
