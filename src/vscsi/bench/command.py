@@ -46,6 +46,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", type=int,
                    help="request queues (default: 2 for the loopback, --vcpus for --socket)")
     p.add_argument("--vcpus", type=int, default=2, help="CPUs submitting (VCPU processes)")
+    p.add_argument("--packed", action="store_true",
+                   help="loopback: packed virtqueues (virtio 1.2 §2.8) instead of split ones")
     p.add_argument("--policy", choices=sorted(POLICIES), default="percpu")
     p.add_argument("--hint-delay", type=float, default=0.0, metavar="MS",
                    help="pertarget: how late the balancer applies affinity hints")
@@ -117,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         if args.loopback:
             raise ValueError("--preset runs the SMP driver over vhost-user: drop --loopback")
         return coverletter(args)
+    if args.packed and not args.loopback:
+        raise ValueError("--packed runs with --loopback only (the SMP driver over --socket "
+                         "speaks split rings)")
     if args.socket:
         if args.lun:
             raise ValueError("--lun describes the loopback's device; with --socket the "
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.loopback:
         machine = Loopback(lun_specs(args), policy=args.policy, queues=args.queues or 2,
                            vcpus=args.vcpus, hint_delay=args.hint_delay / 1000,
-                           seed=args.seed)
+                           seed=args.seed, packed=args.packed)
         opts = run_options(args)
     else:
         raise ValueError("say where to run: --loopback, --socket PATH or --preset")
