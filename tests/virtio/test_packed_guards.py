@@ -6,10 +6,12 @@ ID) is RingBroken, latched. And the driver side checks the device's used descrip
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vscsi.virtio import ChainError, RingBroken
 
-from .packed_rig import AVAIL, INDIRECT, USED, WRITE, PackedRig, RawPackedDriver
+from .packed_rig import AVAIL, INDIRECT, PDESC, USED, WRITE, PackedRig, RawPackedDriver
 
 SIZE = 8
 
@@ -179,3 +181,43 @@ def test_driver_refuses_a_used_descriptor_for_no_outstanding_buffer(rig, bad_id)
     with pytest.raises(RingBroken):
         rig.drv.reclaim()
     assert raw.used() is not None
+
+
+# ---- a hostile driver: random ring bytes ---------------------------------------------
+
+FLAG_BITS = st.sampled_from([0, AVAIL, USED, AVAIL | USED]).flatmap(
+    lambda lap: st.integers(0, 7).map(lambda low: lap | low))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.sampled_from([1, 2, 4, 8]), data=st.data())
+def test_random_descriptor_rings_never_escape(size, data):
+    """Descriptors with random addresses, lengths, IDs and flags (some in guest memory,
+    some indirect tables): pop() returns a chain, None, ChainError (then push works) or
+    RingBroken (latched) -- nothing else, and never loops."""
+    with PackedRig(size, mem_size=1 << 16, max_indirect=4) as rig:
+        raw = RawPackedDriver(rig)
+        t = table(rig, 6)
+        addrs = st.sampled_from([rig.buf(8)[0], t, 0xFFF8, 1 << 40])
+        for slot in range(size):
+            raw.write(slot, data.draw(addrs), data.draw(st.sampled_from([0, 8, 16, 96, 17])),
+                      data.draw(st.integers(0, size + 1)), data.draw(FLAG_BITS))
+        for k in range(6):
+            PDESC.pack_into(rig.mem.view(t + 16 * k, 16), 0, data.draw(addrs), 8, 0,
+                            data.draw(FLAG_BITS))
+        for _ in range(2 * size + 2):
+            try:
+                chain = rig.dev.pop()
+            except ChainError as e:
+                rig.dev.push(e.head, 0)
+                continue
+            except RingBroken:
+                assert rig.dev.broken
+                with pytest.raises(RingBroken):
+                    rig.dev.pop()
+                return
+            if chain is None:
+                return
+            assert 0 <= chain.head < size
+            assert all(len(v) for v in chain.readable + chain.writable)
+            rig.dev.push(chain.head, 0)
