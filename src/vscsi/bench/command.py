@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="request queues (default: 2 for the loopback, --vcpus for --socket)")
     p.add_argument("--vcpus", type=int, default=2, help="CPUs submitting (VCPU processes)")
     p.add_argument("--packed", action="store_true",
-                   help="loopback: packed virtqueues (virtio 1.2 §2.8) instead of split ones")
+                   help="packed virtqueues (virtio 1.2 §2.8) instead of split ones")
     p.add_argument("--policy", choices=sorted(POLICIES), default="percpu")
     p.add_argument("--hint-delay", type=float, default=0.0, metavar="MS",
                    help="pertarget: how late the balancer applies affinity hints")
@@ -104,7 +104,8 @@ def smp_machine(args: argparse.Namespace, path: str, *, policy: str | None = Non
 
     cfg = SmpConfig(vcpus=args.vcpus, queues=args.queues, policy=policy or args.policy,
                     hint_delay=args.hint_delay / 1000, pin=args.pin,
-                    migrate_every=args.migrate_every, seed=args.seed)
+                    migrate_every=args.migrate_every, seed=args.seed,
+                    packed=getattr(args, "packed", False))
     return SmpMachine(path, cfg)
 
 
@@ -113,15 +114,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--queues, --vcpus and --numjobs must be at least 1")
     if args.hint_delay < 0 or args.migrate_every < 1:
         raise ValueError("--hint-delay must be >= 0 and --migrate-every >= 1")
+    if args.packed and args.preset:
+        raise ValueError("--packed runs with --loopback or --socket, not --preset")
     if args.preset:
         from vscsi.bench.preset import coverletter
 
         if args.loopback:
             raise ValueError("--preset runs the SMP driver over vhost-user: drop --loopback")
         return coverletter(args)
-    if args.packed and not args.loopback:
-        raise ValueError("--packed runs with --loopback only (the SMP driver over --socket "
-                         "speaks split rings)")
     if args.socket:
         if args.lun:
             raise ValueError("--lun describes the loopback's device; with --socket the "
