@@ -4,7 +4,11 @@ iothread per queue), on the same /dev/shm files with the same number of request 
 Reports MB/s and IOPS for each and the ratio ours/QEMU, as a rich table and JSON.
 
     python bench/guest_vs_qemu.py [--quick] [--json OUT] [--queues 1,2] [--runtime S]
-                                  [--profile OUT.txt]
+                                  [--backends ours,qemu,...] [--rounds N] [--profile OUT.txt]
+
+Backends: ours, qemu, qemu+iothreads, each also with "+packed" (packed virtqueues:
+vhost-user-scsi-pci / virtio-scsi-pci with packed=on). --rounds N runs every
+configuration N times, alternating, and reports the median of each job.
 
 One guest boot per (backend, queues) configuration runs every job in sequence. Jobs:
   randread-4k   rw=randread bs=4k iodepth=8, one job per vCPU, each on its own target
@@ -26,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vscsi.bench.serving import ServeProcess
-from vscsi.vm import GuestOptions, build_guest, run_guest
+from vscsi.vm import build_guest, run_guest
 
 VCPUS = 2
 TARGETS = 8
@@ -202,14 +207,17 @@ def run_config(image, backend: str, queues: int, files: list[str], script: str,
                console: Console, profile: str | None) -> dict:
     t0 = time.monotonic()
     entry: dict = {"backend": backend, "queues": queues, "load_before": load()}
-    if backend == "ours":
+    packed = backend.endswith("+packed")
+    kind = backend.removesuffix("+packed")
+    if kind == "ours":
         luns = [f"{t}:0=file:{path}" for t, path in enumerate(files)]
         serve = ServeProcess(luns, queues=queues).start()
         prof = Profiler(serve.proc.pid, profile) if profile else None
         cpu0 = serve.cpu_seconds()
         try:
-            r = run_guest(image, script, GuestOptions(vhost_user_socket=serve.socket,
-                                                      vcpus=VCPUS, queues=queues, timeout=900))
+            r = run_guest(image, script, vhost_user_socket=serve.socket, vcpus=VCPUS,
+                          queues=queues, timeout=900,
+                          vhost_user_options={"packed": True} if packed else None)
             serve.wait_idle(1, timeout=10)
             entry["backend_cpu_s"] = round(serve.cpu_seconds() - cpu0, 2)
         finally:
@@ -217,9 +225,10 @@ def run_config(image, backend: str, queues: int, files: list[str], script: str,
         if prof:
             entry["profile"] = prof.finish()
     else:
-        r = run_guest(image, script, GuestOptions(
-            vcpus=VCPUS, queues=queues, qemu_disks=files, qemu_queues=queues,
-            iothreads=(backend == "qemu+iothreads"), timeout=900))
+        r = run_guest(image, script, vcpus=VCPUS, queues=queues, qemu_disks=files,
+                      qemu_queues=queues, iothreads=(kind == "qemu+iothreads"),
+                      timeout=900, extra_qemu_args=(
+                          ["-global", "virtio-scsi-pci.packed=on"] if packed else []))
     entry["status"] = r.status
     entry["boot_s"] = round(r.boot_seconds, 1)
     entry["total_s"] = round(time.monotonic() - t0, 1)
@@ -236,6 +245,33 @@ def fmt(job: dict | None) -> str:
     return f"{job['mb_s']:.1f} MB/s\n{job['iops']:.0f} IOPS"
 
 
+def median_jobs(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per job, the median MB/s and IOPS over the rounds that produced a number."""
+    out: dict[str, dict] = {}
+    for name in {n for jobs in runs for n in jobs}:
+        ok = [jobs[name] for jobs in runs if jobs.get(name, {}).get("mb_s") is not None]
+        if not ok:
+            out[name] = {"error": "no result", "mb_s": None, "iops": None}
+            continue
+        out[name] = {"error": 0, "rounds": len(ok),
+                     "mb_s": statistics.median(j["mb_s"] for j in ok),
+                     "iops": statistics.median(j["iops"] for j in ok)}
+    return out
+
+
+def ratio_columns(backends: list[str]) -> list[tuple[str, str]]:
+    """(ours-variant, other) pairs to compare: each QEMU backend against ours on the same
+    ring kind, and packed against split for ours."""
+    pairs = []
+    for b in backends:
+        mine = "ours+packed" if b.endswith("+packed") else "ours"
+        if not b.startswith("ours") and mine in backends:
+            pairs.append((mine, b))
+    if "ours" in backends and "ours+packed" in backends:
+        pairs.append(("ours+packed", "ours"))
+    return pairs
+
+
 def ratio(a: dict | None, b: dict | None) -> float | None:
     if not a or not b or not a.get("mb_s") or not b.get("mb_s"):
         return None
@@ -247,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 s per fio job instead of 5")
     ap.add_argument("--runtime", type=int, default=None, help="seconds per fio job")
     ap.add_argument("--queues", default="1,2", help="comma-separated queue counts")
-    ap.add_argument("--backends", default="ours,qemu,qemu+iothreads")
+    ap.add_argument("--backends", default="ours,qemu,qemu+iothreads",
+                    help="comma-separated: ours, qemu, qemu+iothreads, each also +packed")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every configuration this many times, alternating; medians")
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     ap.add_argument("--profile", metavar="OUT",
                     help="profile our backend with py-spy, summary written here")
@@ -275,32 +314,40 @@ def main(argv: list[str] | None = None) -> int:
                "host": os.uname().nodename, "load_start": load(), "vcpus": VCPUS,
                "runtime_s": runtime, "ramp_s": ramp, "file_mb": FILE_MB, "configs": []}
     try:
-        for queues in queue_counts:
-            for backend in backends:
-                with console.status(f"{backend}, {queues} queue(s): booting + fio"):
-                    prof = (f"{args.profile}.q{queues}"
-                            if args.profile and backend == "ours" else None)
-                    entry = run_config(image, backend, queues, files, script, console, prof)
-                results["configs"].append(entry)
-                console.print(f"{backend} q{queues}: " + ", ".join(
-                    f"{k} {v['mb_s']:.1f} MB/s" for k, v in entry["jobs"].items()
-                    if v.get("mb_s") is not None) + f"  (boot {entry['boot_s']} s, "
-                    f"load {entry['load_before']})")
+        for rnd in range(args.rounds):
+            for queues in queue_counts:
+                for backend in backends:
+                    with console.status(f"round {rnd + 1}/{args.rounds}: {backend}, "
+                                        f"{queues} queue(s): booting + fio"):
+                        tag = f".r{rnd}" if args.rounds > 1 else ""
+                        prof = (f"{args.profile}.q{queues}{tag}"
+                                if args.profile and backend == "ours" else None)
+                        entry = run_config(image, backend, queues, files, script, console, prof)
+                    entry["round"] = rnd
+                    results["configs"].append(entry)
+                    console.print(f"{backend} q{queues}: " + ", ".join(
+                        f"{k} {v['mb_s']:.1f} MB/s" for k, v in entry["jobs"].items()
+                        if v.get("mb_s") is not None) + f"  (boot {entry['boot_s']} s, "
+                        f"load {entry['load_before']})")
     finally:
         shutil.rmtree(shm, ignore_errors=True)
     results["load_end"] = load()
 
-    by = {(c["backend"], c["queues"]): c["jobs"] for c in results["configs"]}
+    runs: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
+    for c in results["configs"]:
+        runs[(c["backend"], c["queues"])].append(c["jobs"])
+    by = {key: median_jobs(jobs) for key, jobs in runs.items()}
     jobnames = ["randread-4k"] + [f"table-{t}" for t in TABLE_TARGETS]
-    table = Table(title=f"guest fio, {VCPUS} vCPUs, {runtime} s per job "
+    pairs = ratio_columns(backends)
+    medians = f", median of {args.rounds} alternating rounds" if args.rounds > 1 else ""
+    table = Table(title=f"guest fio, {VCPUS} vCPUs, {runtime} s per job{medians} "
                         f"(load {results['load_start']} -> {results['load_end']})")
     table.add_column("job")
     table.add_column("queues", justify="right")
     for b in backends:
         table.add_column(b, justify="right")
-    for b in backends[1:]:
-        if "ours" in backends:
-            table.add_column(f"ours/{b}", justify="right")
+    for a, b in pairs:
+        table.add_column(f"{a}/{b}", justify="right")
     rows = []
     for queues in queue_counts:
         for job in jobnames:
@@ -309,12 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             for b in backends:
                 row[b] = by.get((b, queues), {}).get(job)
             ratios = []
-            for b in backends[1:]:
-                if "ours" in backends:
-                    r = ratio(by.get(("ours", queues), {}).get(job),
-                              by.get((b, queues), {}).get(job))
-                    row[f"ours/{b}"] = r
-                    ratios.append("-" if r is None else f"{r:.2f}")
+            for a, b in pairs:
+                r = ratio(by.get((a, queues), {}).get(job), by.get((b, queues), {}).get(job))
+                row[f"{a}/{b}"] = r
+                ratios.append("-" if r is None else f"{r:.2f}")
             rows.append(row)
             table.add_row(job, str(queues), *cells, *ratios)
     results["rows"] = rows

@@ -162,8 +162,8 @@ def _parse_coalesce(text: str) -> tuple[int, float]:
         n, t = int(count), int(us) if sep else 0
     except ValueError:
         raise UsageError(f"--coalesce {text!r}: want COUNT,US, e.g. 8,50") from None
-    if n < 1 or not 0 <= t <= 1_000_000:
-        raise UsageError(f"--coalesce {text!r}: COUNT must be >= 1 and US 0..1000000")
+    if n < 1 or not 0 <= t <= 10_000_000:
+        raise UsageError(f"--coalesce {text!r}: COUNT must be >= 1 and US 0..10000000")
     return n, t / 1e6
 
 

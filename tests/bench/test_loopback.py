@@ -32,6 +32,38 @@ def test_percpu_randrw_verify_four_targets(capsys):
     assert r["locality"] == 1.0 and r["ipis"] == 0  # each target's job stays on its CPU
 
 
+@pytest.mark.parametrize("layout", [("percpu", "4", "1"), ("blkmq", "1", "2")])
+def test_packed_rings_randrw_verify(capsys, layout):
+    """--packed: the same machine over packed virtqueues (blkmq: two vCPUs onto one
+    target)."""
+    policy, targets, numjobs = layout
+    status, r = bench(capsys, "--packed", "--policy", policy, "--targets", targets,
+                      "--numjobs", numjobs, "--queues", "2", "--vcpus", "2", "--rw", "randrw",
+                      "--bs", "4k", "--iodepth", "8", "--verify", "--requests", "3000",
+                      "--size", "2M")
+    assert status == 0
+    assert r["requests"] == 3000
+    assert r["errors"] == 0 and r["verify_errors"] == 0
+    assert all(n > 0 for n in r["per_queue"]) and sum(r["per_queue"]) == 3000
+
+
+def test_packed_loopback_builds_packed_rings_on_both_sides():
+    from vscsi.virtio import PackedDeviceRing, PackedDriverRing
+
+    machine = Loopback([parse_lun_spec("0:0=ram:1M")], policy="percpu", queues=2, vcpus=2,
+                       packed=True)
+    try:
+        assert all(isinstance(r, PackedDeviceRing) for r in machine.device_rings)
+        assert all(isinstance(r, PackedDriverRing) for r in machine.initiator.rings)
+    finally:
+        machine.close()
+
+
+def test_packed_is_not_for_the_preset(capsys):
+    assert main(["bench", "--preset", "coverletter", "--packed"]) == 2
+    assert "not --preset" in capsys.readouterr().err
+
+
 def test_blkmq_one_target_from_two_vcpus_reorders(capsys):
     status, r = bench(capsys, "--policy", "blkmq", "--targets", "1", "--numjobs", "2",
                       "--queues", "2", "--vcpus", "2", "--rw", "randwrite", "--verify",

@@ -35,6 +35,23 @@ def test_json_has_per_cpu_and_per_queue_figures(serve, capsys):
         assert len(r["per_cpu"][key]) == 2, key
 
 
+def test_packed_rings_over_the_socket(serve, capsys):
+    """--socket --packed: the SMP driver's VCPU processes share packed rings with
+    `vscsi serve`; writes verified across both queues."""
+    status = main(["bench", "--socket", serve.socket, "--packed", "--json", "--requests",
+                   "2000", "--size", "256k", "--rw", "randrw", "--verify", "--iodepth", "8"])
+    r = json.loads(capsys.readouterr().out)
+    assert status == 0 and r["errors"] == 0 and r["verify_errors"] == 0
+    assert r["config"]["backend"]["packed"] is True
+    assert len(r["per_queue"]) == 2 and sum(r["per_queue"]) == 2000
+    assert all(n > 0 for n in r["per_queue"])
+
+
+def test_split_rings_by_default(serve, capsys):
+    assert main(["bench", "--socket", serve.socket, "--json", "--requests", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["backend"]["packed"] is False
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--lun", "0:0=ram:1M"], "backend's LUNs are discovered"),
     (["--targets", "9"], "only 3 targets"),

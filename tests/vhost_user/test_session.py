@@ -30,7 +30,19 @@ from vscsi.vhost_user.codec import (
 )
 from vscsi.vhost_user.states import RingPhase
 from vscsi.vhost_user.workers import Broken
-from vscsi.virtio import DeviceRing, QueueRole, queue_region_size, ring_bytes, ring_layout
+from vscsi.virtio import (
+    PACKED_INITIAL_STATE,
+    VIRTIO_F_RING_PACKED,
+    DeviceRing,
+    PackedDeviceRing,
+    PackedDriverRing,
+    QueueRole,
+    packed_ring_bytes,
+    packed_ring_layout,
+    queue_region_size,
+    ring_bytes,
+    ring_layout,
+)
 
 DEVICE_FEATURES = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 1) | (1 << 2)
 
@@ -133,13 +145,13 @@ class Front:
         assert reply.reply and isinstance(reply.payload, U64)
         return reply.payload.value
 
-    def negotiate(self, *, protocol_bit: bool = True) -> None:
+    def negotiate(self, *, protocol_bit: bool = True, extra: int = 0) -> None:
         assert self.u64(Request.GET_FEATURES) >> F_PROTOCOL_FEATURES & 1
         proto = self.u64(Request.GET_PROTOCOL_FEATURES)
         self.send(Request.SET_PROTOCOL_FEATURES, U64(proto))
         assert self.u64(Request.GET_QUEUE_NUM) == 4
         self.send(Request.SET_OWNER)
-        features = DEVICE_FEATURES | (1 << 27)  # + ANY_LAYOUT, never offered
+        features = DEVICE_FEATURES | (1 << 27) | extra  # + ANY_LAYOUT, never offered
         if protocol_bit:
             features |= 1 << F_PROTOCOL_FEATURES
         self.send(Request.SET_FEATURES, U64(features))
@@ -154,8 +166,12 @@ class Front:
         return r.user_addr + guest - r.guest_addr
 
     def configure(self, index: int, *, size: int = 16, base: int = 0,
-                  kick: bool = True) -> None:
-        addrs = ring_layout(size, self.alloc.alloc(ring_bytes(size), 4096))
+                  kick: bool = True, packed: bool = False) -> None:
+        if packed:
+            addrs = packed_ring_layout(size, self.alloc.alloc(packed_ring_bytes(size), 4096))
+        else:
+            addrs = ring_layout(size, self.alloc.alloc(ring_bytes(size), 4096))
+        self.addrs = addrs
         self.send(Request.SET_VRING_NUM, VringState(index, size))
         self.send(Request.SET_VRING_BASE, VringState(index, base))
         self.send(Request.SET_VRING_ADDR, VringAddr(
@@ -211,6 +227,39 @@ def test_qemu_start_sequence(front: Front) -> None:
     for i in range(4):
         front.send(Request.SET_VRING_CALL, VringFile(i), (front.dup(front.eventfd()),))
     assert [e[:2] for e in front.queues.log if e[0] == "call"] == [("call", i) for i in range(4)]
+
+
+def test_packed_rings_offered_negotiated_and_resumed_with_wrap_counters(front: Front) -> None:
+    assert front.u64(Request.GET_FEATURES) >> VIRTIO_F_RING_PACKED & 1
+    front.negotiate(extra=1 << VIRTIO_F_RING_PACKED)
+    front.mem_table()
+    front.configure(2, base=PACKED_INITIAL_STATE, packed=True)  # what QEMU sends after reset
+    front.enable(2)
+    ring = front.queues.running[2]
+    assert isinstance(ring, PackedDeviceRing)
+    assert ring.last_avail_idx == PACKED_INITIAL_STATE
+    # the guest's driver uses it: one buffer, all the way round
+    drv = PackedDriverRing(front.mem, front.addrs, event_idx=True)
+    buf = front.alloc.alloc(8, 8)
+    for token in range(17):
+        drv.add([(buf, 8)], [], token)
+        drv.publish()
+        chain = ring.pop()
+        ring.push(chain.head, 0)
+        assert drv.reclaim() == [(token, 0)]
+    # 17 slots of 16: position 1, both wrap counters 0 -- GET_VRING_BASE carries them all
+    front.enable(2, False)
+    assert front.get_base(2) == 1 | 1 << 16
+    front.configure(2, base=1 | 1 << 16, packed=True)
+    front.enable(2)
+    assert front.queues.running[2].last_avail_idx == 1 | 1 << 16
+
+
+def test_split_ring_base_must_fit_16_bits(front: Front) -> None:
+    front.negotiate()
+    (ack,) = front.send(Request.SET_VRING_BASE, VringState(2, PACKED_INITIAL_STATE),
+                        need_reply=True)
+    assert ack.payload == U64(1)
 
 
 def test_without_protocol_features_rings_start_enabled(front: Front) -> None:
@@ -316,7 +365,7 @@ def test_bad_queue_size(front: Front, num: int) -> None:
 
 def test_features_we_cannot_do(front: Front) -> None:
     front.negotiate()
-    for bit in (F_LOG_ALL, 33, 34):
+    for bit in (F_LOG_ALL, 33):
         (ack,) = front.send(Request.SET_FEATURES, U64(1 << bit), need_reply=True)
         assert ack.payload == U64(1)
     (ack,) = front.send(Request.SET_PROTOCOL_FEATURES,

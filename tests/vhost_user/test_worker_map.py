@@ -68,9 +68,9 @@ def test_one_worker_serves_every_request_queue(one_worker: ServeProcess) -> None
 
 @pytest.fixture
 def coalescing(tmp_path) -> Iterator[ServeProcess]:
-    # 4 completions, or 1 s after the first held one (later than this test waits)
+    # 4 completions, or 5 s after the first held one (later than this test waits)
     proc = ServeProcess(str(tmp_path), ["0:0=ram:1M"], queues=1,
-                        extra=["--coalesce", "4,1000000"])
+                        extra=["--coalesce", "4,5000000"])
     try:
         yield proc
         assert proc.stop() == 0, proc.output()

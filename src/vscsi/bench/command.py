@@ -47,6 +47,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", type=int,
                    help="request queues (default: 2 for the loopback, --vcpus for --socket)")
     p.add_argument("--vcpus", type=int, default=2, help="CPUs submitting (VCPU processes)")
+    p.add_argument("--packed", action="store_true",
+                   help="packed virtqueues (virtio 1.2 §2.8) instead of split ones")
     p.add_argument("--policy", choices=sorted(POLICIES), default="percpu")
     p.add_argument("--hint-delay", type=float, default=0.0, metavar="MS",
                    help="pertarget: how late the balancer applies affinity hints")
@@ -103,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--queues, --vcpus and --numjobs must be at least 1")
     if args.hint_delay < 0 or args.migrate_every < 1:
         raise ValueError("--hint-delay must be >= 0 and --migrate-every >= 1")
+    if args.packed and args.preset:
+        raise ValueError("--packed runs with --loopback or --socket, not --preset")
     if args.preset:
         from vscsi.bench.preset import coverletter
 
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.loopback:
         machine = Loopback(lun_specs(args), policy=args.policy, queues=args.queues or 2,
                            vcpus=args.vcpus, hint_delay=args.hint_delay / 1000,
-                           seed=args.seed)
+                           seed=args.seed, packed=args.packed)
         opts = run_options(args)
     else:
         raise ValueError("say where to run: --loopback, --socket PATH or --preset")

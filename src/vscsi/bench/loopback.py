@@ -1,5 +1,6 @@
-"""The loopback transport: our driver and our device in one process, joined by real split
-virtqueues in one shared-memory (memfd) region, with logical CPUs.
+"""The loopback transport: our driver and our device in one process, joined by real
+virtqueues (split, or packed with ``packed=True``) in one shared-memory region, with
+logical CPUs.
 
 Each round, every job fills its free slots from its logical CPU; then the device services
 the request queues in a seeded random order (so requests that a policy put on different
@@ -21,7 +22,13 @@ from vscsi.driver.targets import LocalTargetBook
 from vscsi.driver.tasks import RunOutcome, Task, TaskResults
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.scsi import LunSpec, build_targets
-from vscsi.virtio import DeviceRing, drain
+from vscsi.virtio import (
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    device_ring_for,
+    drain,
+)
 
 
 class StallError(RuntimeError):
@@ -43,6 +50,7 @@ class Loopback:
         seed: int = 0,
         queue_size: int = 128,
         memory_size: int = 256 << 20,
+        packed: bool = False,
     ) -> None:
         self.targets = build_targets(specs)
         self.fifo = FifoChecker()
@@ -55,10 +63,12 @@ class Loopback:
         book = LocalTargetBook(max(self.targets, default=0) + 1, queues)
         self.initiator = Initiator.local(
             self.mem, self.alloc, make_policy(policy, queues, vcpus, book), vcpus, book=book,
-            queue_size=queue_size, hint_delay=hint_delay,
+            queue_size=queue_size, hint_delay=hint_delay, packed=packed,
         )
+        features = (1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_RING_F_INDIRECT_DESC
+                    | (1 << VIRTIO_F_RING_PACKED if packed else 0))
         self.device_rings = [
-            DeviceRing(self.mem, addrs, event_idx=True) for addrs in self.initiator.ring_addrs
+            device_ring_for(features, self.mem, addrs) for addrs in self.initiator.ring_addrs
         ]
         self.handlers = [
             self.device.handler_for(FIRST_REQUEST_QUEUE + q) for q in range(len(self.device_rings))

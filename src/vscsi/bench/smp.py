@@ -16,5 +16,6 @@ def smp_machine(args: argparse.Namespace, path: str, *, policy: str | None = Non
 
     cfg = SmpConfig(vcpus=args.vcpus, queues=args.queues, policy=policy or args.policy,
                     hint_delay=args.hint_delay / 1000, pin=args.pin,
-                    migrate_every=args.migrate_every, seed=args.seed)
+                    migrate_every=args.migrate_every, seed=args.seed,
+                    packed=getattr(args, "packed", False))
     return SmpMachine(path, cfg)

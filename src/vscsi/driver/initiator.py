@@ -37,7 +37,15 @@ from vscsi.driver.balancer import Balancer
 from vscsi.driver.steering import Policy
 from vscsi.driver.targets import LocalTargetBook, TargetBook
 from vscsi.memory import Allocator, GuestMemory
-from vscsi.virtio import DriverRing, RingFull, ring_bytes, ring_layout
+from vscsi.virtio import (
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_RING_F_EVENT_IDX,
+    AnyDriverRing,
+    RingFull,
+    driver_ring_for,
+    ring_bytes_for,
+    ring_layout_for,
+)
 
 # virtio 1.2 §5.6.6.1: VirtIOSCSICmdReq with cdb_size 32, VirtIOSCSICmdResp with sense_size 96
 CDB_SIZE = 32
@@ -211,7 +219,7 @@ class Initiator:
         mem: GuestMemory,
         alloc: Allocator,
         policy: Policy,
-        rings: Sequence[DriverRing],
+        rings: Sequence[AnyDriverRing],
         *,
         num_cpus: int,
         book: TargetBook,
@@ -254,12 +262,16 @@ class Initiator:
         queue_size: int = 128,
         event_idx: bool = True,
         indirect: bool = True,
+        packed: bool = False,
         hint_delay: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> Initiator:
-        """One process: fresh rings in ``mem``, a Balancer on ``clock``, no locks."""
-        rings = [DriverRing(mem, a, event_idx=event_idx) for a in lay_out_rings(
-            alloc, queue_size, policy.num_queues)]
+        """One process: fresh rings in ``mem`` (split, or packed), a Balancer on
+        ``clock``, no locks."""
+        features = (1 << VIRTIO_RING_F_EVENT_IDX if event_idx else 0) | (
+            1 << VIRTIO_F_RING_PACKED if packed else 0)
+        rings = [driver_ring_for(features, mem, a) for a in lay_out_rings(
+            alloc, queue_size, policy.num_queues, features)]
         balancer = Balancer([policy.irq_cpu(q) for q in range(policy.num_queues)], hint_delay)
         return cls(mem, alloc, policy, rings, num_cpus=num_cpus, book=book,
                    interrupts=LocalInterrupts(balancer, clock), indirect=indirect, clock=clock)
@@ -407,9 +419,11 @@ class Initiator:
             self.stats.ipis += 1
 
 
-def lay_out_rings(alloc: Allocator, queue_size: int, count: int) -> list:
-    """Ring addresses for ``count`` queues of ``queue_size``, page-aligned."""
-    return [ring_layout(queue_size, alloc.alloc(ring_bytes(queue_size), align=4096))
+def lay_out_rings(alloc: Allocator, queue_size: int, count: int, features: int = 0) -> list:
+    """Ring addresses for ``count`` queues of ``queue_size``, page-aligned, of the ring
+    kind ``features`` choose (VIRTIO_F_RING_PACKED or not)."""
+    return [ring_layout_for(features, queue_size,
+                            alloc.alloc(ring_bytes_for(features, queue_size), align=4096))
             for _ in range(count)]
 
 

@@ -38,10 +38,13 @@ from vscsi.vhost_user.frontend import (
     attach_ring,
 )
 from vscsi.virtio import (
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     RingAddresses,
+    initial_base,
+    is_packed,
 )
 
 WANT_FEATURES = (
@@ -72,6 +75,10 @@ class Negotiated:
         return bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1)
 
     @property
+    def packed(self) -> bool:
+        return is_packed(self.features)
+
+    @property
     def indirect(self) -> bool:
         return bool(self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
 
@@ -92,20 +99,22 @@ class VhostScsiFrontend:
     """One connection to a vhost-user-scsi backend, negotiated (see the module docstring).
     Use :meth:`connect`; then :meth:`start` with guest memory and ring addresses."""
 
-    def __init__(self, client: FrontendClient, path: str) -> None:
+    def __init__(self, client: FrontendClient, path: str, *, packed: bool = False) -> None:
         self.client = client
         self.path = path
+        self.packed = packed  # ask for VIRTIO_F_RING_PACKED (refused if not offered)
         self.negotiated: Negotiated | None = None
         self.ring_fds: dict[int, RingFds] = {}
 
     @classmethod
-    def connect(cls, path: str, *, timeout: float = 10.0) -> VhostScsiFrontend:
+    def connect(cls, path: str, *, timeout: float = 10.0,
+                packed: bool = False) -> VhostScsiFrontend:
         try:
             client = FrontendClient.connect(path, timeout=timeout)
         except OSError as exc:
             raise BackendUnsuitable(
                 f"cannot connect to a backend at {path}: {exc.strerror or exc}") from None
-        frontend = cls(client, path)
+        frontend = cls(client, path, packed=packed)
         try:
             frontend.negotiate()
         except BaseException:
@@ -151,6 +160,10 @@ class VhostScsiFrontend:
                 raise self._unsuitable(f"does not accept cdb_size {CDB_SIZE} / sense_size "
                                        f"{SENSE_SIZE}")
         features = offered & WANT_FEATURES
+        if self.packed:
+            if not offered >> VIRTIO_F_RING_PACKED & 1:
+                raise self._unsuitable("does not offer packed virtqueues")
+            features |= 1 << VIRTIO_F_RING_PACKED
         c.set_features(features | (offered & (1 << F_PROTOCOL_FEATURES)))
         if protocol >> ProtocolFeature.STATUS & 1:
             c.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK)
@@ -169,7 +182,8 @@ class VhostScsiFrontend:
         with self._talking("device start"):
             self.client.set_mem_table(mem)
             for index in sorted(rings):
-                self.ring_fds[index] = attach_ring(self.client, mem, index, rings[index])
+                self.ring_fds[index] = attach_ring(self.client, mem, index, rings[index],
+                                                   base=initial_base(neg.features))
             if neg.has_protocol(ProtocolFeature.STATUS):
                 self.client.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
         return self.ring_fds

@@ -32,14 +32,14 @@ from typing import Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
 from vscsi.virtio import (
-    DEFAULT_MAX_INDIRECT,
     MAX_QUEUE_SIZE,
-    VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
-    DeviceRing,
+    VIRTIO_F_RING_PACKED,
+    AnyDeviceRing,
     InflightQueue,
     QueueRole,
     RingAddresses,
+    device_ring_for,
+    is_packed,
     queue_region_size,
     region_size,
 )
@@ -78,7 +78,8 @@ from .workers import Broken, VirtioDevice, signal_eventfd
 log = logging.getLogger(__name__)
 
 VIRTIO_F_IOMMU_PLATFORM = 33  # we map guest memory directly: no IOTLB
-VIRTIO_F_RING_PACKED = 34  # split rings only
+# The ring layer's bits on top of the device's: both ring kinds, the driver picks one.
+RING_KIND_FEATURES = 1 << VIRTIO_F_RING_PACKED
 
 # What we speak. CONFIG is on by default (QEMU strips it for scsi anyway, and our own
 # front-end asks GET_CONFIG); pass ``no_config=True`` for QEMU 7.2.0-7.2.2, which crash
@@ -106,7 +107,7 @@ class Disconnect(Exception):
 class Queues(Protocol):
     """How the session runs rings (workers.QueueHost, or a test double)."""
 
-    def start(self, index: int, ring: DeviceRing, mem: GuestMemory, kick_fd: int,
+    def start(self, index: int, ring: AnyDeviceRing, mem: GuestMemory, kick_fd: int,
               call_fd: int) -> None: ...
 
     def stop(self, index: int) -> int: ...
@@ -134,7 +135,9 @@ class Vring:
 
     index: int
     num: int | None = None
-    base: int = 0  # last_avail_idx to start from (SET_VRING_BASE, or where we stopped)
+    # Where to resume (SET_VRING_BASE, or where we stopped): the last avail idx of a split
+    # ring; of a packed ring avail position | wrap << 15, used likewise << 16 (vhost-user).
+    base: int = 0
     addr: VringAddr | None = None
     kick_fd: int = -1
     call_fd: int = -1
@@ -276,7 +279,7 @@ class Session:
     # ------------------------------------------------------------------ features
 
     def offered_features(self) -> int:
-        return self.device.features | (1 << F_PROTOCOL_FEATURES)
+        return self.device.features | RING_KIND_FEATURES | (1 << F_PROTOCOL_FEATURES)
 
     @property
     def protocol_negotiated(self) -> bool:
@@ -291,8 +294,7 @@ class Session:
         # Bits we never offered are fine (QEMU adds VERSION_1, ANY_LAYOUT, SCSI CHANGE
         # whatever we say) -- except the ones that would need machinery we lack.
         for bit, what in ((F_LOG_ALL, "dirty logging (LOG_ALL)"),
-                          (VIRTIO_F_IOMMU_PLATFORM, "IOMMU_PLATFORM"),
-                          (VIRTIO_F_RING_PACKED, "packed rings")):
+                          (VIRTIO_F_IOMMU_PLATFORM, "IOMMU_PLATFORM")):
             if value >> bit & 1:
                 raise BackendError(f"{what} is not supported")
         self.features = value
@@ -551,7 +553,7 @@ class Session:
         assert isinstance(state, VringState)
         ring = self._vring(state.index)
         self._configurable(ring, "SET_VRING_BASE")
-        if state.num > 0xFFFF:
+        if state.num > 0xFFFF and not is_packed(self.features):
             raise BackendError(f"vring base {state.num} does not fit a split ring's 16 bits")
         ring.base = state.num
 
@@ -652,7 +654,7 @@ class Session:
                   ring.index, device_ring.size, device_ring.last_avail_idx)
         self._collect_broken()
 
-    def _make_ring(self, ring: Vring) -> DeviceRing:
+    def _make_ring(self, ring: Vring) -> AnyDeviceRing:
         if self.mem is None:
             raise BackendError("no memory table")
         if ring.num is None or ring.addr is None:
@@ -666,14 +668,8 @@ class Session:
                 avail=self.mem.user_to_guest(a.avail),
                 used=self.mem.user_to_guest(a.used),
             )
-            return DeviceRing(
-                self.mem, addrs,
-                event_idx=bool(self.features >> VIRTIO_RING_F_EVENT_IDX & 1),
-                last_avail_idx=ring.base,
-                max_indirect=(DEFAULT_MAX_INDIRECT
-                              if self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1 else 0),
-                tracker=self._tracker(ring),
-            )
+            return device_ring_for(self.features, self.mem, addrs, base=ring.base,
+                                   tracker=self._tracker(ring))
         except (GuestMemoryError, ValueError) as exc:
             raise BackendError(f"bad ring addresses: {exc}") from None
 

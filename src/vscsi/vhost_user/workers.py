@@ -238,7 +238,7 @@ class _Served:
         row = self.row
         row[st.WAKEUPS] += 1
         ring = self.ring
-        taken = ring.last_avail_idx
+        taken = ring.taken
         notify = False
         while True:
             try:
@@ -254,9 +254,10 @@ class _Served:
                 log.exception("queue %d: request handler failed", self.index)
         row[st.LAST_AVAIL] = ring.last_avail_idx
         # Counted per pass, not per request: no extra frame on the hot path.
-        row[st.REQUESTS] += (ring.last_avail_idx - taken) & 0xFFFF
+        taken = ring.taken - taken
+        row[st.REQUESTS] += taken
         completed, self.completed = self.completed, 0
-        self._pace(notify, completed + ((ring.last_avail_idx - taken) & 0xFFFF), now)
+        self._pace(notify, completed + taken, now)
         return None
 
     def publish(self, now: float) -> None:
@@ -946,11 +947,11 @@ class _Inline:
                 row[st.REQUESTS] += pushed
                 notify = bool(pushed) and ring.needs_notify()
             else:
-                taken = ring.last_avail_idx
+                taken = ring.taken
                 try:
                     notify = drain(ring, self.handle)
                 finally:
-                    row[st.REQUESTS] += (ring.last_avail_idx - taken) & 0xFFFF
+                    row[st.REQUESTS] += ring.taken - taken
         except RingBroken as exc:
             return f"ring broken: {exc}"
         except Exception:

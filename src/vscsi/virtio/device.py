@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError
 from vscsi.virtio.features import (
@@ -96,6 +97,7 @@ class DeviceRing:
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.broken = False
         self.inflight = 0  # popped (incl. ChainError heads) minus pushed
+        self.taken = 0  # chains popped, ever (workers count requests with it)
         self._mask = addrs.size - 1
         # avail_event sits after the used ring, used_event after the avail ring
         self._avail_event_off = RING_OFF + 8 * addrs.size
@@ -172,6 +174,7 @@ class DeviceRing:
         if self._resubmit:
             head = self._resubmit.pop()  # still marked in flight, with its old counter
             self.inflight += 1
+            self.taken += 1
             return self._walk(head)
         last = self.last_avail_idx
         if self._shadow_avail == last:
@@ -185,6 +188,7 @@ class DeviceRing:
         last = (last + 1) & 0xFFFF
         self.last_avail_idx = last
         self.inflight += 1
+        self.taken += 1
         if self.tracker is not None:
             self.tracker.take(head)
         if self._notify and self.event_idx:
@@ -310,11 +314,23 @@ class DeviceRing:
             mb()  # the flag/event store before the caller's re-check of avail idx
 
 
-def drain(ring: DeviceRing, handle: Callable[[Chain], int | None], *,
+class DeviceSide(Protocol):
+    """What drain() needs of a ring: the device side of a split or a packed virtqueue."""
+
+    def pop(self) -> Chain | None: ...
+    def fill(self, head: int, written: int) -> None: ...
+    def flush(self) -> None: ...
+    def set_notify(self, enabled: bool) -> None: ...
+    def has_available(self) -> bool: ...
+    def needs_notify(self) -> bool: ...
+
+
+def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
           rearm: bool = True) -> bool:
-    """The one device loop: notifications off, pop every chain, handle(chain) -> bytes
-    written, fill its used element; ChainError -> fill(head, 0); publish the used idx once
-    per pass; notifications on, re-check; returns whether the driver must be signalled.
+    """The one device loop (either ring kind): notifications off, pop every chain,
+    handle(chain) -> bytes written, fill its used element; ChainError -> fill(head, 0);
+    publish the used idx once per pass; notifications on, re-check; returns whether the
+    driver must be signalled.
     A handler that returns None keeps the chain in flight: whoever answers it later calls
     ``ring.fill(head, written)`` and ``ring.flush()``, in any order (the used ring says
     which head completed).

@@ -6,11 +6,14 @@ VIRTIO_F_ANY_LAYOUT = 27  # implied by VERSION_1: the rings never assume a layou
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_RING_PACKED = 34  # packed virtqueues (§2.8): vscsi.virtio.packed
 
 # The feature mask this package implements for split rings, for a device to offer.
 RING_FEATURES = (
     (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1)
 )
+# ... and with packed rings too (the driver picks one kind by acknowledging the bit).
+RING_FEATURES_PACKED = RING_FEATURES | (1 << VIRTIO_F_RING_PACKED)
 
 # struct virtq_desc.flags
 VIRTQ_DESC_F_NEXT = 1  # the chain goes on at desc.next

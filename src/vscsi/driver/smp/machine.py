@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from vscsi.driver.balancer import Balancer
 from vscsi.driver.discovery import Unit, discover
 from vscsi.driver.initiator import Initiator, InitiatorStats, lay_out_rings
-from vscsi.driver.smp.ring import SharedDriverRing
+from vscsi.driver.smp.ring import SharedDriverRing, SharedPackedDriverRing
 from vscsi.driver.smp.shm import (
     Arena,
     Control,
@@ -49,7 +49,7 @@ from vscsi.driver.steering import make_policy
 from vscsi.driver.tasks import RunOutcome, Task, TaskResults
 from vscsi.driver.vhost import BackendUnsuitable, VhostScsiFrontend
 from vscsi.memory import Allocator, GuestMemory
-from vscsi.virtio import DriverRing, ring_bytes, ring_layout
+from vscsi.virtio import driver_ring_for, ring_bytes_for, ring_layout_for
 
 EVENT_BUFFERS = 4  # posted on the event queue, as virtio_scsi.c posts VIRTIO_SCSI_EVENT_LEN
 EVENT_SIZE = 16
@@ -77,6 +77,7 @@ class SmpConfig:
     slot_capacity: int = 4096
     seed: int = 0
     host_cpus: Sequence[int] | None = None  # default: every CPU this process may use
+    packed: bool = False  # packed virtqueues (the backend must offer them)
 
 
 class SmpMachine:
@@ -89,7 +90,7 @@ class SmpMachine:
         self.cfg = cfg
         self.path = socket_path
         self.host_cpus = list(cfg.host_cpus or sorted(os.sched_getaffinity(0)))
-        self.frontend = VhostScsiFrontend.connect(socket_path)
+        self.frontend = VhostScsiFrontend.connect(socket_path, packed=cfg.packed)
         try:
             self._build()
         except BaseException:
@@ -110,8 +111,9 @@ class SmpMachine:
         self.table = SharedTargetTable(neg.max_target + 1, queues, self.arena)
         policy = make_policy(cfg.policy, queues, cfg.vcpus, self.table)
         nq = policy.num_queues
-        rings = [SharedDriverRing(self.mem, a, event_idx=neg.event_idx, arena=self.arena)
-                 for a in lay_out_rings(self.alloc, cfg.queue_size, nq)]
+        shared_ring = SharedPackedDriverRing if neg.packed else SharedDriverRing
+        rings = [shared_ring(self.mem, a, event_idx=neg.event_idx, arena=self.arena)
+                 for a in lay_out_rings(self.alloc, cfg.queue_size, nq, neg.features)]
         self.interrupts = SharedInterrupts([policy.irq_cpu(q) for q in range(nq)], self.arena)
         self.initiator = Initiator(
             self.mem, self.alloc, policy, rings, num_cpus=cfg.vcpus, book=self.table,
@@ -121,9 +123,11 @@ class SmpMachine:
         )
         self.control = Control(cfg.vcpus, self.arena)
         # control and event queues: started as a guest does; the event queue gets buffers
-        small = [ring_layout(16, self.alloc.alloc(ring_bytes(16), align=4096)) for _ in (0, 1)]
-        self.control_ring = DriverRing(self.mem, small[0], event_idx=neg.event_idx)
-        self.event_ring = DriverRing(self.mem, small[1], event_idx=neg.event_idx)
+        f = neg.features
+        small = [ring_layout_for(f, 16, self.alloc.alloc(ring_bytes_for(f, 16), align=4096))
+                 for _ in (0, 1)]
+        self.control_ring = driver_ring_for(f, self.mem, small[0])
+        self.event_ring = driver_ring_for(f, self.mem, small[1])
         for i in range(EVENT_BUFFERS):
             self.event_ring.add([], [(self.alloc.alloc(EVENT_SIZE), EVENT_SIZE)], i)
         addrs = {0: small[0], 1: small[1]} | {2 + q: r.addrs for q, r in enumerate(rings)}
@@ -200,6 +204,11 @@ class SmpMachine:
         out = []
         for q, ring in enumerate(self.initiator.rings):
             a = ring.addrs
+            if self.neg.packed:
+                out.append(f"q{q}: packed, driver at {ring._avail_pos}/{ring._avail_wrap} "
+                           f"reclaimed to {ring._used_pos}/{ring._used_wrap} "
+                           f"affinity {self.interrupts.cpu_for(q)}")
+                continue
             avail_idx, used_idx, used_event, avail_event = (
                 U16.unpack_from(self.mem.view(addr, 2))[0]
                 for addr in (a.avail + 2, a.used + 2, a.avail + 4 + 2 * a.size,
@@ -224,7 +233,8 @@ class SmpMachine:
             "host_cpus": [self.host_cpus[v % len(self.host_cpus)] for v in range(cfg.vcpus)],
             "fifo_basis": self.fifo_basis,
             "backend": {"request_queues": neg.num_queues, "event_idx": neg.event_idx,
-                        "indirect": neg.indirect, "config": neg.config is not None},
+                        "indirect": neg.indirect, "packed": neg.packed,
+                        "config": neg.config is not None},
         }
 
     def close(self) -> None:

@@ -22,11 +22,11 @@ Locking: every method needs the queue's lock held by the caller (the Initiator t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from vscsi.driver.smp.shm import Arena
 from vscsi.memory import GuestMemory
-from vscsi.virtio import DriverRing, RingAddresses
+from vscsi.virtio import DriverRing, PackedDriverRing, RingAddresses
 
 CHAIN_MAX = 8  # descriptors one chain may take (our requests take 1 to 3)
 
@@ -164,3 +164,104 @@ class SharedDriverRing(DriverRing):
         self._sh_chains = _Chains(arena.array("H", size * CHAIN_MAX), arena.array("H", size))
         self._sh_tokens = _Tokens(arena.array("q", size))
         super().__init__(mem, addrs, event_idx=event_idx, start_idx=start_idx)
+
+
+class _List:
+    """A shared list of ints used as PackedDriverRing uses its lists: a stack of free IDs
+    (len, pop, append) or the per-ID slots (index get/set)."""
+
+    def __init__(self, items: memoryview, count: memoryview | None = None) -> None:
+        self._items = items
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count[0] if self._count is not None else len(self._items)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def pop(self) -> int:
+        assert self._count is not None
+        n = self._count[0] - 1
+        if n < 0:
+            raise IndexError("pop from an empty list")
+        self._count[0] = n
+        return self._items[n]
+
+    def append(self, value: int) -> None:
+        assert self._count is not None
+        n = self._count[0]
+        self._items[n] = value
+        self._count[0] = n + 1
+
+    def __getitem__(self, i: int) -> int:
+        return self._items[i]
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self._items[i] = value
+
+    def load(self, values: list[int]) -> None:
+        if self._count is None:
+            for i, v in enumerate(values):
+                self._items[i] = v
+            return
+        self._count[0] = 0
+        for v in values:
+            self.append(v)
+
+
+class _Pending:
+    """The heads added but not yet published: (slot, flags) pairs (append, iterate,
+    clear, truth), shared so that whichever process publishes writes every one."""
+
+    def __init__(self, pairs: memoryview, count: memoryview) -> None:
+        self._pairs = pairs
+        self._count = count
+
+    def __bool__(self) -> bool:
+        return self._count[0] > 0
+
+    def append(self, pair: tuple[int, int]) -> None:
+        n = self._count[0]
+        self._pairs[2 * n], self._pairs[2 * n + 1] = pair
+        self._count[0] = n + 1
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        p = self._pairs
+        return iter([(p[2 * k], p[2 * k + 1]) for k in range(self._count[0])])
+
+    def clear(self) -> None:
+        self._count[0] = 0
+
+    def load(self, values: list[tuple[int, int]]) -> None:
+        self.clear()
+        for v in values:
+            self.append(v)
+
+
+class SharedPackedDriverRing(PackedDriverRing):
+    """PackedDriverRing with its state in ``arena``, as :class:`SharedDriverRing` does for
+    the split ring. Couples to PackedDriverRing's private attribute names."""
+
+    _free_ids = _proxy("_sh_free_ids")
+    _slots = _proxy("_sh_slots")
+    _tokens = _proxy("_sh_tokens")
+    _pending = _proxy("_sh_pending")
+    _free_slots = _state(0)
+    _avail_pos = _state(1)
+    _avail_wrap = _state(2)
+    _added = _state(3)
+    _used_pos = _state(4)
+    _used_wrap = _state(5)
+    _interrupts = _state(6, bool)
+    broken = _state(7, bool)
+
+    def __init__(self, mem: GuestMemory, addrs: RingAddresses, *, event_idx: bool,
+                 arena: Arena) -> None:
+        size = addrs.size
+        self._state = arena.array("q", 8)
+        self._sh_free_ids = _List(arena.array("H", size), arena.array("q", 1))
+        self._sh_slots = _List(arena.array("H", size))
+        self._sh_tokens = _Tokens(arena.array("q", size))
+        self._sh_pending = _Pending(arena.array("q", 2 * size), arena.array("q", 1))
+        super().__init__(mem, addrs, event_idx=event_idx)
