@@ -25,11 +25,11 @@ import subprocess
 import sys
 import time
 
+from vscsi.loop import EventLoop
 from vscsi.scsi import LogicalUnit, iouring
 from vscsi.scsi.backends import FileBackend
 from vscsi.scsi.pending import Pending
 from vscsi.scsi.spec import LunSpecError, parse_size
-from vscsi.testing.loop import EventLoop
 
 BS = 4096
 READ16 = struct.Struct(">BBQIBB")

@@ -22,8 +22,9 @@ ROOT = "vscsi"
 # packages of one rank (bench, sim, vm) never import each other.
 LAYERS: list[tuple[str, ...]] = [
     # leaves that import nothing of vscsi: how commands report a user's mistake; the
-    # figures bench and sim both report; the JSON-RPC server and client
-    ("usage", "metrics", "rpc"),
+    # figures bench and sim both report; the JSON-RPC server and client; the workers'
+    # event loop (the SCSI layer sees it only as the Scheduler protocol)
+    ("usage", "metrics", "rpc", "loop"),
     ("memory",),
     ("virtio",),
     ("scsi",),

@@ -1,5 +1,5 @@
 """O_DIRECT files with many requests in flight: a real file on the real disk, real helper
-threads, a real loop (vscsi.testing.loop.EventLoop) that the I/O completes on."""
+threads, a real loop (vscsi.loop.EventLoop) that the I/O completes on."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vscsi.loop import EventLoop
 from vscsi.scsi import LogicalUnit, ScsiResult, iouring
 from vscsi.scsi.backends import FileBackend, open_backend
 from vscsi.scsi.iothreads import IoPending
 from vscsi.scsi.pending import Pending
 from vscsi.scsi.spec import LunSpecError, parse_lun_spec
-from vscsi.testing.loop import EventLoop
 
 from .helpers import (
     GOOD,

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from vscsi.loop import EventLoop
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
 from vscsi.virtio import (
     Chain,
@@ -63,7 +64,6 @@ from vscsi.virtio import (
 )
 
 from . import stats as st
-from .loop import EventLoop
 from .pacing import AdaptivePoll, Coalescer
 
 log = logging.getLogger(__name__)
