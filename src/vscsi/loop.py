@@ -92,10 +92,11 @@ class EventLoop:
         """Wait up to ``timeout`` seconds (None: until something happens; shortened to
         the next timer), run the callbacks of ready fds, then the due timers. Returns the
         ready fds (the caller may want to know which)."""
-        due = self.next_deadline()
-        if due is not None:
-            left = max(0.0, due - time.monotonic())
-            timeout = left if timeout is None else min(timeout, left)
+        if self._timers:
+            due = self.next_deadline()
+            if due is not None:
+                left = max(0.0, due - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
         events = self._poller.poll(None if timeout is None else timeout * 1000)
         ready = []
         readers = self._readers

@@ -109,6 +109,7 @@ class GuestMemory:
         self._starts = [r.guest_addr for r in regions]
         self._sizes = [r.size for r in regions]
         self._views = views
+        self._single = len(regions) == 1
 
     @classmethod
     def anonymous(cls, size: int, guest_addr: int = 0) -> GuestMemory:
@@ -140,6 +141,12 @@ class GuestMemory:
     def view(self, addr: int, length: int) -> memoryview:
         """A writable view of guest-physical ``[addr, addr+length)``, which must lie in one
         region. Hot path: one bisect, one comparison, one slice."""
+        if self._single:  # one region (QEMU's usual guest below 4 GiB, our drivers)
+            off = addr - self._starts[0]
+            if off >= 0 and length >= 0 and off + length <= self._sizes[0]:
+                return self._views[0][off:off + length]
+            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside one "
+                                   "region")
         i = bisect_right(self._starts, addr) - 1
         if i >= 0 and length >= 0:
             off = addr - self._starts[i]

@@ -104,13 +104,16 @@ class BlockBackend:
     #: helper threads for submit_*; None: this backend only does synchronous I/O
     io_pool: IoThreadPool | None = None
 
+    #: True when submit_* may be used: the I/O then completes on the scheduler (a plain
+    #: attribute, kept by set_scheduler: every READ and WRITE looks at it)
+    asynchronous: bool = False
+
     def set_scheduler(self, scheduler: Scheduler | None) -> None:
         self.scheduler = scheduler
+        self.asynchronous = scheduler is not None and self._can_submit()
 
-    @property
-    def asynchronous(self) -> bool:
-        """True when submit_* may be used: the I/O then completes on the scheduler."""
-        return self.scheduler is not None and self.io_pool is not None
+    def _can_submit(self) -> bool:
+        return self.io_pool is not None
 
     # The asynchronous forms run the synchronous methods on the pool's threads, so a
     # subclass that overrides readv (to inject an error, say) changes both paths.
@@ -219,10 +222,8 @@ class FileBackend(BlockBackend):
 
     # -- asynchronous I/O through io_uring (the thread pool's is BlockBackend's) -----------
 
-    @property
-    def asynchronous(self) -> bool:
-        return self.scheduler is not None and (self.uring is not None
-                                               or self.io_pool is not None)
+    def _can_submit(self) -> bool:
+        return self.uring is not None or self.io_pool is not None
 
     def submit_readv(self, offset: int, bufs: list[memoryview]) -> IoPending:
         if self.uring is None:

@@ -224,6 +224,15 @@ class _Served:
         self.coalescer = coalescer
         self.completed = 0  # answered later since the last publish
         self.stopping = False  # being removed: requests in flight end, no new ones
+        self.kicked: list[_Served] = []  # the worker's list of rings kicked this pass
+
+    def on_kick(self) -> None:
+        """The kick eventfd is readable (the loop's reader): reset it, serve this pass."""
+        try:
+            os.read(self.kick_fd, 8)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.kicked.append(self)
 
     def complete(self, head: int, written: int) -> None:
         """A request answered later: its used element now, published with the pass (a
@@ -302,6 +311,9 @@ class _Worker:
         self.loop = EventLoop()
         self.loop.add_reader(ctl.fileno(), self._on_ctl)
         self._kicked: list[_Served] = []
+        # Something must wake the loop without an fd: a held interrupt falls due, or a
+        # ring has no kick fd (polled). Known when rings come and go, not every pass.
+        self._timed = False
         self._gone = False  # the main process closed our control channel
         set_scheduler = getattr(device, "set_scheduler", None)
         if set_scheduler is not None:
@@ -314,8 +326,10 @@ class _Worker:
         served = _Served(index, ring, self.device.handler_for, kick_fd, call_fd, row,
                          Coalescer(self.pacing.coalesce_count, self.pacing.coalesce_s))
         self.served[index] = served
+        served.kicked = self._kicked
         if kick_fd >= 0:
-            self.loop.add_reader(kick_fd, lambda: self._on_kick(served))
+            self.loop.add_reader(kick_fd, served.on_kick)
+        self._retime()
         row[st.PID] = os.getpid()
         row[st.STATE] = st.STATE_RUNNING
         # Chains may have been made available before we started (the kick came before
@@ -338,6 +352,7 @@ class _Worker:
                 served.signal()
             self.served.pop(index, None)
             served.close()
+            self._retime()
             answer(served.ring.last_avail_idx)
 
         abort_queue = getattr(self.device, "abort_queue", None)
@@ -449,9 +464,8 @@ class _Worker:
 
     # -- the loop
 
-    def _on_kick(self, served: _Served) -> None:
-        consume_eventfd(served.kick_fd)
-        self._kicked.append(served)
+    def _retime(self) -> None:
+        self._timed = any(s.coalescer.active or s.kick_fd < 0 for s in self.served.values())
 
     def _timeout(self, now: float) -> float | None:
         """Seconds the loop may sleep: until the next held interrupt is due, or the poll
@@ -493,32 +507,43 @@ class _Worker:
         return found
 
     def run(self) -> None:
-        loop = self.loop
-        asleep_since = time.monotonic()
+        """The loop: sleep until a kick (or a timer, or an answer that came later), serve
+        the kicked rings, poll on if the adaptive window says so, then publish what was
+        answered later and signal held interrupts that fell due. Per-pass work is kept to
+        attribute checks: this runs once per wake-up."""
+        run_once = self.loop.run_once
+        monotonic = time.monotonic
+        poll = self.poll
+        kicked = self._kicked
+        asleep_since = monotonic()
         while (self.served or self.device_in_flight()) and not self._gone:
-            ready = loop.run_once(self._timeout(time.monotonic()))
-            now = time.monotonic()
-            kicked, self._kicked = self._kicked, []
-            if not ready:
-                kicked = [s for s in self.served.values() if s.kick_fd < 0]
+            ready = run_once(self._timeout(asleep_since) if self._timed else None)
+            now = monotonic()
             if kicked:
-                self.poll.woke(now - asleep_since)
-            window = self.poll.window
-            for served in kicked:
+                serve, kicked[:] = list(kicked), ()
+            elif not ready and self._timed:
+                serve = [s for s in self.served.values() if s.kick_fd < 0]
+            else:
+                serve = []
+            if serve:
+                poll.woke(now - asleep_since)
+            window = poll.window
+            for served in serve:
                 if not served.stopping:
                     self._serve(served, now, rearm=not window)
-            if window and kicked:
+            if window and serve:
                 self._busy_poll(window)
-                now = time.monotonic()
+                now = monotonic()
                 for served in list(self.served.values()):
                     if not served.stopping:
                         self._serve(served, now, rearm=True)  # re-arm kicks, then sleep
-            for served in list(self.served.values()):
-                served.publish(now)
-                if served.coalescer.due(now):
+            for served in self.served.values():
+                if served.completed:
+                    served.publish(now)
+                if served.coalescer.held and served.coalescer.due(now):
                     served.signal()
-            asleep_since = time.monotonic()
-        loop.close()
+            asleep_since = monotonic()
+        self.loop.close()
 
     def device_in_flight(self) -> int:
         in_flight = getattr(self.device, "in_flight", None)
