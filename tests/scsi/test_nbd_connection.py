@@ -405,3 +405,41 @@ def test_write_same_zeros(serve, cdb_flags, export_flags, expected):
     unit.close()
     server.close()
     assert seen == expected
+
+
+def test_answered_later_a_silent_server_fails_the_request_and_the_loop_goes_on(serve):
+    """On a worker's loop, a request whose reply never comes fails after reply_timeout
+    (a lost connection: the caller gets a ConnectionError/TimeoutError outcome) instead of
+    hanging; the next request reconnects."""
+    from vscsi.loop import EventLoop
+    from vscsi.scsi.backends import NbdBackend
+
+    def probe(sock):
+        handshake(sock, size=SIZE)
+        read_request(sock)                      # DISC
+
+    def silent(sock):
+        handshake(sock, size=SIZE)
+        read_request(sock)                      # the READ, never answered
+        sock.recv(1)                            # ... until the client gives up
+
+    def good(sock):
+        handshake(sock, size=SIZE)
+        _, _, cookie, _, length, _ = read_request(sock)
+        sock.sendall(simple_reply(cookie) + b"\x07" * length)
+        read_request(sock)                      # DISC
+
+    server = serve(probe, silent, good)
+    backend = NbdBackend(server.uri, block_size=512, connect_timeout=2.0, reply_timeout=0.3)
+    with EventLoop() as loop:
+        backend.set_scheduler(loop)
+        assert backend.asynchronous
+        io = backend.submit_readv(0, [memoryview(bytearray(8))])
+        loop.run_until(lambda: io.done, timeout=10)
+        assert isinstance(io.outcome, TimeoutError) and "no reply" in str(io.outcome)
+        buf = bytearray(8)
+        io = backend.submit_readv(0, [memoryview(buf)])
+        loop.run_until(lambda: io.done, timeout=10)
+        assert io.outcome is None and buf == b"\x07" * 8
+        backend.set_scheduler(None)
+    backend.close()

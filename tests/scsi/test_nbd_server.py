@@ -175,3 +175,57 @@ def test_open_backend_refusals(tmp_path: Path, daemon: StorageDaemon, image: Pat
         unit.close()
     finally:
         ro.stop()
+
+
+# -- answered later: many requests in flight on the worker's loop ----------------------------
+
+
+def _submit_all(unit: LogicalUnit, cdbs: list[tuple[bytes, bytes, int]]):  # type: ignore[no-untyped-def]
+    """Submit (cdb, data-out, data-in length) commands without waiting: their Pendings
+    and data-in buffers."""
+    from vscsi.scsi.pending import Pending
+
+    out = []
+    for cdb, data_out, in_len in cdbs:
+        din = bytearray(in_len)
+        result = unit.execute(cdb, [memoryview(bytearray(data_out))] if data_out else [],
+                              [memoryview(din)] if in_len else [])
+        assert isinstance(result, Pending), result
+        out.append((result, din))
+    return out
+
+
+def test_many_requests_in_flight_on_one_connection(daemon: StorageDaemon, image: Path):
+    from vscsi.loop import EventLoop
+
+    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
+    unit = LogicalUnit(backend)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        assert backend.asynchronous
+        # 32 writes of different blocks sent at once: one connection, all in flight
+        blocks = {lba: os.urandom(512) for lba in range(100, 132)}
+        writes = _submit_all(unit, [(write10(lba, 1), data, 0) for lba, data in blocks.items()])
+        conn = backend.connection()
+        assert conn.in_flight == 32  # nothing waited for a reply before the next was sent
+        loop.run_until(lambda: all(p.done for p, _ in writes), timeout=30)
+        assert [p.result.status for p, _ in writes] == [GOOD] * 32
+        reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in blocks])
+        loop.run_until(lambda: all(p.done for p, _ in reads), timeout=30)
+        assert [bytes(din) for _, din in reads] == list(blocks.values())
+        assert backend.connection() is conn  # the same connection throughout
+        assert file_bytes(image, 100 * 512, 32 * 512) == b"".join(blocks.values())
+
+        # The server dies with requests in flight: each fails with a communication
+        # failure (the guest retries), the loop goes on, and a restarted server serves.
+        daemon.kill()
+        reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in range(8)])
+        loop.run_until(lambda: all(p.done for p, _ in reads), timeout=30)
+        for p, _ in reads:
+            assert_check(p.result, COMMUNICATION_FAILURE)
+        daemon.start()
+        again = _submit_all(unit, [(read10(100, 1), b"", 512)])
+        loop.run_until(lambda: again[0][0].done, timeout=30)
+        assert again[0][0].result.status == GOOD and bytes(again[0][1]) == blocks[100]
+        unit.set_scheduler(None)
+    unit.close()

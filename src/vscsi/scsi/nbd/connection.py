@@ -150,6 +150,20 @@ class NbdConnection:
         if error:
             raise command_error(command, error, offset)
 
+    def fileno(self) -> int:
+        """The socket, for a loop that waits until replies are there (receive_ready)."""
+        self._check_open()
+        assert self._sock is not None
+        return self._sock.fileno()
+
+    def receive_ready(self) -> list[tuple[int, int, int, int]]:
+        """Without blocking: take what the server has sent and return the replies that
+        completed, each (cookie, command, error, offset). A read's data went straight
+        into its buffers. Raises as wait() does when the connection fails (which fails
+        everything in flight)."""
+        self._check_open()
+        return self._guarded(self._receive_available)
+
     def wait_all(self, cookies: Sequence[int]) -> None:
         """wait() for each cookie; all are received even if one failed (first error raised)."""
         first: OSError | None = None
@@ -266,6 +280,31 @@ class NbdConnection:
             if n == 0:
                 raise NbdDisconnected(f"NBD server {self.uri.address} closed the connection")
             proto.received(n)
+
+    def _receive_available(self) -> list[tuple[int, int, int, int]]:
+        sock, proto = self._sock, self._proto
+        assert sock is not None
+        replies = []
+        # Non-blocking for this call: with a timeout set, Python would wait for data.
+        sock.settimeout(0.0)
+        try:
+            while True:
+                event = proto.next_event()
+                if isinstance(event, Reply):
+                    replies.append((event.cookie, event.command, event.error,
+                                    self._offsets.pop(event.cookie, 0)))
+                    continue
+                try:
+                    n = sock.recv_into(proto.receive_buffer())
+                except (BlockingIOError, InterruptedError):
+                    return replies
+                if n == 0:
+                    raise NbdDisconnected(f"NBD server {self.uri.address} closed the "
+                                          f"connection")
+                proto.received(n)
+        finally:
+            if self._sock is not None:
+                sock.settimeout(self._reply_timeout)
 
     def _drop(self) -> None:
         if self._sock is not None:
