@@ -605,10 +605,16 @@ class VirtioScsiDevice:
 
     def abort_queue(self, queue_index: int, done: Callable[[], None]) -> None:
         """The ring stops: end every request of the queue that is still in flight
-        (VIRTIO_SCSI_S_ABORTED, pushed like any answer) and call ``done`` once none is
-        left touching guest memory."""
+        (VIRTIO_SCSI_S_RESET, pushed like any answer) and call ``done`` once none is
+        left touching guest memory.
+
+        RESET, not ABORTED: a stop the guest did not ask for (a LUN or filter change at
+        run time restarts the rings) must not fail its I/O. Linux's virtio_scsi turns
+        RESET into DID_RESET, which the midlayer retries; ABORTED becomes DID_ABORT, an
+        I/O error (seen in a guest: a hang filter removed over RPC failed fio's held
+        writes)."""
         slot = queue_index - FIRST_REQUEST_QUEUE
-        abort_all(self.later.in_queue(slot), VIRTIO_SCSI_S_ABORTED, lambda n: done())
+        abort_all(self.later.in_queue(slot), VIRTIO_SCSI_S_RESET, lambda n: done())
 
     def in_flight(self, queue_index: int | None = None) -> int:
         """Requests answered later still in flight (of one queue, or all)."""
