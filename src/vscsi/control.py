@@ -3,10 +3,10 @@
 A :class:`Controller` holds the running device, the LUN specs and the BackendServer.
 A LUN change happens in this (the main) process, inside ``server.restart_rings``: every
 served ring is stopped (its worker finishes the request it is executing; requests a
-filter answers later are aborted, and the guest retries them: nothing is in flight
-afterwards, new requests wait in the ring), the device is changed, and the rings start
-again from where they stopped -- the new workers are forked from this process, so
-they inherit the new LUN table (files by descriptor, RAM disks as MAP_SHARED mappings).
+filter answers later end with VIRTIO_SCSI_S_RESET, which the guest retries: nothing is
+in flight afterwards, new requests wait in the ring), the device is changed, and the
+rings start again from where they stopped -- the new workers are forked from this
+process, so they inherit the new LUN table (files by descriptor, RAM disks as MAP_SHARED mappings).
 The guest is then told by an event on the event queue, which this process serves:
 TRANSPORT_RESET RESCAN on add, REMOVED on remove, PARAM_CHANGE 2Ah/09h (CAPACITY DATA
 HAS CHANGED, also set as a unit attention on the unit) on resize. A LUN's filter stack

@@ -154,6 +154,24 @@ def test_logical_unit_reset(rig: Rig) -> None:
     assert rig.read(lun=1) == VIRTIO_SCSI_S_OK
 
 
+def test_each_tmf_is_logged_with_its_answer(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """The log line is how an operator (and tests/test_guest_faults) sees the guest's
+    error handler at work and what the device answered."""
+    caplog.set_level("INFO", logger="vscsi.device.device")
+    rig.tmf(VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, lun=1)
+    rig.tmf(VIRTIO_SCSI_T_TMF_ABORT_TASK, lun=0, tag=0x2A)
+    rig.tmf(VIRTIO_SCSI_T_TMF_QUERY_TASK, lun=5)
+    rig.tmf(VIRTIO_SCSI_T_TMF_CLEAR_ACA)
+    rig.tmf(VIRTIO_SCSI_T_TMF_ABORT_TASK, target=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "TMF LOGICAL UNIT RESET on LUN 0:1 tag 0x0: FUNCTION COMPLETE",
+        "TMF ABORT TASK on LUN 0:0 tag 0x2a: FUNCTION COMPLETE",
+        "TMF QUERY TASK on LUN 0:5 tag 0x0: INCORRECT LUN",
+        "TMF CLEAR ACA on LUN 0:0 tag 0x0: FUNCTION REJECTED",
+        "TMF ABORT TASK on LUN 1:0 tag 0x0: BAD TARGET",
+    ]
+
+
 def test_i_t_nexus_reset_resets_every_lun(rig: Rig) -> None:
     assert rig.tmf(VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET, lun=0) == VIRTIO_SCSI_S_FUNCTION_COMPLETE
     assert rig.target.resets == [0, 1]

@@ -100,11 +100,15 @@ def test_abort_waits_for_io_that_owns_the_buffers() -> None:
 
 def test_stopping_a_queue_aborts_what_it_has_in_flight() -> None:
     dev, handle, pendings, done = rig(2, on_abort=lambda p: p.finish(FakeResult(GOOD)) or True)
-    for i in range(2):
-        handle(request(cmd_header(0, 0, read10(i, 1)), data_in=BLOCK, head=i).chain)
+    requests = [request(cmd_header(0, 0, read10(i, 1)), data_in=BLOCK, head=i)
+                for i in range(2)]
+    for r in requests:
+        handle(r.chain)
     stopped: list[bool] = []
     dev.abort_queue(2, lambda: stopped.append(True))
     assert stopped == [True] and sorted(done) == [(0, 108), (1, 108)]
+    # answered RESET: the guest retries them (an ABORTED would fail its I/O)
+    assert [r.response()[4] for r in requests] == [VIRTIO_SCSI_S_RESET] * 2
     dev.abort_queue(2, lambda: stopped.append(True))  # nothing in flight: at once
     assert stopped == [True, True]
 

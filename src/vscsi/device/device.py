@@ -453,6 +453,13 @@ class VirtioScsiDevice:
             else:
                 _, subtype, lun_field, tag = TMF_REQ.unpack(body)
                 response = self._tmf(subtype, lun_field, tag)
+                # the one trace of the guest's error handler at work: what it asked, the
+                # answer it got (a test or an operator reads it in the log)
+                addr = decode_lun(lun_field)
+                log.info("TMF %s on LUN %s tag %#x: %s",
+                         _TMF_NAMES.get(subtype, f"type {subtype}"),
+                         f"{addr[0]}:{addr[1]}" if addr else lun_field.hex(), tag,
+                         _TMF_RESPONSES.get(response, f"response {response}"))
             return scatter(wr, TMF_RESP.pack(response))
         if kind in (VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE):
             if total(wr) < AN_RESP.size:
@@ -598,10 +605,16 @@ class VirtioScsiDevice:
 
     def abort_queue(self, queue_index: int, done: Callable[[], None]) -> None:
         """The ring stops: end every request of the queue that is still in flight
-        (VIRTIO_SCSI_S_ABORTED, pushed like any answer) and call ``done`` once none is
-        left touching guest memory."""
+        (VIRTIO_SCSI_S_RESET, pushed like any answer) and call ``done`` once none is
+        left touching guest memory.
+
+        RESET, not ABORTED: a stop the guest did not ask for (a LUN or filter change at
+        run time restarts the rings) must not fail its I/O. Linux's virtio_scsi turns
+        RESET into DID_RESET, which the midlayer retries; ABORTED becomes DID_ABORT, an
+        I/O error (seen in a guest: a hang filter removed over RPC failed fio's held
+        writes)."""
         slot = queue_index - FIRST_REQUEST_QUEUE
-        abort_all(self.later.in_queue(slot), VIRTIO_SCSI_S_ABORTED, lambda n: done())
+        abort_all(self.later.in_queue(slot), VIRTIO_SCSI_S_RESET, lambda n: done())
 
     def in_flight(self, queue_index: int | None = None) -> int:
         """Requests answered later still in flight (of one queue, or all)."""
@@ -729,3 +742,23 @@ _LUN_TMFS = frozenset((
     VIRTIO_SCSI_T_TMF_QUERY_TASK,
     VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
 ))
+
+_TMF_NAMES = {
+    VIRTIO_SCSI_T_TMF_ABORT_TASK: "ABORT TASK",
+    VIRTIO_SCSI_T_TMF_ABORT_TASK_SET: "ABORT TASK SET",
+    VIRTIO_SCSI_T_TMF_CLEAR_ACA: "CLEAR ACA",
+    VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET: "CLEAR TASK SET",
+    VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET: "I_T NEXUS RESET",
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET: "LOGICAL UNIT RESET",
+    VIRTIO_SCSI_T_TMF_QUERY_TASK: "QUERY TASK",
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET: "QUERY TASK SET",
+}
+
+_TMF_RESPONSES = {
+    VIRTIO_SCSI_S_FUNCTION_COMPLETE: "FUNCTION COMPLETE",
+    VIRTIO_SCSI_S_BAD_TARGET: "BAD TARGET",
+    VIRTIO_SCSI_S_FAILURE: "FAILURE",
+    VIRTIO_SCSI_S_FUNCTION_SUCCEEDED: "FUNCTION SUCCEEDED",
+    VIRTIO_SCSI_S_FUNCTION_REJECTED: "FUNCTION REJECTED",
+    VIRTIO_SCSI_S_INCORRECT_LUN: "INCORRECT LUN",
+}
