@@ -22,9 +22,10 @@ ROOT = "vscsi"
 # packages of one rank (bench, sim, vm) never import each other.
 LAYERS: list[tuple[str, ...]] = [
     # leaves that import nothing of vscsi: how commands report a user's mistake; the
-    # figures bench and sim both report; the JSON-RPC server and client; the workers'
-    # event loop (the SCSI layer sees it only as the Scheduler protocol)
-    ("usage", "metrics", "rpc", "loop"),
+    # figures bench and sim both report; the workers' event loop (the SCSI layer sees it
+    # only as the Scheduler protocol); a listening unix socket
+    ("usage", "metrics", "loop", "unixsock"),
+    ("rpc",),  # the JSON-RPC line server listens with unixsock
     ("memory",),
     ("virtio",),
     ("scsi",),

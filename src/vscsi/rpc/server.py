@@ -28,12 +28,13 @@ import logging
 import os
 import select
 import socket
-import stat
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from vscsi import unixsock
 
 log = logging.getLogger(__name__)
 
@@ -72,32 +73,9 @@ RemoveReader = Callable[[socket.socket], None]
 
 
 def listen_unix(path: str) -> socket.socket:
-    """Listen on ``path`` (mode 0600 from the start); a stale socket file is replaced, a
-    live one or a non-socket is an error (OSError with a clear message)."""
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-        else:
-            raise OSError(f"socket {path} is in use (another server is listening)")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(128)
+    """Listen on ``path`` (vscsi.unixsock: mode 0600, a stale file replaced, a live one
+    or a non-socket an OSError with a clear message), non-blocking."""
+    sock = unixsock.listen_unix(path, backlog=128)
     sock.setblocking(False)
     return sock
 

@@ -25,10 +25,11 @@ import os
 import select
 import signal
 import socket
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
+
+from vscsi.unixsock import listen_unix
 
 from . import codec
 from .backend import PROTOCOL_FEATURES, Disconnect, Session, SessionOptions
@@ -47,41 +48,11 @@ class ServerError(Exception):
 
 
 def bind_unix_socket(path: str) -> socket.socket:
-    """Listen on ``path`` with mode 0600. A live socket there (one that accepts a
-    connection) is an error; a stale one (nobody listening) is replaced."""
+    """Listen on ``path`` (vscsi.unixsock): ServerError, one line, if we cannot."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ServerError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: its server is gone
-        except OSError as exc:
-            raise ServerError(f"cannot probe existing socket {path}: {exc.strerror}") from None
-        else:
-            raise ServerError(f"socket {path} is in use (another back-end is listening)")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # bind() creates the file with the umask: make it 0600 from the start, so there is
-    # no window in which others could connect.
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
+        return listen_unix(path)
     except OSError as exc:
-        sock.close()
-        raise ServerError(f"cannot bind {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    sock.listen(1)
-    return sock
+        raise ServerError(str(exc)) from None
 
 
 class BackendServer:
