@@ -64,13 +64,13 @@ def image():  # type: ignore[no-untyped-def]
 
 
 def test_packed_rings_from_a_real_guest_across_a_reboot(image) -> None:  # type: ignore[no-untyped-def]
-    from vscsi.vm import run_guest
+    from vscsi.vm import GuestOptions, run_guest
 
     with ServeProcess(["0:0=ram:32M,serial=PACKED-A", "1:0=ram:32M,serial=PACKED-B"],
                       queues=2) as serve:
-        result = run_guest(image, BEFORE, vhost_user_socket=serve.socket, vcpus=2, queues=2,
-                           timeout=480, after_reboot=AFTER,
-                           vhost_user_options={"packed": True})
+        result = run_guest(image, BEFORE, GuestOptions(
+            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480,
+            after_reboot=AFTER, vhost_user_options={"packed": True}))
         log = serve.output()
         assert result.status == 0, f"{result.output}\n--- back-end ---\n{log[-3000:]}"
         out = result.output

@@ -18,8 +18,8 @@ from vscsi.virtio import DriverRing, ring_bytes, ring_layout
 from .rig import ServeProcess, TestGuest, lun_field, read10, write10
 
 TMF_REQ = struct.Struct("<II8sQ")  # type, subtype, lun, tag
-ABORT_TASK, LUN_RESET = 0, 5
-S_ABORTED, S_RESET, FUNCTION_COMPLETE = 2, 4, 0
+ABORT_TASK, LUN_RESET, QUERY_TASK = 0, 5, 6
+S_ABORTED, S_RESET, FUNCTION_COMPLETE, FUNCTION_SUCCEEDED = 2, 4, 0, 10
 
 
 @pytest.fixture
@@ -94,6 +94,11 @@ def test_hung_write_ends_with_abort_task(server) -> None:
         g.submit(2, 1, 0, write10(100, 1), data_out=b"\x33" * 512)
         g.submit(2, 1, 0, write10(100, 1), data_out=b"\x44" * 512)
         g.kick(2)
+        # the reset must find them held: wait until the device has taken both (a loaded
+        # host may run the worker late; a reset before that would find nothing to end)
+        deadline = time.monotonic() + 10
+        while tmf(g, ring, QUERY_TASK, 1, 0, tag=3) != FUNCTION_SUCCEEDED:
+            assert time.monotonic() < deadline, "the held writes never reached the device"
         assert tmf(g, ring, LUN_RESET, 1, 0) == FUNCTION_COMPLETE
         assert [r.response for r in g.wait(2, 2, timeout=5)] == [S_RESET, S_RESET]
         # the reset left a unit attention (SAM-5), then: nothing reached the disk
