@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vscsi.bench.serving import ServeProcess
-from vscsi.vm import build_guest, run_guest
+from vscsi.vm import GuestOptions, build_guest, run_guest
 
 VCPUS = 2
 TARGETS = 8
@@ -215,9 +215,9 @@ def run_config(image, backend: str, queues: int, files: list[str], script: str,
         prof = Profiler(serve.proc.pid, profile) if profile else None
         cpu0 = serve.cpu_seconds()
         try:
-            r = run_guest(image, script, vhost_user_socket=serve.socket, vcpus=VCPUS,
-                          queues=queues, timeout=900,
-                          vhost_user_options={"packed": True} if packed else None)
+            r = run_guest(image, script, GuestOptions(
+                vhost_user_socket=serve.socket, vcpus=VCPUS, queues=queues, timeout=900,
+                vhost_user_options={"packed": True} if packed else {}))
             serve.wait_idle(1, timeout=10)
             entry["backend_cpu_s"] = round(serve.cpu_seconds() - cpu0, 2)
         finally:
@@ -225,10 +225,10 @@ def run_config(image, backend: str, queues: int, files: list[str], script: str,
         if prof:
             entry["profile"] = prof.finish()
     else:
-        r = run_guest(image, script, vcpus=VCPUS, queues=queues, qemu_disks=files,
-                      qemu_queues=queues, iothreads=(kind == "qemu+iothreads"),
-                      timeout=900, extra_qemu_args=(
-                          ["-global", "virtio-scsi-pci.packed=on"] if packed else []))
+        r = run_guest(image, script, GuestOptions(
+            vcpus=VCPUS, queues=queues, qemu_disks=files, qemu_queues=queues,
+            iothreads=(kind == "qemu+iothreads"), timeout=900,
+            extra_qemu_args=["-global", "virtio-scsi-pci.packed=on"] if packed else []))
     entry["status"] = r.status
     entry["boot_s"] = round(r.boot_seconds, 1)
     entry["total_s"] = round(time.monotonic() - t0, 1)
