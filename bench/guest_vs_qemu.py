@@ -40,6 +40,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import re
@@ -122,14 +123,16 @@ run() {  # name, targets (comma-separated), fio args...
     jobs="$jobs --name=j$t --filename=$(disk $t) --cpus_allowed=$((i % VCPUS))"
     i=$((i + 1))
   done
-  echo "JOB-START $name"
+  # the runner streams a line only once the next one begins: each marker is followed by
+  # an empty line so the host sees it when it is printed
+  printf 'JOB-START %s\n\n' "$name"
   fio --eta=never --output-format=terse --terse-version=3 --group_reporting \
       --direct=1 --ioengine=libaio --time_based=1 --runtime=RUNTIME --ramp_time=RAMP \
       "$@" $jobs > /tmp/fio.out 2>/tmp/fio.err
   rc=$?
   line=$(tail -1 /tmp/fio.out)
   echo "$line" | awk -F';' -v n="$name" -v rc=$rc \
-    '{printf "RESULT %s %s %s %s %s %s\n", n, ($5 == "" ? rc : $5), $6, $7, $8, $9}'
+    '{printf "RESULT %s %s %s %s %s %s\n\n", n, ($5 == "" ? rc : $5), $6, $7, $8, $9}'
   [ $rc = 0 ] || head -5 /tmp/fio.err
 }
 """
@@ -143,8 +146,7 @@ def guest_script(queues: int, runtime: int, ramp: int) -> str:
               .replace("RAMP", str(ramp)))
     for job in jobs_for(queues):
         script += f"run {job.name} {','.join(map(str, job.targets))} {job.fio_args}\n"
-    # the runner holds back the last line before the exit marker: not a RESULT line
-    return script + "echo END\n"
+    return script
 
 
 def jobs_for(queues: int) -> list[Job]:
@@ -322,13 +324,14 @@ def run_config(image, backend: Backend, queues: int, files: list[str], script: s
                            env={"DISK_KIND": "blk" if backend.kind == "qsd" else "scsi"})
     stop = None
     pid = None
+    total_cpu = None  # the backend's CPU seconds so far, reaped workers included
     prof = None
     try:
         if backend.kind == "ours":
             luns = [f"{t}:0=file:{path}" for t, path in enumerate(files)]
             luns += [f"{len(files) + i}:0=null:{size}" for i, size in enumerate(nulls)]
             serve = ServeProcess(luns, queues=queues, extra=backend.serve_args).start()
-            stop, pid = serve.stop, serve.proc.pid
+            stop, pid, total_cpu = serve.stop, serve.proc.pid, serve.cpu_seconds
             prof = Profiler(pid, profile) if profile else None
             options = _replace(options, vhost_user_socket=serve.socket)
         elif backend.kind == "qsd":
@@ -340,21 +343,24 @@ def run_config(image, backend: Backend, queues: int, files: list[str], script: s
                 qsd.stop()
                 shutil.rmtree(workdir, ignore_errors=True)
             pid = qsd.proc.pid
+            total_cpu = functools.partial(tree_cpu_seconds, pid)
             options = _replace(options, vhost_user_blk_sockets=qsd.sockets)
         else:
             options = _replace(options, qemu_disks=files, qemu_null_disks=nulls,
                                qemu_queues=queues,
                                iothreads=backend.kind == "qemu+iothreads")
         cpu = JobCpu(pid)
-        cpu0 = tree_cpu_seconds(pid) if pid else 0.0
+        cpu0 = total_cpu() if total_cpu else 0.0
         try:
             r = run_guest(image, script, _replace(options, stream=cpu))
             status, output, boot = r.status, r.output, r.boot_seconds
         except GuestError as exc:
             status, output, boot = -1, exc.console, 0.0
             console.print(f"[red]{backend.name} q{queues}: {exc.summary}[/]")
-        if pid:
-            entry["backend_cpu_s"] = round(tree_cpu_seconds(pid) - cpu0, 2)
+        if backend.kind == "ours":
+            serve.wait_idle(1, timeout=10)  # the workers exit (and are reaped) with the session
+        if total_cpu:
+            entry["backend_cpu_s"] = round(total_cpu() - cpu0, 2)
     finally:
         if stop is not None:
             stop()
