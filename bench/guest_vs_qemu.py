@@ -115,6 +115,15 @@ while [ $n -lt NTARGETS ]; do
   fi
   n=$((n + 1))
 done
+# each target must be the disk it should be: the files and the null disks differ in size
+n=0
+while [ $n -lt NTARGETS ]; do
+  want=$FILE_SECTORS; [ $n -lt FILE_TARGETS ] || want=$NULL_SECTORS
+  d=$(disk $n)
+  got=$(cat /sys/block/${d##*/}/size)
+  [ "$got" = "$want" ] || { echo "WRONG DISK target $n is $d: $got sectors, not $want"; exit 3; }
+  n=$((n + 1))
+done
 run() {  # name, targets (comma-separated), fio args...
   name=$1; targets=$2; shift 2
   jobs=""
@@ -142,6 +151,9 @@ RESULT = re.compile(r"^RESULT (\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\s*$", re.M)
 
 def guest_script(queues: int, runtime: int, ramp: int) -> str:
     script = (GUEST_SCRIPT.replace("NTARGETS", str(FILE_TARGETS + NULL_TARGETS))
+              .replace("FILE_TARGETS", str(FILE_TARGETS))
+              .replace("$FILE_SECTORS", str(FILE_MB * 2048))
+              .replace("$NULL_SECTORS", str(NULL_BYTES // 512))
               .replace("VCPUS", str(VCPUS)).replace("RUNTIME", str(runtime))
               .replace("RAMP", str(ramp)))
     for job in jobs_for(queues):
