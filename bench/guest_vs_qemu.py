@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         backends = parse_backends(args.backends, args.serve_args)
     except ValueError as exc:  # shlex: unbalanced quotes
         raise SystemExit(f"--backends / --serve-args: {exc}") from None
-    console = Console(width=max(Console().width, 140))
+    console = Console(width=max(Console().width, 200))
 
     with console.status("building (or reusing) the guest image"):
         image = build_guest(extra_modules=["virtio_blk"])
