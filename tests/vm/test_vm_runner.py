@@ -70,6 +70,34 @@ def test_iothread_per_queue() -> None:
     assert hba["iothread-vq-mapping"] == [{"iothread": f"io{i}"} for i in range(3)]
 
 
+def test_null_disks_follow_the_files() -> None:
+    a = argv(qemu_disks=[Path("/d0")], qemu_null_disks=[1 << 20, 2 << 20])
+    blockdevs = [json.loads(b) for b in after(a, "-blockdev")]
+    nulls = [b for b in blockdevs if b["driver"] == "null-co"]
+    assert [(b["node-name"], b["size"], b["read-zeroes"]) for b in nulls] == [
+        ("qd1", 1 << 20, True), ("qd2", 2 << 20, True)]
+    disks = devices(a)[1:]
+    assert [(d["drive"], d["scsi-id"]) for d in disks] == [("qd0", 0), ("qd1", 1), ("qd2", 2)]
+    # null disks alone still make the HBA
+    assert devices(argv(qemu_null_disks=[4096]))[0]["driver"] == "virtio-scsi-pci"
+
+
+def test_vhost_user_blk_one_device_per_socket() -> None:
+    a = argv(vhost_user_blk_sockets=[Path("/b0"), Path("/b1")], queues=2)
+    assert [c for c in after(a, "-chardev") if c.startswith("socket")] == [
+        "socket,id=vub0,path=/b0", "socket,id=vub1,path=/b1"]
+    assert [(d["driver"], d["chardev"], d["num-queues"], d["addr"]) for d in devices(a)] == [
+        ("vhost-user-blk-pci", "vub0", 2, "0x6"), ("vhost-user-blk-pci", "vub1", 2, "0x7")]
+
+
+def test_vhost_user_blk_sockets_checked(fake_image, tmp_path) -> None:
+    with pytest.raises(GuestConfigError, match="does not exist"):
+        Guest(fake_image, "true", GuestOptions(vhost_user_blk_sockets=[tmp_path / "no.sock"]))
+    with pytest.raises(GuestConfigError, match="at most 10"):
+        Guest(fake_image, "true",
+              GuestOptions(vhost_user_blk_sockets=[tmp_path / f"{i}" for i in range(11)]))
+
+
 def test_both_hbas_in_fixed_slots() -> None:
     a = argv(vhost_user_socket=Path("/s"), qemu_disks=[Path("/d0")], extra_qemu_args=["-S"])
     vus, hba = devices(a)[:2]
@@ -195,6 +223,8 @@ def test_scan_targets_auto(fake_image, tmp_path) -> None:
     d0.write_bytes(b""), d1.write_bytes(b"")
     # QEMU's disks only: scan just their targets
     assert "SCAN_TARGETS='0 1'" in _config(tmp_path, image=fake_image, qemu_disks=[d0, d1])
+    assert "SCAN_TARGETS='0 1 2'" in _config(tmp_path, image=fake_image, qemu_disks=[d0, d1],
+                                             qemu_null_disks=[4096])
     # a vhost-user backend: scan everything, as a normal guest would
     path = tmp_path / "v.sock"
     with socket.socket(socket.AF_UNIX) as s:

@@ -1,5 +1,6 @@
-"""qemu-storage-daemon exporting a file over NBD: a real NBD server for the nbd: backend's
-tests and benchmarks."""
+"""qemu-storage-daemon as a real peer: exporting a file over NBD (for the nbd: backend's
+tests and benchmarks), or several disks over vhost-user-blk (QEMU's C vhost-user backend,
+the anchor bench/guest_vs_qemu.py measures ours against)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,65 @@ class StorageDaemon:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.proc = None
+
+
+class VhostUserBlkDaemon:
+    """One qemu-storage-daemon serving ``disks`` as vhost-user-blk exports with
+    ``queues`` queues each, export i listening on ``<directory>/blk<i>.sock``. A disk is
+    a file path or ``null:SIZE`` (QEMU's null-co driver, reads return zeroes, SIZE in
+    bytes). start() waits until every socket exists."""
+
+    def __init__(self, disks: list[str | Path], directory: Path, *, queues: int) -> None:
+        self.disks, self.queues = [str(d) for d in disks], queues
+        self.sockets = [directory / f"blk{i}.sock" for i in range(len(disks))]
+        self.log = directory / "qsd-blk.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        cmd = [QSD or "qemu-storage-daemon"]
+        for i, (disk, sock) in enumerate(zip(self.disks, self.sockets, strict=True)):
+            if disk.startswith("null:"):
+                blockdev = f"driver=null-co,node-name=d{i},size={int(disk[5:])},read-zeroes=on"
+            else:
+                # the page cache, as QEMU's own device and vscsi's file: backend use it
+                blockdev = f"driver=file,filename={disk},node-name=d{i},cache.direct=off"
+            cmd += ["--blockdev", blockdev,
+                    "--export", f"type=vhost-user-blk,id=e{i},node-name=d{i},addr.type=unix,"
+                                f"addr.path={sock},writable=on,num-queues={self.queues}"]
+        return cmd
+
+    def start(self, timeout: float = 30.0) -> VhostUserBlkDaemon:
+        if QSD is None:
+            raise RuntimeError("qemu-storage-daemon is not installed (qemu-utils)")
+        for sock in self.sockets:
+            sock.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not all(s.exists() for s in self.sockets):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qemu-storage-daemon exited: {self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("qemu-storage-daemon did not create its sockets")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> VhostUserBlkDaemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def free_tcp_port() -> int:

@@ -131,7 +131,12 @@ class GuestOptions:
     * reconnect_ms: let QEMU reconnect to a restarted backend (chardev reconnect-ms);
     * qemu_disks: files served by QEMU's own virtio-scsi-pci (`qemu_queues` request
       queues, default `queues`), one target each (scsi-id i, LUN 0);
-    * iothreads: one QEMU iothread per queue of that HBA (iothread-vq-mapping).
+    * qemu_null_disks: sizes (bytes) of disks QEMU's own HBA serves from its null-co
+      driver (reads return zeroes, no storage cost), one target each after qemu_disks;
+    * iothreads: one QEMU iothread per queue of that HBA (iothread-vq-mapping);
+    * vhost_user_blk_sockets: one vhost-user-blk-pci device (`queues` queues) per
+      socket, in PCI slots 6, 7, ... in that order (e.g. qemu-storage-daemon exports;
+      the guest sees them as /dev/vd*, and needs the virtio_blk module).
 
     The machine: vcpus, memory, accel ("tcg", the default or $VSCSI_ACCEL, or "kvm"),
     kernel_args (appended to the kernel command line, e.g. "loglevel=7"),
@@ -166,7 +171,9 @@ class GuestOptions:
     queues: int = 2
     qemu_disks: Sequence[str | os.PathLike[str]] = ()
     qemu_queues: int | None = None
+    qemu_null_disks: Sequence[int] = ()
     iothreads: bool = False
+    vhost_user_blk_sockets: Sequence[str | os.PathLike[str]] = ()
     vcpus: int = 2
     memory: str = "512M"
     accel: str | None = None
@@ -629,6 +636,10 @@ def _check_options(image: GuestImage, options: GuestOptions) -> str:
         raise GuestConfigError("queues must be at least 1")
     if options.vhost_user_socket:
         _check_socket(Path(options.vhost_user_socket))
+    if len(options.vhost_user_blk_sockets) > len(VHOST_USER_BLK_SLOTS):
+        raise GuestConfigError(f"at most {len(VHOST_USER_BLK_SLOTS)} vhost-user-blk devices")
+    for sock in options.vhost_user_blk_sockets:
+        _check_socket(Path(sock))
     for d in options.qemu_disks:
         if not Path(d).exists():
             raise GuestConfigError(f"disk file {d} does not exist")
@@ -649,8 +660,9 @@ def _scan_targets(options: GuestOptions) -> tuple[int, ...] | None:
     """The targets /init scans, None for all: see GuestOptions.scan_targets."""
     scan = options.scan_targets
     if scan == "auto":
-        only_qemu_disks = options.qemu_disks and not options.vhost_user_socket
-        return tuple(range(len(options.qemu_disks))) if only_qemu_disks else None
+        qemu_targets = len(options.qemu_disks) + len(options.qemu_null_disks)
+        only_qemu_disks = qemu_targets and not options.vhost_user_socket
+        return tuple(range(qemu_targets)) if only_qemu_disks else None
     if isinstance(scan, str):
         raise GuestConfigError(f"scan_targets must be 'auto', None or target numbers, "
                                f"not {scan!r}")
@@ -672,14 +684,17 @@ def build_qemu_argv(options: GuestOptions, *, kernel: Path, initrd: Path, cmdlin
                     console: Path, qmp: Path | None = None) -> list[str]:
     """The QEMU command line. Devices get fixed PCI slots so the guest probes (and
     names) them in the same order every time: the vhost-user HBA first (slot 4), then
-    QEMU's own virtio-scsi (slot 5); slots from 0x10 up are free for tests' hot-plug."""
+    QEMU's own virtio-scsi (slot 5), then vhost-user-blk devices (slots 6 to 0xf); slots
+    from 0x10 up are free for tests' hot-plug."""
     argv = [QEMU, *_machine_args(options, kernel, initrd, cmdline, console)]
     if qmp is not None:
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if options.vhost_user_socket is not None:
         argv += _vhost_user_args(options)
-    if options.qemu_disks:
+    if options.qemu_disks or options.qemu_null_disks:
         argv += _qemu_hba_args(options)
+    for i, sock in enumerate(options.vhost_user_blk_sockets):
+        argv += _vhost_user_blk_args(i, sock, options.queues)
     argv += list(options.extra_qemu_args)
     return argv
 
@@ -725,8 +740,20 @@ def _vhost_user_args(options: GuestOptions) -> list[str]:
     return ["-chardev", chardev, "-device", json.dumps(dev)]
 
 
+# vhost-user-blk devices, in this order: the guest's /dev/vda.. follow the probe order
+VHOST_USER_BLK_SLOTS = tuple(range(0x6, 0x10))
+
+
+def _vhost_user_blk_args(index: int, sock: str | os.PathLike[str], queues: int) -> list[str]:
+    """vhost-user-blk-pci number `index` (slot VHOST_USER_BLK_SLOTS[index]) on `sock`."""
+    dev = {"driver": "vhost-user-blk-pci", "id": f"vub{index}", "chardev": f"vub{index}",
+           "num-queues": queues, "bus": "pcie.0", "addr": hex(VHOST_USER_BLK_SLOTS[index])}
+    return ["-chardev", f"socket,id=vub{index},path={sock}", "-device", json.dumps(dev)]
+
+
 def _qemu_hba_args(options: GuestOptions) -> list[str]:
-    """QEMU's own virtio-scsi-pci in slot 5, one raw file disk per target."""
+    """QEMU's own virtio-scsi-pci in slot 5, one disk per target: the raw files, then the
+    null-co disks."""
     queues = options.qemu_queues or options.queues
     argv: list[str] = []
     hba: dict[str, object] = {
@@ -746,9 +773,21 @@ def _qemu_hba_args(options: GuestOptions) -> list[str]:
                 "aio": "threads", "discard": "unmap",
             }),
             "-blockdev", json.dumps({"driver": "raw", "node-name": f"qd{i}", "file": f"qf{i}"}),
-            "-device", json.dumps({
-                "driver": "scsi-hd", "id": f"qdisk{i}", "drive": f"qd{i}",
-                "bus": "qscsi.0", "channel": 0, "scsi-id": i, "lun": 0,
-            }),
+            *_scsi_hd(i),
+        ]
+    for i, size in enumerate(options.qemu_null_disks, start=len(options.qemu_disks)):
+        argv += [
+            # read-zeroes: what a real disk's reads cost the guest (and what vscsi's null:
+            # backend does), not whatever stale bytes the buffers held
+            "-blockdev", json.dumps({"driver": "null-co", "node-name": f"qd{i}",
+                                     "size": int(size), "read-zeroes": True}),
+            *_scsi_hd(i),
         ]
     return argv
+
+
+def _scsi_hd(target: int) -> list[str]:
+    return ["-device", json.dumps({
+        "driver": "scsi-hd", "id": f"qdisk{target}", "drive": f"qd{target}",
+        "bus": "qscsi.0", "channel": 0, "scsi-id": target, "lun": 0,
+    })]
