@@ -79,7 +79,10 @@ def coalescing(tmp_path) -> Iterator[ServeProcess]:
 
 
 def test_coalesced_interrupt_comes_with_the_fourth_completion(coalescing) -> None:
-    g = TestGuest.connect(coalescing.socket)
+    # Without EVENT_IDX the driver wants an interrupt for every batch, so what holds the
+    # interrupt back is the coalescing alone (with EVENT_IDX, our polling reclaim below
+    # would move used_event and legitimately tell the device no interrupt is needed).
+    g = TestGuest.connect(coalescing.socket, event_idx=False)
     g.negotiate()
     try:
         q = g.start_queue(2)
