@@ -25,8 +25,8 @@ from typing import Any
 
 from vscsi.device import EVENT_QUEUE, FIRST_REQUEST_QUEUE, VirtioScsiDevice
 from vscsi.rpc import MethodError
-from vscsi.scsi import LogicalUnit, LunSpec, parse_lun_spec, parse_size
-from vscsi.scsi.backends import FileBackend, NullBackend, RamBackend, open_backend
+from vscsi.scsi import LogicalUnit, LunSpec, open_unit, parse_lun_spec, parse_size
+from vscsi.scsi.backends import FileBackend, NullBackend, RamBackend
 from vscsi.scsi.filters import parse_filter
 from vscsi.scsi.spec import MAX_SIZE
 from vscsi.vhost_user import BackendServer
@@ -70,14 +70,7 @@ class Controller:
         if key in self.specs:
             raise MethodError(f"LUN {parsed.target}:{parsed.lun} already exists "
                               f"({self.specs[key]})")
-        backend = open_backend(parsed)
-        try:
-            unit = LogicalUnit(backend, block_size=parsed.block_size,
-                               read_only=parsed.read_only, serial=parsed.serial,
-                               lun_id=parsed.lun, target_id=parsed.target)
-        except BaseException:
-            backend.close()
-            raise
+        unit = open_unit(parsed)
         notified: list[bool] = []
         try:
             self.server.restart_rings(

@@ -268,3 +268,18 @@ def test_filters_over_rpc_and_requests_answered_later_are_counted(serve: ServePr
         assert r.status == 0
     finally:
         guest.close()
+
+
+def test_lun_add_takes_a_python_plugin(serve: ServeProcess) -> None:
+    """lun_add opens a unit the way --lun does: python: plugins included."""
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    spec = f"2:0=python:{os.path.abspath(examples)}/lba_disk.py:LbaDisk,size=1M,ro"
+    rpc(serve, "lun_add", spec=spec)
+    guest = Guest(serve)
+    try:
+        r = guest.command(2, 2, 0, read10(5, 1), data_in=512)
+        assert r.status == 0 and r.data != b"\0" * 512  # each sector holds its own LBA
+        assert guest.capacity(2, 2, 0) == MiB
+    finally:
+        guest.close()
+    rpc(serve, "lun_remove", target=2, lun=0)

@@ -163,7 +163,8 @@ class VirtioScsiDevice:
         self.later = LaterTasks(config.num_queues)
         #: how a TMF reaches the requests in flight in every worker: the back-end wires
         #: it to its workers (attach_broadcast); alone, the device asks itself
-        self._broadcast: Callable[[dict[str, Any]], list[dict[str, Any]]] = self._ask_self
+        self._broadcast: Callable[[dict[str, Any], float], list[dict[str, Any]]] = \
+            self._ask_self
         self._lun_cache: dict[bytes, tuple[int, int]] = {}
         #: per-LUN and per-target counters in shared memory (see .stats)
         self.stats = DeviceStats(config.num_queues)
@@ -519,7 +520,7 @@ class VirtioScsiDevice:
         if subtype in (VIRTIO_SCSI_T_TMF_QUERY_TASK, VIRTIO_SCSI_T_TMF_QUERY_TASK_SET):
             one = tag if subtype == VIRTIO_SCSI_T_TMF_QUERY_TASK else None
             found = any(True for _ in tasks.running(t, lun, one)) or \
-                self._later_tasks("query", t, lun, one, 0)
+                self._later_tasks("query", t, lun, one, 0) > 0
             return VIRTIO_SCSI_S_FUNCTION_SUCCEEDED if found else VIRTIO_SCSI_S_FUNCTION_COMPLETE
         if subtype == VIRTIO_SCSI_T_TMF_ABORT_TASK:
             for q in tasks.running(t, lun, tag):
@@ -569,18 +570,18 @@ class VirtioScsiDevice:
         were (-1: a worker did not answer within tmf_timeout)."""
         try:
             replies = self._broadcast({"tmf": op, "target": target, "lun": lun, "tag": tag,
-                                       "response": response})
+                                       "response": response}, self.tmf_timeout)
         except TimeoutError:
             log.error("target %d lun %d: %s of requests in flight timed out", target, lun, op)
             return -1
         return sum(int(r.get("found", 0)) for r in replies)
 
-    def attach_broadcast(self,
-                         broadcast: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> None:
+    def attach_broadcast(
+            self, broadcast: Callable[[dict[str, Any], float], list[dict[str, Any]]]) -> None:
         """How messages reach the device in every worker process (the back-end's)."""
         self._broadcast = broadcast
 
-    def _ask_self(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+    def _ask_self(self, msg: dict[str, Any], timeout: float = 0.0) -> list[dict[str, Any]]:
         answers: list[dict[str, Any]] = []
         self.on_message(msg, answers.append)
         if not answers:
@@ -683,7 +684,6 @@ class VirtioScsiDevice:
             from vscsi.scsi import ScsiTarget
 
             self.targets[target] = ScsiTarget({lun: unit})
-            self.stats.assign(target, lun)
         else:
             luns = self._luns_dict(existing)
             if lun in luns:

@@ -28,7 +28,7 @@ from .commands import COMMANDS, encode_sam_lun
 from .constants import CHECK_CONDITION, GOOD
 from .sense import ScsiError, ScsiResult, fixed_sense
 from .spec import LunSpec, LunSpecError, format_lun_spec, parse_lun_spec, parse_size
-from .unit import LogicalUnit, ScsiTarget, build_targets
+from .unit import LogicalUnit, ScsiTarget, build_targets, open_unit
 
 __all__ = [
     "BlockBackend",
@@ -45,6 +45,7 @@ __all__ = [
     "ScsiResult",
     "ScsiTarget",
     "build_targets",
+    "open_unit",
     "encode_sam_lun",
     "fixed_sense",
     "format_lun_spec",

@@ -295,6 +295,18 @@ class ScsiTarget:
             unit.close()
 
 
+def open_unit(spec: LunSpec) -> LogicalUnit:
+    """The logical unit a spec describes, its backend opened (a built-in one, or a
+    python: plugin); LunSpecError for what the user can fix."""
+    backend = load_plugin(spec) if spec.kind == "python" else open_backend(spec)
+    try:
+        return LogicalUnit(backend, block_size=spec.block_size, read_only=spec.read_only,
+                           serial=spec.serial, lun_id=spec.lun, target_id=spec.target)
+    except BaseException:
+        backend.close()
+        raise
+
+
 def build_targets(specs: Iterable[LunSpec]) -> dict[int, ScsiTarget]:
     """Open every spec's backend and group the units into targets.
 
@@ -314,14 +326,7 @@ def build_targets(specs: Iterable[LunSpec]) -> dict[int, ScsiTarget]:
     opened: list[LogicalUnit] = []
     try:
         for spec in specs:
-            backend = load_plugin(spec) if spec.kind == "python" else open_backend(spec)
-            try:
-                unit = LogicalUnit(backend, block_size=spec.block_size,
-                                   read_only=spec.read_only, serial=spec.serial,
-                                   lun_id=spec.lun, target_id=spec.target)
-            except BaseException:
-                backend.close()
-                raise
+            unit = open_unit(spec)
             opened.append(unit)
             units.setdefault(spec.target, {})[spec.lun] = unit
     except BaseException:

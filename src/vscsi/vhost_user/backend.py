@@ -161,11 +161,10 @@ class InflightRegion:
     """The in-flight region the front-end gave us (SET_INFLIGHT_FD), mapped shared."""
 
     def __init__(self, fd: int, info: Inflight) -> None:
-        try:
-            self.map = mmap.mmap(fd, info.mmap_size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=info.mmap_offset)
-        finally:
-            os.close(fd)
+        """Maps ``fd`` and then closes it; if mapping fails the fd stays the caller's."""
+        self.map = mmap.mmap(fd, info.mmap_size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=info.mmap_offset)
+        os.close(fd)
         self.info = info
         self.view = memoryview(self.map)
         self._queue_bytes = queue_region_size(info.queue_size)

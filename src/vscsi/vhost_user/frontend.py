@@ -25,7 +25,6 @@ from .codec import (
     EMPTY,
     U64,
     Config,
-    Inflight,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -171,23 +170,6 @@ class FrontendClient:
 
     def rem_mem_reg(self, region: MemoryRegion) -> None:
         self.request(Request.REM_MEM_REG, SingleMemRegion(region))
-
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[Inflight, int]:
-        """A fresh in-flight region from the back-end: its description and fd (ours)."""
-        self.send(codec.make_request(Request.GET_INFLIGHT_FD,
-                                     Inflight(0, 0, num_queues, queue_size)))
-        reply = self.receive()
-        if reply.request is not Request.GET_INFLIGHT_FD or not isinstance(reply.payload,
-                                                                            Inflight):
-            raise codec.RemoteProtocolError(f"reply {reply.request.name} to GET_INFLIGHT_FD")
-        if len(reply.fds) != 1 or not reply.payload.mmap_size:
-            for fd in reply.fds:
-                os.close(fd)
-            raise RequestRefused(Request.GET_INFLIGHT_FD, 1)
-        return reply.payload, reply.fds[0]
-
-    def set_inflight_fd(self, info: Inflight, fd: int) -> None:
-        self.request(Request.SET_INFLIGHT_FD, info, fds=[fd])
 
     def set_vring_num(self, index: int, num: int) -> None:
         self.request(Request.SET_VRING_NUM, VringState(index, num))

@@ -690,18 +690,21 @@ class QueueHost:
                     msg, fds = recv_ctl(child.ctl, CTL_TIMEOUT)
                     for fd in fds:
                         os.close(fd)
-                    if msg is None:
+                    if msg is None:  # it died: its other queues are broken too
+                        self._worker_died(child, "worker process died")
                         break
                     if msg.get("op") == "broken":
                         self._record_broken(child, msg)
+                        if self._children.get(child.number) is not child:
+                            break  # that was its last queue: it exited
                     if msg.get("op") == "removed" and int(msg["index"]) == index:
                         if msg["last_avail_idx"] is None:
                             break
                         last = int(msg["last_avail_idx"])
             except (OSError, TimeoutError, ValueError) as exc:
                 log.error("queue %d: worker did not stop cleanly (%s); killing it", index, exc)
-                self._kill(child)
-            if not child.queues and child.number in self._children:
+                self._worker_died(child, f"worker failed: {exc}")
+            if not child.queues and self._children.get(child.number) is child:
                 self._children.pop(child.number)
                 self._reap(child)  # it exits once it serves nothing
         if last is None:
