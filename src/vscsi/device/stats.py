@@ -70,6 +70,7 @@ class DeviceStats:
         self.u64 = memoryview(self._map).cast("Q")
         # inflight[t * num_queues + q]: 1 while queue q executes a request of target t
         self.inflight = mmap.mmap(-1, MAX_TARGETS * num_queues)
+        self._idle = bytes(num_queues)  # a target's row when no queue runs it
         self.slots: dict[tuple[int, int], int] = {}  # (target, lun) -> slot
         self._free = list(range(lun_slots - 1, -1, -1))
 
@@ -108,7 +109,7 @@ class DeviceStats:
         own = inflight[mine]
         if own:  # this queue already runs some of t (answered later): look past them
             inflight[mine] = 0
-        if inflight[first:first + self.num_queues].strip(b"\0"):
+        if inflight[first:first + self.num_queues] != self._idle:  # another queue runs t
             u64[self._switch_base + cell] += 1
         inflight[mine] = own + 1 if own < 255 else 255
 
