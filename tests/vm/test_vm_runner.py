@@ -277,3 +277,12 @@ def test_early_qemu_crash_is_retried_once(monkeypatch, fake_image) -> None:
     with pytest.raises(GuestError):
         runner.run_guest(fake_image, "true")
     assert _FlakyGuest.boots == 1
+
+
+def test_qemu_disks_direct_or_page_cache() -> None:
+    files = [b for b in (json.loads(x) for x in after(argv(qemu_disks=[Path("/d0")]),
+                                                        "-blockdev")) if b["driver"] == "file"]
+    assert files[0]["aio"] == "threads" and "cache" not in files[0]
+    direct = [b for b in (json.loads(x) for x in after(
+        argv(qemu_disks=[Path("/d0")], qemu_direct=True), "-blockdev")) if b["driver"] == "file"]
+    assert direct[0]["aio"] == "io_uring" and direct[0]["cache"] == {"direct": True}

@@ -129,6 +129,7 @@ class GuestOptions:
     * vhost_user_options: extra vhost-user-scsi-pci properties, e.g.
       {"virtqueue_size": 256, "event_idx": False};
     * reconnect_ms: let QEMU reconnect to a restarted backend (chardev reconnect-ms);
+    * qemu_direct: open qemu_disks with O_DIRECT (cache.direct=on, aio=io_uring).
     * qemu_disks: files served by QEMU's own virtio-scsi-pci (`qemu_queues` request
       queues, default `queues`), one target each (scsi-id i, LUN 0);
     * qemu_null_disks: sizes (bytes) of disks QEMU's own HBA serves from its null-co
@@ -170,6 +171,7 @@ class GuestOptions:
     reconnect_ms: int | None = None
     queues: int = 2
     qemu_disks: Sequence[str | os.PathLike[str]] = ()
+    qemu_direct: bool = False  # qemu_disks with cache.direct=on and aio=io_uring
     qemu_queues: int | None = None
     qemu_null_disks: Sequence[int] = ()
     iothreads: bool = False
@@ -770,7 +772,10 @@ def _qemu_hba_args(options: GuestOptions) -> list[str]:
         argv += [
             "-blockdev", json.dumps({
                 "driver": "file", "node-name": f"qf{i}", "filename": str(disk),
-                "aio": "threads", "discard": "unmap",
+                "discard": "unmap",
+                # O_DIRECT (QEMU's cache=none) through io_uring, or the page cache
+                **({"aio": "io_uring", "cache": {"direct": True}} if options.qemu_direct
+                   else {"aio": "threads"}),
             }),
             "-blockdev", json.dumps({"driver": "raw", "node-name": f"qd{i}", "file": f"qf{i}"}),
             *_scsi_hd(i),
