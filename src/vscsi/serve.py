@@ -77,8 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="worker processes serving the request queues (queue k goes to "
                              "worker k mod N, worker w runs on the w-th of --cpus; default: "
-                             "one per queue, or one per usable CPU when there are fewer CPUs "
-                             "than queues)")
+                             "one per queue, at most half the usable CPUs and at least one: "
+                             "the guest's vCPU threads need the other half)")
     parser.add_argument("--poll-us", type=int, default=0, metavar="US",
                         help="adaptive polling: after a kick, keep serving the rings with "
                              "kicks off for a window that grows up to US while work comes "
@@ -197,9 +197,10 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
 def run(args: argparse.Namespace) -> int:
     queues, cpus = _check_args(args)
     count, delay = _parse_coalesce(args.coalesce)
-    # Fewer CPUs than queues: a worker per CPU serving several queues beats workers
-    # that take turns on one CPU (one wake-up serves every queue it has).
-    workers = args.workers or min(queues, len(cpus))
+    # The guest's vCPU threads (and QEMU's) run on the same host: workers take at most
+    # half of its CPUs, and a worker serving several queues serves them with one wake-up.
+    # On a 2-core host one worker for 2 queues beat two (bench/README.md, 2026-11-29).
+    workers = args.workers or max(1, min(queues, len(cpus) // 2))
     metrics_at = parse_host_port(args.metrics) if args.metrics else None
     if metrics_at is not None:
         import_extra("metrics", "prometheus_client")  # MissingExtra: one line, exit 2

@@ -47,6 +47,18 @@ def test_packed_rings_over_the_socket(serve, capsys):
     assert all(n > 0 for n in r["per_queue"])
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_packed_rings_with_one_or_two_workers(workers, capsys):
+    """Packed rings served by one worker for both queues (the second ring joins a running
+    worker over its control channel) and by one worker each."""
+    with ServeProcess(["0:0=ram:1M", "1:0=ram:1M"], queues=2,
+                      extra=["--workers", workers]) as proc:
+        assert main(["bench", "--socket", proc.socket, "--packed", "--json", "--requests",
+                     "400", "--size", "256k", "--rw", "randrw", "--verify"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["errors"] == 0 and r["verify_errors"] == 0 and all(n > 0 for n in r["per_queue"])
+
+
 def test_split_rings_by_default(serve, capsys):
     assert main(["bench", "--socket", serve.socket, "--json", "--requests", "50"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["backend"]["packed"] is False

@@ -37,7 +37,8 @@ LUNS = ["0:0=ram:4M", "1:0=ram:4M,serial=SECOND"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     tmp = str(tmp_path_factory.mktemp("serve"))
-    proc = ServeProcess(tmp, LUNS, queues=2)
+    # one worker process per queue (on a 2-CPU host the default is one for both)
+    proc = ServeProcess(tmp, LUNS, queues=2, extra=["--workers", "2"])
     try:
         yield proc
         assert proc.alive(), proc.output()

@@ -40,14 +40,18 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _own_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), 0.0 if it is gone."""
+def _own_seconds(pid: int, *, reaped: bool = False) -> float:
+    """utime + stime of one process (all its threads), plus with ``reaped`` those of the
+    children it has waited for; 0.0 if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / _CLK_TCK
 
 
 def process_tree(pid: int) -> list[int]:
@@ -63,6 +67,8 @@ def process_tree(pid: int) -> list[int]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live descendants (reaped ones are not counted: take
-    both readings while the workers to be measured are alive)."""
-    return sum(_own_seconds(p) for p in process_tree(pid))
+    """CPU seconds of ``pid``, of the children it has reaped (queue workers that exited
+    with their session) and of its live descendants: it only grows, so two readings
+    around a run give the run's cost even if workers came and went in between."""
+    tree = process_tree(pid)
+    return _own_seconds(pid, reaped=True) + sum(_own_seconds(p) for p in tree[1:])

@@ -53,9 +53,11 @@ from typing import Any, Protocol
 from vscsi.loop import EventLoop
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
 from vscsi.virtio import (
+    AnyDeviceRing,
     Chain,
     DeviceRing,
     InflightQueue,
+    PackedDeviceRing,
     QueueRole,
     RingAddresses,
     RingBroken,
@@ -187,14 +189,21 @@ class RingSpec:
     event_idx: bool
     max_indirect: int
     tracked: bool  # its in-flight state lives in the region (queue ``index``'s part)
+    packed: bool = False  # a packed virtqueue (VIRTIO_F_RING_PACKED), else split
 
     @classmethod
-    def of(cls, index: int, ring: DeviceRing) -> RingSpec:
+    def of(cls, index: int, ring: AnyDeviceRing) -> RingSpec:
         a = ring.addrs
         return cls(index, a.size, a.desc, a.avail, a.used, ring.last_avail_idx,
-                   ring.event_idx, ring.max_indirect, ring.tracker is not None)
+                   ring.event_idx, ring.max_indirect, ring.tracker is not None,
+                   isinstance(ring, PackedDeviceRing))
 
-    def build(self, mem: GuestMemory, inflight: memoryview | None) -> DeviceRing:
+    def build(self, mem: GuestMemory, inflight: memoryview | None) -> AnyDeviceRing:
+        addrs = RingAddresses(self.size, self.desc, self.avail, self.used)
+        if self.packed:
+            return PackedDeviceRing(mem, addrs, event_idx=self.event_idx,
+                                    last_avail_idx=self.last_avail_idx,
+                                    max_indirect=self.max_indirect)
         tracker = None
         if self.tracked:
             if inflight is None:
@@ -202,8 +211,8 @@ class RingSpec:
             part = queue_region_size(self.size)
             tracker = InflightQueue(inflight[self.index * part:(self.index + 1) * part],
                                     self.size)
-        return DeviceRing(mem, RingAddresses(self.size, self.desc, self.avail, self.used),
-                          event_idx=self.event_idx, last_avail_idx=self.last_avail_idx,
+        return DeviceRing(mem, addrs, event_idx=self.event_idx,
+                          last_avail_idx=self.last_avail_idx,
                           max_indirect=self.max_indirect, tracker=tracker)
 
 
