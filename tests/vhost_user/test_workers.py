@@ -127,6 +127,14 @@ def test_host_refuses_a_plan_that_misses_or_shares_hot_queues() -> None:
     assert stats.hot_queues == [0, 2] and stats.control_queues == [1]
 
 
+def wait_first_pass(stats: st.QueueStats, index: int) -> None:
+    """Until the worker serving ``index`` made the pass it makes when a ring starts."""
+    deadline = time.monotonic() + HANG_GUARD
+    while stats.get(index, st.WAKEUPS) == 0:
+        assert time.monotonic() < deadline, "the worker never started"
+        time.sleep(0.001)
+
+
 def test_raising_handler_fails_the_chain_and_the_worker_still_signals(mem: GuestMemory) -> None:
     # Queue 0 is hot: a device that numbers its queues unlike virtio-scsi.
     device = EchoDevice((HOT, CONTROL))
@@ -139,10 +147,7 @@ def test_raising_handler_fails_the_chain_and_the_worker_still_signals(mem: Guest
         # Let the worker finish the pass it makes at start, so that the failing chain is
         # served by the batch its kick wakes (and no later kick can cover for a lost
         # signal).
-        deadline = time.monotonic() + HANG_GUARD
-        while stats.get(0, st.WAKEUPS) == 0:
-            assert time.monotonic() < deadline, "the worker never started"
-            time.sleep(0.001)
+        wait_first_pass(stats, 0)
         q.send(b"boom")
         q.wait_call()
         assert q.driver.reclaim() == [(b"boom", 0)]   # failed with 0 bytes written
@@ -187,10 +192,7 @@ def test_stop_while_a_kick_is_pending_does_not_crash_the_worker(
     q = make_queue(mem, alloc)
     host.start(0, q.device, mem, q.kick, q.call)
     try:
-        deadline = time.monotonic() + HANG_GUARD
-        while stats.get(0, st.WAKEUPS) == 0:
-            assert time.monotonic() < deadline, "the worker never started"
-            time.sleep(0.001)
+        wait_first_pass(stats, 0)
         q.send(b"slow")
         time.sleep(0.1)                 # the worker is inside the slow request now
         q.send(b"next")                 # a second chain while it is busy ...

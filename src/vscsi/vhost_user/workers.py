@@ -755,14 +755,11 @@ class QueueHost:
     def broadcast(self, msg: dict[str, Any], timeout: float = CTL_TIMEOUT
                   ) -> list[dict[str, Any]]:
         """Hand ``msg`` to the device in every worker (its on_message) and wait for every
-        answer; with no worker running, this process's device answers. TimeoutError if
-        a worker takes longer than ``timeout`` (it may be waiting for slow I/O)."""
+        answer. Hot queues are served only in workers, so with none running nothing is in
+        flight and there is no one to ask: no answers. TimeoutError if a worker takes
+        longer than ``timeout`` (it may be waiting for slow I/O)."""
         if not self._children:
-            answers: list[dict[str, Any]] = []
-            self.device.on_message(msg, answers.append)
-            if not answers:
-                raise TimeoutError("the device did not answer at once")
-            return answers
+            return []
         self._seq += 1
         seq = self._seq
         waiting = {}
@@ -772,7 +769,7 @@ class QueueHost:
                 waiting[child.number] = child
             except OSError as exc:
                 self._worker_died(child, f"worker failed: {exc}")
-        answers = []
+        answers: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         while waiting:
             left = deadline - time.monotonic()
