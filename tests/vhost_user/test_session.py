@@ -36,6 +36,7 @@ from vscsi.virtio import (
     DeviceRing,
     PackedDeviceRing,
     PackedDriverRing,
+    PackedInflightQueue,
     QueueRole,
     packed_ring_bytes,
     packed_ring_layout,
@@ -407,6 +408,51 @@ def test_inflight_region_is_made_kept_and_given_to_rings(front: Front) -> None:
     os.ftruncate(fd, info.mmap_size)
     with pytest.raises(Disconnect):
         front.send(Request.SET_INFLIGHT_FD, info, (fd,))
+
+
+def test_packed_ring_resumes_from_the_inflight_region_after_a_crash(front: Front) -> None:
+    packed = 1 << VIRTIO_F_RING_PACKED
+    front.negotiate(extra=packed)
+    (reply,) = front.send(Request.GET_INFLIGHT_FD, codec.Inflight(0, 0, 4, 16))
+    info = reply.payload
+    kept = os.dup(reply.fds[0])  # QEMU keeps the region for the next back-end
+    front.send(Request.SET_INFLIGHT_FD, info, (reply.fds[0],))
+    front.mem_table()
+    front.configure(2, base=PACKED_INITIAL_STATE, packed=True)
+    front.enable(2)
+    ring = front.queues.running[2]
+    assert isinstance(ring, PackedDeviceRing)
+    assert isinstance(ring.tracker, PackedInflightQueue)
+    drv = PackedDriverRing(front.mem, front.addrs, event_idx=True)
+    buf = front.alloc.alloc(8, 8)
+    ids = [drv.add([(buf, 8)], [], token) for token in range(3)]
+    drv.publish()
+    assert [c.head for c in (ring.pop(), ring.pop(), ring.pop()) if c] == ids
+    ring.push(ids[1], 0)  # out of order; then the back-end dies
+    assert drv.reclaim() == [(1, 0)]
+    front.session.close()
+    # A new back-end: QEMU gives it the region and the base of the last start again.
+    front.queues = FakeQueues()
+    front.session = Session(FakeDevice(), front.queues, SessionOptions())
+    front.negotiate(extra=packed)
+    front.send(Request.SET_INFLIGHT_FD, info, (kept,))
+    front.mem_table()
+    a = front.addrs
+    front.send(Request.SET_VRING_NUM, VringState(2, 16))
+    front.send(Request.SET_VRING_BASE, VringState(2, PACKED_INITIAL_STATE))
+    front.send(Request.SET_VRING_ADDR, VringAddr(
+        2, 0, front.user(a.desc), front.user(a.used), front.user(a.avail)))
+    front.send(Request.SET_VRING_KICK, VringFile(2), (front.dup(front.eventfd()),))
+    front.enable(2)
+    again = front.queues.running[2]
+    assert again.resubmitting == 2
+    assert again.last_avail_idx == (3 | 1 << 15) | (1 | 1 << 15) << 16
+    rerun = [again.pop(), again.pop()]
+    assert [c.head for c in rerun if c] == [ids[0], ids[2]]
+    for c in rerun:
+        assert c is not None
+        again.push(c.head, 0)
+    assert drv.reclaim() == [(0, 0), (2, 0)]
 
 
 def test_inflight_requests_out_of_range_are_refused(front: Front) -> None:

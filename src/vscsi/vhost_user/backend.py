@@ -35,10 +35,11 @@ from vscsi.virtio import (
     MAX_QUEUE_SIZE,
     VIRTIO_F_RING_PACKED,
     AnyDeviceRing,
-    InflightQueue,
+    AnyInflightQueue,
     QueueRole,
     RingAddresses,
     device_ring_for,
+    inflight_tracker_for,
     is_packed,
     queue_region_size,
     region_size,
@@ -672,7 +673,7 @@ class Session:
         except (GuestMemoryError, ValueError) as exc:
             raise BackendError(f"bad ring addresses: {exc}") from None
 
-    def _tracker(self, ring: Vring) -> InflightQueue | None:
+    def _tracker(self, ring: Vring) -> AnyInflightQueue | None:
         """The ring's part of the in-flight region, if the front-end gave one for it."""
         region = self.inflight
         if region is None or ring.num is None:
@@ -681,7 +682,7 @@ class Session:
             log.warning("%s: virtqueue %d (size %s) has no room in the in-flight region",
                         self.options.name, ring.index, ring.num)
             return None
-        return InflightQueue(region.queue_view(ring.index), ring.num)
+        return inflight_tracker_for(self.features, region.queue_view(ring.index), ring.num)
 
     def _break(self, ring: Vring, reason: str, last_avail_idx: int | None = None) -> None:
         if ring.phase is not RingPhase.STARTED:

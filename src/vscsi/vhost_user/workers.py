@@ -58,6 +58,7 @@ from vscsi.virtio import (
     DeviceRing,
     InflightQueue,
     PackedDeviceRing,
+    PackedInflightQueue,
     QueueRole,
     RingAddresses,
     RingBroken,
@@ -200,17 +201,20 @@ class RingSpec:
 
     def build(self, mem: GuestMemory, inflight: memoryview | None) -> AnyDeviceRing:
         addrs = RingAddresses(self.size, self.desc, self.avail, self.used)
-        if self.packed:
-            return PackedDeviceRing(mem, addrs, event_idx=self.event_idx,
-                                    last_avail_idx=self.last_avail_idx,
-                                    max_indirect=self.max_indirect)
         tracker = None
         if self.tracked:
             if inflight is None:
                 raise ValueError("in-flight tracking without a region")
             part = queue_region_size(self.size)
-            tracker = InflightQueue(inflight[self.index * part:(self.index + 1) * part],
-                                    self.size)
+            view = inflight[self.index * part:(self.index + 1) * part]
+            tracker = (PackedInflightQueue(view, self.size) if self.packed
+                       else InflightQueue(view, self.size))
+        if self.packed:
+            assert tracker is None or isinstance(tracker, PackedInflightQueue)
+            return PackedDeviceRing(mem, addrs, event_idx=self.event_idx,
+                                    last_avail_idx=self.last_avail_idx,
+                                    max_indirect=self.max_indirect, tracker=tracker)
+        assert tracker is None or isinstance(tracker, InflightQueue)
         return DeviceRing(mem, addrs, event_idx=self.event_idx,
                           last_avail_idx=self.last_avail_idx,
                           max_indirect=self.max_indirect, tracker=tracker)

@@ -21,12 +21,20 @@ from vscsi.virtio.features import (
     VIRTQ_USED_F_NO_NOTIFY,
     has_feature,
 )
-from vscsi.virtio.inflight import InflightQueue, queue_region_size, region_size
+from vscsi.virtio.inflight import (
+    InflightQueue,
+    PackedInflightQueue,
+    queue_region_size,
+    region_size,
+    split_region_size,
+)
 from vscsi.virtio.kinds import (
     AnyDeviceRing,
     AnyDriverRing,
+    AnyInflightQueue,
     device_ring_for,
     driver_ring_for,
+    inflight_tracker_for,
     initial_base,
     is_packed,
     ring_bytes_for,
@@ -85,6 +93,10 @@ __all__ = [
     "DeviceRing",
     "DriverRing",
     "InflightQueue",
+    "PackedInflightQueue",
+    "AnyInflightQueue",
+    "inflight_tracker_for",
+    "split_region_size",
     "QueueRole",
     "RingAddresses",
     "RingBroken",

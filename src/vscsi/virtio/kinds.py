@@ -13,7 +13,7 @@ from vscsi.virtio.features import (
     VIRTIO_RING_F_INDIRECT_DESC,
     has_feature,
 )
-from vscsi.virtio.inflight import InflightQueue
+from vscsi.virtio.inflight import InflightQueue, PackedInflightQueue
 from vscsi.virtio.packed import (
     PACKED_INITIAL_STATE,
     PackedDeviceRing,
@@ -26,8 +26,10 @@ from vscsi.virtio.ring import RingAddresses, ring_bytes, ring_layout
 __all__ = [
     "AnyDeviceRing",
     "AnyDriverRing",
+    "AnyInflightQueue",
     "device_ring_for",
     "driver_ring_for",
+    "inflight_tracker_for",
     "initial_base",
     "is_packed",
     "ring_bytes_for",
@@ -36,6 +38,7 @@ __all__ = [
 
 AnyDeviceRing = DeviceRing | PackedDeviceRing
 AnyDriverRing = DriverRing | PackedDriverRing
+AnyInflightQueue = InflightQueue | PackedInflightQueue
 
 
 def is_packed(features: int) -> bool:
@@ -47,19 +50,28 @@ def initial_base(features: int) -> int:
     return PACKED_INITIAL_STATE if is_packed(features) else 0
 
 
+def inflight_tracker_for(features: int, view: memoryview, size: int) -> AnyInflightQueue:
+    """In-flight tracking of a queue of ``size`` in ``view`` (its part of the region),
+    in the layout of the ring kind ``features`` name."""
+    if is_packed(features):
+        return PackedInflightQueue(view, size)
+    return InflightQueue(view, size)
+
+
 def device_ring_for(features: int, mem: GuestMemory, addrs: RingAddresses, *,
                     base: int | None = None,
-                    tracker: InflightQueue | None = None) -> AnyDeviceRing:
+                    tracker: AnyInflightQueue | None = None) -> AnyDeviceRing:
     """The device side for ``features``: EVENT_IDX and INDIRECT_DESC as negotiated;
     ``base``: the vhost-user vring base to resume from (None: a fresh ring); ``tracker``:
-    in-flight tracking in memory that outlives us (split rings only: a packed ring
-    ignores it, and resumes from its base)."""
+    in-flight tracking in memory that outlives us, from :func:`inflight_tracker_for`."""
     event_idx = has_feature(features, VIRTIO_RING_F_EVENT_IDX)
     max_indirect = DEFAULT_MAX_INDIRECT if has_feature(features, VIRTIO_RING_F_INDIRECT_DESC) else 0
     start = initial_base(features) if base is None else base
     if is_packed(features):
+        assert tracker is None or isinstance(tracker, PackedInflightQueue)
         return PackedDeviceRing(mem, addrs, event_idx=event_idx, last_avail_idx=start,
-                                max_indirect=max_indirect)
+                                max_indirect=max_indirect, tracker=tracker)
+    assert tracker is None or isinstance(tracker, InflightQueue)
     return DeviceRing(mem, addrs, event_idx=event_idx, last_avail_idx=start,
                       max_indirect=max_indirect, tracker=tracker)
 

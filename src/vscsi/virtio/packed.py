@@ -42,6 +42,7 @@ from vscsi.virtio.features import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
+from vscsi.virtio.inflight import PackedInflightQueue
 from vscsi.virtio.ring import (
     DESC_SIZE,
     U16,
@@ -146,7 +147,10 @@ class PackedDeviceRing:
 
     ``last_avail_idx``: the vhost-user state to resume from (module docstring). If its
     used half is 0, the used position is taken equal to the available one (nothing in
-    flight), as a front-end that sends only the low 16 bits means. Not thread-safe.
+    flight), as a front-end that sends only the low 16 bits means. ``tracker``: the
+    queue's part of the in-flight region; after a crash its positions and chains win
+    over ``last_avail_idx`` (QEMU cannot know a packed ring's positions then). Not
+    thread-safe.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class PackedDeviceRing:
         event_idx: bool,
         last_avail_idx: int = PACKED_INITIAL_STATE,
         max_indirect: int = DEFAULT_MAX_INDIRECT,
+        tracker: PackedInflightQueue | None = None,
     ):
         self.addrs = addrs
         self.size = size = addrs.size
@@ -165,8 +170,6 @@ class PackedDeviceRing:
         self.broken = False
         self.inflight = 0
         self.taken = 0  # buffers popped, ever (workers count requests with it)
-        self.tracker = None  # in-flight tracking across a crash: split rings only
-        self.resubmitting = 0
         avail_half, used_half = last_avail_idx & 0xFFFF, last_avail_idx >> 16 & 0xFFFF
         if not used_half:
             used_half = avail_half
@@ -178,7 +181,33 @@ class PackedDeviceRing:
         self._signalled_valid = last_avail_idx == PACKED_INITIAL_STATE
         self._notify = True
         self.remap(mem)
+        # In-flight tracking that survives us (vhost-user INFLIGHT_SHMFD): after a crash
+        # it says where the ring really is and which chains to run again, oldest first.
+        self.tracker = tracker
+        self._resubmit: list[tuple[int, list[tuple[int, int, int]]]] = []
+        if tracker is not None:
+            resumed = tracker.recover(self.used_idx, self._slot_flags)
+            if resumed is not None:
+                used, chains = resumed
+                self._used_pos, self._used_wrap = self._position(used)
+                pos, wrap = self._used_pos, self._used_wrap
+                for _buffer_id, entries in chains:
+                    pos += len(entries)
+                    if pos >= size:
+                        pos -= size
+                        wrap ^= 1
+                self._avail_pos, self._avail_wrap = pos, wrap
+                self._resubmit = chains[::-1]  # pop() takes from the end
+                self._signalled_valid = False
         self.set_notify(True)
+
+    @property
+    def resubmitting(self) -> int:
+        """Chains from the in-flight region still to be run again."""
+        return len(self._resubmit)
+
+    def _slot_flags(self, slot: int) -> int:
+        return _unpack_u16(self._desc, slot * DESC_SIZE + _FLAGS_OFF)[0]
 
     def _position(self, half: int) -> tuple[int, int]:
         pos, wrap = half & _POS_MASK, half >> WRAP_BIT
@@ -215,6 +244,8 @@ class PackedDeviceRing:
     def has_available(self) -> bool:
         if self.broken:
             raise RingBroken("ring is broken")
+        if self._resubmit:
+            return True
         flags = _unpack_u16(self._desc, self._avail_pos * DESC_SIZE + _FLAGS_OFF)[0]
         return _is_avail(flags, self._avail_wrap)
 
@@ -223,6 +254,14 @@ class PackedDeviceRing:
         ChainError (push(e.head, 0) to fail it) or RingBroken."""
         if self.broken:
             raise RingBroken("ring is broken")
+        if self._resubmit:
+            buffer_id, entries = self._resubmit.pop()
+            if self._chain_len[buffer_id]:
+                raise self._break(f"buffer id {buffer_id} resubmitted twice")
+            self._chain_len[buffer_id] = len(entries)
+            self.inflight += 1
+            self.taken += 1
+            return self._buffers(buffer_id, entries)
         desc, size = self._desc, self.size
         pos, wrap = self._avail_pos, self._avail_wrap
         if not _is_avail(_unpack_u16(desc, pos * DESC_SIZE + _FLAGS_OFF)[0], wrap):
@@ -246,6 +285,8 @@ class PackedDeviceRing:
             raise self._break(f"buffer id {buffer_id} >= queue size {size}")
         if self._chain_len[buffer_id]:
             raise self._break(f"buffer id {buffer_id} made available while in flight")
+        if self.tracker is not None:
+            self.tracker.take(buffer_id, entries)
         self._chain_len[buffer_id] = len(entries)
         self._avail_pos, self._avail_wrap = pos, wrap
         self.inflight += 1
@@ -306,6 +347,9 @@ class PackedDeviceRing:
         n = self._chain_len[head]
         if not n:
             raise ValueError(f"buffer id {head} is not in flight")
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.completing(head)
         desc, pos = self._desc, self._used_pos
         off = pos * DESC_SIZE
         _pack_len_id(desc, off + 8, written, head)
@@ -313,6 +357,8 @@ class PackedDeviceRing:
             mb()  # len and id before the flags that hand the descriptor back
         flags = (_BOTH if self._used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
         store_u16(desc, off + _FLAGS_OFF, flags)
+        if tracker is not None:
+            tracker.completed(head)
         self._chain_len[head] = 0
         pos += n
         if pos >= self.size:
