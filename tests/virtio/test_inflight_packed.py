@@ -145,6 +145,27 @@ def test_a_completion_cut_short_is_rolled_back_or_committed_by_what_the_ring_sho
             assert sorted(token for token, _ in rig.drv.reclaim()) == [0, 1]
 
 
+def test_a_commit_cut_short_before_old_used_idx_still_commits():
+    with PackedRig(4) as rig:
+        view = region(4)
+        dev = device(rig, view)
+        ids = [rig.drv.add([rig.buf(8)], [], k) for k in range(2)]
+        rig.drv.publish()
+        dev.pop()
+        dev.pop()
+        dev.push(ids[1], 0)
+        # Killed inside the commit: old_free_head and the old wrap counter written, not
+        # old_used_idx (the store that goes last).
+        struct.pack_into("<H", view, 18, 0)
+        again = device(rig, view)
+        rerun = []
+        while (chain := again.pop()) is not None:
+            rerun.append(chain.head)
+        assert rerun == [ids[0]]
+        again.push(ids[0], 0)
+        assert sorted(token for token, _ in rig.drv.reclaim()) == [0, 1]
+
+
 def test_a_take_cut_short_is_taken_again_from_the_ring():
     with PackedRig(4) as rig:
         view = region(4)

@@ -59,6 +59,7 @@ _DESC_NUM_OFF = 10
 _BATCH_HEAD_OFF = 12
 _USED_IDX_OFF = 14
 _U16 = struct.Struct("<H")
+_TWO_U16 = struct.Struct("<HH")
 _NEXT_COUNTER = struct.Struct("<HQ")
 
 # Packed: features, version, desc_num, free_head, old_free_head, used_idx, old_used_idx,
@@ -220,6 +221,11 @@ class PackedInflightQueue:
         self.size = size
         self.counter = 0
         self._head_of = [size] * size  # buffer ID -> its head state (size: none)
+        # Mirrors of what we wrote, so the request path stores without loading: each
+        # state's next link, and a head state's last state and descriptor count.
+        self._next = list(range(1, size + 1))
+        self._last = [0] * size
+        self._num = [0] * size
         self._free_head = 0
         self._used_pos = 0
         self._used_wrap = 1
@@ -275,6 +281,10 @@ class PackedInflightQueue:
                 continue
             chains.append(chain)
             self._head_of[chain[0]] = head
+            self._last[head], self._num[head], _ = _HEAD_STATE.unpack_from(
+                v, self._state(head) + 4)
+        self._next = [_U16.unpack_from(v, self._state(index) + _P_NEXT_OFF)[0]
+                      for index in range(size)]
         self.counter = taken[-1][0] + 1 if taken else 0
         return old_used_idx | (old_used_wrap & 1) << _WRAP_BIT, chains
 
@@ -287,6 +297,7 @@ class PackedInflightQueue:
         PACKED_HEADER.pack_into(v, 0, 0, VERSION, size, 0, 0, pos, pos, wrap, wrap)
         self._free_head, self._used_pos, self._used_wrap = 0, pos, wrap
         self._head_of = [size] * size
+        self._next = list(range(1, size + 1))
         self.counter = 0
 
     def _set_positions(self, free_head: int, used_pos: int, used_wrap: int) -> None:
@@ -321,24 +332,25 @@ class PackedInflightQueue:
     def take(self, buffer_id: int, entries: list[tuple[int, int, int]]) -> None:
         """The chain ``entries`` (addr, len, flags per descriptor) with ``buffer_id`` was
         taken from the ring. RingBroken if the free list runs out (not a region we keep)."""
-        v, size = self.view, self.size
+        v, size, links = self.view, self.size, self._next
         head = index = last = self._free_head
         for addr, length, flags in entries:
             if index >= size:
                 raise RingBroken("packed in-flight region: no free state left")
-            off = self._state(index)
-            _pack_copy(v, off + 16, buffer_id, flags, length, addr)
+            _pack_copy(v, PACKED_HEADER_BYTES + 16 + 32 * index, buffer_id, flags, length, addr)
             last = index
-            index = _U16.unpack_from(v, off + _P_NEXT_OFF)[0]
-        off = self._state(head)
+            index = links[index]
+        off = PACKED_HEADER_BYTES + 32 * head
         _HEAD_STATE.pack_into(v, off + 4, last, len(entries), self.counter)
         v[off] = 1
         self.counter += 1
-        # Committed by old_free_head: a crash before this line rolls the take back.
-        _U16.pack_into(v, _P_FREE_HEAD_OFF, index)
-        _U16.pack_into(v, _P_OLD_FREE_HEAD_OFF, index)
+        # One store commits the take (free_head and old_free_head): a crash before it
+        # rolls the take back, and the chain is taken from the ring again.
+        _TWO_U16.pack_into(v, _P_FREE_HEAD_OFF, index, index)
         self._free_head = index
         self._head_of[buffer_id] = head
+        self._last[head] = last
+        self._num[head] = len(entries)
 
     def completing(self, buffer_id: int) -> None:
         """Before ``buffer_id``'s used descriptor is stored: its states go back to the
@@ -347,9 +359,10 @@ class PackedInflightQueue:
         head = self._head_of[buffer_id]
         if head >= size:
             raise ValueError(f"buffer id {buffer_id} is not tracked")
-        last, num, _ = _HEAD_STATE.unpack_from(v, self._state(head) + 4)
-        _U16.pack_into(v, self._state(last) + _P_NEXT_OFF, self._free_head)
-        pos = self._used_pos + num
+        last = self._last[head]
+        _U16.pack_into(v, PACKED_HEADER_BYTES + _P_NEXT_OFF + 32 * last, self._free_head)
+        self._next[last] = self._free_head
+        pos = self._used_pos + self._num[head]
         wrap = self._used_wrap
         if pos >= size:
             pos -= size
@@ -360,14 +373,16 @@ class PackedInflightQueue:
         """After the used descriptor was stored: the completion is committed."""
         head = self._head_of[buffer_id]
         self._head_of[buffer_id] = self.size
-        self.view[self._state(head)] = 0
+        self.view[PACKED_HEADER_BYTES + 32 * head] = 0
         self._commit()
 
     def _commit(self) -> None:
+        """Copy the current values to their old twins. old_used_idx goes last: until it
+        moves, a restart looks at the slot the used descriptor went to, and commits."""
         v = self.view
         _U16.pack_into(v, _P_OLD_FREE_HEAD_OFF, self._free_head)
-        _U16.pack_into(v, _P_OLD_USED_OFF, self._used_pos)
         v[_P_OLD_USED_WRAP_OFF] = self._used_wrap
+        _U16.pack_into(v, _P_OLD_USED_OFF, self._used_pos)
 
     def in_flight(self) -> list[int]:
         """Buffer IDs taken and not yet completed (for tests and diagnostics)."""
