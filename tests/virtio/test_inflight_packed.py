@@ -116,36 +116,9 @@ def test_out_of_order_completions_resume_from_the_region_not_the_stale_base():
         assert sorted(token for token, _ in rig.drv.reclaim()) == [0, 1, 2, 3]
 
 
-def test_a_completion_cut_short_is_rolled_back_or_committed_by_what_the_ring_shows():
-    for stored in (False, True):
-        with PackedRig(4) as rig:
-            view = region(4)
-            dev = device(rig, view)
-            ids = [rig.drv.add([rig.buf(8)], [], k) for k in range(2)]
-            rig.drv.publish()
-            dev.pop()
-            dev.pop()
-            tracker = dev.tracker
-            assert tracker is not None
-            if stored:
-                def die(buffer_id: int) -> None:
-                    raise KeyboardInterrupt  # killed after the used descriptor was stored
-                tracker.completed = die  # type: ignore[method-assign]
-                with pytest.raises(KeyboardInterrupt):
-                    dev.push(ids[1], 0)
-            else:
-                tracker.completing(ids[1])  # killed before the used descriptor was stored
-            again = device(rig, view)
-            rerun = []
-            while (chain := again.pop()) is not None:
-                rerun.append(chain.head)
-            assert rerun == ([ids[0]] if stored else ids)
-            for head in rerun:
-                again.push(head, 0)
-            assert sorted(token for token, _ in rig.drv.reclaim()) == [0, 1]
-
-
-def test_a_commit_cut_short_before_old_used_idx_still_commits():
+@pytest.mark.parametrize("cut", ["before the used descriptor", "after it",
+                                 "inside the commit, before old_used_idx"])
+def test_a_completion_cut_short_is_rolled_back_or_committed_by_what_the_ring_shows(cut):
     with PackedRig(4) as rig:
         view = region(4)
         dev = device(rig, view)
@@ -153,16 +126,26 @@ def test_a_commit_cut_short_before_old_used_idx_still_commits():
         rig.drv.publish()
         dev.pop()
         dev.pop()
-        dev.push(ids[1], 0)
-        # Killed inside the commit: old_free_head and the old wrap counter written, not
-        # old_used_idx (the store that goes last).
-        struct.pack_into("<H", view, 18, 0)
+        tracker = dev.tracker
+        assert tracker is not None
+        if cut == "before the used descriptor":
+            tracker.completing(ids[1])
+        elif cut == "after it":
+            def die(buffer_id: int) -> None:
+                raise KeyboardInterrupt
+            tracker.completed = die  # type: ignore[method-assign]
+            with pytest.raises(KeyboardInterrupt):
+                dev.push(ids[1], 0)
+        else:
+            dev.push(ids[1], 0)
+            struct.pack_into("<H", view, 18, 0)  # old_used_idx as it was before
         again = device(rig, view)
         rerun = []
         while (chain := again.pop()) is not None:
             rerun.append(chain.head)
-        assert rerun == [ids[0]]
-        again.push(ids[0], 0)
+        assert rerun == (ids if cut == "before the used descriptor" else [ids[0]])
+        for head in rerun:
+            again.push(head, 0)
         assert sorted(token for token, _ in rig.drv.reclaim()) == [0, 1]
 
 
