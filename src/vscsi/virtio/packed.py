@@ -264,19 +264,20 @@ class PackedDeviceRing:
             return self._buffers(buffer_id, entries)
         desc, size = self._desc, self.size
         pos, wrap = self._avail_pos, self._avail_wrap
-        if not _is_avail(_unpack_u16(desc, pos * DESC_SIZE + _FLAGS_OFF)[0], wrap):
+        want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED  # AVAIL/USED of this lap
+        if _unpack_u16(desc, pos * DESC_SIZE + _FLAGS_OFF)[0] & _BOTH != want:
             return None
         if WEAK_ORDERING:
             mb()  # the rest of the chain only after the head's flags that publish it
         entries: list[tuple[int, int, int]] = []
         while True:
             addr, length, buffer_id, flags = _unpack_desc(desc, pos * DESC_SIZE)
-            if not _is_avail(flags, wrap):
+            if flags & _BOTH != want:
                 raise self._break(f"descriptor {pos} of a chain is not available in lap {wrap}")
             entries.append((addr, length, flags))
             pos += 1
             if pos == size:
-                pos, wrap = 0, wrap ^ 1
+                pos, wrap, want = 0, wrap ^ 1, want ^ _BOTH
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if len(entries) == size:
@@ -300,43 +301,42 @@ class PackedDeviceRing:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         view = self._view
-
-        def add(addr: int, length: int, flags: int) -> None:
-            if not length:
-                return  # zero-length descriptors carry nothing
-            if flags & VIRTQ_DESC_F_WRITE:
-                writable.append(view(addr, length))
-            elif writable:
-                raise ChainError(buffer_id, "readable descriptor after a writable one")
-            else:
-                readable.append(view(addr, length))
-
         try:
+            if entries[0][2] & VIRTQ_DESC_F_INDIRECT and len(entries) == 1:
+                entries = self._indirect(buffer_id, *entries[0][:2])
             for addr, length, flags in entries:
-                if not flags & VIRTQ_DESC_F_INDIRECT:
-                    add(addr, length, flags)
-                    continue
-                # §2.8.7: an indirect descriptor stands alone; its WRITE flag is ignored.
-                if len(entries) != 1:
+                if flags & VIRTQ_DESC_F_INDIRECT:
                     raise ChainError(buffer_id, "indirect descriptor inside a chain")
-                count, rest = divmod(length, DESC_SIZE)
-                if count == 0 or rest:
-                    raise ChainError(buffer_id, f"indirect table length {length}")
-                if count > self.max_indirect:
-                    raise ChainError(buffer_id,
-                                     f"indirect table of {count} > {self.max_indirect}")
-                table = view(addr, length)
-                # Table entries are used in order; only WRITE is meaningful (NEXT and the
-                # ID are reserved and ignored), but a nested table is refused.
-                for k in range(count):
-                    t_addr, t_len, _, t_flags = _unpack_desc(table, k * DESC_SIZE)
-                    if t_flags & VIRTQ_DESC_F_INDIRECT:
-                        raise ChainError(buffer_id,
-                                         "indirect descriptor inside an indirect table")
-                    add(t_addr, t_len, t_flags)
+                if not length:
+                    continue  # zero-length descriptors carry nothing
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append(view(addr, length))
+                elif writable:
+                    raise ChainError(buffer_id, "readable descriptor after a writable one")
+                else:
+                    readable.append(view(addr, length))
         except GuestMemoryError as e:
             raise ChainError(buffer_id, str(e)) from None
         return Chain(buffer_id, readable, writable)
+
+    def _indirect(self, buffer_id: int, addr: int, length: int) -> list[tuple[int, int, int]]:
+        """The descriptors of an indirect table (§2.8.7: it stands alone in the ring, and
+        its own WRITE flag is ignored)."""
+        count, rest = divmod(length, DESC_SIZE)
+        if count == 0 or rest:
+            raise ChainError(buffer_id, f"indirect table length {length}")
+        if count > self.max_indirect:
+            raise ChainError(buffer_id, f"indirect table of {count} > {self.max_indirect}")
+        table = self._view(addr, length)
+        # Table entries are used in order; only WRITE is meaningful (NEXT and the ID are
+        # reserved and ignored), but a nested table is refused.
+        entries = []
+        for k in range(count):
+            t_addr, t_len, _, t_flags = _unpack_desc(table, k * DESC_SIZE)
+            if t_flags & VIRTQ_DESC_F_INDIRECT:
+                raise ChainError(buffer_id, "indirect descriptor inside an indirect table")
+            entries.append((t_addr, t_len, t_flags))
+        return entries
 
     # ---- pushing and notifying -------------------------------------------------------
 
