@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 QSD = shutil.which("qemu-storage-daemon")
+# A file blockdev's options for O_DIRECT (QEMU's cache=none) with io_uring
+DIRECT = ",cache.direct=on,aio=io_uring"
 
 
 class StorageDaemon:
@@ -20,9 +22,10 @@ class StorageDaemon:
     127.0.0.1:port). start() waits until it accepts connections; kill() is SIGKILL."""
 
     def __init__(self, image: Path, sock: Path | None = None, *, port: int | None = None,
-                 name: str = "d0", writable: bool = True) -> None:
+                 name: str = "d0", writable: bool = True, direct: bool = False) -> None:
         self.image, self.sock, self.port, self.name = image, sock, port, name
         self.writable = writable
+        self.direct = direct  # O_DIRECT with io_uring (QEMU's cache=none), not the page cache
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = image.with_suffix(".qsd.log")
 
@@ -41,7 +44,8 @@ class StorageDaemon:
                 self.sock.unlink()
         else:
             addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.port}"
-        cmd = [QSD, "--blockdev", f"driver=file,filename={self.image},node-name=n0",
+        cmd = [QSD, "--blockdev", f"driver=file,filename={self.image},node-name=n0"
+                                  + (DIRECT if self.direct else ""),
                "--nbd-server", addr,
                "--export", f"type=nbd,id=e0,node-name=n0,name={self.name},"
                            f"writable={'on' if self.writable else 'off'}"]
@@ -90,8 +94,10 @@ class VhostUserBlkDaemon:
     a file path or ``null:SIZE`` (QEMU's null-co driver, reads return zeroes, SIZE in
     bytes). start() waits until every socket exists."""
 
-    def __init__(self, disks: list[str | Path], directory: Path, *, queues: int) -> None:
+    def __init__(self, disks: list[str | Path], directory: Path, *, queues: int,
+                 direct: bool = False) -> None:
         self.disks, self.queues = [str(d) for d in disks], queues
+        self.direct = direct  # files with O_DIRECT and io_uring, else the page cache
         self.sockets = [directory / f"blk{i}.sock" for i in range(len(disks))]
         self.log = directory / "qsd-blk.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -102,8 +108,10 @@ class VhostUserBlkDaemon:
             if disk.startswith("null:"):
                 blockdev = f"driver=null-co,node-name=d{i},size={int(disk[5:])},read-zeroes=on"
             else:
-                # the page cache, as QEMU's own device and vscsi's file: backend use it
-                blockdev = f"driver=file,filename={disk},node-name=d{i},cache.direct=off"
+                # by default the page cache, as QEMU's own device and vscsi's file:
+                # backend use it
+                blockdev = f"driver=file,filename={disk},node-name=d{i}" + (
+                    DIRECT if self.direct else ",cache.direct=off")
             cmd += ["--blockdev", blockdev,
                     "--export", f"type=vhost-user-blk,id=e{i},node-name=d{i},addr.type=unix,"
                                 f"addr.path={sock},writable=on,num-queues={self.queues}"]
