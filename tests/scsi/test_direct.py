@@ -545,6 +545,26 @@ def test_io_uring_falls_back_to_the_synchronous_path_for_what_the_ring_cannot_do
     backend.close()
 
 
+@needs_liburing
+def test_io_uring_hands_a_long_batch_to_the_kernel_in_pieces(direct_dir):
+    path = _written_file(direct_dir, 64 * BS)
+    backend = FileBackend(path, direct=True, uring=True)
+    ring = backend.uring
+    n = 2 * iouring.PUSH_EARLY + 3
+    bufs = [aligned(4096) for _ in range(n)]
+    with EventLoop() as loop:
+        backend.set_scheduler(loop)
+        ios = [backend.submit_readv(i * BS, [bufs[i][:BS]]) for i in range(n)]
+        # Before the loop turns: all but the last 3 entries are with the kernel already.
+        assert iouring._uring.io_uring_sq_ready(ring._ring) == 3
+        loop.run_until(lambda: all(io.done for io in ios))
+        assert [io.outcome for io in ios] == [BS] * n
+    with open(path, "rb") as f:
+        content = f.read()
+    assert all(bufs[i][:BS] == content[i * BS:(i + 1) * BS] for i in range(n))
+    backend.close()
+
+
 def test_aio_io_uring_without_liburing_is_a_clear_error(direct_dir):
     spec = parse_lun_spec(f"0:0=file:{new_file(direct_dir)},direct,aio=io_uring")
     if iouring.AVAILABLE:

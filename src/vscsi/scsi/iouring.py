@@ -2,12 +2,13 @@
 
 The same job as :class:`vscsi.scsi.iothreads.IoThreadPool` for the calls that matter at
 depth -- readv, writev, fdatasync on one descriptor -- without a thread per request: the
-loop's thread fills submission entries and hands them to the kernel together, once per
-turn of the loop (a zero-delay timer), and reaps completions in batches. (Entering the
-kernel once per request costs as much as the I/O itself in a VM: each entry kicks the
-disk's queue.) The ring signals an eventfd for every completion. A loop that can watch a
-descriptor (``add_reader(fd, callback)``, as the queue workers' loop can) watches that
-eventfd itself; for any other Scheduler one helper thread waits on it (the binding's own
+loop's thread fills submission entries and hands them to the kernel together: at the end
+of the loop's turn (a zero-delay timer), before it delivers completions, or once
+PUSH_EARLY entries wait; it reaps completions in batches. (Entering the kernel once per
+request costs as much as the I/O itself in a VM: each entry kicks the disk's queue.)
+The ring signals an eventfd for every completion. A loop that can watch a descriptor
+(``add_reader(fd, callback)``, as the queue workers' loop can) watches that eventfd
+itself; for any other Scheduler one helper thread waits on it (the binding's own
 waits would hold the GIL) and asks the loop, through call_soon_threadsafe, to reap.
 Every ring operation happens on the loop's thread.
 
@@ -39,6 +40,12 @@ __all__ = ["AVAILABLE", "FinishSync", "UringIo"]
 AVAILABLE = _uring is not None
 
 _READ, _WRITE, _FSYNC = 0, 1, 2
+
+#: entries filled in one turn of the loop that are handed to the kernel without waiting
+#: for the turn to end: the disk starts on them while the rest of a long batch is decoded
+#: (measured at depth 32: a request waited ~150 us on average before the kernel saw it,
+#: ~45 us with 8; each push costs one io_uring_enter, and one kick of the disk's queue)
+PUSH_EARLY = 8
 
 #: finish_sync(write, offset, bufs): move all of ``bufs`` synchronously, returning the
 #: byte count (or raising OSError) -- what a request the ring could not finish falls back to
@@ -121,10 +128,15 @@ class UringIo:
         _uring.io_uring_sqe_set_data64(sqe, tag)
         request = _Request(op, offset, bufs, iov)
         self._in_flight[tag] = request
-        if not self._unsubmitted:
-            # One io_uring_enter for every entry filled in this turn of the loop.
+        unsubmitted = self._unsubmitted
+        if not unsubmitted:
+            # One io_uring_enter for the entries filled in this turn of the loop...
             scheduler.call_later(0, self._push)
-        self._unsubmitted += 1
+        elif unsubmitted >= PUSH_EARLY - 1:
+            # ... or sooner for a long batch (PUSH_EARLY).
+            self._push()
+            unsubmitted = -1
+        self._unsubmitted = unsubmitted + 1
         return request
 
     def _push(self) -> None:
@@ -141,6 +153,10 @@ class UringIo:
         signal the eventfd again: the loop gets its turn in between)."""
         if self._owner != iothreads.current_pid():
             return      # closed since the waiter asked
+        # Entries filled since the last push go to the disk before the completions are
+        # delivered, not after (delivering a batch takes a while, and the loop runs the
+        # push timer only after its fd callbacks).
+        self._push()
         ring, cqe, in_flight = self._ring, self._cqe, self._in_flight
         peek, seen = _uring.io_uring_peek_cqe, _uring.io_uring_cq_advance
         for _ in range(_uring.io_uring_cq_ready(ring)):
