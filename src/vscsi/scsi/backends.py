@@ -230,7 +230,8 @@ class FileBackend(BlockBackend):
         self.bounced = 0        # requests that went through a bounce buffer
         if threads:
             self.io_pool = IoThreadPool(threads, name=f"vscsi-io-{os.path.basename(path)}")
-        self.uring = iouring.UringIo(self.fd) if uring else None
+        self.uring = (iouring.UringIo(self.fd, finish_sync=self._finish_sync) if uring
+                      else None)
 
     # -- asynchronous I/O through io_uring (the thread pool's is BlockBackend's) -----------
 
@@ -241,22 +242,16 @@ class FileBackend(BlockBackend):
         if self.uring is None:
             return super().submit_readv(offset, bufs)
         assert self.scheduler is not None
-        if self.direct and not self._aligned(offset, bufs):
-            return _finished(self.readv, offset, bufs)      # the bounce path, right here
-        want = total(bufs)
-        return _whole(self.uring.readv(self.scheduler, offset, bufs), want,
-                      lambda done: self._preadv_all(offset + done, advance(bufs, done)))
+        # Unaligned O_DIRECT buffers are refused by the kernel (EINVAL) and then bounced
+        # by _finish_sync: no alignment check on the way in.
+        return self.uring.readv(self.scheduler, offset, bufs)
 
     def submit_writev(self, offset: int, bufs: list[memoryview], *, fua: bool = False
                       ) -> IoPending:
         if self.uring is None:
             return super().submit_writev(offset, bufs, fua=fua)
         assert self.scheduler is not None
-        if self.direct and not self._aligned(offset, bufs):
-            return _finished(self.writev_fua if fua else self.writev, offset, bufs)
-        want = total(bufs)
-        written = _whole(self.uring.writev(self.scheduler, offset, bufs), want,
-                         lambda done: self._pwritev_all(offset + done, advance(bufs, done)))
+        written = self.uring.writev(self.scheduler, offset, bufs)
         if not fua:
             return written
         # Durable before it completes: the fdatasync starts once the data is written.
@@ -272,6 +267,11 @@ class FileBackend(BlockBackend):
                                              else outcome))
         written.then(then_flush)
         return result
+
+    def _finish_sync(self, write: bool, offset: int, bufs: list[memoryview]) -> int:
+        """What the ring could not do (a short transfer's rest, unaligned O_DIRECT
+        buffers), done synchronously, bounce buffer included."""
+        return self.writev(offset, bufs) if write else self.readv(offset, bufs)
 
     def submit_flush(self) -> IoPending:
         if self.uring is None:
@@ -325,32 +325,34 @@ class FileBackend(BlockBackend):
                 return False
         return True
 
-    def _bounce(self, length: int) -> mmap.mmap:
+    def _bounce(self, length: int) -> memoryview:
         # An anonymous mapping is page aligned, which satisfies any logical block size.
+        # It is unmapped when the last view of it goes: closing it explicitly would fail
+        # (BufferError, hiding the OSError) while a failed call's traceback holds a slice.
         self.bounced += 1
         mask = self.direct_align - 1
-        return mmap.mmap(-1, max(mmap.PAGESIZE, (length + mask) & ~mask))
+        return memoryview(mmap.mmap(-1, max(mmap.PAGESIZE, (length + mask) & ~mask)))
 
     def _bounce_readv(self, offset: int, bufs: list[memoryview]) -> int:
         # An unaligned offset or tail cannot happen through a LogicalUnit (open_backend
         # refuses block sizes below direct_align), only unaligned guest buffers.
         want = total(bufs)
-        with self._bounce(want) as buf, memoryview(buf) as view:
-            self._preadv_all(offset, [view[:want]])
-            pos = 0
-            for b in bufs:
-                b[:] = view[pos:pos + b.nbytes]
-                pos += b.nbytes
+        view = self._bounce(want)
+        self._preadv_all(offset, [view[:want]])
+        pos = 0
+        for b in bufs:
+            b[:] = view[pos:pos + b.nbytes]
+            pos += b.nbytes
         return want
 
     def _bounce_writev(self, offset: int, bufs: list[memoryview]) -> int:
         want = total(bufs)
-        with self._bounce(want) as buf, memoryview(buf) as view:
-            pos = 0
-            for b in bufs:
-                view[pos:pos + b.nbytes] = b
-                pos += b.nbytes
-            self._pwritev_all(offset, [view[:want]])
+        view = self._bounce(want)
+        pos = 0
+        for b in bufs:
+            view[pos:pos + b.nbytes] = b
+            pos += b.nbytes
+        self._pwritev_all(offset, [view[:want]])
         return want
 
     def flush(self) -> None:
@@ -382,34 +384,6 @@ class FileBackend(BlockBackend):
     def __repr__(self) -> str:
         return (f"FileBackend({self.path!r}, size={self.size}, read_only={self.read_only}"
                 f"{', direct' if self.direct else ''})")
-
-
-def _finished(call: Callable[[int, list[memoryview]], int], offset: int,
-              bufs: list[memoryview]) -> IoPending:
-    """A synchronous call's outcome as an IoPending that is already done."""
-    pending = IoPending()
-    try:
-        pending.finish(call(offset, bufs))
-    except Exception as e:
-        pending.finish(e)
-    return pending
-
-
-def _whole(io: IoPending, want: int, finish_rest: Callable[[int], int]) -> IoPending:
-    """An IoPending for all ``want`` bytes: a short transfer (rare: a signal, the end of
-    the file) is finished synchronously by ``finish_rest(bytes done)``."""
-    result = IoPending()
-
-    def done(outcome: IoOutcome) -> None:
-        if isinstance(outcome, int) and outcome < want:
-            try:
-                finish_rest(outcome)
-                outcome = want
-            except Exception as e:
-                outcome = e
-        result.finish(outcome)
-    io.then(done)
-    return result
 
 
 def _address(view: memoryview) -> int:

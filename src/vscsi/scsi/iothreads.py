@@ -20,10 +20,28 @@ from typing import Any
 
 from .pending import Scheduler
 
-__all__ = ["IoOutcome", "IoPending", "IoThreadPool"]
+__all__ = ["IoOutcome", "IoPending", "IoThreadPool", "current_pid"]
 
 #: what an I/O call produced: its return value, or the exception it raised
 IoOutcome = Any
+
+# os.getpid() is a system call (glibc stopped caching it); the pools and rings ask on
+# every submission whether they were inherited through fork(), so the answer is kept here
+# and renewed in each child.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+
+def current_pid() -> int:
+    """os.getpid() without the system call."""
+    return _pid
 
 
 class IoPending:
@@ -74,7 +92,7 @@ class IoThreadPool:
         self._workers: list[threading.Thread] = []
 
     def submit(self, scheduler: Scheduler, call: Callable[[], IoOutcome]) -> IoPending:
-        if self._owner != os.getpid():
+        if self._owner != _pid:
             self._start()
         pending = IoPending()
         self._jobs.put((call, pending, scheduler))
@@ -87,7 +105,7 @@ class IoThreadPool:
                                           daemon=True) for i in range(self.threads)]
         for thread in self._workers:
             thread.start()
-        self._owner = os.getpid()
+        self._owner = _pid
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -104,7 +122,7 @@ class IoThreadPool:
 
     def close(self) -> None:
         """Stop the threads once the jobs queued so far are done (this process's only)."""
-        if self._owner != os.getpid():
+        if self._owner != _pid:
             return
         for _ in self._workers:
             self._jobs.put(_STOP)
