@@ -43,7 +43,16 @@ from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
 from vscsi.device.later import LaterTask, LaterTasks, abort_all
-from vscsi.device.stats import DeviceStats
+from vscsi.device.stats import (
+    ERRORS,
+    HIST,
+    LAST_BUCKET,
+    READ_BYTES,
+    TOUCHED,
+    WRITE_BYTES,
+    DeviceStats,
+    QueueCounters,
+)
 from vscsi.device.tasks import ALL_LUNS, TaskTable
 from vscsi.device.wire import (
     AN_REQ,
@@ -228,8 +237,9 @@ class VirtioScsiDevice:
         if FIRST_REQUEST_QUEUE <= queue_index < FIRST_REQUEST_QUEUE + self.config.num_queues:
             # Bound positionally to the queue's task slot, checked here once: no keyword
             # dict and no range check per request.
-            return functools.partial(self._serve_request, queue_index - FIRST_REQUEST_QUEUE,
-                                     complete)
+            slot = queue_index - FIRST_REQUEST_QUEUE
+            return functools.partial(self._serve_request, slot, complete,
+                                     self.stats.counters(slot))
         raise ValueError(
             f"queue {queue_index} does not exist (device has {self.config.num_queues} "
             f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
@@ -247,12 +257,19 @@ class VirtioScsiDevice:
         slot = queue_index - FIRST_REQUEST_QUEUE
         if not 0 <= slot < self.tasks.queues:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
-        result = self._serve_request(slot, None, chain)
+        counters = self.stats.counters(slot)
+        result = self._serve_request(slot, None, counters, chain)
+        counters.flush()
         assert result is not None  # no completion callback: never answered later
         return result
 
+    def end_pass(self, queue_index: int) -> None:
+        """The worker finished a pass over request queue ``queue_index`` (drained it, or
+        published what was answered later): make what it counted visible (.stats)."""
+        self.stats.counters(queue_index - FIRST_REQUEST_QUEUE).flush()
+
     def _serve_request(self, slot: int, complete: Callable[[int, int], None] | None,
-                       chain: Chain) -> int | None:
+                       counters: QueueCounters, chain: Chain) -> int | None:
         """handle_request for task slot ``slot`` (0-based, already checked). The steps:
         locate the two headers, look up the target, execute under the task table,
         respond with the residual."""
@@ -270,17 +287,21 @@ class VirtioScsiDevice:
         t, lun = addr
         if self.on_arrival is not None:
             self.on_arrival(t, lun, tag)
-        stats = self.stats
-        stats.arrive(slot, t)
+        # Counted into this queue's local counters (flushed once per pass: .stats).
+        requests = counters.requests
+        requests[t] = requests.get(t, 0) + 1
+        multi = counters.multi
+        if multi:
+            counters.running(t)
         target = self.targets.get(t)
         if target is None:
-            stats.leave(slot, t)
+            counters.left(t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
         if data_out and data_in and total(data_out) and total(data_in):
             # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
             # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
             # a SCSI CHECK CONDITION, since the target never saw the command.
-            stats.leave(slot, t)
+            counters.left(t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
 
         # Execute, with the task published in this queue's slot so a TMF on the control
@@ -288,7 +309,7 @@ class VirtioScsiDevice:
         tasks = self.tasks
         held = tasks.begin(slot, t, lun, tag)
         if held:
-            stats.leave(slot, t)
+            counters.left(t)
             return self._respond(wr, resp_buf, held)
         started = _now_ns()
         try:
@@ -297,46 +318,59 @@ class VirtioScsiDevice:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
             tasks.end(slot)
-            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+            counters.done(t, addr, True, 0, 0, _now_ns() - started)
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
         cancelled = tasks.end(slot)
         if result.__class__ is Pending:
             if complete is None:
                 result.abort()
-                stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+                counters.done(t, addr, True, 0, 0, _now_ns() - started)
                 log.error("target %d lun %d: command %s answers later, which this queue "
                           "cannot wait for", t, lun, cdb[:1].hex())
                 return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
             task = LaterTask(chain.head, t, lun, tag, result)  # type: ignore[arg-type]
             self.later.add(slot, task)
             result.then(functools.partial(  # type: ignore[union-attr]
-                self._answer_later, slot, complete, task, wr, resp_buf, data_out, data_in,
+                self._answer_later, counters, complete, task, wr, resp_buf, data_out, data_in,
                 started))
             if cancelled:  # a TMF came while it started: it ends with that TMF's answer
                 task.cancel = cancelled
                 result.abort()  # type: ignore[union-attr]
             return None
         if cancelled:                   # a TMF aborted / reset it while it ran
-            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+            counters.done(t, addr, True, 0, 0, _now_ns() - started)
             return self._respond(wr, resp_buf, cancelled)
-        # the bytes the target says it moved (our own scsi layer: no clamping needed)
-        stats.done(slot, t, addr, result.status != 0, result.data_in, result.data_out,
-                   _now_ns() - started)
+        # counters.done(), inlined: the bytes the target says it moved (our own scsi
+        # layer: no clamping needed), latency bucket by bit length
+        if multi:
+            counters.left(t)
+        row = counters.rows.get(addr) or counters.row(addr)
+        if row is not None:
+            if not row[TOUCHED]:
+                row[TOUCHED] = 1
+                counters.touched.append(row)
+            bucket = ((_now_ns() - started) // 1000).bit_length()
+            row[HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)] += 1
+            row[READ_BYTES] += result.data_in
+            row[WRITE_BYTES] += result.data_out
+            if result.status:
+                row[ERRORS] += 1
         return self._respond_result(wr, resp_buf, result, data_out, data_in)
 
-    def _answer_later(self, slot: int, complete: Callable[[int, int], None], task: LaterTask,
+    def _answer_later(self, counters: QueueCounters, complete: Callable[[int, int], None],
+                      task: LaterTask,
                       wr: list[memoryview], resp_buf: memoryview | None,
                       data_out: list[memoryview], data_in: list[memoryview],
                       started: int, result: ScsiResult) -> None:
         """A request answered later got its result (or was aborted: task.cancel)."""
-        self.later.remove(slot, task.head)
+        self.later.remove(counters.q, task.head)
         addr = (task.target, task.lun)
         if task.cancel:
-            self.stats.done(slot, task.target, addr, True, 0, 0, _now_ns() - started)
+            counters.done(task.target, addr, True, 0, 0, _now_ns() - started)
         else:
-            self.stats.done(slot, task.target, addr, result.status != 0, result.data_in,
-                            result.data_out, _now_ns() - started)
+            counters.done(task.target, addr, result.status != 0, result.data_in,
+                          result.data_out, _now_ns() - started)
         try:
             if task.cancel:
                 written = self._respond(wr, resp_buf, task.cancel)

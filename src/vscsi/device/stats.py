@@ -21,11 +21,19 @@ Tables (q: request queue, 0-based; t: target 0..255; s: a LUN's slot):
 
 A LUN gets a slot when it is added (slots of removed LUNs are reused, zeroed first);
 counts live as long as the LUN.
+
+The request path does not write the shared rows per request: it adds into its queue's
+:class:`QueueCounters` (plain Python lists and dicts, a few list increments a request),
+which the worker flushes into the shared rows once per pass over the ring, before it
+signals the driver -- so whatever the driver saw completed is counted when it looks.
+Only the in-flight bytes, which other queues read while the request runs, are written
+per request (and only with more than one queue: one queue has no switches).
 """
 
 from __future__ import annotations
 
 import mmap
+from itertools import compress
 from typing import Any
 
 MAX_TARGETS = 256
@@ -73,6 +81,7 @@ class DeviceStats:
         self._idle = bytes(num_queues)  # a target's row when no queue runs it
         self.slots: dict[tuple[int, int], int] = {}  # (target, lun) -> slot
         self._free = list(range(lun_slots - 1, -1, -1))
+        self._counters: dict[int, QueueCounters] = {}  # per queue, made on first use
 
     # -- LUN slots (main process, before the workers that use them are forked)
 
@@ -82,6 +91,7 @@ class DeviceStats:
             return self.slots[(target, lun)]
         if not self._free:
             return None
+        self._forget_rows()
         slot = self._free.pop()
         for q in range(self.num_queues):
             start = self._lun_row(q, slot)
@@ -90,9 +100,16 @@ class DeviceStats:
         return slot
 
     def release(self, target: int, lun: int) -> None:
+        self._forget_rows()
         slot = self.slots.pop((target, lun), None)
         if slot is not None:
             self._free.append(slot)
+
+    def _forget_rows(self) -> None:
+        """Slots change: the queues' cached rows go (counted so far: flushed first)."""
+        for counters in self._counters.values():
+            counters.flush()
+            counters.rows.clear()
 
     def _lun_row(self, q: int, slot: int) -> int:
         return self._lun_base + (q * self.lun_slots + slot) * LUN_COLUMNS
@@ -135,6 +152,18 @@ class DeviceStats:
         if failed:
             u64[row + ERRORS] += 1
 
+    def counters(self, q: int) -> QueueCounters:
+        """Queue q's per-process accumulator (see the module docstring)."""
+        counters = self._counters.get(q)
+        if counters is None:
+            counters = self._counters[q] = QueueCounters(self, q)
+        return counters
+
+    def flush(self) -> None:
+        """Every queue's accumulated counts into the shared rows (this process's)."""
+        for counters in self._counters.values():
+            counters.flush()
+
     def leave(self, q: int, t: int) -> None:
         """A request that ended before reaching a LUN (bad target, held by a TMF)."""
         self._left(t * self.num_queues + q)
@@ -149,6 +178,7 @@ class DeviceStats:
 
     def lun(self, target: int, lun: int) -> dict[str, Any] | None:
         """A LUN's counters summed over the queues; None if it has no slot."""
+        self.flush()  # what this process counted (it may serve queues itself)
         slot = self.slots.get((target, lun))
         if slot is None:
             return None
@@ -156,6 +186,7 @@ class DeviceStats:
 
     def queue(self, q: int) -> dict[str, Any]:
         """Request queue q's counters summed over the LUNs it served (present ones)."""
+        self.flush()
         return self._summary([(q, slot) for slot in self.slots.values()])
 
     def _summary(self, rows: list[tuple[int, int]]) -> dict[str, Any]:
@@ -176,6 +207,7 @@ class DeviceStats:
 
     def steering(self) -> dict[int, dict[str, list[int]]]:
         """Per target that saw requests: requests and switches per request queue."""
+        self.flush()
         out: dict[int, dict[str, list[int]]] = {}
         u64 = self.u64
         for t in range(MAX_TARGETS):
@@ -187,9 +219,122 @@ class DeviceStats:
         return out
 
     def close(self) -> None:
+        self._counters.clear()
         self.u64.release()
         try:
             self._map.close()
         except BufferError:
             pass
         self.inflight.close()
+
+
+_LUN_COLUMN_INDICES = tuple(range(LUN_COLUMNS))
+LAST_BUCKET = BUCKETS - 1
+# A local row: the LUN_COLUMNS columns, then whether it was counted into since the last
+# flush, then where its shared row starts in ``u64``.
+TOUCHED, OFFSET = LUN_COLUMNS, LUN_COLUMNS + 1
+_ZEROS = [0] * (LUN_COLUMNS + 1)  # a row's counts and TOUCHED flag, cleared by a flush
+
+
+class QueueCounters:
+    """What one queue counted since its last :meth:`flush`, in this process: plain lists
+    and dicts the request path adds into directly (no call per request).
+
+    * ``requests``: target -> requests that arrived;
+    * ``rows``: (target, lun) -> the LUN's local row (see TOUCHED, OFFSET) while it has a
+      slot; :meth:`row` is None for a LUN without one (not counted, as before);
+    * ``touched``: the rows counted into since the last flush (the first count of a pass
+      sets ``row[TOUCHED]`` and appends the row), so a flush visits only those.
+    """
+
+    __slots__ = ("stats", "q", "requests", "rows", "touched", "multi", "inflight", "idle",
+                 "num_queues", "switch_base")
+
+    def __init__(self, stats: DeviceStats, q: int) -> None:
+        self.stats = stats
+        self.q = q
+        self.requests: dict[int, int] = {}
+        self.rows: dict[tuple[int, int], list[int]] = {}
+        self.touched: list[list[int]] = []
+        #: switches exist only with several queues: with one, no in-flight bytes
+        self.multi = stats.num_queues > 1
+        self.inflight = stats.inflight
+        self.idle = stats._idle
+        self.num_queues = stats.num_queues
+        self.switch_base = stats._switch_base + q * MAX_TARGETS
+
+    def row(self, addr: tuple[int, int]) -> list[int] | None:
+        """The local row of LUN ``addr`` (made on first use), None if it has no slot."""
+        row = self.rows.get(addr)
+        if row is None:
+            slot = self.stats.slots.get(addr)
+            if slot is None:
+                return None
+            row = self.rows[addr] = [*_ZEROS, self.stats._lun_row(self.q, slot)]
+        return row
+
+    def arrive(self, t: int) -> None:
+        """A request of target t arrived (the request path inlines the count)."""
+        requests = self.requests
+        requests[t] = requests.get(t, 0) + 1
+        if self.multi:
+            self.running(t)
+
+    def running(self, t: int) -> None:
+        """A request of target t starts on this queue: a switch if another queue runs t
+        (only called with several queues)."""
+        nq = self.num_queues
+        first = t * nq
+        mine = first + self.q
+        inflight = self.inflight
+        own = inflight[mine]
+        if own:  # this queue already runs some of t (answered later): look past them
+            inflight[mine] = 0
+        if inflight[first:first + nq] != self.idle:  # another queue runs t
+            self.stats.u64[self.switch_base + t] += 1
+        inflight[mine] = own + 1 if own < 255 else 255
+
+    def left(self, t: int) -> None:
+        """A request of target t ended (its in-flight byte, with several queues)."""
+        if self.multi:
+            inflight, cell = self.inflight, t * self.num_queues + self.q
+            count = inflight[cell]
+            if count:
+                inflight[cell] = count - 1
+
+    def count(self, row: list[int], failed: bool, read: int, written: int, ns: int) -> None:
+        """One command of a LUN (its local ``row``) done after ``ns`` nanoseconds (the
+        request path inlines this; the slow paths call it)."""
+        if not row[TOUCHED]:
+            row[TOUCHED] = 1
+            self.touched.append(row)
+        bucket = (ns // 1000).bit_length()
+        row[HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)] += 1
+        row[READ_BYTES] += read
+        row[WRITE_BYTES] += written
+        if failed:
+            row[ERRORS] += 1
+
+    def done(self, t: int, addr: tuple[int, int], failed: bool, read: int, written: int,
+             ns: int) -> None:
+        """A request of ``addr`` = (t, lun) finished (the slow paths' DeviceStats.done)."""
+        self.left(t)
+        row = self.row(addr)
+        if row is not None:
+            self.count(row, failed, read, written, ns)
+
+    def flush(self) -> None:
+        """Add what was counted into the shared rows, and start again from zero."""
+        u64 = self.stats.u64
+        if self.requests:
+            base = self.q * MAX_TARGETS
+            for t, n in self.requests.items():
+                u64[base + t] += n
+            self.requests.clear()
+        if self.touched:
+            for row in self.touched:
+                start = row[OFFSET]
+                for column in compress(_LUN_COLUMN_INDICES, row):
+                    u64[start + column] += row[column]
+                row[:TOUCHED + 1] = _ZEROS
+            self.touched.clear()

@@ -37,6 +37,7 @@ main process. A worker is pinned to one CPU with ``os.sched_setaffinity``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -102,6 +103,10 @@ class VirtioDevice(Protocol):
     def set_driver_features(self, features: int) -> None: ...
 
     def reset(self) -> None: ...
+
+    # Optional: ``end_pass(queue_index)``, called after each pass over a hot queue (and
+    # after publishing what was answered later), before the driver is signalled: the
+    # device makes what it counted per request visible then.
 
 
 @dataclass(frozen=True)
@@ -221,12 +226,14 @@ class _Served:
     Requests answered later come back through :meth:`complete`; what they filled is
     published (and signalled) at the end of the loop pass, with everything else."""
 
-    def __init__(self, index: int, ring: DeviceRing,
-                 make_handler: Callable[..., Callable[[Chain], int | None]],
+    def __init__(self, index: int, ring: DeviceRing, device: VirtioDevice,
                  kick_fd: int, call_fd: int, row: memoryview, coalescer: Coalescer) -> None:
         self.index = index
         self.ring = ring
-        self.handle = make_handler(index, self.complete)
+        self.handle = device.handler_for(index, self.complete)
+        end_pass = getattr(device, "end_pass", None)
+        self.end_pass: Callable[[], None] | None = (
+            None if end_pass is None else functools.partial(end_pass, index))
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.row = row
@@ -275,6 +282,8 @@ class _Served:
         taken = ring.taken - taken
         row[st.REQUESTS] += taken
         completed, self.completed = self.completed, 0
+        if self.end_pass is not None:
+            self.end_pass()
         self._pace(notify, completed + taken, now)
         return None
 
@@ -283,6 +292,8 @@ class _Served:
         if self.completed and not self.ring.broken:
             completed, self.completed = self.completed, 0
             self.ring.flush()
+            if self.end_pass is not None:
+                self.end_pass()
             self._pace(self.ring.needs_notify(), completed, now)
 
     def _pace(self, notify: bool, completions: int, now: float) -> None:
@@ -332,7 +343,7 @@ class _Worker:
 
     def add(self, index: int, ring: DeviceRing, kick_fd: int, call_fd: int) -> None:
         row = self.stats.row(index)
-        served = _Served(index, ring, self.device.handler_for, kick_fd, call_fd, row,
+        served = _Served(index, ring, self.device, kick_fd, call_fd, row,
                          Coalescer(self.pacing.coalesce_count, self.pacing.coalesce_s))
         self.served[index] = served
         served.kicked = self._kicked
@@ -357,6 +368,8 @@ class _Worker:
 
         def drained() -> None:
             served.publish(time.monotonic())
+            if served.end_pass is not None:
+                served.end_pass()  # requests aborted on a broken ring are counted too
             if served.coalescer.flush():
                 served.signal()
             self.served.pop(index, None)
