@@ -310,3 +310,40 @@ def test_device_ring_outside_memory_is_refused(rig):
     with pytest.raises(GuestMemoryError):
         DeviceRing(rig.mem, RingAddresses(SIZE, rig.addrs.desc, rig.addrs.avail, end - 8),
                    event_idx=True)
+
+
+def test_walk_over_two_regions_and_across_their_gap() -> None:
+    """The walk slices a single region itself; with two regions every descriptor goes
+    through GuestMemory.view: inside either region fine, across the gap a ChainError."""
+    import os
+
+    from vscsi.memory import Allocator, GuestMemory, Region
+    from vscsi.virtio import DriverRing, ring_bytes, ring_layout
+    from vscsi.virtio.ring import DESC, U16
+
+    fd = os.memfd_create("two-regions")
+    os.ftruncate(fd, 2 << 20)
+    low, high = 0, 1 << 30  # 1 MiB at 0, 1 MiB at 1 GiB (file offset 1 MiB)
+    mem = GuestMemory([Region(low, 1 << 20, 0, 0, fd), Region(high, 1 << 20, 0, 1 << 20, fd)])
+    try:
+        alloc = Allocator(mem)
+        addrs = ring_layout(SIZE, alloc.alloc(ring_bytes(SIZE), 16))
+        drv = DriverRing(mem, addrs, event_idx=True)
+        dev = DeviceRing(mem, addrs, event_idx=True)
+        mem.view(high + 64, 4)[:] = b"high"
+        drv.add([(high + 64, 4)], [(4096, 8)], "ok")
+        drv.publish()
+        chain = dev.pop()
+        assert chain is not None
+        assert [bytes(v) for v in chain.readable] == [b"high"]
+        assert [len(v) for v in chain.writable] == [8]
+        # a descriptor from the end of the low region into the gap
+        DESC.pack_into(mem.view(addrs.desc, 16), 0, (1 << 20) - 8, 16, 0, 0)
+        avail = mem.view(addrs.avail, 4 + 2 * SIZE)
+        U16.pack_into(avail, 4 + 2, 0)
+        U16.pack_into(avail, 2, 2)
+        with pytest.raises(ChainError):
+            dev.pop()
+    finally:
+        mem.close()
+        os.close(fd)

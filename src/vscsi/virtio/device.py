@@ -140,6 +140,12 @@ class DeviceRing:
         used = mem.view(a.used, used_bytes(a.size))
         self._mem = mem
         self._view = mem.view
+        # One region (the usual case): _walk slices it inline; anything outside it (or
+        # several regions) goes through mem.view, which checks and raises.
+        single = mem.single_region()
+        self._base, self._limit, self._whole = (
+            (single[0], single[0] + single[1], single[2]) if single is not None
+            else (0, 0, None))
         self._desc, self._avail, self._used = desc, avail, used
 
     # ---- popping ---------------------------------------------------------------------
@@ -208,6 +214,7 @@ class DeviceRing:
         budget = tsize
         in_indirect = False
         view = self._view
+        base, limit, whole = self._base, self._limit, self._whole
         i = head
         try:
             while True:
@@ -232,12 +239,16 @@ class DeviceRing:
                     i = 0
                     continue
                 if length:  # zero-length descriptors carry nothing: skipped
+                    if base <= addr and addr + length <= limit:  # GuestMemory.view, inlined
+                        buf = whole[addr - base:addr - base + length]  # type: ignore[index]
+                    else:
+                        buf = view(addr, length)
                     if flags & VIRTQ_DESC_F_WRITE:
-                        writable.append(view(addr, length))
+                        writable.append(buf)
                     elif writable:
                         raise ChainError(head, "readable descriptor after a writable one")
                     else:
-                        readable.append(view(addr, length))
+                        readable.append(buf)
                 if not flags & VIRTQ_DESC_F_NEXT:
                     return Chain(head, readable, writable)
                 if nxt >= tsize:
