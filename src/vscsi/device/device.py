@@ -53,7 +53,7 @@ from vscsi.device.stats import (
     DeviceStats,
     QueueCounters,
 )
-from vscsi.device.tasks import ALL_LUNS, TaskTable
+from vscsi.device.tasks import ALL_LUNS, HOLD_SIZE, TaskTable, pack_slot
 from vscsi.device.wire import (
     AN_REQ,
     AN_RESP,
@@ -168,6 +168,7 @@ class VirtioScsiDevice:
         self.driver_features: int | None = None
         self.events = EventQueue(event_capacity, event_max_age)
         self.tasks = TaskTable(config.num_queues)
+        self._task_mem = self.tasks.mem  # the request path writes its slot inline
         #: requests whose result comes later, per queue (only in the worker serving it)
         self.later = LaterTasks(config.num_queues)
         #: how a TMF reaches the requests in flight in every worker: the back-end wires
@@ -239,7 +240,7 @@ class VirtioScsiDevice:
             # dict and no range check per request.
             slot = queue_index - FIRST_REQUEST_QUEUE
             return functools.partial(self._serve_request, slot, complete,
-                                     self.stats.counters(slot))
+                                     self.stats.counters(slot), self.tasks.slot_offset(slot))
         raise ValueError(
             f"queue {queue_index} does not exist (device has {self.config.num_queues} "
             f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
@@ -258,7 +259,7 @@ class VirtioScsiDevice:
         if not 0 <= slot < self.tasks.queues:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
         counters = self.stats.counters(slot)
-        result = self._serve_request(slot, None, counters, chain)
+        result = self._serve_request(slot, None, counters, self.tasks.slot_offset(slot), chain)
         counters.flush()
         assert result is not None  # no completion callback: never answered later
         return result
@@ -269,15 +270,23 @@ class VirtioScsiDevice:
         self.stats.counters(queue_index - FIRST_REQUEST_QUEUE).flush()
 
     def _serve_request(self, slot: int, complete: Callable[[int, int], None] | None,
-                       counters: QueueCounters, chain: Chain) -> int | None:
+                       counters: QueueCounters, task_off: int, chain: Chain) -> int | None:
         """handle_request for task slot ``slot`` (0-based, already checked). The steps:
         locate the two headers, look up the target, execute under the task table,
         respond with the residual."""
         wr = chain.writable
-        located = self._locate(chain)
-        if located.__class__ is int:
-            return located if located == 0 else self._respond(wr, None, located)
-        resp_buf, data_in, lun_field, tag, cdb, data_out = located
+        rd = chain.readable
+        if wr and rd and len(wr[0]) == self._resp_len and len(rd[0]) == self._req_len:
+            # Linux's layout, _locate inlined: each header is a descriptor of its own.
+            resp_buf = wr[0]
+            data_in = wr[1:]
+            lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack_from(rd[0])
+            data_out = rd[1:]
+        else:
+            located = self._locate(chain)
+            if located.__class__ is int:
+                return located if located == 0 else self._respond(wr, None, located)
+            resp_buf, data_in, lun_field, tag, cdb, data_out = located
         # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
         # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
 
@@ -304,24 +313,29 @@ class VirtioScsiDevice:
             counters.left(t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
 
-        # Execute, with the task published in this queue's slot so a TMF on the control
-        # queue can see it, hold it off, or cancel it.
-        tasks = self.tasks
-        held = tasks.begin(slot, t, lun, tag)
-        if held:
-            counters.left(t)
-            return self._respond(wr, resp_buf, held)
+        # Execute, with the task published in this queue's slot (at task_off) so a TMF on
+        # the control queue can see it, hold it off, or cancel it: TaskTable.begin inlined.
+        task_mem = self._task_mem
+        pack_slot(task_mem, task_off, 0, 0, t, lun, tag)
+        task_mem[task_off] = 1                          # active, published last
+        if task_mem[t * HOLD_SIZE]:                     # a TMF holds the target
+            held = self.tasks.hold_response(t, lun)
+            if held:
+                task_mem[task_off] = 0
+                counters.left(t)
+                return self._respond(wr, resp_buf, held)
         started = _now_ns()
         try:
             result = target.submit(lun, cdb, data_out, data_in, slot)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
-            tasks.end(slot)
+            task_mem[task_off] = 0
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-        cancelled = tasks.end(slot)
+        cancelled = task_mem[task_off + 1]              # TaskTable.end inlined
+        task_mem[task_off] = 0
         if result.__class__ is Pending:
             if complete is None:
                 result.abort()
