@@ -264,10 +264,11 @@ class VirtioScsiDevice:
         assert result is not None  # no completion callback: never answered later
         return result
 
-    def end_pass(self, queue_index: int) -> None:
-        """The worker finished a pass over request queue ``queue_index`` (drained it, or
-        published what was answered later): make what it counted visible (.stats)."""
-        self.stats.counters(queue_index - FIRST_REQUEST_QUEUE).flush()
+    def end_pass(self, queue_index: int) -> Callable[[], None]:
+        """What the worker calls after each pass over request queue ``queue_index``
+        (drained it, or published what was answered later), before it signals the
+        driver: makes what the queue counted visible (.stats). Bound once per queue."""
+        return self.stats.counters(queue_index - FIRST_REQUEST_QUEUE).flush
 
     def _serve_request(self, slot: int, complete: Callable[[int, int], None] | None,
                        counters: QueueCounters, task_off: int, chain: Chain) -> int | None:

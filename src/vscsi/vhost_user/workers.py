@@ -37,7 +37,6 @@ main process. A worker is pinned to one CPU with ``os.sched_setaffinity``.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -104,9 +103,9 @@ class VirtioDevice(Protocol):
 
     def reset(self) -> None: ...
 
-    # Optional: ``end_pass(queue_index)``, called after each pass over a hot queue (and
-    # after publishing what was answered later), before the driver is signalled: the
-    # device makes what it counted per request visible then.
+    # Optional: ``end_pass(queue_index)`` -> a callable, called after each pass over that
+    # hot queue (and after publishing what was answered later), before the driver is
+    # signalled: the device makes what it counted per request visible then.
 
 
 @dataclass(frozen=True)
@@ -233,7 +232,7 @@ class _Served:
         self.handle = device.handler_for(index, self.complete)
         end_pass = getattr(device, "end_pass", None)
         self.end_pass: Callable[[], None] | None = (
-            None if end_pass is None else functools.partial(end_pass, index))
+            None if end_pass is None else end_pass(index))
         self.kick_fd = kick_fd
         self.call_fd = call_fd
         self.row = row
@@ -297,8 +296,10 @@ class _Served:
             self._pace(self.ring.needs_notify(), completed, now)
 
     def _pace(self, notify: bool, completions: int, now: float) -> None:
-        if notify and self.coalescer.completed(completions or 1, now):
-            self.signal()
+        if notify:
+            coalescer = self.coalescer
+            if not coalescer.active or coalescer.completed(completions or 1, now):
+                self.signal()
 
     def signal(self) -> None:
         if self.call_fd >= 0:
@@ -536,6 +537,7 @@ class _Worker:
         run_once = self.loop.run_once
         monotonic = time.monotonic
         poll = self.poll
+        polling = poll.max_window > 0  # off: the window stays 0, no call per wake-up
         kicked = self._kicked
         asleep_since = monotonic()
         while (self.served or self.device_in_flight()) and not self._gone:
@@ -547,7 +549,7 @@ class _Worker:
                 serve = [s for s in self.served.values() if s.kick_fd < 0]
             else:
                 serve = []
-            if serve:
+            if serve and polling:
                 poll.woke(now - asleep_since)
             window = poll.window
             for served in serve:
