@@ -203,6 +203,54 @@ class DeviceRing:
             _pack_u16(self._used, self._avail_event_off, last)
         return self._walk(head)
 
+    def serve_available(self, handle: Callable[[Chain], int | None]) -> None:
+        """drain()'s inner loop in one frame: pop every available chain, ``handle`` it,
+        fill its used element (published by the caller's flush). The outcomes are those
+        of the loop over :meth:`pop` and :meth:`fill`: a bad chain is filled (head, 0); a
+        handler that raises has its chain filled (head, 0) and the exception propagates;
+        None leaves the chain in flight. Chains to run again after a restart, in-flight
+        tracking and weakly ordered CPUs take that loop itself."""
+        if self._resubmit or self.tracker is not None or WEAK_ORDERING:
+            _serve_one_by_one(self, handle)
+            return
+        avail, used, mask = self._avail, self._used, self._mask
+        walk = self._walk
+        avail_event = self._avail_event_off if self.event_idx else -1
+        while True:
+            if self.broken:
+                raise RingBroken("ring is broken")
+            last = self.last_avail_idx
+            if self._shadow_avail == last and self._avail_idx() == last:
+                return
+            head = _unpack_u16(avail, RING_OFF + 2 * (last & mask))[0]
+            if head >= self.size:
+                raise self._break(f"avail ring entry {last} names head {head} >= {self.size}")
+            last = (last + 1) & 0xFFFF
+            self.last_avail_idx = last
+            self.taken += 1
+            if self._notify and avail_event >= 0:
+                _pack_u16(used, avail_event, last)  # as pop() does with notifications on
+            try:
+                chain = walk(head)
+            except ChainError:
+                written: int | None = 0
+            else:
+                try:
+                    written = handle(chain)
+                except BaseException:
+                    self.inflight += 1
+                    self.fill(head, 0)
+                    self.set_notify(True)
+                    raise
+                if written is None:  # answered later: in flight until fill()
+                    self.inflight += 1
+                    continue
+            # fill(), inlined (the handler may have filled others meanwhile: re-read)
+            idx = self._fill_idx
+            _pack_elem(used, RING_OFF + 8 * (idx & mask), head, written)
+            self._fill_idx = (idx + 1) & 0xFFFF
+            self._pushed += 1
+
     def _walk(self, head: int) -> Chain:
         """Follow NEXT and INDIRECT from ``head`` into readable/writable views."""
         readable: list[memoryview] = []
@@ -336,6 +384,27 @@ class DeviceSide(Protocol):
     def needs_notify(self) -> bool: ...
 
 
+def _serve_one_by_one(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
+    """Pop every available chain, handle it, fill its used element (any ring kind)."""
+    pop, fill = ring.pop, ring.fill
+    while True:
+        try:
+            chain = pop()
+        except ChainError as e:
+            fill(e.head, 0)
+            continue
+        if chain is None:
+            return
+        try:
+            written = handle(chain)
+        except BaseException:
+            fill(chain.head, 0)
+            ring.set_notify(True)
+            raise
+        if written is not None:  # None: answered later, with ring.fill()
+            fill(chain.head, written)
+
+
 def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
           rearm: bool = True) -> bool:
     """The one device loop (either ring kind): notifications off, pop every chain,
@@ -354,26 +423,15 @@ def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
     and notifications are re-enabled before the exception propagates, so the queue is
     not left silent.
     """
-    pop, fill = ring.pop, ring.fill
+    # A split ring does the inner loop in one frame; any other kind, one call per step.
+    serve = getattr(ring, "serve_available", None)
     while True:
         ring.set_notify(False)
         try:
-            while True:
-                try:
-                    chain = pop()
-                except ChainError as e:
-                    fill(e.head, 0)
-                    continue
-                if chain is None:
-                    break
-                try:
-                    written = handle(chain)
-                except BaseException:
-                    fill(chain.head, 0)
-                    ring.set_notify(True)
-                    raise
-                if written is not None:  # None: answered later, with ring.fill()
-                    fill(chain.head, written)
+            if serve is not None:
+                serve(handle)
+            else:
+                _serve_one_by_one(ring, handle)
         finally:
             ring.flush()
         if not rearm:
