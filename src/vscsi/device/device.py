@@ -371,6 +371,19 @@ class VirtioScsiDevice:
             row[WRITE_BYTES] += result.data_out
             if result.status:
                 row[ERRORS] += 1
+        if resp_buf is not None and not result.sense and not result.overrun and \
+                len(data_in) + len(data_out) == 1:
+            # _respond_result inlined for one data buffer and no sense (READ / WRITE)
+            if data_in:
+                length = data_in[0].nbytes
+                moved = result.data_in
+            else:
+                length = data_out[0].nbytes
+                moved = result.data_out
+            moved = length if moved > length else moved if moved > 0 else 0
+            self._resp.pack_into(resp_buf, 0, 0, length - moved, 0, result.status & 0xFF,
+                                 VIRTIO_SCSI_S_OK, b"")
+            return self._resp_len + moved if data_in else self._resp_len
         return self._respond_result(wr, resp_buf, result, data_out, data_in)
 
     def _answer_later(self, counters: QueueCounters, complete: Callable[[int, int], None],
