@@ -46,6 +46,7 @@ from vscsi.device.later import LaterTask, LaterTasks, abort_all
 from vscsi.device.stats import (
     ERRORS,
     HIST,
+    HISTS,
     LAST_BUCKET,
     READ_BYTES,
     TOUCHED,
@@ -366,7 +367,9 @@ class VirtioScsiDevice:
                 row[TOUCHED] = 1
                 counters.touched.append(row)
             bucket = ((_now_ns() - started) // 1000).bit_length()
-            row[HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)] += 1
+            column = HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)
+            hists = row[HISTS]
+            hists[column] = hists.get(column, 0) + 1
             row[READ_BYTES] += result.data_in
             row[WRITE_BYTES] += result.data_out
             if result.status:

@@ -33,7 +33,6 @@ per request (and only with more than one queue: one queue has no switches).
 from __future__ import annotations
 
 import mmap
-from itertools import compress
 from typing import Any
 
 MAX_TARGETS = 256
@@ -228,12 +227,12 @@ class DeviceStats:
         self.inflight.close()
 
 
-_LUN_COLUMN_INDICES = tuple(range(LUN_COLUMNS))
 LAST_BUCKET = BUCKETS - 1
-# A local row: the LUN_COLUMNS columns, then whether it was counted into since the last
-# flush, then where its shared row starts in ``u64``.
-TOUCHED, OFFSET = LUN_COLUMNS, LUN_COLUMNS + 1
-_ZEROS = [0] * (LUN_COLUMNS + 1)  # a row's counts and TOUCHED flag, cleared by a flush
+# A local row (a list): READ_BYTES, WRITE_BYTES and ERRORS as in the shared row; then
+# HISTS, a dict {shared column: count} of the latency buckets hit (a pass hits one or
+# two of the BUCKETS: a flush visits those, not every column); whether the row was
+# counted into since the last flush; where its shared row starts in ``u64``.
+HISTS, TOUCHED, OFFSET = 3, 4, 5
 
 
 class QueueCounters:
@@ -254,8 +253,8 @@ class QueueCounters:
         self.stats = stats
         self.q = q
         self.requests: dict[int, int] = {}
-        self.rows: dict[tuple[int, int], list[int]] = {}
-        self.touched: list[list[int]] = []
+        self.rows: dict[tuple[int, int], list[Any]] = {}
+        self.touched: list[list[Any]] = []
         #: switches exist only with several queues: with one, no in-flight bytes
         self.multi = stats.num_queues > 1
         self.inflight = stats.inflight
@@ -263,14 +262,14 @@ class QueueCounters:
         self.num_queues = stats.num_queues
         self.switch_base = stats._switch_base + q * MAX_TARGETS
 
-    def row(self, addr: tuple[int, int]) -> list[int] | None:
+    def row(self, addr: tuple[int, int]) -> list[Any] | None:
         """The local row of LUN ``addr`` (made on first use), None if it has no slot."""
         row = self.rows.get(addr)
         if row is None:
             slot = self.stats.slots.get(addr)
             if slot is None:
                 return None
-            row = self.rows[addr] = [*_ZEROS, self.stats._lun_row(self.q, slot)]
+            row = self.rows[addr] = [0, 0, 0, {}, 0, self.stats._lun_row(self.q, slot)]
         return row
 
     def arrive(self, t: int) -> None:
@@ -302,14 +301,16 @@ class QueueCounters:
             if count:
                 inflight[cell] = count - 1
 
-    def count(self, row: list[int], failed: bool, read: int, written: int, ns: int) -> None:
+    def count(self, row: list[Any], failed: bool, read: int, written: int, ns: int) -> None:
         """One command of a LUN (its local ``row``) done after ``ns`` nanoseconds (the
         request path inlines this; the slow paths call it)."""
         if not row[TOUCHED]:
             row[TOUCHED] = 1
             self.touched.append(row)
         bucket = (ns // 1000).bit_length()
-        row[HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)] += 1
+        column = HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)
+        hists = row[HISTS]
+        hists[column] = hists.get(column, 0) + 1  # type: ignore[union-attr]
         row[READ_BYTES] += read
         row[WRITE_BYTES] += written
         if failed:
@@ -334,7 +335,15 @@ class QueueCounters:
         if self.touched:
             for row in self.touched:
                 start = row[OFFSET]
-                for column in compress(_LUN_COLUMN_INDICES, row):
-                    u64[start + column] += row[column]
-                row[:TOUCHED + 1] = _ZEROS
+                if row[READ_BYTES]:
+                    u64[start + READ_BYTES] += row[READ_BYTES]
+                if row[WRITE_BYTES]:
+                    u64[start + WRITE_BYTES] += row[WRITE_BYTES]
+                if row[ERRORS]:
+                    u64[start + ERRORS] += row[ERRORS]
+                hists = row[HISTS]
+                for column, n in hists.items():  # type: ignore[union-attr]
+                    u64[start + column] += n
+                hists.clear()  # type: ignore[union-attr]
+                row[READ_BYTES] = row[WRITE_BYTES] = row[ERRORS] = row[TOUCHED] = 0
             self.touched.clear()
