@@ -281,7 +281,10 @@ class DeviceRing:
                         raise ChainError(head, f"indirect table length {length}")
                     if count > self.max_indirect:
                         raise ChainError(head, f"indirect table of {count} > {self.max_indirect}")
-                    table = view(addr, length)
+                    if base <= addr and addr + length <= limit:  # as below, inlined
+                        table = whole[addr - base:addr - base + length]  # type: ignore[index]
+                    else:
+                        table = view(addr, length)
                     tsize = budget = count
                     in_indirect = True
                     i = 0
