@@ -301,9 +301,7 @@ class VirtioScsiDevice:
         # Counted into this queue's local counters (flushed once per pass: .stats).
         requests = counters.requests
         requests[t] = requests.get(t, 0) + 1
-        multi = counters.multi
-        if multi:
-            counters.running(t)
+        cell = counters.running(t) if counters.multi else -1
         target = self.targets.get(t)
         if target is None:
             counters.left(t)
@@ -359,8 +357,11 @@ class VirtioScsiDevice:
             return self._respond(wr, resp_buf, cancelled)
         # counters.done(), inlined: the bytes the target says it moved (our own scsi
         # layer: no clamping needed), latency bucket by bit length
-        if multi:
-            counters.left(t)
+        if cell >= 0:  # counters.left(t), inlined
+            inflight = counters.inflight
+            count = inflight[cell]
+            if count:
+                inflight[cell] = count - 1
         row = counters.rows.get(addr) or counters.row(addr)
         if row is not None:
             if not row[TOUCHED]:

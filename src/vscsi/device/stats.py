@@ -279,9 +279,10 @@ class QueueCounters:
         if self.multi:
             self.running(t)
 
-    def running(self, t: int) -> None:
+    def running(self, t: int) -> int:
         """A request of target t starts on this queue: a switch if another queue runs t
-        (only called with several queues)."""
+        (only called with several queues). Returns its cell in ``inflight``, which the
+        request path decrements itself when the request ends (``left``, inlined)."""
         nq = self.num_queues
         first = t * nq
         mine = first + self.q
@@ -292,6 +293,7 @@ class QueueCounters:
         if inflight[first:first + nq] != self.idle:  # another queue runs t
             self.stats.u64[self.switch_base + t] += 1
         inflight[mine] = own + 1 if own < 255 else 255
+        return mine
 
     def left(self, t: int) -> None:
         """A request of target t ended (its in-flight byte, with several queues)."""
