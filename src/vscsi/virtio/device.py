@@ -330,7 +330,8 @@ class DeviceRing:
         if idx != self.used_idx:
             if WEAK_ORDERING:
                 mb()  # the elements before the idx that publishes them
-            _pack_u16(self._used, IDX_OFF, idx)
+            # store_u16, inlined (once per pass): one 2-byte store, never pack_into
+            self._used[IDX_OFF:IDX_OFF + 2] = idx.to_bytes(2, "little")
             self.used_idx = idx
             if self.tracker is not None:
                 self.tracker.published(idx)
@@ -369,7 +370,8 @@ class DeviceRing:
         self._notify = enabled
         if self.event_idx:
             if enabled:
-                _pack_u16(self._used, self._avail_event_off, self.last_avail_idx)
+                off = self._avail_event_off  # store_u16, inlined (once per pass)
+                self._used[off:off + 2] = self.last_avail_idx.to_bytes(2, "little")
         else:
             _pack_u16(self._used, 0, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
         if enabled:
