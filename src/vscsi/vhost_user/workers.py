@@ -560,7 +560,9 @@ class _Worker:
             window = poll.window
             for served in serve:
                 if not served.stopping:
-                    self._serve(served, now, rearm=not window)
+                    broken = served.serve(now, not window)  # _serve, inlined
+                    if broken is not None:
+                        self._break(served.index, broken)
             if window and serve:
                 self._busy_poll(window)
                 now = monotonic()
