@@ -45,10 +45,11 @@ from vscsi.device.events import EventQueue
 from vscsi.device.later import LaterTask, LaterTasks, abort_all
 from vscsi.device.stats import (
     ERRORS,
-    HIST,
     HISTS,
+    HIT,
     LAST_BUCKET,
     READ_BYTES,
+    REQUESTS,
     TOUCHED,
     WRITE_BYTES,
     DeviceStats,
@@ -298,9 +299,16 @@ class VirtioScsiDevice:
         t, lun = addr
         if self.on_arrival is not None:
             self.on_arrival(t, lun, tag)
-        # Counted into this queue's local counters (flushed once per pass: .stats).
-        requests = counters.requests
-        requests[t] = requests.get(t, 0) + 1
+        # Counted into this queue's local counters (flushed once per pass: .stats):
+        # counters.arrive(t, row), inlined.
+        row = counters.rows.get(addr) or counters.row(addr)
+        if row is not None:
+            row[REQUESTS] += 1
+            if not row[TOUCHED]:
+                row[TOUCHED] = 1
+                counters.touched.append(row)
+        else:
+            counters.unrowed(t)
         cell = counters.running(t) if counters.multi else -1
         target = self.targets.get(t)
         if target is None:
@@ -356,21 +364,21 @@ class VirtioScsiDevice:
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
             return self._respond(wr, resp_buf, cancelled)
         # counters.done(), inlined: the bytes the target says it moved (our own scsi
-        # layer: no clamping needed), latency bucket by bit length
+        # layer: no clamping needed), latency bucket by bit length. The row is the one
+        # touched at arrival, in this same pass.
         if cell >= 0:  # counters.left(t), inlined
             inflight = counters.inflight
             count = inflight[cell]
             if count:
                 inflight[cell] = count - 1
-        row = counters.rows.get(addr) or counters.row(addr)
         if row is not None:
-            if not row[TOUCHED]:
-                row[TOUCHED] = 1
-                counters.touched.append(row)
             bucket = ((_now_ns() - started) // 1000).bit_length()
-            column = HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)
+            if bucket > LAST_BUCKET:
+                bucket = LAST_BUCKET
             hists = row[HISTS]
-            hists[column] = hists.get(column, 0) + 1
+            if not hists[bucket]:
+                row[HIT].append(bucket)
+            hists[bucket] += 1
             row[READ_BYTES] += result.data_in
             row[WRITE_BYTES] += result.data_out
             if result.status:

@@ -228,31 +228,33 @@ class DeviceStats:
 
 
 LAST_BUCKET = BUCKETS - 1
-# A local row (a list): READ_BYTES, WRITE_BYTES and ERRORS as in the shared row; then
-# HISTS, a dict {shared column: count} of the latency buckets hit (a pass hits one or
-# two of the BUCKETS: a flush visits those, not every column); whether the row was
-# counted into since the last flush; where its shared row starts in ``u64``.
-HISTS, TOUCHED, OFFSET = 3, 4, 5
+# A local row (a list), per LUN and queue: READ_BYTES, WRITE_BYTES and ERRORS as in the
+# shared row; then HISTS, the latency buckets (a list of BUCKETS counts), and HIT, the
+# buckets hit since the last flush (a pass hits one or two: a flush visits those, not all
+# of them); REQUESTS, the requests for the LUN's target that arrived for this LUN, and
+# REQUESTS_AT, where the queue's count of that target lives in ``u64``; TOUCHED, whether
+# the row was counted into since the last flush; OFFSET, where its shared row starts.
+HISTS, HIT, REQUESTS, REQUESTS_AT, TOUCHED, OFFSET = 3, 4, 5, 6, 7, 8
 
 
 class QueueCounters:
     """What one queue counted since its last :meth:`flush`, in this process: plain lists
-    and dicts the request path adds into directly (no call per request).
+    the request path adds into directly (no call per request).
 
-    * ``requests``: target -> requests that arrived;
-    * ``rows``: (target, lun) -> the LUN's local row (see TOUCHED, OFFSET) while it has a
-      slot; :meth:`row` is None for a LUN without one (not counted, as before);
+    * ``rows``: (target, lun) -> the LUN's local row (see HISTS ... OFFSET) while it has a
+      slot; :meth:`row` is None for a LUN without one (its commands are not counted, as
+      before, and its requests go straight to the shared table: :meth:`arrive`);
     * ``touched``: the rows counted into since the last flush (the first count of a pass
       sets ``row[TOUCHED]`` and appends the row), so a flush visits only those.
     """
 
-    __slots__ = ("stats", "q", "requests", "rows", "touched", "multi", "inflight", "idle",
-                 "num_queues", "switch_base")
+    __slots__ = ("stats", "q", "u64", "rows", "touched", "multi", "inflight", "idle",
+                 "num_queues", "requests_base", "switch_base")
 
     def __init__(self, stats: DeviceStats, q: int) -> None:
         self.stats = stats
         self.q = q
-        self.requests: dict[int, int] = {}
+        self.u64 = stats.u64
         self.rows: dict[tuple[int, int], list[Any]] = {}
         self.touched: list[list[Any]] = []
         #: switches exist only with several queues: with one, no in-flight bytes
@@ -260,6 +262,7 @@ class QueueCounters:
         self.inflight = stats.inflight
         self.idle = stats._idle
         self.num_queues = stats.num_queues
+        self.requests_base = q * MAX_TARGETS
         self.switch_base = stats._switch_base + q * MAX_TARGETS
 
     def row(self, addr: tuple[int, int]) -> list[Any] | None:
@@ -269,15 +272,28 @@ class QueueCounters:
             slot = self.stats.slots.get(addr)
             if slot is None:
                 return None
-            row = self.rows[addr] = [0, 0, 0, {}, 0, self.stats._lun_row(self.q, slot)]
+            row = self.rows[addr] = [0, 0, 0, [0] * BUCKETS, [], 0,
+                                     self.requests_base + addr[0], 0,
+                                     self.stats._lun_row(self.q, slot)]
         return row
 
-    def arrive(self, t: int) -> None:
-        """A request of target t arrived (the request path inlines the count)."""
-        requests = self.requests
-        requests[t] = requests.get(t, 0) + 1
+    def arrive(self, t: int, row: list[Any] | None = None) -> None:
+        """A request of target t arrived, for the LUN of ``row`` if it has one (the
+        request path inlines this)."""
+        if row is not None:
+            row[REQUESTS] += 1
+            if not row[TOUCHED]:
+                row[TOUCHED] = 1
+                self.touched.append(row)
+        else:
+            self.unrowed(t)
         if self.multi:
             self.running(t)
+
+    def unrowed(self, t: int) -> None:
+        """A request of target t with no LUN row (a missing LUN or target, or no slot):
+        rare, counted straight into the shared table."""
+        self.u64[self.requests_base + t] += 1
 
     def running(self, t: int) -> int:
         """A request of target t starts on this queue: a switch if another queue runs t
@@ -291,7 +307,7 @@ class QueueCounters:
         if own:  # this queue already runs some of t (answered later): look past them
             inflight[mine] = 0
         if inflight[first:first + nq] != self.idle:  # another queue runs t
-            self.stats.u64[self.switch_base + t] += 1
+            self.u64[self.switch_base + t] += 1
         inflight[mine] = own + 1 if own < 255 else 255
         return mine
 
@@ -310,9 +326,12 @@ class QueueCounters:
             row[TOUCHED] = 1
             self.touched.append(row)
         bucket = (ns // 1000).bit_length()
-        column = HIST + (bucket if bucket < LAST_BUCKET else LAST_BUCKET)
+        if bucket > LAST_BUCKET:
+            bucket = LAST_BUCKET
         hists = row[HISTS]
-        hists[column] = hists.get(column, 0) + 1  # type: ignore[union-attr]
+        if not hists[bucket]:
+            row[HIT].append(bucket)
+        hists[bucket] += 1
         row[READ_BYTES] += read
         row[WRITE_BYTES] += written
         if failed:
@@ -328,24 +347,25 @@ class QueueCounters:
 
     def flush(self) -> None:
         """Add what was counted into the shared rows, and start again from zero."""
-        u64 = self.stats.u64
-        if self.requests:
-            base = self.q * MAX_TARGETS
-            for t, n in self.requests.items():
-                u64[base + t] += n
-            self.requests.clear()
-        if self.touched:
-            for row in self.touched:
-                start = row[OFFSET]
-                if row[READ_BYTES]:
-                    u64[start + READ_BYTES] += row[READ_BYTES]
-                if row[WRITE_BYTES]:
-                    u64[start + WRITE_BYTES] += row[WRITE_BYTES]
-                if row[ERRORS]:
-                    u64[start + ERRORS] += row[ERRORS]
-                hists = row[HISTS]
-                for column, n in hists.items():  # type: ignore[union-attr]
-                    u64[start + column] += n
-                hists.clear()  # type: ignore[union-attr]
-                row[READ_BYTES] = row[WRITE_BYTES] = row[ERRORS] = row[TOUCHED] = 0
-            self.touched.clear()
+        touched = self.touched
+        if not touched:
+            return
+        u64 = self.u64
+        for row in touched:
+            read, written, errors, hists, hit, requests = row[:6]
+            start = row[OFFSET]
+            if requests:
+                u64[row[REQUESTS_AT]] += requests
+            if read:
+                u64[start + READ_BYTES] += read
+            if written:
+                u64[start + WRITE_BYTES] += written
+            if errors:
+                u64[start + ERRORS] += errors
+            for bucket in hit:
+                u64[start + HIST + bucket] += hists[bucket]
+                hists[bucket] = 0
+            hit.clear()
+            row[READ_BYTES] = row[WRITE_BYTES] = row[ERRORS] = row[REQUESTS] = 0
+            row[TOUCHED] = 0
+        touched.clear()
