@@ -101,7 +101,8 @@ class EventLoop:
             if due is not None:
                 left = max(0.0, due - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
-        events = self._wait(timeout)
+        # no timeout (a worker with nothing timed): poll() straight, no _wait frame
+        events = self._poller.poll(None) if timeout is None else self._wait(timeout)
         ready = []
         readers = self._readers
         for fd, _ in events:

@@ -81,3 +81,62 @@ def test_percentiles_are_ordered_and_within_the_data(hist: list[int], lo: float,
     used = [i for i, n in enumerate(hist) if n]
     assert bucket_bounds_us(used[0])[0] <= a <= max(bucket_bounds_us(used[-1])[1],
                                                     bucket_bounds_us(used[-1])[0])
+
+
+def test_queue_counters_reach_the_shared_rows_at_flush() -> None:
+    """The request path counts into per-queue lists; another process (the main one,
+    reading for RPC) sees them once the worker flushes, with the same numbers the direct
+    DeviceStats calls give."""
+    s = DeviceStats(2)
+    s.assign(1, 3)
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        counters = s.counters(1)
+        for _ in range(10):
+            counters.arrive(1)
+            counters.done(1, (1, 3), False, 512, 0, 2000)
+        counters.arrive(9)          # a target with no LUN: a request, no LUN row
+        counters.left(9)
+        counters.done(1, (1, 3), True, 0, 0, 10**16)
+        os.write(w, b"1")            # counted, not flushed
+        os.read(go_r, 1)
+        counters.flush()
+        os.write(w, b"2")
+        os.read(go_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(r, 1) == b"1"
+        assert s.lun(1, 3)["commands"] == 0  # type: ignore[index]
+        os.write(go_w, b"x")
+        assert os.read(r, 1) == b"2"
+        lun = s.lun(1, 3)
+        assert lun is not None
+        assert (lun["commands"], lun["bytes_read"], lun["errors"]) == (11, 5120, 1)
+        assert lun["latency_hist"][(2).bit_length()] == 10
+        assert lun["latency_hist"][BUCKETS - 1] == 1
+        assert s.queue(1)["commands"] == 11 and s.queue(0)["commands"] == 0
+        steering = s.steering()
+        assert steering[1]["requests"] == [0, 10] and steering[9]["requests"] == [0, 1]
+        os.write(go_w, b"x")
+    finally:
+        assert os.waitpid(pid, 0)[1] == 0
+    s.close()
+
+
+def test_queue_counters_flush_before_a_slot_is_reused() -> None:
+    s = DeviceStats(1, lun_slots=1)
+    s.assign(0, 0)
+    counters = s.counters(0)
+    counters.arrive(0)
+    counters.done(0, (0, 0), False, 4096, 0, 1000)
+    s.release(0, 0)                 # counted so far goes to the old slot, then forgotten
+    s.assign(0, 1)                  # the same slot, zeroed
+    counters.arrive(0)
+    counters.done(0, (0, 1), False, 0, 512, 1000)
+    counters.done(0, (0, 0), False, 4096, 0, 1000)  # gone: not counted anywhere
+    lun = s.lun(0, 1)
+    assert lun is not None
+    assert (lun["commands"], lun["bytes_read"], lun["bytes_written"]) == (1, 0, 512)
+    s.close()

@@ -6,6 +6,8 @@ import errno
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vscsi.scsi import FileBackend, LogicalUnit, RamBackend
 
@@ -300,3 +302,18 @@ def test_unit_shares_state_across_fork():
     assert unit.wce is False
     r, got = run(unit, read10(0, 1), in_len=512)
     assert got == b"\x66" * 512
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), min_size=1, max_size=30))
+def test_shared_good_results_count_each_transfer_as_its_own(ops):
+    """READ / WRITE hand out one shared GOOD result per transfer size: whatever the
+    order of sizes and directions, each result says the bytes of its own command."""
+    unit = ram_unit(1 << 20, block_size=512)
+    for write, blocks in ops:
+        n = blocks * 512
+        if write:
+            r, _ = run(unit, write16(0, blocks), out=bytes(n))
+            assert (r.status, r.data_in, r.data_out) == (GOOD, 0, n)
+        else:
+            r, _ = run(unit, read16(0, blocks), in_len=n)
+            assert (r.status, r.data_in, r.data_out) == (GOOD, n, 0)

@@ -43,8 +43,19 @@ from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
 from vscsi.device.later import LaterTask, LaterTasks, abort_all
-from vscsi.device.stats import DeviceStats
-from vscsi.device.tasks import ALL_LUNS, TaskTable
+from vscsi.device.stats import (
+    ERRORS,
+    HISTS,
+    HIT,
+    LAST_BUCKET,
+    READ_BYTES,
+    REQUESTS,
+    TOUCHED,
+    WRITE_BYTES,
+    DeviceStats,
+    QueueCounters,
+)
+from vscsi.device.tasks import ALL_LUNS, HOLD_SIZE, TaskTable, pack_slot
 from vscsi.device.wire import (
     AN_REQ,
     AN_RESP,
@@ -159,6 +170,7 @@ class VirtioScsiDevice:
         self.driver_features: int | None = None
         self.events = EventQueue(event_capacity, event_max_age)
         self.tasks = TaskTable(config.num_queues)
+        self._task_mem = self.tasks.mem  # the request path writes its slot inline
         #: requests whose result comes later, per queue (only in the worker serving it)
         self.later = LaterTasks(config.num_queues)
         #: how a TMF reaches the requests in flight in every worker: the back-end wires
@@ -228,8 +240,9 @@ class VirtioScsiDevice:
         if FIRST_REQUEST_QUEUE <= queue_index < FIRST_REQUEST_QUEUE + self.config.num_queues:
             # Bound positionally to the queue's task slot, checked here once: no keyword
             # dict and no range check per request.
-            return functools.partial(self._serve_request, queue_index - FIRST_REQUEST_QUEUE,
-                                     complete)
+            slot = queue_index - FIRST_REQUEST_QUEUE
+            return functools.partial(self._serve_request, slot, complete,
+                                     self.stats.counters(slot), self.tasks.slot_offset(slot))
         raise ValueError(
             f"queue {queue_index} does not exist (device has {self.config.num_queues} "
             f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
@@ -247,20 +260,36 @@ class VirtioScsiDevice:
         slot = queue_index - FIRST_REQUEST_QUEUE
         if not 0 <= slot < self.tasks.queues:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
-        result = self._serve_request(slot, None, chain)
+        counters = self.stats.counters(slot)
+        result = self._serve_request(slot, None, counters, self.tasks.slot_offset(slot), chain)
+        counters.flush()
         assert result is not None  # no completion callback: never answered later
         return result
 
+    def end_pass(self, queue_index: int) -> Callable[[], None]:
+        """What the worker calls after each pass over request queue ``queue_index``
+        (drained it, or published what was answered later), before it signals the
+        driver: makes what the queue counted visible (.stats). Bound once per queue."""
+        return self.stats.counters(queue_index - FIRST_REQUEST_QUEUE).flush
+
     def _serve_request(self, slot: int, complete: Callable[[int, int], None] | None,
-                       chain: Chain) -> int | None:
+                       counters: QueueCounters, task_off: int, chain: Chain) -> int | None:
         """handle_request for task slot ``slot`` (0-based, already checked). The steps:
         locate the two headers, look up the target, execute under the task table,
         respond with the residual."""
         wr = chain.writable
-        located = self._locate(chain)
-        if located.__class__ is int:
-            return located if located == 0 else self._respond(wr, None, located)
-        resp_buf, data_in, lun_field, tag, cdb, data_out = located
+        rd = chain.readable
+        if wr and rd and len(wr[0]) == self._resp_len and len(rd[0]) == self._req_len:
+            # Linux's layout, _locate inlined: each header is a descriptor of its own.
+            resp_buf = wr[0]
+            data_in = wr[1:]
+            lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack_from(rd[0])
+            data_out = rd[1:]
+        else:
+            located = self._locate(chain)
+            if located.__class__ is int:
+                return located if located == 0 else self._respond(wr, None, located)
+            resp_buf, data_in, lun_field, tag, cdb, data_out = located
         # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
         # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
 
@@ -270,73 +299,118 @@ class VirtioScsiDevice:
         t, lun = addr
         if self.on_arrival is not None:
             self.on_arrival(t, lun, tag)
-        stats = self.stats
-        stats.arrive(slot, t)
+        # Counted into this queue's local counters (flushed once per pass: .stats):
+        # counters.arrive(t, row), inlined.
+        row = counters.rows.get(addr) or counters.row(addr)
+        if row is not None:
+            row[REQUESTS] += 1
+            if not row[TOUCHED]:
+                row[TOUCHED] = 1
+                counters.touched.append(row)
+        else:
+            counters.unrowed(t)
+        cell = counters.running(t) if counters.multi else -1
         target = self.targets.get(t)
         if target is None:
-            stats.leave(slot, t)
+            counters.left(t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
         if data_out and data_in and total(data_out) and total(data_in):
             # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
             # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
             # a SCSI CHECK CONDITION, since the target never saw the command.
-            stats.leave(slot, t)
+            counters.left(t)
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
 
-        # Execute, with the task published in this queue's slot so a TMF on the control
-        # queue can see it, hold it off, or cancel it.
-        tasks = self.tasks
-        held = tasks.begin(slot, t, lun, tag)
-        if held:
-            stats.leave(slot, t)
-            return self._respond(wr, resp_buf, held)
+        # Execute, with the task published in this queue's slot (at task_off) so a TMF on
+        # the control queue can see it, hold it off, or cancel it: TaskTable.begin inlined.
+        task_mem = self._task_mem
+        pack_slot(task_mem, task_off, 0, 0, t, lun, tag)
+        task_mem[task_off] = 1                          # active, published last
+        if task_mem[t * HOLD_SIZE]:                     # a TMF holds the target
+            held = self.tasks.hold_response(t, lun)
+            if held:
+                task_mem[task_off] = 0
+                counters.left(t)
+                return self._respond(wr, resp_buf, held)
         started = _now_ns()
         try:
             result = target.submit(lun, cdb, data_out, data_in, slot)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
-            tasks.end(slot)
-            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+            task_mem[task_off] = 0
+            counters.done(t, addr, True, 0, 0, _now_ns() - started)
             log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-        cancelled = tasks.end(slot)
+        cancelled = task_mem[task_off + 1]              # TaskTable.end inlined
+        task_mem[task_off] = 0
         if result.__class__ is Pending:
             if complete is None:
                 result.abort()
-                stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+                counters.done(t, addr, True, 0, 0, _now_ns() - started)
                 log.error("target %d lun %d: command %s answers later, which this queue "
                           "cannot wait for", t, lun, cdb[:1].hex())
                 return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
             task = LaterTask(chain.head, t, lun, tag, result)  # type: ignore[arg-type]
             self.later.add(slot, task)
             result.then(functools.partial(  # type: ignore[union-attr]
-                self._answer_later, slot, complete, task, wr, resp_buf, data_out, data_in,
+                self._answer_later, counters, complete, task, wr, resp_buf, data_out, data_in,
                 started))
             if cancelled:  # a TMF came while it started: it ends with that TMF's answer
                 task.cancel = cancelled
                 result.abort()  # type: ignore[union-attr]
             return None
         if cancelled:                   # a TMF aborted / reset it while it ran
-            stats.done(slot, t, addr, True, 0, 0, _now_ns() - started)
+            counters.done(t, addr, True, 0, 0, _now_ns() - started)
             return self._respond(wr, resp_buf, cancelled)
-        # the bytes the target says it moved (our own scsi layer: no clamping needed)
-        stats.done(slot, t, addr, result.status != 0, result.data_in, result.data_out,
-                   _now_ns() - started)
+        # counters.done(), inlined: the bytes the target says it moved (our own scsi
+        # layer: no clamping needed), latency bucket by bit length. The row is the one
+        # touched at arrival, in this same pass.
+        if cell >= 0:  # counters.left(t), inlined
+            inflight = counters.inflight
+            count = inflight[cell]
+            if count:
+                inflight[cell] = count - 1
+        if row is not None:
+            bucket = ((_now_ns() - started) // 1000).bit_length()
+            if bucket > LAST_BUCKET:
+                bucket = LAST_BUCKET
+            hists = row[HISTS]
+            if not hists[bucket]:
+                row[HIT].append(bucket)
+            hists[bucket] += 1
+            row[READ_BYTES] += result.data_in
+            row[WRITE_BYTES] += result.data_out
+            if result.status:
+                row[ERRORS] += 1
+        if resp_buf is not None and not result.sense and not result.overrun and \
+                len(data_in) + len(data_out) == 1:
+            # _respond_result inlined for one data buffer and no sense (READ / WRITE)
+            if data_in:
+                length = data_in[0].nbytes
+                moved = result.data_in
+            else:
+                length = data_out[0].nbytes
+                moved = result.data_out
+            moved = length if moved > length else moved if moved > 0 else 0
+            self._resp.pack_into(resp_buf, 0, 0, length - moved, 0, result.status & 0xFF,
+                                 VIRTIO_SCSI_S_OK, b"")
+            return self._resp_len + moved if data_in else self._resp_len
         return self._respond_result(wr, resp_buf, result, data_out, data_in)
 
-    def _answer_later(self, slot: int, complete: Callable[[int, int], None], task: LaterTask,
+    def _answer_later(self, counters: QueueCounters, complete: Callable[[int, int], None],
+                      task: LaterTask,
                       wr: list[memoryview], resp_buf: memoryview | None,
                       data_out: list[memoryview], data_in: list[memoryview],
                       started: int, result: ScsiResult) -> None:
         """A request answered later got its result (or was aborted: task.cancel)."""
-        self.later.remove(slot, task.head)
+        self.later.remove(counters.q, task.head)
         addr = (task.target, task.lun)
         if task.cancel:
-            self.stats.done(slot, task.target, addr, True, 0, 0, _now_ns() - started)
+            counters.done(task.target, addr, True, 0, 0, _now_ns() - started)
         else:
-            self.stats.done(slot, task.target, addr, result.status != 0, result.data_in,
-                            result.data_out, _now_ns() - started)
+            counters.done(task.target, addr, result.status != 0, result.data_in,
+                          result.data_out, _now_ns() - started)
         try:
             if task.cancel:
                 written = self._respond(wr, resp_buf, task.cancel)

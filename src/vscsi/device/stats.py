@@ -21,6 +21,13 @@ Tables (q: request queue, 0-based; t: target 0..255; s: a LUN's slot):
 
 A LUN gets a slot when it is added (slots of removed LUNs are reused, zeroed first);
 counts live as long as the LUN.
+
+The request path does not write the shared rows per request: it adds into its queue's
+:class:`QueueCounters` (plain Python lists and dicts, a few list increments a request),
+which the worker flushes into the shared rows once per pass over the ring, before it
+signals the driver -- so whatever the driver saw completed is counted when it looks.
+Only the in-flight bytes, which other queues read while the request runs, are written
+per request (and only with more than one queue: one queue has no switches).
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class DeviceStats:
         self._idle = bytes(num_queues)  # a target's row when no queue runs it
         self.slots: dict[tuple[int, int], int] = {}  # (target, lun) -> slot
         self._free = list(range(lun_slots - 1, -1, -1))
+        self._counters: dict[int, QueueCounters] = {}  # per queue, made on first use
 
     # -- LUN slots (main process, before the workers that use them are forked)
 
@@ -82,6 +90,7 @@ class DeviceStats:
             return self.slots[(target, lun)]
         if not self._free:
             return None
+        self._forget_rows()
         slot = self._free.pop()
         for q in range(self.num_queues):
             start = self._lun_row(q, slot)
@@ -90,9 +99,16 @@ class DeviceStats:
         return slot
 
     def release(self, target: int, lun: int) -> None:
+        self._forget_rows()
         slot = self.slots.pop((target, lun), None)
         if slot is not None:
             self._free.append(slot)
+
+    def _forget_rows(self) -> None:
+        """Slots change: the queues' cached rows go (counted so far: flushed first)."""
+        for counters in self._counters.values():
+            counters.flush()
+            counters.rows.clear()
 
     def _lun_row(self, q: int, slot: int) -> int:
         return self._lun_base + (q * self.lun_slots + slot) * LUN_COLUMNS
@@ -135,6 +151,18 @@ class DeviceStats:
         if failed:
             u64[row + ERRORS] += 1
 
+    def counters(self, q: int) -> QueueCounters:
+        """Queue q's per-process accumulator (see the module docstring)."""
+        counters = self._counters.get(q)
+        if counters is None:
+            counters = self._counters[q] = QueueCounters(self, q)
+        return counters
+
+    def flush(self) -> None:
+        """Every queue's accumulated counts into the shared rows (this process's)."""
+        for counters in self._counters.values():
+            counters.flush()
+
     def leave(self, q: int, t: int) -> None:
         """A request that ended before reaching a LUN (bad target, held by a TMF)."""
         self._left(t * self.num_queues + q)
@@ -149,6 +177,7 @@ class DeviceStats:
 
     def lun(self, target: int, lun: int) -> dict[str, Any] | None:
         """A LUN's counters summed over the queues; None if it has no slot."""
+        self.flush()  # what this process counted (it may serve queues itself)
         slot = self.slots.get((target, lun))
         if slot is None:
             return None
@@ -156,6 +185,7 @@ class DeviceStats:
 
     def queue(self, q: int) -> dict[str, Any]:
         """Request queue q's counters summed over the LUNs it served (present ones)."""
+        self.flush()
         return self._summary([(q, slot) for slot in self.slots.values()])
 
     def _summary(self, rows: list[tuple[int, int]]) -> dict[str, Any]:
@@ -176,6 +206,7 @@ class DeviceStats:
 
     def steering(self) -> dict[int, dict[str, list[int]]]:
         """Per target that saw requests: requests and switches per request queue."""
+        self.flush()
         out: dict[int, dict[str, list[int]]] = {}
         u64 = self.u64
         for t in range(MAX_TARGETS):
@@ -187,9 +218,154 @@ class DeviceStats:
         return out
 
     def close(self) -> None:
+        self._counters.clear()
         self.u64.release()
         try:
             self._map.close()
         except BufferError:
             pass
         self.inflight.close()
+
+
+LAST_BUCKET = BUCKETS - 1
+# A local row (a list), per LUN and queue: READ_BYTES, WRITE_BYTES and ERRORS as in the
+# shared row; then HISTS, the latency buckets (a list of BUCKETS counts), and HIT, the
+# buckets hit since the last flush (a pass hits one or two: a flush visits those, not all
+# of them); REQUESTS, the requests for the LUN's target that arrived for this LUN, and
+# REQUESTS_AT, where the queue's count of that target lives in ``u64``; TOUCHED, whether
+# the row was counted into since the last flush; OFFSET, where its shared row starts.
+HISTS, HIT, REQUESTS, REQUESTS_AT, TOUCHED, OFFSET = 3, 4, 5, 6, 7, 8
+
+
+class QueueCounters:
+    """What one queue counted since its last :meth:`flush`, in this process: plain lists
+    the request path adds into directly (no call per request).
+
+    * ``rows``: (target, lun) -> the LUN's local row (see HISTS ... OFFSET) while it has a
+      slot; :meth:`row` is None for a LUN without one (its commands are not counted, as
+      before, and its requests go straight to the shared table: :meth:`arrive`);
+    * ``touched``: the rows counted into since the last flush (the first count of a pass
+      sets ``row[TOUCHED]`` and appends the row), so a flush visits only those.
+    """
+
+    __slots__ = ("stats", "q", "u64", "rows", "touched", "multi", "inflight", "idle",
+                 "num_queues", "requests_base", "switch_base")
+
+    def __init__(self, stats: DeviceStats, q: int) -> None:
+        self.stats = stats
+        self.q = q
+        self.u64 = stats.u64
+        self.rows: dict[tuple[int, int], list[Any]] = {}
+        self.touched: list[list[Any]] = []
+        #: switches exist only with several queues: with one, no in-flight bytes
+        self.multi = stats.num_queues > 1
+        self.inflight = stats.inflight
+        self.idle = stats._idle
+        self.num_queues = stats.num_queues
+        self.requests_base = q * MAX_TARGETS
+        self.switch_base = stats._switch_base + q * MAX_TARGETS
+
+    def row(self, addr: tuple[int, int]) -> list[Any] | None:
+        """The local row of LUN ``addr`` (made on first use), None if it has no slot."""
+        row = self.rows.get(addr)
+        if row is None:
+            slot = self.stats.slots.get(addr)
+            if slot is None:
+                return None
+            row = self.rows[addr] = [0, 0, 0, [0] * BUCKETS, [], 0,
+                                     self.requests_base + addr[0], 0,
+                                     self.stats._lun_row(self.q, slot)]
+        return row
+
+    def arrive(self, t: int, row: list[Any] | None = None) -> None:
+        """A request of target t arrived, for the LUN of ``row`` if it has one (the
+        request path inlines this)."""
+        if row is not None:
+            row[REQUESTS] += 1
+            if not row[TOUCHED]:
+                row[TOUCHED] = 1
+                self.touched.append(row)
+        else:
+            self.unrowed(t)
+        if self.multi:
+            self.running(t)
+
+    def unrowed(self, t: int) -> None:
+        """A request of target t with no LUN row (a missing LUN or target, or no slot):
+        rare, counted straight into the shared table."""
+        self.u64[self.requests_base + t] += 1
+
+    def running(self, t: int) -> int:
+        """A request of target t starts on this queue: a switch if another queue runs t
+        (only called with several queues). Returns its cell in ``inflight``, which the
+        request path decrements itself when the request ends (``left``, inlined)."""
+        nq = self.num_queues
+        first = t * nq
+        mine = first + self.q
+        inflight = self.inflight
+        own = inflight[mine]
+        if own:  # this queue already runs some of t (answered later): look past them
+            inflight[mine] = 0
+        if inflight[first:first + nq] != self.idle:  # another queue runs t
+            self.u64[self.switch_base + t] += 1
+        inflight[mine] = own + 1 if own < 255 else 255
+        return mine
+
+    def left(self, t: int) -> None:
+        """A request of target t ended (its in-flight byte, with several queues)."""
+        if self.multi:
+            inflight, cell = self.inflight, t * self.num_queues + self.q
+            count = inflight[cell]
+            if count:
+                inflight[cell] = count - 1
+
+    def count(self, row: list[Any], failed: bool, read: int, written: int, ns: int) -> None:
+        """One command of a LUN (its local ``row``) done after ``ns`` nanoseconds (the
+        request path inlines this; the slow paths call it)."""
+        if not row[TOUCHED]:
+            row[TOUCHED] = 1
+            self.touched.append(row)
+        bucket = (ns // 1000).bit_length()
+        if bucket > LAST_BUCKET:
+            bucket = LAST_BUCKET
+        hists = row[HISTS]
+        if not hists[bucket]:
+            row[HIT].append(bucket)
+        hists[bucket] += 1
+        row[READ_BYTES] += read
+        row[WRITE_BYTES] += written
+        if failed:
+            row[ERRORS] += 1
+
+    def done(self, t: int, addr: tuple[int, int], failed: bool, read: int, written: int,
+             ns: int) -> None:
+        """A request of ``addr`` = (t, lun) finished (the slow paths' DeviceStats.done)."""
+        self.left(t)
+        row = self.row(addr)
+        if row is not None:
+            self.count(row, failed, read, written, ns)
+
+    def flush(self) -> None:
+        """Add what was counted into the shared rows, and start again from zero."""
+        touched = self.touched
+        if not touched:
+            return
+        u64 = self.u64
+        for row in touched:
+            read, written, errors, hists, hit, requests = row[:6]
+            start = row[OFFSET]
+            if requests:
+                u64[row[REQUESTS_AT]] += requests
+            if read:
+                u64[start + READ_BYTES] += read
+            if written:
+                u64[start + WRITE_BYTES] += written
+            if errors:
+                u64[start + ERRORS] += errors
+            for bucket in hit:
+                u64[start + HIST + bucket] += hists[bucket]
+                hists[bucket] = 0
+            hit.clear()
+            row[READ_BYTES] = row[WRITE_BYTES] = row[ERRORS] = row[REQUESTS] = 0
+            row[TOUCHED] = 0
+        touched.clear()

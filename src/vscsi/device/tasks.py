@@ -17,7 +17,10 @@ without locks:
   new requests to it are answered with that response instead of being executed.
 
 Ordering: a worker publishes its slot (active last), then reads the hold; a TMF raises the
-hold, then scans the slots. Python gives no memory fences, so this is best effort at the
+hold, then scans the slots. The request path (VirtioScsiDevice._serve_request) does what
+:meth:`TaskTable.begin` and :meth:`TaskTable.end` do inline, with ``pack_slot``,
+``HOLD_SIZE`` and :meth:`TaskTable.hold_response` (two calls less per request): change
+them together. Python gives no memory fences, so this is best effort at the
 instant of the race, which is what a TMF racing a command on another queue gets from any
 device; the test suite drives each side deterministically.
 """
@@ -38,7 +41,8 @@ _HOLD_SIZE = HOLD.size
 _TARGETS = 256
 
 
-_pack_slot = SLOT.pack_into
+_pack_slot = pack_slot = SLOT.pack_into
+HOLD_SIZE = _HOLD_SIZE
 _unpack_hold = HOLD.unpack_from
 
 
@@ -90,6 +94,11 @@ class TaskTable:
                 mem[off] = 0
                 return response
         return 0
+
+    def hold_response(self, target: int, lun: int) -> int:
+        """The response a hold on ``target`` imposes on ``lun`` (0: none applies)."""
+        response, held = _unpack_hold(self._mem, target * _HOLD_SIZE)
+        return response if held == ALL_LUNS or held == lun else 0
 
     def end(self, queue: int) -> int:
         """Release ``queue``'s slot; returns the cancel response a TMF set meanwhile (the

@@ -138,6 +138,14 @@ class GuestMemory:
         mem._install((replace(mem.regions[0], user_addr=uaddr),), mem._views)
         return mem
 
+    def single_region(self) -> tuple[int, int, memoryview] | None:
+        """(guest start, size, view) of the one region, None unless there is exactly one:
+        a per-descriptor hot path (the ring walk) slices it itself, without a call per
+        descriptor, and asks :meth:`view` only for what falls outside."""
+        if not self._single:
+            return None
+        return self._starts[0], self._sizes[0], self._views[0]
+
     def view(self, addr: int, length: int) -> memoryview:
         """A writable view of guest-physical ``[addr, addr+length)``, which must lie in one
         region. Hot path: one bisect, one comparison, one slice."""

@@ -218,15 +218,30 @@ def _flush(unit: Unit, lba: int) -> None:
 
 # -- READ / WRITE: the hot path -----------------------------------------------------------
 
+# The GOOD result of a READ / WRITE that moved n bytes, made once per n (a guest uses a
+# handful of sizes; bounded all the same): no ScsiResult built per request. Results are
+# never changed once made (see ScsiResult), so sharing them is safe.
+_GOOD_READS: dict[int, ScsiResult] = {}
+_GOOD_WRITES: dict[int, ScsiResult] = {}
+_GOOD_CACHE_MAX = 256
+
+
+def _good(cache: dict[int, ScsiResult], nbytes: int, write: bool) -> ScsiResult:
+    result = ScsiResult(GOOD, b"", 0, nbytes) if write else ScsiResult(GOOD, b"", nbytes)
+    if len(cache) < _GOOD_CACHE_MAX:
+        cache[nbytes] = result
+    return result
+
+
 def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult | Pending:
     nbytes = blocks << unit.block_shift
-    have = total(data_in)
+    have = data_in[0].nbytes if len(data_in) == 1 else total(data_in)
     if nbytes > have:
         # Also catches a READ whose buffers all go the wrong way (data-out only).
         return _overrun()
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
-    result = ScsiResult(GOOD, b"", nbytes)
+    result = _GOOD_READS.get(nbytes) or _good(_GOOD_READS, nbytes, False)
     if nbytes:
         backend = unit.backend
         bufs = data_in if have == nbytes else trim(data_in, nbytes)
@@ -243,14 +258,14 @@ def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult | Pen
 def _write(unit: Unit, lba: int, blocks: int, fua: int, data_out: Views
            ) -> ScsiResult | Pending:
     nbytes = blocks << unit.block_shift
-    have = total(data_out)
+    have = data_out[0].nbytes if len(data_out) == 1 else total(data_out)
     if nbytes > have:
         return _overrun()
     if unit.read_only:
         raise write_protected()
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
-    result = ScsiResult(GOOD, b"", 0, nbytes)
+    result = _GOOD_WRITES.get(nbytes) or _good(_GOOD_WRITES, nbytes, True)
     if nbytes:
         backend = unit.backend
         bufs = data_out if have == nbytes else trim(data_out, nbytes)

@@ -39,6 +39,9 @@ class ScsiResult:
     data_in / data_out count bytes actually moved; the transport computes the residual
     from them. overrun means the CDB asked for more data than the buffers hold and
     nothing was done (virtio-scsi reports VIRTIO_SCSI_S_OVERRUN, no SCSI status).
+
+    Never changed once made (make a new one, e.g. ``dataclasses.replace``): the READ /
+    WRITE path hands out one shared GOOD result per transfer size.
     """
 
     status: int                 # GOOD 0x00, CHECK CONDITION 0x02, ...

@@ -140,6 +140,12 @@ class DeviceRing:
         used = mem.view(a.used, used_bytes(a.size))
         self._mem = mem
         self._view = mem.view
+        # One region (the usual case): _walk slices it inline; anything outside it (or
+        # several regions) goes through mem.view, which checks and raises.
+        single = mem.single_region()
+        self._base, self._limit, self._whole = (
+            (single[0], single[0] + single[1], single[2]) if single is not None
+            else (0, 0, None))
         self._desc, self._avail, self._used = desc, avail, used
 
     # ---- popping ---------------------------------------------------------------------
@@ -197,6 +203,54 @@ class DeviceRing:
             _pack_u16(self._used, self._avail_event_off, last)
         return self._walk(head)
 
+    def serve_available(self, handle: Callable[[Chain], int | None]) -> None:
+        """drain()'s inner loop in one frame: pop every available chain, ``handle`` it,
+        fill its used element (published by the caller's flush). The outcomes are those
+        of the loop over :meth:`pop` and :meth:`fill`: a bad chain is filled (head, 0); a
+        handler that raises has its chain filled (head, 0) and the exception propagates;
+        None leaves the chain in flight. Chains to run again after a restart, in-flight
+        tracking and weakly ordered CPUs take that loop itself."""
+        if self._resubmit or self.tracker is not None or WEAK_ORDERING:
+            _serve_one_by_one(self, handle)
+            return
+        avail, used, mask = self._avail, self._used, self._mask
+        walk = self._walk
+        avail_event = self._avail_event_off if self.event_idx else -1
+        while True:
+            if self.broken:
+                raise RingBroken("ring is broken")
+            last = self.last_avail_idx
+            if self._shadow_avail == last and self._avail_idx() == last:
+                return
+            head = _unpack_u16(avail, RING_OFF + 2 * (last & mask))[0]
+            if head >= self.size:
+                raise self._break(f"avail ring entry {last} names head {head} >= {self.size}")
+            last = (last + 1) & 0xFFFF
+            self.last_avail_idx = last
+            self.taken += 1
+            if self._notify and avail_event >= 0:
+                _pack_u16(used, avail_event, last)  # as pop() does with notifications on
+            try:
+                chain = walk(head)
+            except ChainError:
+                written: int | None = 0
+            else:
+                try:
+                    written = handle(chain)
+                except BaseException:
+                    self.inflight += 1
+                    self.fill(head, 0)
+                    self.set_notify(True)
+                    raise
+                if written is None:  # answered later: in flight until fill()
+                    self.inflight += 1
+                    continue
+            # fill(), inlined (the handler may have filled others meanwhile: re-read)
+            idx = self._fill_idx
+            _pack_elem(used, RING_OFF + 8 * (idx & mask), head, written)
+            self._fill_idx = (idx + 1) & 0xFFFF
+            self._pushed += 1
+
     def _walk(self, head: int) -> Chain:
         """Follow NEXT and INDIRECT from ``head`` into readable/writable views."""
         readable: list[memoryview] = []
@@ -208,6 +262,7 @@ class DeviceRing:
         budget = tsize
         in_indirect = False
         view = self._view
+        base, limit, whole = self._base, self._limit, self._whole
         i = head
         try:
             while True:
@@ -226,18 +281,25 @@ class DeviceRing:
                         raise ChainError(head, f"indirect table length {length}")
                     if count > self.max_indirect:
                         raise ChainError(head, f"indirect table of {count} > {self.max_indirect}")
-                    table = view(addr, length)
+                    if base <= addr and addr + length <= limit:  # as below, inlined
+                        table = whole[addr - base:addr - base + length]  # type: ignore[index]
+                    else:
+                        table = view(addr, length)
                     tsize = budget = count
                     in_indirect = True
                     i = 0
                     continue
                 if length:  # zero-length descriptors carry nothing: skipped
+                    if base <= addr and addr + length <= limit:  # GuestMemory.view, inlined
+                        buf = whole[addr - base:addr - base + length]  # type: ignore[index]
+                    else:
+                        buf = view(addr, length)
                     if flags & VIRTQ_DESC_F_WRITE:
-                        writable.append(view(addr, length))
+                        writable.append(buf)
                     elif writable:
                         raise ChainError(head, "readable descriptor after a writable one")
                     else:
-                        readable.append(view(addr, length))
+                        readable.append(buf)
                 if not flags & VIRTQ_DESC_F_NEXT:
                     return Chain(head, readable, writable)
                 if nxt >= tsize:
@@ -268,7 +330,8 @@ class DeviceRing:
         if idx != self.used_idx:
             if WEAK_ORDERING:
                 mb()  # the elements before the idx that publishes them
-            _pack_u16(self._used, IDX_OFF, idx)
+            # store_u16, inlined (once per pass): one 2-byte store, never pack_into
+            self._used[IDX_OFF:IDX_OFF + 2] = idx.to_bytes(2, "little")
             self.used_idx = idx
             if self.tracker is not None:
                 self.tracker.published(idx)
@@ -307,7 +370,8 @@ class DeviceRing:
         self._notify = enabled
         if self.event_idx:
             if enabled:
-                _pack_u16(self._used, self._avail_event_off, self.last_avail_idx)
+                off = self._avail_event_off  # store_u16, inlined (once per pass)
+                self._used[off:off + 2] = self.last_avail_idx.to_bytes(2, "little")
         else:
             _pack_u16(self._used, 0, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
         if enabled:
@@ -323,6 +387,27 @@ class DeviceSide(Protocol):
     def set_notify(self, enabled: bool) -> None: ...
     def has_available(self) -> bool: ...
     def needs_notify(self) -> bool: ...
+
+
+def _serve_one_by_one(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
+    """Pop every available chain, handle it, fill its used element (any ring kind)."""
+    pop, fill = ring.pop, ring.fill
+    while True:
+        try:
+            chain = pop()
+        except ChainError as e:
+            fill(e.head, 0)
+            continue
+        if chain is None:
+            return
+        try:
+            written = handle(chain)
+        except BaseException:
+            fill(chain.head, 0)
+            ring.set_notify(True)
+            raise
+        if written is not None:  # None: answered later, with ring.fill()
+            fill(chain.head, written)
 
 
 def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
@@ -343,26 +428,15 @@ def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
     and notifications are re-enabled before the exception propagates, so the queue is
     not left silent.
     """
-    pop, fill = ring.pop, ring.fill
+    # A split ring does the inner loop in one frame; any other kind, one call per step.
+    serve = getattr(ring, "serve_available", None)
     while True:
         ring.set_notify(False)
         try:
-            while True:
-                try:
-                    chain = pop()
-                except ChainError as e:
-                    fill(e.head, 0)
-                    continue
-                if chain is None:
-                    break
-                try:
-                    written = handle(chain)
-                except BaseException:
-                    fill(chain.head, 0)
-                    ring.set_notify(True)
-                    raise
-                if written is not None:  # None: answered later, with ring.fill()
-                    fill(chain.head, written)
+            if serve is not None:
+                serve(handle)
+            else:
+                _serve_one_by_one(ring, handle)
         finally:
             ring.flush()
         if not rearm:
