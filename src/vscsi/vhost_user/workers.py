@@ -514,13 +514,23 @@ class _Worker:
         return timeout
 
     def _busy_poll(self, window: float) -> bool:
-        """Serve the rings with kicks off for as long as chains keep coming within
-        ``window`` of each other. True if it found work at least once."""
+        """Serve the rings with kicks off for as long as chains keep coming (or requests
+        answered later keep ending) within ``window`` of each other. True if it found
+        work at least once."""
         found = False
         deadline = time.monotonic() + window
         while self.served:
             now = time.monotonic()
             hit = False
+            if self.device_in_flight():
+                # Requests answered later (I/O completions, delays) end on this loop's
+                # fds and timers: run them without sleeping, and publish what ended,
+                # or they would wait for the window to close.
+                self.loop.run_once(0)
+                for served in self.served.values():
+                    if served.completed:
+                        served.publish(now)
+                        hit = True
             for served in list(self.served.values()):
                 if served.stopping:
                     continue
