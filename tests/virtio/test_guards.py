@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vscsi.virtio import ChainError, DeviceRing, RingBroken, drain
+from vscsi.virtio import (
+    ChainError,
+    DeviceRing,
+    InflightQueue,
+    RingBroken,
+    drain,
+    queue_region_size,
+)
 
 from .rig import INDIRECT, NEXT, WRITE, RawDriver, Rig, reverse_handler
 
@@ -365,13 +372,16 @@ class _OneByOne:
 
 
 @given(st.lists(st.sampled_from(["good", "bad", "later", "raises"]), min_size=1,
-                max_size=SIZE))
-def test_drains_inner_loop_matches_pop_and_fill(kinds):
+                max_size=SIZE), st.booleans())
+def test_drains_inner_loop_matches_pop_and_fill(kinds, tracked):
     """The split ring's one-frame inner loop (serve_available) leaves the rings exactly
-    as the generic loop over pop() and fill() does: used elements, indices, counters."""
+    as the generic loop over pop() and fill() does: used elements, indices, counters,
+    and (with in-flight tracking, as under QEMU) the in-flight region."""
     outcomes = []
     for generic in (False, True):
-        with Rig(SIZE, event_idx=True) as rig:
+        region = memoryview(bytearray(queue_region_size(SIZE)))
+        tracker = {"tracker": InflightQueue(region, SIZE)} if tracked else {}
+        with Rig(SIZE, event_idx=True, **tracker) as rig:
             raw = RawDriver(rig)
             for i, kind in enumerate(kinds):
                 if kind == "bad":
@@ -397,6 +407,7 @@ def test_drains_inner_loop_matches_pop_and_fill(kinds):
             dev = rig.dev
             outcomes.append((raised, raw.used_idx(),
                              [raw.used(k) for k in range(raw.used_idx())],
-                             dev.inflight, dev.taken, dev.last_avail_idx, dev.needs_notify()))
+                             dev.inflight, dev.taken, dev.last_avail_idx, dev.needs_notify(),
+                             bytes(region)))
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][3] == kinds.count("later")

@@ -208,13 +208,14 @@ class DeviceRing:
         fill its used element (published by the caller's flush). The outcomes are those
         of the loop over :meth:`pop` and :meth:`fill`: a bad chain is filled (head, 0); a
         handler that raises has its chain filled (head, 0) and the exception propagates;
-        None leaves the chain in flight. Chains to run again after a restart, in-flight
-        tracking and weakly ordered CPUs take that loop itself."""
-        if self._resubmit or self.tracker is not None or WEAK_ORDERING:
+        None leaves the chain in flight. Chains to run again after a restart and weakly
+        ordered CPUs take that loop itself."""
+        if self._resubmit or WEAK_ORDERING:
             _serve_one_by_one(self, handle)
             return
         avail, used, mask = self._avail, self._used, self._mask
         walk = self._walk
+        tracker = self.tracker  # in-flight tracking (QEMU's region): as pop() and fill()
         avail_event = self._avail_event_off if self.event_idx else -1
         while True:
             if self.broken:
@@ -228,6 +229,8 @@ class DeviceRing:
             last = (last + 1) & 0xFFFF
             self.last_avail_idx = last
             self.taken += 1
+            if tracker is not None:
+                tracker.take(head)
             if self._notify and avail_event >= 0:
                 _pack_u16(used, avail_event, last)  # as pop() does with notifications on
             try:
@@ -250,6 +253,8 @@ class DeviceRing:
             _pack_elem(used, RING_OFF + 8 * (idx & mask), head, written)
             self._fill_idx = (idx + 1) & 0xFFFF
             self._pushed += 1
+            if tracker is not None:
+                tracker.fill(head)
 
     def _walk(self, head: int) -> Chain:
         """Follow NEXT and INDIRECT from ``head`` into readable/writable views."""
