@@ -308,10 +308,11 @@ class Backend:
 
 
 def parse_backends(text: str, serve_args: str) -> list[Backend]:
-    """--backends: comma-separated; "ours:ARGS" adds space-separated serve arguments."""
+    """--backends: comma-separated; "ours:ARGS" adds space-separated serve arguments (a
+    comma followed by a digit belongs to them: ours:--coalesce=4,50)."""
     common = tuple(shlex.split(serve_args))
     backends = []
-    for name in (b.strip() for b in text.split(",")):
+    for name in (b.strip() for b in re.split(r",(?!\d)", text)):
         base = name.removesuffix("+packed")
         packed = base != name
         kind, sep, extra = base.partition(":")

@@ -59,6 +59,9 @@ def test_backend_specs() -> None:
         ("qemu+iothreads", "qemu+iothreads")]
     assert b[1].serve_args == ("--coalesce", "4,20", "--workers=1", "--poll-us=50")
     assert b[2].serve_args == ()
+    paced = gvq.parse_backends("ours:--coalesce=4,50,qemu", "")
+    assert [(x.name, x.serve_args) for x in paced] == [
+        ("ours:--coalesce=4,50", ("--coalesce=4,50",)), ("qemu", ())]
     for bad in ("nvme", "qemu:--x", "ours,ours"):
         with pytest.raises(SystemExit):
             gvq.parse_backends(bad, "")
