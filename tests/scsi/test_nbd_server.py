@@ -16,7 +16,7 @@ from vscsi.scsi.nbd import NbdDisk, parse_nbd_uri
 from vscsi.scsi.nbd.protocol import CMD_READ, CMD_WRITE
 from vscsi.scsi.spec import LunSpecError, parse_lun_spec
 
-from .helpers import GOOD, assert_check, read10, run, write10
+from .helpers import GOOD, assert_check, read10, run, unmap_cdb, unmap_params, write10
 
 pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed "
                                                     "(qemu-utils; scripts/setup-host.sh)")
@@ -227,5 +227,31 @@ def test_many_requests_in_flight_on_one_connection(daemon: StorageDaemon, image:
         again = _submit_all(unit, [(read10(100, 1), b"", 512)])
         loop.run_until(lambda: again[0][0].done, timeout=30)
         assert again[0][0].result.status == GOOD and bytes(again[0][1]) == blocks[100]
+        unit.set_scheduler(None)
+    unit.close()
+
+
+def test_a_synchronous_command_between_requests_in_flight_loses_none(
+        daemon: StorageDaemon, image: Path):
+    # UNMAP runs synchronously (WRITE_ZEROES, waited for on the same connection) while
+    # reads are in flight there: the replies to the reads that the wait receives first
+    # must still reach the reads, not sit unread until the connection is dropped as
+    # overdue.
+    from vscsi.loop import EventLoop
+
+    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
+    backend.reply_timeout = 5.0
+    unit = LogicalUnit(backend)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in range(16)])
+        params = unmap_params([(1000, 8)])
+        result, _ = run(unit, unmap_cdb(len(params)), out=params)
+        assert result.status == GOOD
+        loop.run_until(lambda: all(p.done for p, _ in reads), timeout=30)
+        assert [p.result.status for p, _ in reads] == [GOOD] * 16
+        assert [bytes(din) for _, din in reads] == [
+            file_bytes(image, lba * 512, 512) for lba in range(16)]
+        assert file_bytes(image, 1000 * 512, 8 * 512) == bytes(8 * 512)
         unit.set_scheduler(None)
     unit.close()

@@ -568,12 +568,18 @@ class NbdBackend(NbdDisk, BlockBackend):
 
     def _watch(self, conn: NbdConnection) -> None:
         self._unwatch()
-        self.scheduler.add_reader(conn.fileno(), self._readable)  # type: ignore[union-attr]
+        scheduler = self.scheduler
+        assert scheduler is not None
+        scheduler.add_reader(conn.fileno(), self._readable)  # type: ignore[attr-defined]
+        # A synchronous command (UNMAP, WRITE SAME...) waits on this connection while
+        # ours are in flight: replies it receives for them are handed over next turn.
+        conn.on_kept_replies = lambda: scheduler.call_later(0, self._readable)
         self._watched = conn
 
     def _unwatch(self) -> None:
         conn, self._watched = self._watched, None
         if conn is not None:
+            conn.on_kept_replies = None
             try:
                 self.scheduler.remove_reader(conn.fileno())  # type: ignore[union-attr]
             except (OSError, ConnectionError, ValueError, KeyError):

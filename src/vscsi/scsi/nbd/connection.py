@@ -85,6 +85,10 @@ class NbdConnection:
         self._proto = ClientProtocol(uri.export)
         self._done: dict[int, tuple[int, int]] = {}      # cookie -> (command, error)
         self._offsets: dict[int, int] = {}               # cookie -> offset, for messages
+        #: Called when a wait() received replies to commands it was not waiting for
+        #: (submitted by someone who reads them with receive_ready): they are kept, and
+        #: the next receive_ready() returns them, but the socket will not say so.
+        self.on_kept_replies: Callable[[], None] | None = None
         try:
             if uri.socket is not None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -147,6 +151,8 @@ class NbdConnection:
                 self._done[event.cookie] = (event.command, event.error)
         command, error = self._done.pop(cookie)
         offset = self._offsets.pop(cookie, 0)
+        if self._done and self.on_kept_replies is not None:
+            self.on_kept_replies()
         if error:
             raise command_error(command, error, offset)
 
@@ -284,7 +290,11 @@ class NbdConnection:
     def _receive_available(self) -> list[tuple[int, int, int, int]]:
         sock, proto = self._sock, self._proto
         assert sock is not None
-        replies = []
+        # Replies a wait() received for others first (no wait() is running now: the
+        # caller is the loop, which waits run inside).
+        replies = [(cookie, command, error, self._offsets.pop(cookie, 0))
+                   for cookie, (command, error) in self._done.items()]
+        self._done.clear()
         # Non-blocking for this call: with a timeout set, Python would wait for data.
         sock.settimeout(0.0)
         try:
