@@ -162,3 +162,19 @@ def test_cli_dispatch_has_serve() -> None:
     args = parser.parse_args(["--socket", "/x", "--lun", "0:0=ram:1M", "--lun", "1:0=null:1G",
                               "--cpus", "0", "--queues", "3"])
     assert args.lun == ["0:0=ram:1M", "1:0=null:1G"] and args.queues == 3
+
+
+def test_cpus_none_leaves_the_workers_unpinned() -> None:
+    import argparse
+
+    from vscsi import serve
+
+    parser = argparse.ArgumentParser()
+    serve.configure(parser)
+    usable = serve.default_cpus()
+    args = parser.parse_args(["--socket", "/x", "--lun", "0:0=null:1G", "--queues", "2",
+                              "--cpus", "none"])
+    assert serve._check_args(args) == (2, usable, False)
+    args = parser.parse_args(["--socket", "/x", "--lun", "0:0=null:1G", "--queues", "2",
+                              "--cpus", str(usable[0])])
+    assert serve._check_args(args) == (2, [usable[0]], True)

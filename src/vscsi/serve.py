@@ -70,7 +70,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "first given sees a command first")
     parser.add_argument("--cpus", metavar="LIST",
                         help="CPUs for the request-queue workers, e.g. 0-3,6: worker i runs "
-                             "on the i-th (default: every CPU this process may use)")
+                             "on the i-th (default: every CPU this process may use); 'none': "
+                             "workers are not pinned, the kernel places them")
     parser.add_argument("--stats", metavar="PATH",
                         help="write per-queue counters as JSON here (on change, at most once "
                              "a second; at disconnect, SIGUSR1 and exit)")
@@ -167,7 +168,9 @@ def _parse_coalesce(text: str) -> tuple[int, float]:
     return n, t / 1e6
 
 
-def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
+def _check_args(args: argparse.Namespace) -> tuple[int, list[int], bool]:
+    """The request queues, the CPUs the workers are planned over, and whether they are
+    pinned to them (``--cpus none``: the kernel places them)."""
     if not args.lun:
         raise UsageError("no logical units: give at least one --lun TARGET:LUN=BACKEND")
     usable = default_cpus()
@@ -178,6 +181,8 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
         raise UsageError(f"--poll-us {args.poll_us}: must be 0..1000000")
     if args.workers is not None and not 1 <= args.workers <= queues:
         raise UsageError(f"--workers {args.workers}: must be 1..{queues} (the request queues)")
+    if args.cpus == "none":
+        return queues, usable, False
     if args.cpus:
         from vscsi.vhost_user import cpu_list
 
@@ -191,11 +196,11 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int]]:
                              f"(usable: {','.join(map(str, usable))})")
     else:
         cpus = usable
-    return queues, cpus
+    return queues, cpus, True
 
 
 def run(args: argparse.Namespace) -> int:
-    queues, cpus = _check_args(args)
+    queues, cpus, pinned = _check_args(args)
     count, delay = _parse_coalesce(args.coalesce)
     # The guest's vCPU threads (and QEMU's) run on the same host: workers take at most
     # half of its CPUs, and a worker serving several queues serves them with one wake-up.
@@ -230,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         features = PROTOCOL_FEATURES
         if args.no_config_feature:
             features &= ~(1 << ProtocolFeature.CONFIG)
-        server = BackendServer(device, args.socket, cpus=cpus,
+        server = BackendServer(device, args.socket, cpus=cpus if pinned else None,
                                stats_path=args.stats, protocol_features=features,
                                max_sessions=1 if args.once else None,
                                pacing=Pacing(args.poll_us / 1e6, count, delay),
@@ -264,8 +269,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("Prometheus metrics on http://%s:%d/metrics", *metrics_at)
         for spec in specs:
             log.info("LUN %s", spec)
-        log.info("%d request queue worker(s) on CPUs %s", workers,
-                 ",".join(map(str, cpus[:workers])))
+        log.info("%d request queue worker(s) %s", workers,
+                 "on CPUs " + ",".join(map(str, cpus[:workers])) if pinned else "unpinned")
         notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
         server.serve()
         notify_systemd("STOPPING=1")
