@@ -7,6 +7,7 @@ import errno
 import mmap
 import os
 import random
+import struct
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from .helpers import (
     read10,
     read16,
     rw12,
+    rw16,
     write10,
     write16,
 )
@@ -307,6 +309,54 @@ def test_synchronize_cache_flushes_after_the_writes_completed_before_it(direct_d
         assert unit.backend.journal[-1] == ("flush", -1)
         assert unit.backend.journal.count(("flush", -1)) == 1
     unit.close()
+
+
+class ZeroJournal(JournalFile):
+    """JournalFile that also records discards and zero writes, with the thread they ran on."""
+
+    def discard(self, offset, length):
+        super().discard(offset, length)
+        with self.lock:
+            self.journal.append(("discard", offset // BS, threading.current_thread().name))
+
+    def write_zeroes(self, offset, length):
+        super().write_zeroes(offset, length)
+        with self.lock:
+            self.journal.append(("zeroes", offset // BS, threading.current_thread().name))
+
+
+@pytest.mark.parametrize("wce", [True, False])
+def test_unmap_and_write_same_run_on_the_io_threads(direct_dir, wce):
+    path = new_file(direct_dir)
+    with open(path, "r+b") as f:
+        f.write(pattern(0, 64))
+    unit = direct_unit(path, backend_class=ZeroJournal)
+    unit.wce = wce
+    params = (struct.pack(">HH4x", 6 + 32, 32) + struct.pack(">QI4x", 2, 4)
+              + struct.pack(">QI4x", 20, 8))
+    unmap = bytes((0x42, 0, 0, 0, 0, 0, 0, 0, len(params), 0))
+    same_unmap = rw16(0x93, 40, 8, 0x08)       # WRITE SAME(16), UNMAP, a zero block
+    same_zero = rw16(0x93, 50, 4, 0x00)        # WRITE SAME(16), no UNMAP: write zeros
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        zero = aligned(BS)
+        results = wait(loop, [unit.execute(unmap, [memoryview(bytearray(params))], []),
+                              unit.execute(same_unmap, [zero], []),
+                              unit.execute(same_zero, [zero], [])])
+        assert [r.status for r in results] == [GOOD] * 3
+        journal = unit.backend.journal
+        done = [e for e in journal if e[0] in ("discard", "zeroes")]
+        assert sorted(e[:2] for e in done) == [("discard", 2), ("discard", 20),
+                                               ("discard", 40), ("zeroes", 50)]
+        assert all(e[2] != threading.main_thread().name for e in done)  # on the pool
+        assert journal.count(("flush", -1)) == (0 if wce else 3)  # WCE=0: each flushed
+    unit.close()
+    with open(path, "rb") as f:
+        data = f.read(64 * BS)
+    zeroed = {*range(2, 6), *range(20, 28), *range(40, 48), *range(50, 54)}
+    for lba in range(64):
+        block = data[lba * BS:(lba + 1) * BS]
+        assert (block == bytes(BS)) == (lba in zeroed), lba
 
 
 # -- alignment ----------------------------------------------------------------------------

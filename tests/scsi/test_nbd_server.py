@@ -16,7 +16,17 @@ from vscsi.scsi.nbd import NbdDisk, parse_nbd_uri
 from vscsi.scsi.nbd.protocol import CMD_READ, CMD_WRITE
 from vscsi.scsi.spec import LunSpecError, parse_lun_spec
 
-from .helpers import GOOD, assert_check, read10, run, unmap_cdb, unmap_params, write10
+from .helpers import (
+    GOOD,
+    assert_check,
+    read10,
+    run,
+    rw10,
+    rw16,
+    unmap_cdb,
+    unmap_params,
+    write10,
+)
 
 pytestmark = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed "
                                                     "(qemu-utils; scripts/setup-host.sh)")
@@ -233,10 +243,10 @@ def test_many_requests_in_flight_on_one_connection(daemon: StorageDaemon, image:
 
 def test_a_synchronous_command_between_requests_in_flight_loses_none(
         daemon: StorageDaemon, image: Path):
-    # UNMAP runs synchronously (WRITE_ZEROES, waited for on the same connection) while
-    # reads are in flight there: the replies to the reads that the wait receives first
-    # must still reach the reads, not sit unread until the connection is dropped as
-    # overdue.
+    # VERIFY with a compare runs synchronously (a READ waited for on the same
+    # connection) while reads are in flight there: the replies to the reads that the
+    # wait receives first must still reach the reads, not sit unread until the
+    # connection is dropped as overdue.
     from vscsi.loop import EventLoop
 
     backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
@@ -245,13 +255,46 @@ def test_a_synchronous_command_between_requests_in_flight_loses_none(
     with EventLoop() as loop:
         unit.set_scheduler(loop)
         reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in range(16)])
-        params = unmap_params([(1000, 8)])
-        result, _ = run(unit, unmap_cdb(len(params)), out=params)
+        verify = rw10(0x2F, 3, 1, 0x02)  # VERIFY(10), BYTCHK=01b: compare one block
+        result, _ = run(unit, verify, out=file_bytes(image, 3 * 512, 512))
         assert result.status == GOOD
         loop.run_until(lambda: all(p.done for p, _ in reads), timeout=30)
         assert [p.result.status for p, _ in reads] == [GOOD] * 16
         assert [bytes(din) for _, din in reads] == [
             file_bytes(image, lba * 512, 512) for lba in range(16)]
-        assert file_bytes(image, 1000 * 512, 8 * 512) == bytes(8 * 512)
+        unit.set_scheduler(None)
+    unit.close()
+
+
+def test_unmap_and_write_same_are_answered_later_with_reads_in_flight(
+        daemon: StorageDaemon, image: Path):
+    # On a queue worker's loop UNMAP and WRITE SAME send their WRITE_ZEROES on the
+    # connection and answer when the replies are in: the queue is not held meanwhile.
+    from vscsi.loop import EventLoop
+    from vscsi.scsi.pending import Pending
+
+    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
+    unit = LogicalUnit(backend)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in range(8)])
+        params = unmap_params([(1000, 8), (2000, 16)])
+        unmapped = unit.execute(unmap_cdb(len(params)), [memoryview(bytearray(params))], [])
+        same = unit.execute(rw16(0x93, 3000, 32, 0x08), [memoryview(bytearray(512))], [])
+        assert isinstance(unmapped, Pending) and isinstance(same, Pending)
+        loop.run_until(lambda: unmapped.done and same.done
+                       and all(p.done for p, _ in reads), timeout=30)
+        assert unmapped.result.status == GOOD and unmapped.result.data_out == len(params)
+        assert same.result.status == GOOD and same.result.data_out == 512
+        assert [p.result.status for p, _ in reads] == [GOOD] * 8
+        for lba, blocks in ((1000, 8), (2000, 16), (3000, 32)):
+            assert file_bytes(image, lba * 512, blocks * 512) == bytes(blocks * 512)
+        assert file_bytes(image, 1008 * 512, 512) != bytes(512)  # and no more than that
+        # the server gone: the command fails with a communication failure, at once
+        daemon.kill()
+        gone = unit.execute(unmap_cdb(len(params)), [memoryview(bytearray(params))], [])
+        loop.run_until(lambda: not isinstance(gone, Pending) or gone.done, timeout=30)
+        assert_check(gone if not isinstance(gone, Pending) else gone.result,
+                     COMMUNICATION_FAILURE)
         unit.set_scheduler(None)
     unit.close()

@@ -12,12 +12,13 @@ unless every check passed.
 
 Handlers raise ScsiError for CHECK CONDITION; the unit converts it.
 
-READ, WRITE and SYNCHRONIZE CACHE on a backend that runs I/O asynchronously (one with a
-thread pool, once the queue worker gave it its scheduler) return a Pending after the same
-checks; the I/O's outcome becomes the same ScsiResult or sense the synchronous path gives
-(:func:`_finish_io`). Durability does not change: a FUA or WCE=0 write completes after its
-data and an fdatasync (both on the I/O thread), and a SYNCHRONIZE CACHE completes after an
-fdatasync that started after every write completed before it.
+READ, WRITE, SYNCHRONIZE CACHE, UNMAP and WRITE SAME of zeros on a backend that runs I/O
+asynchronously (a thread pool, io_uring or an NBD connection, once the queue worker gave it
+its scheduler) return a Pending after the same checks; the I/O's outcome becomes the same
+ScsiResult or sense the synchronous path gives (:func:`_finish_io`). Durability does not
+change: a FUA or WCE=0 write (or zeroing) completes after its data and an fdatasync (both on
+the I/O thread), and a SYNCHRONIZE CACHE completes after an fdatasync that started after
+every write completed before it. (An io_uring file zeroes synchronously: fallocate.)
 """
 
 from __future__ import annotations
@@ -455,7 +456,7 @@ def sync16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
 # -- WRITE SAME / UNMAP -------------------------------------------------------------------
 
 def _write_same(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views,
-                length_byte: int) -> ScsiResult:
+                length_byte: int) -> ScsiResult | Pending:
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # WRPROTECT
     if flags & 0x10:
@@ -480,6 +481,11 @@ def _write_same(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views,
     offset = lba * bs
     length = blocks * bs
     backend = unit.backend
+    if zero and backend.asynchronous:
+        # Off the queue's thread (the backend's pool, or the NBD connection), flushed
+        # there too when the write cache is off.
+        io = backend.submit_zero([(offset, length)], unmap=bool(unmap), durable=not unit.wce)
+        return _finish_io(io, good(data_out=need), write=True, lba=lba)
     try:
         if zero and unmap:
             # Unmapped blocks read zeros (LBPRZ=1), so a zero pattern may be unmapped.
@@ -501,13 +507,15 @@ def _write_same(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views,
 
 
 @command(0x41, "WRITE SAME(10)", (0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0))
-def write_same10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write_same10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                 ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     return _write_same(unit, flags & 0xFE, lba, blocks, data_out, 7)   # bit 0: no NDOB
 
 
 @command(0x93, "WRITE SAME(16)", (0xF9, *(0xFF,) * 12, 0, 0))
-def write_same16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def write_same16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+                 ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     return _write_same(unit, flags, lba, blocks, data_out, 10)
 
@@ -516,7 +524,7 @@ _UNMAP_DESCRIPTOR = struct.Struct(">QI4x")
 
 
 @command(0x42, "UNMAP", (0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0))
-def unmap(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def unmap(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult | Pending:
     anchor, plen = C.UNMAP.unpack_from(cdb)
     if anchor & 0x01:
         raise invalid_cdb(1, 0)
@@ -547,6 +555,10 @@ def unmap(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult
             extents.append((lba, blocks))
     # Everything is checked before anything is unmapped: an error leaves the medium as is.
     bs = unit.block_size
+    if extents and unit.backend.asynchronous:
+        io = unit.backend.submit_zero([(lba * bs, blocks * bs) for lba, blocks in extents],
+                                      unmap=True, durable=not unit.wce)
+        return _finish_io(io, good(data_out=plen), write=True, lba=extents[0][0])
     for lba, blocks in extents:
         try:
             unit.backend.discard(lba * bs, blocks * bs)

@@ -151,13 +151,16 @@ class NbdDisk:
         conn = self._writable()
         if length <= 0:
             return
+        conn.pipeline(self._zero_requests(offset, length, may_unmap=may_unmap))
+
+    def _zero_requests(self, offset: int, length: int, *, may_unmap: bool
+                       ) -> list[tuple[int, int, int, int, Sequence[memoryview]]]:
+        """The commands that zero a range: (command, offset, length, flags, buffers)."""
         if self.flags & TFLAG_SEND_WRITE_ZEROES:
             flags = 0 if may_unmap else CMD_FLAG_NO_HOLE
-            conn.pipeline((CMD_WRITE_ZEROES, off, k, flags, ())
-                          for off, k in _ranges(offset, length))
-        else:
-            conn.pipeline((CMD_WRITE, off, 0, 0, [_ZEROS[:k]])
-                          for off, k in _ranges(offset, length, _ZERO_CHUNK))
+            return [(CMD_WRITE_ZEROES, off, k, flags, ()) for off, k in _ranges(offset, length)]
+        return [(CMD_WRITE, off, 0, 0, [_ZEROS[:k]])
+                for off, k in _ranges(offset, length, _ZERO_CHUNK)]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.uri)!r}, size={self.size}, flags={self.flags:#x})"
