@@ -261,3 +261,40 @@ def test_polling_runs_the_answers_that_come_later_and_keeps_the_window_open(
             s.close()
         os.close(q.kick)
         os.close(q.call)
+
+
+def test_a_ring_without_a_kick_fd_is_served_while_another_is_kicked_steadily(
+        mem: GuestMemory) -> None:
+    # Ring 2 has no kick fd (the front-end said "poll it"); ring 0 is kicked without
+    # pause. The polled ring's request must be served while the kicks go on (it was
+    # looked at only when nothing else woke the worker: never, here).
+    import threading
+
+    device = EchoDevice((HOT, CONTROL, HOT))
+    stats = st.QueueStats(device.queue_roles())
+    ctl, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = _Worker(mem, ctl, device, stats, Pacing())
+    alloc = Allocator(mem)
+    kicked, polled = make_queue(mem, alloc), make_queue(mem, alloc)
+    worker.add(0, kicked.device, kicked.kick, kicked.call)
+    worker.add(2, polled.device, -1, polled.call)
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        out = polled.send(b"polled")   # no kick fd: its eventfd is not watched
+        served = []
+        deadline = time.monotonic() + HANG_GUARD
+        while not served and time.monotonic() < deadline:
+            os.eventfd_write(kicked.kick, 1)  # ring 0 kicked again and again
+            time.sleep(0.0005)
+            served = polled.driver.reclaim()
+        assert served == [(b"polled", 6)], "the polled ring starved"
+        assert bytes(mem.view(out, 6)) == b"POLLED"
+    finally:
+        other.close()                  # the worker sees its control channel close: exits
+        runner.join(HANG_GUARD)
+        ctl.close()
+        for q in (kicked, polled):
+            os.close(q.kick)
+            os.close(q.call)
+    assert not runner.is_alive()

@@ -345,6 +345,7 @@ class _Worker:
         # Something must wake the loop without an fd: a held interrupt falls due, or a
         # ring has no kick fd (polled). Known when rings come and go, not every pass.
         self._timed = False
+        self._kickless: list[_Served] = []  # rings without a kick fd: served every pass
         self._gone = False  # the main process closed our control channel
         set_scheduler = getattr(device, "set_scheduler", None)
         if set_scheduler is not None:
@@ -498,7 +499,9 @@ class _Worker:
     # -- the loop
 
     def _retime(self) -> None:
-        self._timed = any(s.coalescer.active or s.kick_fd < 0 for s in self.served.values())
+        self._kickless = [s for s in self.served.values() if s.kick_fd < 0]
+        self._timed = bool(self._kickless) or any(
+            s.coalescer.active for s in self.served.values())
 
     def _timeout(self, now: float) -> float | None:
         """Seconds the loop may sleep: until the next held interrupt is due, or the poll
@@ -561,14 +564,16 @@ class _Worker:
         kicked = self._kicked
         asleep_since = monotonic()
         while (self.served or self.device_in_flight()) and not self._gone:
-            ready = run_once(self._timeout(asleep_since) if self._timed else None)
+            run_once(self._timeout(asleep_since) if self._timed else None)
             now = monotonic()
             if kicked:
                 serve, kicked[:] = list(kicked), ()
-            elif not ready and self._timed:
-                serve = [s for s in self.served.values() if s.kick_fd < 0]
             else:
                 serve = []
+            if self._kickless:
+                # Rings without a kick fd are looked at on every pass, not only when
+                # nothing else woke the loop: a steadily kicked ring would starve them.
+                serve.extend(s for s in self._kickless if s not in serve)
             if serve and polling:
                 poll.woke(now - asleep_since)
             window = poll.window
