@@ -19,6 +19,8 @@ import pytest
 
 from vscsi.bench.backend_cpu import process_tree
 from vscsi.bench.serving import ServeProcess
+from vscsi.scsi import iouring
+from vscsi.testing.files import takes_o_direct
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 is not installed")
@@ -67,7 +69,12 @@ def test_backend_killed_three_times_mid_io_loses_nothing(tmp_path: Path, ring: s
     with open(disk, "wb") as f:
         f.truncate(96 * MiB)
     sock = str(tmp_path / "vscsi.sock")
-    luns = [f"0:0=file:{disk}"]
+    # O_DIRECT where the filesystem takes it, completed out of order by the I/O engine
+    # too: the thread pool under split rings, io_uring (if installed) under packed ones.
+    engine = ""
+    if takes_o_direct(disk):
+        engine = ",direct,aio=io_uring" if ring == "packed" and iouring.AVAILABLE else ",direct"
+    luns = [f"0:0=file:{disk}{engine}"]
     # Random latency per request: answers leave each queue out of order.
     extra = ["--filter", "0:0=delay:read=0-4ms,write=0-4ms,seed=7", "--log-level", "info"]
     serve = ServeProcess(luns, queues=2, socket_path=sock, extra=extra).start()

@@ -25,6 +25,7 @@ import pytest
 
 from vscsi.bench.serving import ServeProcess
 from vscsi.demo import parse_interrupts
+from vscsi.testing.files import takes_o_direct
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
@@ -186,7 +187,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     ro_file = tmp / "ro.img"
     ro_content = os.urandom(RO_SIZE)
     ro_file.write_bytes(ro_content)
-    serve = ServeProcess([f"0:0=file:{file0},serial={SERIAL}",
+    # O_DIRECT where the filesystem takes it: the thread pool's asynchronous path (and
+    # its UNMAP) in a real guest
+    direct = ",direct" if takes_o_direct(file0) else ""
+    serve = ServeProcess([f"0:0=file:{file0}{direct},serial={SERIAL}",
                           f"0:300=ram:{RAM300_SIZE},block-size=4096",
                           f"1:0=file:{ro_file},ro",
                           f"2:5=ram:{RAM5_SIZE}"], queues=2).start()

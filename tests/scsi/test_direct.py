@@ -662,3 +662,10 @@ def test_direct_on_a_filesystem_without_o_direct_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "O_DIRECT" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_takes_o_direct_says_which_files_a_direct_lun_can_serve(direct_dir, tmp_path):
+    from vscsi.testing.files import takes_o_direct
+
+    assert takes_o_direct(new_file(direct_dir))
+    assert not takes_o_direct(tmp_path / "missing.img")
