@@ -12,17 +12,28 @@ from hypothesis import strategies as st
 from vscsi.device.stats import BUCKETS, DeviceStats, bucket_bounds_us, percentile_us
 
 
+def arrive(s: DeviceStats, q: int, addr: tuple[int, int]) -> None:
+    """A request of LUN ``addr`` arrives on queue q (what the request path inlines)."""
+    counters = s.counters(q)
+    counters.arrive(addr[0], counters.row(addr))
+
+
+def done(s: DeviceStats, q: int, addr: tuple[int, int], failed: bool, read: int,
+         written: int, ns: int) -> None:
+    s.counters(q).done(addr[0], addr, failed, read, written, ns)
+
+
 def test_switch_counted_only_while_another_queue_runs_the_target() -> None:
     s = DeviceStats(3)
     s.assign(0, 0)
-    s.arrive(0, 0)                  # q0 starts a request of target 0
-    s.arrive(1, 0)                  # q1 gets one while q0's still runs: a switch
-    s.arrive(2, 7)                  # another target: not a switch
-    s.done(0, 0, (0, 0), False, 512, 0, 3_000)
-    s.done(1, 0, (0, 0), False, 0, 1024, 70_000)
-    s.leave(2, 7)
-    s.arrive(2, 0)                  # target 0 idle everywhere now: not a switch
-    s.done(2, 0, (0, 0), True, 0, 0, 10**16)  # ~3 hours
+    arrive(s, 0, (0, 0))            # q0 starts a request of target 0
+    arrive(s, 1, (0, 0))            # q1 gets one while q0's still runs: a switch
+    arrive(s, 2, (7, 0))            # another target: not a switch
+    done(s, 0, (0, 0), False, 512, 0, 3_000)
+    done(s, 1, (0, 0), False, 0, 1024, 70_000)
+    s.counters(2).left(7)           # ended before reaching a LUN
+    arrive(s, 2, (0, 0))            # target 0 idle everywhere now: not a switch
+    done(s, 2, (0, 0), True, 0, 0, 10**16)  # ~3 hours
     steering = s.steering()
     assert steering[0] == {"requests": [1, 1, 1], "switches": [0, 1, 0]}
     assert steering[7] == {"requests": [0, 0, 1], "switches": [0, 0, 0]}
@@ -40,8 +51,9 @@ def test_slots_are_reused_zeroed_and_bounded() -> None:
     s = DeviceStats(2, lun_slots=2)
     assert s.assign(0, 0) is not None and s.assign(0, 1) is not None
     assert s.assign(0, 2) is None  # full: that LUN is not counted
-    s.done(1, 0, (0, 1), False, 4096, 0, 1000)
-    s.done(1, 0, (0, 2), False, 4096, 0, 1000)  # no slot: ignored
+    done(s, 1, (0, 1), False, 4096, 0, 1000)
+    done(s, 1, (0, 2), False, 4096, 0, 1000)  # no slot: ignored
+    s.flush()
     s.release(0, 1)
     assert s.lun(0, 1) is None
     s.assign(5, 5)
@@ -57,8 +69,9 @@ def test_forked_writers_share_the_counters() -> None:
         pid = os.fork()
         if pid == 0:
             for _ in range(100):
-                s.arrive(q, 1)
-                s.done(q, 1, (1, 3), False, 512, 0, 2000)
+                arrive(s, q, (1, 3))
+                done(s, q, (1, 3), False, 512, 0, 2000)
+                s.flush()   # as a worker does at the end of each pass
             os._exit(0)
         pids.append(pid)
     for pid in pids:

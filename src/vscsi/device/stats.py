@@ -113,44 +113,6 @@ class DeviceStats:
     def _lun_row(self, q: int, slot: int) -> int:
         return self._lun_base + (q * self.lun_slots + slot) * LUN_COLUMNS
 
-    # -- the request path (queue q's process only; a few integer stores)
-
-    def arrive(self, q: int, t: int) -> None:
-        u64 = self.u64
-        cell = q * MAX_TARGETS + t
-        u64[cell] += 1
-        first = t * self.num_queues
-        mine = first + q
-        inflight = self.inflight
-        own = inflight[mine]
-        if own:  # this queue already runs some of t (answered later): look past them
-            inflight[mine] = 0
-        if inflight[first:first + self.num_queues] != self._idle:  # another queue runs t
-            u64[self._switch_base + cell] += 1
-        inflight[mine] = own + 1 if own < 255 else 255
-
-    def done(self, q: int, t: int, addr: tuple[int, int], failed: bool, read: int,
-             written: int, ns: int) -> None:
-        """Request of ``addr`` = (t, lun) finished on queue q after ``ns`` nanoseconds.
-        Commands are not counted separately: they are the sum of the histogram."""
-        inflight, cell = self.inflight, t * self.num_queues + q  # _left, inlined
-        count = inflight[cell]
-        if count:
-            inflight[cell] = count - 1
-        slot = self.slots.get(addr)
-        if slot is None:
-            return
-        u64 = self.u64
-        row = self._lun_base + (q * self.lun_slots + slot) * LUN_COLUMNS
-        bucket = (ns // 1000).bit_length()
-        u64[row + HIST + (bucket if bucket < BUCKETS else BUCKETS - 1)] += 1
-        if read:
-            u64[row + READ_BYTES] += read
-        elif written:
-            u64[row + WRITE_BYTES] += written
-        if failed:
-            u64[row + ERRORS] += 1
-
     def counters(self, q: int) -> QueueCounters:
         """Queue q's per-process accumulator (see the module docstring)."""
         counters = self._counters.get(q)
@@ -162,16 +124,6 @@ class DeviceStats:
         """Every queue's accumulated counts into the shared rows (this process's)."""
         for counters in self._counters.values():
             counters.flush()
-
-    def leave(self, q: int, t: int) -> None:
-        """A request that ended before reaching a LUN (bad target, held by a TMF)."""
-        self._left(t * self.num_queues + q)
-
-    def _left(self, cell: int) -> None:
-        inflight = self.inflight
-        count = inflight[cell]
-        if count:
-            inflight[cell] = count - 1
 
     # -- reading (any process)
 
@@ -339,7 +291,7 @@ class QueueCounters:
 
     def done(self, t: int, addr: tuple[int, int], failed: bool, read: int, written: int,
              ns: int) -> None:
-        """A request of ``addr`` = (t, lun) finished (the slow paths' DeviceStats.done)."""
+        """A request of ``addr`` = (t, lun) finished (slow paths; the request path inlines it)."""
         self.left(t)
         row = self.row(addr)
         if row is not None:
