@@ -128,6 +128,24 @@ def test_host_refuses_a_plan_that_misses_or_shares_hot_queues() -> None:
     assert stats.hot_queues == [0, 2] and stats.control_queues == [1]
 
 
+def hosted(device: EchoDevice, mem: GuestMemory) -> tuple[QueueHost, st.QueueStats, Queue]:
+    """A QueueHost serving hot queue 0 of ``device`` in a forked worker."""
+    stats = st.QueueStats(device.queue_roles())
+    host = QueueHost(device, stats)
+    q = make_queue(mem, Allocator(mem))
+    host.start(0, q.device, mem, q.kick, q.call)
+    return host, stats, q
+
+
+def in_process(device: EchoDevice, mem: GuestMemory, pacing: Pacing
+               ) -> tuple[_Worker, socket.socket, socket.socket]:
+    """A worker in this process (no fork): its two control-channel ends, ours second
+    (closing it makes the worker's run() return)."""
+    ctl, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = _Worker(mem, ctl, device, st.QueueStats(device.queue_roles()), pacing)
+    return worker, ctl, other
+
+
 def wait_first_pass(stats: st.QueueStats, index: int) -> None:
     """Until the worker serving ``index`` made the pass it makes when a ring starts."""
     deadline = time.monotonic() + HANG_GUARD
@@ -139,11 +157,7 @@ def wait_first_pass(stats: st.QueueStats, index: int) -> None:
 def test_raising_handler_fails_the_chain_and_the_worker_still_signals(mem: GuestMemory) -> None:
     # Queue 0 is hot: a device that numbers its queues unlike virtio-scsi.
     device = EchoDevice((HOT, CONTROL))
-    stats = st.QueueStats(device.queue_roles())
-    host = QueueHost(device, stats)
-    alloc = Allocator(mem)
-    q = make_queue(mem, alloc)
-    host.start(0, q.device, mem, q.kick, q.call)
+    host, stats, q = hosted(device, mem)
     try:
         # Let the worker finish the pass it makes at start, so that the failing chain is
         # served by the batch its kick wakes (and no later kick can cover for a lost
@@ -187,11 +201,7 @@ def test_stop_while_a_kick_is_pending_does_not_crash_the_worker(
     # closed fd must not be read (EBADF killed the worker with a traceback, seen when
     # vscsi.control restarted the rings under I/O).
     device = SlowEchoDevice((HOT, CONTROL))
-    stats = st.QueueStats(device.queue_roles())
-    host = QueueHost(device, stats)
-    alloc = Allocator(mem)
-    q = make_queue(mem, alloc)
-    host.start(0, q.device, mem, q.kick, q.call)
+    host, stats, q = hosted(device, mem)
     try:
         wait_first_pass(stats, 0)
         q.send(b"slow")
@@ -239,9 +249,7 @@ def test_polling_runs_the_answers_that_come_later_and_keeps_the_window_open(
         mem: GuestMemory) -> None:
     # In the worker's process (no fork): the decisions of one busy-poll, not timing.
     device = LaterEchoDevice((HOT, CONTROL))
-    stats = st.QueueStats(device.queue_roles())
-    ctl, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker = _Worker(mem, ctl, device, stats, Pacing(poll_s=0.2))
+    worker, ctl, other = in_process(device, mem, Pacing(poll_s=0.2))
     alloc = Allocator(mem)
     q = make_queue(mem, alloc)
     try:
@@ -271,9 +279,7 @@ def test_a_ring_without_a_kick_fd_is_served_while_another_is_kicked_steadily(
     import threading
 
     device = EchoDevice((HOT, CONTROL, HOT))
-    stats = st.QueueStats(device.queue_roles())
-    ctl, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker = _Worker(mem, ctl, device, stats, Pacing())
+    worker, ctl, other = in_process(device, mem, Pacing())
     alloc = Allocator(mem)
     kicked, polled = make_queue(mem, alloc), make_queue(mem, alloc)
     worker.add(0, kicked.device, kicked.kick, kicked.call)
