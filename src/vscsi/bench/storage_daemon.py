@@ -17,6 +17,17 @@ QSD = shutil.which("qemu-storage-daemon")
 DIRECT = ",cache.direct=on,aio=io_uring"
 
 
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 10 s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class StorageDaemon:
     """qemu-storage-daemon serving `image` as NBD export `name` on a Unix socket (or TCP
     127.0.0.1:port). start() waits until it accepts connections; kill() is SIGKILL."""
@@ -79,12 +90,7 @@ class StorageDaemon:
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        _stop(self.proc)
         self.proc = None
 
 
@@ -135,13 +141,7 @@ class VhostUserBlkDaemon:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc)
         self.proc = None
 
     def __enter__(self) -> VhostUserBlkDaemon:
