@@ -35,11 +35,9 @@ from vscsi.virtio import (
     MAX_QUEUE_SIZE,
     VIRTIO_F_RING_PACKED,
     AnyDeviceRing,
-    AnyInflightQueue,
     QueueRole,
     RingAddresses,
     device_ring_for,
-    inflight_tracker_for,
     is_packed,
     queue_region_size,
     region_size,
@@ -669,11 +667,11 @@ class Session:
                 used=self.mem.user_to_guest(a.used),
             )
             return device_ring_for(self.features, self.mem, addrs, base=ring.base,
-                                   tracker=self._tracker(ring))
+                                   inflight=self._inflight_part(ring))
         except (GuestMemoryError, ValueError) as exc:
             raise BackendError(f"bad ring addresses: {exc}") from None
 
-    def _tracker(self, ring: Vring) -> AnyInflightQueue | None:
+    def _inflight_part(self, ring: Vring) -> memoryview | None:
         """The ring's part of the in-flight region, if the front-end gave one for it."""
         region = self.inflight
         if region is None or ring.num is None:
@@ -682,7 +680,7 @@ class Session:
             log.warning("%s: virtqueue %d (size %s) has no room in the in-flight region",
                         self.options.name, ring.index, ring.num)
             return None
-        return inflight_tracker_for(self.features, region.queue_view(ring.index), ring.num)
+        return region.queue_view(ring.index)
 
     def _break(self, ring: Vring, reason: str, last_avail_idx: int | None = None) -> None:
         if ring.phase is not RingPhase.STARTED:

@@ -56,12 +56,11 @@ from vscsi.virtio import (
     AnyDeviceRing,
     Chain,
     DeviceRing,
-    InflightQueue,
     PackedDeviceRing,
-    PackedInflightQueue,
     QueueRole,
     RingAddresses,
     RingBroken,
+    device_ring,
     drain,
     queue_region_size,
 )
@@ -204,24 +203,16 @@ class RingSpec:
                    isinstance(ring, PackedDeviceRing))
 
     def build(self, mem: GuestMemory, inflight: memoryview | None) -> AnyDeviceRing:
-        addrs = RingAddresses(self.size, self.desc, self.avail, self.used)
-        tracker = None
+        part = None
         if self.tracked:
             if inflight is None:
                 raise ValueError("in-flight tracking without a region")
-            part = queue_region_size(self.size)
-            view = inflight[self.index * part:(self.index + 1) * part]
-            tracker = (PackedInflightQueue(view, self.size) if self.packed
-                       else InflightQueue(view, self.size))
-        if self.packed:
-            assert tracker is None or isinstance(tracker, PackedInflightQueue)
-            return PackedDeviceRing(mem, addrs, event_idx=self.event_idx,
-                                    last_avail_idx=self.last_avail_idx,
-                                    max_indirect=self.max_indirect, tracker=tracker)
-        assert tracker is None or isinstance(tracker, InflightQueue)
-        return DeviceRing(mem, addrs, event_idx=self.event_idx,
-                          last_avail_idx=self.last_avail_idx,
-                          max_indirect=self.max_indirect, tracker=tracker)
+            size = queue_region_size(self.size)
+            part = inflight[self.index * size:(self.index + 1) * size]
+        return device_ring(mem, RingAddresses(self.size, self.desc, self.avail, self.used),
+                           packed=self.packed, event_idx=self.event_idx,
+                           max_indirect=self.max_indirect, base=self.last_avail_idx,
+                           inflight=part)
 
 
 class _Served:

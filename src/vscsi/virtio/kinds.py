@@ -26,10 +26,9 @@ from vscsi.virtio.ring import RingAddresses, ring_bytes, ring_layout
 __all__ = [
     "AnyDeviceRing",
     "AnyDriverRing",
-    "AnyInflightQueue",
     "device_ring_for",
     "driver_ring_for",
-    "inflight_tracker_for",
+    "device_ring",
     "initial_base",
     "is_packed",
     "ring_bytes_for",
@@ -38,7 +37,6 @@ __all__ = [
 
 AnyDeviceRing = DeviceRing | PackedDeviceRing
 AnyDriverRing = DriverRing | PackedDriverRing
-AnyInflightQueue = InflightQueue | PackedInflightQueue
 
 
 def is_packed(features: int) -> bool:
@@ -50,30 +48,34 @@ def initial_base(features: int) -> int:
     return PACKED_INITIAL_STATE if is_packed(features) else 0
 
 
-def inflight_tracker_for(features: int, view: memoryview, size: int) -> AnyInflightQueue:
-    """In-flight tracking of a queue of ``size`` in ``view`` (its part of the region),
-    in the layout of the ring kind ``features`` name."""
-    if is_packed(features):
-        return PackedInflightQueue(view, size)
-    return InflightQueue(view, size)
+def device_ring(mem: GuestMemory, addrs: RingAddresses, *, packed: bool, event_idx: bool,
+                max_indirect: int, base: int,
+                inflight: memoryview | None = None) -> AnyDeviceRing:
+    """The device side of one ring of either kind, resuming from the vhost-user ``base``;
+    ``inflight``: the ring's part of an in-flight region (INFLIGHT_SHMFD), kept in that
+    kind's layout."""
+    size = addrs.size
+    if packed:
+        return PackedDeviceRing(
+            mem, addrs, event_idx=event_idx, last_avail_idx=base, max_indirect=max_indirect,
+            tracker=PackedInflightQueue(inflight, size) if inflight is not None else None)
+    return DeviceRing(
+        mem, addrs, event_idx=event_idx, last_avail_idx=base, max_indirect=max_indirect,
+        tracker=InflightQueue(inflight, size) if inflight is not None else None)
 
 
 def device_ring_for(features: int, mem: GuestMemory, addrs: RingAddresses, *,
                     base: int | None = None,
-                    tracker: AnyInflightQueue | None = None) -> AnyDeviceRing:
+                    inflight: memoryview | None = None) -> AnyDeviceRing:
     """The device side for ``features``: EVENT_IDX and INDIRECT_DESC as negotiated;
-    ``base``: the vhost-user vring base to resume from (None: a fresh ring); ``tracker``:
-    in-flight tracking in memory that outlives us, from :func:`inflight_tracker_for`."""
-    event_idx = has_feature(features, VIRTIO_RING_F_EVENT_IDX)
-    max_indirect = DEFAULT_MAX_INDIRECT if has_feature(features, VIRTIO_RING_F_INDIRECT_DESC) else 0
-    start = initial_base(features) if base is None else base
-    if is_packed(features):
-        assert tracker is None or isinstance(tracker, PackedInflightQueue)
-        return PackedDeviceRing(mem, addrs, event_idx=event_idx, last_avail_idx=start,
-                                max_indirect=max_indirect, tracker=tracker)
-    assert tracker is None or isinstance(tracker, InflightQueue)
-    return DeviceRing(mem, addrs, event_idx=event_idx, last_avail_idx=start,
-                      max_indirect=max_indirect, tracker=tracker)
+    ``base``: the vhost-user vring base to resume from (None: a fresh ring); ``inflight``:
+    its part of the in-flight region (see :func:`device_ring`)."""
+    return device_ring(
+        mem, addrs, packed=is_packed(features),
+        event_idx=has_feature(features, VIRTIO_RING_F_EVENT_IDX),
+        max_indirect=(DEFAULT_MAX_INDIRECT if has_feature(features, VIRTIO_RING_F_INDIRECT_DESC)
+                      else 0),
+        base=initial_base(features) if base is None else base, inflight=inflight)
 
 
 def driver_ring_for(features: int, mem: GuestMemory, addrs: RingAddresses) -> AnyDriverRing:
