@@ -3,7 +3,7 @@ fills a queue with READ(16)/WRITE(16) commands for a null, RAM or file LUN, the 
 drains it (pop, walk, decode, execute, respond, push), and we time only the drain.
 
     PYTHONPATH=src python bench/request_path.py [--backend null|ram] [--batch 32]
-        [--rounds 2000] [--profile]
+        [--rounds 2000] [--packed] [--indirect] [--profile]
 
 Prints µs per request (median of 5 repetitions). This is the floor under `vscsi bench
 --socket`'s backend CPU per request: what remains there is wake-ups and eventfds.
@@ -21,7 +21,17 @@ import time
 from vscsi.device import ScsiConfig, VirtioScsiDevice, encode_lun
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.scsi import build_targets, parse_lun_spec
-from vscsi.virtio import DeviceRing, DriverRing, drain, ring_bytes, ring_layout
+from vscsi.virtio import (
+    DeviceRing,
+    DriverRing,
+    PackedDeviceRing,
+    PackedDriverRing,
+    drain,
+    packed_ring_bytes,
+    packed_ring_layout,
+    ring_bytes,
+    ring_layout,
+)
 
 REQ = struct.Struct("<8sQBBB32s")  # lun, tag, task_attr, prio, crn, cdb (cdb_size 32)
 RESP_LEN = 4 + 4 + 2 + 1 + 1 + 96
@@ -33,6 +43,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2000)
     p.add_argument("--write", action="store_true")
+    p.add_argument("--packed", action="store_true", help="packed rings (default: split)")
+    p.add_argument("--indirect", action="store_true",
+                   help="each request one indirect table, as Linux sends them")
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
     targets = build_targets([parse_lun_spec(f"0:0={a.backend}")])
@@ -40,9 +53,14 @@ def main() -> None:
     mem = GuestMemory.anonymous(64 << 20)
     alloc = Allocator(mem)
     size = 256
-    addrs = ring_layout(size, alloc.alloc(ring_bytes(size), 4096))
-    drv = DriverRing(mem, addrs, event_idx=True)
-    dev = DeviceRing(mem, addrs, event_idx=True)
+    if a.packed:
+        addrs = packed_ring_layout(size, alloc.alloc(packed_ring_bytes(size), 4096))
+        drv = PackedDriverRing(mem, addrs, event_idx=True)
+        dev = PackedDeviceRing(mem, addrs, event_idx=True)
+    else:
+        addrs = ring_layout(size, alloc.alloc(ring_bytes(size), 4096))
+        drv = DriverRing(mem, addrs, event_idx=True)
+        dev = DeviceRing(mem, addrs, event_idx=True)
     handler = device.handler_for(2)
     # what a worker calls after each pass (counters made visible); a device without it
     # (before the counters were per pass) counted per request
@@ -56,14 +74,17 @@ def main() -> None:
         mem.view(hdr, REQ.size)[:] = REQ.pack(encode_lun(0, 0), i, 0, 0, 0, cdb)
         resp = alloc.alloc(RESP_LEN)
         data = alloc.alloc(4096, 4096)
-        bufs.append((hdr, resp, data))
+        table = alloc.alloc(16 * 3, 16) if a.indirect else None
+        bufs.append((hdr, resp, data, table))
 
     def one_round() -> float:
-        for i, (hdr, resp, data) in enumerate(bufs):
+        for i, (hdr, resp, data, table) in enumerate(bufs):
             if a.write:
-                drv.add([(hdr, REQ.size), (data, 4096)], [(resp, RESP_LEN)], i)
+                drv.add([(hdr, REQ.size), (data, 4096)], [(resp, RESP_LEN)], i,
+                        indirect=table)
             else:
-                drv.add([(hdr, REQ.size)], [(resp, RESP_LEN), (data, 4096)], i)
+                drv.add([(hdr, REQ.size)], [(resp, RESP_LEN), (data, 4096)], i,
+                        indirect=table)
         drv.publish()
         t = time.perf_counter()
         drain(dev, handler)
@@ -85,7 +106,8 @@ def main() -> None:
         return
     runs = [run() for _ in range(5)]
     print(f"{statistics.median(runs):.2f} µs per request (device side, batch {a.batch}, "
-          f"{a.backend}{', write' if a.write else ''}); runs {', '.join(f'{r:.2f}' for r in runs)}")
+          f"{a.backend}{', write' if a.write else ''}{', packed' if a.packed else ''}"
+          f"{', indirect' if a.indirect else ''}); runs {', '.join(f'{r:.2f}' for r in runs)}")
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ class DeviceRing:
         None leaves the chain in flight. Chains to run again after a restart and weakly
         ordered CPUs take that loop itself."""
         if self._resubmit or WEAK_ORDERING:
-            _serve_one_by_one(self, handle)
+            serve_one_by_one(self, handle)
             return
         avail, used, mask = self._avail, self._used, self._mask
         walk = self._walk
@@ -394,8 +394,9 @@ class DeviceSide(Protocol):
     def needs_notify(self) -> bool: ...
 
 
-def _serve_one_by_one(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
-    """Pop every available chain, handle it, fill its used element (any ring kind)."""
+def serve_one_by_one(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
+    """Pop every available chain, handle it, fill its used element (any ring kind): the
+    generic form of a ring's one-frame ``serve_available``, which falls back to it."""
     pop, fill = ring.pop, ring.fill
     while True:
         try:
@@ -433,7 +434,7 @@ def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
     and notifications are re-enabled before the exception propagates, so the queue is
     not left silent.
     """
-    # A split ring does the inner loop in one frame; any other kind, one call per step.
+    # Our rings do the inner loop in one frame; any other, one call per step.
     serve = getattr(ring, "serve_available", None)
     while True:
         ring.set_notify(False)
@@ -441,7 +442,7 @@ def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
             if serve is not None:
                 serve(handle)
             else:
-                _serve_one_by_one(ring, handle)
+                serve_one_by_one(ring, handle)
         finally:
             ring.flush()
         if not rearm:

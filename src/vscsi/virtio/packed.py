@@ -33,10 +33,10 @@ that number, so code that saves and restores a split ring's index carries it unc
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vscsi.memory import GuestMemory, GuestMemoryError
-from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain
+from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, serve_one_by_one
 from vscsi.virtio.features import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -233,6 +233,12 @@ class PackedDeviceRing:
         driver = mem.view(a.avail, EVENT_AREA_BYTES)
         device = mem.view(a.used, EVENT_AREA_BYTES)
         self._view = mem.view
+        # One region (the usual case): the buffer walk slices it inline, as the split
+        # ring's does; anything outside it goes through mem.view, which checks and raises.
+        single = mem.single_region()
+        self._base, self._limit, self._whole = (
+            (single[0], single[0] + single[1], single[2]) if single is not None
+            else (0, 0, None))
         self._desc, self._driver, self._device = desc, driver, device
 
     def _break(self, why: str) -> RingBroken:
@@ -301,6 +307,7 @@ class PackedDeviceRing:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         view = self._view
+        base, limit, whole = self._base, self._limit, self._whole
         try:
             if entries[0][2] & VIRTQ_DESC_F_INDIRECT and len(entries) == 1:
                 entries = self._indirect(buffer_id, *entries[0][:2])
@@ -309,12 +316,16 @@ class PackedDeviceRing:
                     raise ChainError(buffer_id, "indirect descriptor inside a chain")
                 if not length:
                     continue  # zero-length descriptors carry nothing
+                if base <= addr and addr + length <= limit:  # GuestMemory.view, inlined
+                    buf = whole[addr - base:addr - base + length]  # type: ignore[index]
+                else:
+                    buf = view(addr, length)
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(view(addr, length))
+                    writable.append(buf)
                 elif writable:
                     raise ChainError(buffer_id, "readable descriptor after a writable one")
                 else:
-                    readable.append(view(addr, length))
+                    readable.append(buf)
         except GuestMemoryError as e:
             raise ChainError(buffer_id, str(e)) from None
         return Chain(buffer_id, readable, writable)
@@ -327,7 +338,11 @@ class PackedDeviceRing:
             raise ChainError(buffer_id, f"indirect table length {length}")
         if count > self.max_indirect:
             raise ChainError(buffer_id, f"indirect table of {count} > {self.max_indirect}")
-        table = self._view(addr, length)
+        base = self._base
+        if base <= addr and addr + length <= self._limit:  # GuestMemory.view, inlined
+            table = self._whole[addr - base:addr - base + length]  # type: ignore[index]
+        else:
+            table = self._view(addr, length)
         # Table entries are used in order; only WRITE is meaningful (NEXT and the ID are
         # reserved and ignored), but a nested table is refused.
         entries = []
@@ -337,6 +352,90 @@ class PackedDeviceRing:
                 raise ChainError(buffer_id, "indirect descriptor inside an indirect table")
             entries.append((t_addr, t_len, t_flags))
         return entries
+
+    def serve_available(self, handle: Callable[[Chain], int | None]) -> None:
+        """drain()'s inner loop in one frame, as the split ring's: take every available
+        buffer, ``handle`` it, push its used descriptor. The outcomes are those of the
+        loop over :meth:`pop` and :meth:`push`: a bad buffer is pushed (id, 0); a handler
+        that raises has its buffer pushed (id, 0) and the exception propagates; None
+        leaves the buffer in flight. Chains to run again after a restart and weakly
+        ordered CPUs take that loop itself."""
+        if self._resubmit or WEAK_ORDERING:
+            serve_one_by_one(self, handle)
+            return
+        desc, size, chain_len = self._desc, self.size, self._chain_len
+        tracker = self.tracker
+        buffers = self._buffers
+        while True:
+            if self.broken:
+                raise RingBroken("ring is broken")
+            # pop(), inlined
+            pos, wrap = self._avail_pos, self._avail_wrap
+            want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
+            # The head's flags first, then its descriptor: what they publish is read
+            # after them (x86 keeps two loads in order; weakly ordered CPUs went above).
+            if _unpack_u16(desc, pos * DESC_SIZE + _FLAGS_OFF)[0] & _BOTH != want:
+                return
+            start = pos
+            entries: list[tuple[int, int, int]] = []
+            while True:
+                addr, length, buffer_id, flags = _unpack_desc(desc, pos * DESC_SIZE)
+                if flags & _BOTH != want:
+                    raise self._break(
+                        f"descriptor {pos} of a chain is not available in lap {wrap}")
+                entries.append((addr, length, flags))
+                pos += 1
+                if pos == size:
+                    pos, wrap, want = 0, wrap ^ 1, want ^ _BOTH
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    break
+                if len(entries) == size:
+                    raise self._break(f"chain at {start} is longer than the ring")
+            if buffer_id >= size:
+                raise self._break(f"buffer id {buffer_id} >= queue size {size}")
+            if chain_len[buffer_id]:
+                raise self._break(f"buffer id {buffer_id} made available while in flight")
+            if tracker is not None:
+                tracker.take(buffer_id, entries)
+            chain_len[buffer_id] = len(entries)
+            self._avail_pos, self._avail_wrap = pos, wrap
+            self.inflight += 1
+            self.taken += 1
+            if self._notify and self.event_idx:
+                store_u16(self._device, 0, pos | wrap << WRAP_BIT)  # as pop() does
+            try:
+                chain = buffers(buffer_id, entries)
+            except ChainError:
+                written: int | None = 0
+            else:
+                try:
+                    written = handle(chain)
+                except BaseException:
+                    self.push(buffer_id, 0)
+                    self.set_notify(True)
+                    raise
+                if written is None:  # answered later: in flight until push()
+                    continue
+            # push(), inlined (the handler may have pushed others meanwhile: re-read)
+            if tracker is not None:
+                tracker.completing(buffer_id)
+            used = self._used_pos
+            off = used * DESC_SIZE
+            _pack_len_id(desc, off + 8, written, buffer_id)
+            store_u16(desc, off + _FLAGS_OFF,
+                      (_BOTH if self._used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0))
+            if tracker is not None:
+                tracker.completed(buffer_id)
+            n = chain_len[buffer_id]
+            chain_len[buffer_id] = 0
+            used += n
+            if used >= size:
+                used -= size
+                self._used_wrap ^= 1
+            self._used_pos = used
+            self.inflight -= 1
+            self._pushed += 1
+            self._advanced += n
 
     # ---- pushing and notifying -------------------------------------------------------
 
