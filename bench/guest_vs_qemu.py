@@ -91,8 +91,10 @@ SCALING_JOB = "seq-4t"
 # The guest maps target n to its disk: for SCSI (vscsi, QEMU's device) the by-hctl link
 # /init made, for vhost-user-blk (qsd) the /dev/vd* whose PCI slot is 6 + n (the runner
 # puts export n there). One line per job: "JOB-START name", then "RESULT name error
-# read_kib bw_kib iops runtime_ms" (fio terse v3: field 5 is the error, 6 the KiB read,
-# 7 the bandwidth in KiB/s, 8 the IOPS, 9 the runtime in ms).
+# read_kib bw_kib iops runtime_ms irqs" (fio terse v3: field 5 is the error, 6 the KiB
+# read, 7 the bandwidth in KiB/s, 8 the IOPS, 9 the runtime in ms; irqs: the interrupts
+# the disks' request queues raised in the guest meanwhile, from /proc/interrupts: virtio-scsi
+# names its vectors virtioN-request, virtio-blk virtioN-req.K).
 GUEST_SCRIPT = r"""
 disk() {
   if [ "$DISK_KIND" = blk ]; then
@@ -124,6 +126,10 @@ while [ $n -lt NTARGETS ]; do
   [ "$got" = "$want" ] || { echo "WRONG DISK target $n is $d: $got sectors, not $want"; exit 3; }
   n=$((n + 1))
 done
+irqs() {  # interrupts of every request queue so far, summed over the CPUs
+  awk '$NF ~ /^virtio[0-9]+-req/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i }
+       END { print s + 0 }' /proc/interrupts
+}
 run() {  # name, targets (comma-separated), fio args...
   name=$1; targets=$2; shift 2
   jobs=""
@@ -135,18 +141,20 @@ run() {  # name, targets (comma-separated), fio args...
   # the runner streams a line only once the next one begins: each marker is followed by
   # an empty line so the host sees it when it is printed
   printf 'JOB-START %s\n\n' "$name"
+  irq0=$(irqs)
   fio --eta=never --output-format=terse --terse-version=3 --group_reporting \
       --direct=1 --ioengine=libaio --time_based=1 --runtime=RUNTIME --ramp_time=RAMP \
       "$@" $jobs > /tmp/fio.out 2>/tmp/fio.err
   rc=$?
+  irq=$(( $(irqs) - irq0 ))
   line=$(tail -1 /tmp/fio.out)
-  echo "$line" | awk -F';' -v n="$name" -v rc=$rc \
-    '{printf "RESULT %s %s %s %s %s %s\n\n", n, ($5 == "" ? rc : $5), $6, $7, $8, $9}'
+  echo "$line" | awk -F';' -v n="$name" -v rc=$rc -v irq=$irq \
+    '{printf "RESULT %s %s %s %s %s %s %s\n\n", n, ($5 == "" ? rc : $5), $6, $7, $8, $9, irq}'
   [ $rc = 0 ] || head -5 /tmp/fio.err
 }
 """
 
-RESULT = re.compile(r"^RESULT (\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\s*$", re.M)
+RESULT = re.compile(r"^RESULT (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\s*$", re.M)
 
 
 def guest_script(queues: int, runtime: int, ramp: int) -> str:
@@ -167,13 +175,15 @@ def jobs_for(queues: int) -> list[Job]:
 
 def parse(output: str) -> dict[str, dict]:
     jobs: dict[str, dict] = {}
-    for name, err, _kib, bw, iops, runtime_ms in RESULT.findall(output):
+    for name, err, _kib, bw, iops, runtime_ms, irqs in RESULT.findall(output):
         try:
+            requests = round(float(iops) * int(runtime_ms) / 1000)
             jobs[name] = {"error": int(err), "mb_s": int(bw) * 1024 / 1e6,
-                          "iops": float(iops),
-                          "requests": round(float(iops) * int(runtime_ms) / 1000)}
+                          "iops": float(iops), "requests": requests,
+                          "irqs_per_req": int(irqs) / requests if requests else None}
         except ValueError:
-            jobs[name] = {"error": err, "mb_s": None, "iops": None, "requests": None}
+            jobs[name] = {"error": err, "mb_s": None, "iops": None, "requests": None,
+                          "irqs_per_req": None}
     return jobs
 
 
@@ -426,6 +436,7 @@ def summarise_rounds(configs: list[dict], backends: list[Backend],
                     "mb_s": median([r.get("mb_s") for r in runs]),
                     "iops": median([r.get("iops") for r in runs]),
                     "cpu_us_per_req": median([r.get("cpu_us_per_req") for r in runs]),
+                    "irqs_per_req": median([r.get("irqs_per_req") for r in runs]),
                     "rounds_mb_s": [None if r.get("mb_s") is None else round(r["mb_s"], 1)
                                     for r in runs],
                 }
@@ -467,8 +478,8 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
     t.add_column("job")
     t.add_column("queues", justify="right")
     for b in backends:
-        t.add_column(f"{b.name}\nMB/s" + ("\nCPU µs/req" if b.kind in ("ours", "qsd") else ""),
-                     justify="right")
+        t.add_column(f"{b.name}\nMB/s" + ("\nCPU µs/req" if b.kind in ("ours", "qsd") else "")
+                     + "\nguest irq/req", justify="right")
     for row in rows:
         cells = []
         for b in backends:
@@ -476,6 +487,7 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
             cell = _num(m["mb_s"])
             if b.kind in ("ours", "qsd"):
                 cell += "\n" + _num(m["cpu_us_per_req"], "{:.0f} µs")
+            cell += "\n" + _num(m.get("irqs_per_req"), "{:.2f} irq")
             cells.append(cell)
         t.add_row(row["job"], str(row["queues"]), *cells)
     console.print(t)

@@ -21,11 +21,11 @@ spec.loader.exec_module(gvq)
 
 
 def test_parse_fio_result_lines() -> None:
-    out = ("JOB-START seq-4t\n\nRESULT seq-4t 0 400000 100000 2500.5 4000\n\n"
-           "RESULT null-4k 5 0 0 0 0\nRESULT bad x y z w v\n")
+    out = ("JOB-START seq-4t\n\nRESULT seq-4t 0 400000 100000 2500.5 4000 5001\n\n"
+           "RESULT null-4k 5 0 0 0 0 0\nRESULT bad x y z w v u\n")
     jobs = gvq.parse(out)
     assert jobs["seq-4t"] == {"error": 0, "mb_s": 100000 * 1024 / 1e6, "iops": 2500.5,
-                              "requests": 10002}
+                              "requests": 10002, "irqs_per_req": 5001 / 10002}
     assert jobs["null-4k"]["error"] == 5
     assert jobs["bad"]["mb_s"] is None
 
@@ -41,13 +41,13 @@ def test_job_cpu_reads_the_tree_at_each_marker_even_split_across_writes() -> Non
     cpu.write("noise\nJOB-ST")
     cpu.write("ART a\n")
     burn(0.2)
-    cpu.write("RESULT a 0 1 1 1 1")
+    cpu.write("RESULT a 0 1 1 1 1 0")
     assert "a" not in cpu.seconds  # not a whole line yet
-    cpu.write("\nJOB-START b\nRESULT b 0 1 1 1 1\n")
+    cpu.write("\nJOB-START b\nRESULT b 0 1 1 1 1 0\n")
     assert cpu.seconds["a"] >= 0.15
     assert cpu.seconds["b"] < cpu.seconds["a"]
     none = gvq.JobCpu(None)
-    none.write("JOB-START a\nRESULT a 0 1 1 1 1\n")
+    none.write("JOB-START a\nRESULT a 0 1 1 1 1 0\n")
     assert none.seconds == {}
 
 
