@@ -228,6 +228,7 @@ class Initiator:
         locks: Sequence[AbstractContextManager[object]] | None = None,
         indirect: bool = False,
         full_wait: Callable[[], None] | None = None,
+        kick: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if len(rings) != policy.num_queues:
@@ -245,6 +246,10 @@ class Initiator:
         ]
         self.indirect = indirect
         self.full_wait = full_wait  # None: RingFull is the caller's problem
+        # Notifies a queue's device. Only the ring-full wait calls it: a caller that adds a
+        # burst before publishing may have filled the ring with chains the device cannot
+        # see yet, and waiting for space would then wait forever.
+        self.kick = kick
         self.clock = clock
         self.requests: list[Request] = []
         self.stats = InitiatorStats.sized(policy.num_queues, num_cpus)
@@ -340,6 +345,8 @@ class Initiator:
                         raise
             # Linux requeues (SCSI_MLQUEUE_HOST_BUSY); we wait for space, target held.
             self.stats.ring_full += 1
+            if queue in self._unpublished and self.publish([queue]) and self.kick is not None:
+                self.kick(queue)
             self.full_wait()
         self._unpublished.add(queue)
         self.stats.submitted += 1
@@ -353,10 +360,12 @@ class Initiator:
         todo = sorted(self._unpublished) if queues is None else queues
         kicks = []
         for q in todo:
+            # Forget q before publishing: a chain another thread of this process adds
+            # meanwhile marks q again, so its own publish cannot miss it.
+            self._unpublished.discard(q)
             with self.locks[q]:
                 if self.rings[q].publish():
                     kicks.append(q)
-            self._unpublished.discard(q)
         return kicks
 
     # -- complete ------------------------------------------------------------------------

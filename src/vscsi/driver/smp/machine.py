@@ -134,9 +134,13 @@ class SmpMachine:
         fds = self.frontend.start(self.mem, addrs)
         self.kick_fds = [fds[2 + q].kick for q in range(nq)]
         self.call_fds = [fds[2 + q].call for q in range(nq)]
+        self.initiator.kick = self._kick
         if self.event_ring.publish():
             os.eventfd_write(fds[1].kick, 1)
         self._sync = self.initiator.new_request(SYNC_BUFFER)
+
+    def _kick(self, queue: int) -> None:
+        os.eventfd_write(self.kick_fds[queue], 1)
 
     # -- synchronous commands (the parent, no VCPU running) ----------------------------------
 

@@ -310,13 +310,20 @@ class Vcpu:
                     ts.free.append(slot)
                     ts.exhausted = True
                     break
-                q = ini.submit(req, self.index, cmd.target, cmd.lun, cmd.cdb,
-                               write=cmd.write, nbytes=cmd.nbytes)
-                if ini.publish([q]):
-                    os.eventfd_write(w.kick_fds[q], 1)
+                ini.submit(req, self.index, cmd.target, cmd.lun, cmd.cdb,
+                           write=cmd.write, nbytes=cmd.nbytes)
                 ts.in_flight += 1
+            # One publish (and at most one kick) per queue for the whole burst: a kick is
+            # a syscall here and a wake-up of the backend there.
+            for q in ini.publish():
+                os.eventfd_write(w.kick_fds[q], 1)
             if not ts.in_flight:
                 self._finish(ts)
+                return
+            # A task moves when it sleeps on I/O, as Linux picks a CPU for a task waking
+            # up: its requests in flight complete here and follow it by IPI.
+            if migrate_p and ts.rng.random() < migrate_p:
+                self._migrate(ts)
                 return
             self._consume(ts, self._wait(inbox))
             while True:
@@ -324,9 +331,6 @@ class Vcpu:
                     self._consume(ts, inbox.get_nowait())
                 except queue.Empty:
                     break
-            if migrate_p and ts.rng.random() < migrate_p:
-                self._migrate(ts)
-                return
 
     def _wait(self, inbox: queue.SimpleQueue[Completion]) -> Completion:
         """The task's next completion. Waiting long, it kicks every queue again, counted:
