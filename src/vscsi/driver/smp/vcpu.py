@@ -4,8 +4,9 @@ Inside it, as on a CPU:
 
 * **tasks** are threads (a task is a driver.tasks.Task, e.g. an fio job); the GIL lets
   one of them run at a time, so a VCPU runs one thing at a time. A task fills its request
-  slots (``Initiator.submit`` from this VCPU, then publish and kick), sleeps until a
-  completion reaches its inbox, consumes it, and goes on;
+  free slots (``Initiator.submit`` from this VCPU, then one publish and kick for the
+  burst), sleeps until completions reach its inbox (a batch per interrupt), consumes
+  them, and goes on;
 * the **interrupt thread** (the process's main thread) waits on the call eventfd of
   every request queue whose affinity names this VCPU, and runs that queue's handler
   (``Initiator.complete``) when the backend signals. Affinity lives in shared memory
@@ -57,6 +58,9 @@ SWITCH_INTERVAL = 0.0005  # GIL hand-over: an interrupt should not wait 5 ms for
 
 REKICK_AFTER = 0.05  # seconds a task waits for a completion before kicking its queues again
 
+# A task's inbox: batches of its completions, one per interrupt (or IPI) that had any
+Inbox = queue.SimpleQueue[list[Completion]]
+
 COUNTERS = ("irq_runs", "ipis_sent", "ipi_wakeups", "ipis_received", "ipis_forwarded",
             "migrations_out", "migrations_in", "polled", "rekicks")
 
@@ -105,7 +109,7 @@ class Vcpu:
         self.ini = w.ini
         self.initial = tasks
         self.lock = threading.Lock()
-        self.inboxes: dict[int, queue.SimpleQueue[Completion]] = {}
+        self.inboxes: dict[int, Inbox] = {}
         self.waiting: dict[int, list[tuple[int, int]]] = {}  # tasks on their way here
         self.threads: list[threading.Thread] = []
         self.results = TaskResults()
@@ -221,29 +225,38 @@ class Vcpu:
             return done
         self.counters["irq_runs"] += 1
         remote: dict[int, list[tuple[int, int]]] = {}
+        batches: dict[int, list[Completion]] = {}
         with self.lock:
             for c in done:
-                dest = self._deliver(c.request.index, self.index, c)
+                dest = self._deliver(c.request.index, self.index, batches, c)
                 self.ini.delivered(dest is None)
                 if dest is not None:
                     remote.setdefault(dest, []).append((c.request.index, self.index))
+            self._post(batches)
         for dest, records in remote.items():
             self._ipi(dest, records)
         return done
 
-    def _deliver(self, slot: int, irq_cpu: int, c: Completion | None = None) -> int | None:
-        """Hand a completion to its task if the task is on this VCPU (None), else return
-        the VCPU it is on. Expects ``self.lock`` held."""
+    def _deliver(self, slot: int, irq_cpu: int, batches: dict[int, list[Completion]],
+                 c: Completion | None = None) -> int | None:
+        """Add a completion to its task's batch if the task is on this VCPU (None), else
+        return the VCPU it is on. Expects ``self.lock`` held."""
         tid = self.ini.requests[slot].owner
         where = self.w.task_cpu[tid]
         if where != self.index:
             return where
-        inbox = self.inboxes.get(tid)
-        if inbox is None:  # the task is on its way here
+        if tid not in self.inboxes:  # the task is on its way here
             self.waiting.setdefault(tid, []).append((slot, irq_cpu))
         else:
-            inbox.put(c if c is not None else self.ini.read_completion(slot, irq_cpu))
+            batches.setdefault(tid, []).append(
+                c if c is not None else self.ini.read_completion(slot, irq_cpu))
         return None
+
+    def _post(self, batches: dict[int, list[Completion]]) -> None:
+        """Hand each task its batch at once: one wake-up of its thread per interrupt, not
+        one per completion. Expects ``self.lock`` held."""
+        for tid, batch in batches.items():
+            self.inboxes[tid].put(batch)
 
     def _ipi(self, dest: int, records: list[tuple[int, int]]) -> None:
         data = b"".join(IPI.pack(slot, cpu) for slot, cpu in records)
@@ -263,12 +276,14 @@ class Vcpu:
         records = list(IPI.iter_unpack(data[:whole]))
         self.counters["ipis_received"] += len(records)
         remote: dict[int, list[tuple[int, int]]] = {}
+        batches: dict[int, list[Completion]] = {}
         with self.lock:
             for slot, cpu in records:
-                dest = self._deliver(slot, cpu)
+                dest = self._deliver(slot, cpu, batches)
                 if dest is not None:  # the task moved on meanwhile: pass it along
                     remote.setdefault(dest, []).append((slot, cpu))
                     self.counters["ipis_forwarded"] += 1
+            self._post(batches)
         for dest, fwd in remote.items():
             self._ipi(dest, fwd)
 
@@ -281,24 +296,26 @@ class Vcpu:
 
     def _arrive(self, ts: TaskState) -> None:
         """Take a task in (at start, or migrated here) and run it in a thread."""
-        inbox: queue.SimpleQueue[Completion] = queue.SimpleQueue()
+        inbox: Inbox = queue.SimpleQueue()
         with self.lock:
             self.inboxes[ts.tid] = inbox
-            for slot, cpu in ts.arrived + self.waiting.pop(ts.tid, []):
-                inbox.put(self.ini.read_completion(slot, cpu))
+            ready = [self.ini.read_completion(slot, cpu)
+                     for slot, cpu in ts.arrived + self.waiting.pop(ts.tid, [])]
+            if ready:
+                inbox.put(ready)
             ts.arrived = []
         t = threading.Thread(target=self._run, args=(ts, inbox), daemon=True,
                              name=f"vcpu{self.index}-task{ts.tid}")
         self.threads.append(t)
         t.start()
 
-    def _run(self, ts: TaskState, inbox: queue.SimpleQueue[Completion]) -> None:
+    def _run(self, ts: TaskState, inbox: Inbox) -> None:
         try:
             self._task_loop(ts, inbox)
         except BaseException:
             self._fail()
 
-    def _task_loop(self, ts: TaskState, inbox: queue.SimpleQueue[Completion]) -> None:
+    def _task_loop(self, ts: TaskState, inbox: Inbox) -> None:
         ini, w = self.ini, self.w
         migrate_p = 0.0 if w.pin else 1.0 / max(w.migrate_every, 1)
         while True:
@@ -325,15 +342,18 @@ class Vcpu:
             if migrate_p and ts.rng.random() < migrate_p:
                 self._migrate(ts)
                 return
-            self._consume(ts, self._wait(inbox))
+            for c in self._wait(inbox):
+                self._consume(ts, c)
             while True:
                 try:
-                    self._consume(ts, inbox.get_nowait())
+                    batch = inbox.get_nowait()
                 except queue.Empty:
                     break
+                for c in batch:
+                    self._consume(ts, c)
 
-    def _wait(self, inbox: queue.SimpleQueue[Completion]) -> Completion:
-        """The task's next completion. Waiting long, it kicks every queue again, counted:
+    def _wait(self, inbox: Inbox) -> list[Completion]:
+        """The task's next batch of completions. Waiting long, it kicks every queue again, counted:
         if a backend missed a kick it asked for, the request is late rather than never;
         a spare kick costs the backend one look at its ring."""
         while True:
@@ -366,10 +386,10 @@ class Vcpu:
             inbox = self.inboxes.pop(ts.tid)
             while True:
                 try:
-                    c = inbox.get_nowait()
+                    batch = inbox.get_nowait()
                 except queue.Empty:
                     break
-                ts.arrived.append((c.request.index, c.irq_cpu))
+                ts.arrived.extend((c.request.index, c.irq_cpu) for c in batch)
             self.results.merge(ts.task.take_results())  # results stay where they arose
         self.counters["migrations_out"] += 1
         w.mig_tx[dest].send(pickle.dumps(ts))
