@@ -252,6 +252,9 @@ class Initiator:
         self.kick = kick
         self.clock = clock
         self.requests: list[Request] = []
+        # per slot (slots are reused): views of its header, response and data buffer
+        self._views: list[tuple[memoryview, memoryview, memoryview]] = []
+        self._lun_fields: dict[tuple[int, int], bytes] = {}  # (target, lun) -> LUN field
         self.stats = InitiatorStats.sized(policy.num_queues, num_cpus)
         self._unpublished: set[int] = set()
 
@@ -298,10 +301,25 @@ class Initiator:
             owner=owner,
         )
         self.requests.append(req)
+        self._views.append((self.mem.view(req.req_addr, CMD_REQ.size),
+                            self.mem.view(req.resp_addr, RESP_SIZE),
+                            self.mem.view(req.data_addr, data_cap)))
         return req
 
     def data_view(self, req: Request, nbytes: int | None = None) -> memoryview:
-        return self.mem.view(req.data_addr, req.data_cap if nbytes is None else nbytes)
+        data = self._views[req.index][2]
+        if nbytes is None:
+            return data
+        if not 0 <= nbytes <= req.data_cap:
+            raise ValueError(f"{nbytes} bytes of a {req.data_cap}-byte data buffer")
+        return data[:nbytes]
+
+    def lun_field(self, target: int, lun: int) -> bytes:
+        """The 8-byte LUN field of (target, lun), encoded once."""
+        field_ = self._lun_fields.get((target, lun))
+        if field_ is None:
+            field_ = self._lun_fields[target, lun] = encode_lun(target, lun)
+        return field_
 
     # -- submit --------------------------------------------------------------------------
 
@@ -325,10 +343,8 @@ class Initiator:
         if hinted is not None:
             self.interrupts.hint(queue, hinted)
         self.slots.set(req.index, target, lun, seq, cpu, queue)
-        CMD_REQ.pack_into(
-            self.mem.view(req.req_addr, CMD_REQ.size), 0,
-            encode_lun(target, lun), seq, TASK_ATTR_SIMPLE, 0, 0, cdb,
-        )
+        CMD_REQ.pack_into(self._views[req.index][0], 0, self.lun_field(target, lun), seq,
+                          TASK_ATTR_SIMPLE, 0, 0, cdb)
         out = [(req.req_addr, CMD_REQ.size)]
         in_ = [(req.resp_addr, RESP_SIZE)]
         if nbytes:
@@ -379,13 +395,11 @@ class Initiator:
         (any process can: the slot number is the whole token)."""
         req = self.requests[slot]
         target, lun, seq, cpu, queue = self.slots.get(slot)
-        sense_len, resid, _qual, status, response, _ = CMD_RESP.unpack_from(
-            self.mem.view(req.resp_addr, RESP_SIZE)
-        )
+        resp = self._views[slot][1]
+        sense_len, resid, _qual, status, response, _ = CMD_RESP.unpack_from(resp)
         sense = b""
         if sense_len:
-            sense = bytes(self.mem.view(req.resp_addr + CMD_RESP.size,
-                                        min(sense_len, SENSE_SIZE)))
+            sense = bytes(resp[CMD_RESP.size: CMD_RESP.size + min(sense_len, SENSE_SIZE)])
         return Completion(req, target, lun, seq, cpu, queue, irq_cpu, response, status,
                           sense, resid)
 

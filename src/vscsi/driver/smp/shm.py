@@ -76,20 +76,31 @@ class SharedTargetTable:
 
     # -- steering.TargetTable
 
+    # The per-request methods call the lock's acquire and release themselves rather than
+    # use ``with``: multiprocessing's __enter__/__exit__ are two Python calls per use.
+
     def acquire(self, target: int, idle_queue: int) -> int:
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             n = self.reqs[target] + 1
             self.reqs[target] = n
             if n == 1:
                 self.req_vq[target] = idle_queue
             return self.req_vq[target]
+        finally:
+            lock.release()
 
     def release(self, target: int) -> None:
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             n = self.reqs[target]
             if n <= 0:
                 raise RuntimeError(f"target {target}: completion without a request in flight")
             self.reqs[target] = n - 1
+        finally:
+            lock.release()
 
     def in_flight(self, target: int) -> int:
         return self.reqs[target]
@@ -97,19 +108,27 @@ class SharedTargetTable:
     # -- targets.TargetBook
 
     def stamp(self, target: int, queue: int) -> tuple[int, bool]:
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             seq = self.next_seq[target]
             self.next_seq[target] = seq + 1
             last = self.last_queue[target]
             self.last_queue[target] = queue
+        finally:
+            lock.release()
         return seq, last not in (-1, queue)
 
     def observe(self, target: int, seq: int, queue: int) -> bool:
         base = target * self.num_queues
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             row = self.done_max[base: base + self.num_queues].tolist()
             if seq + 1 > row[queue]:
                 self.done_max[base + queue] = seq + 1
+        finally:
+            lock.release()
         return overtaken(row, seq, queue)
 
     def reset(self) -> None:
