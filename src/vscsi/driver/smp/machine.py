@@ -217,7 +217,7 @@ class SmpMachine:
                 U16.unpack_from(self.mem.view(addr, 2))[0]
                 for addr in (a.avail + 2, a.used + 2, a.avail + 4 + 2 * a.size,
                              a.used + 4 + 8 * a.size))
-            out.append(f"q{q}: avail {avail_idx} used {used_idx} reclaimed {ring._last_used} "
+            out.append(f"q{q}: avail {avail_idx} used {used_idx} reclaimed {ring.reclaimed_idx} "
                        f"used_event {used_event} avail_event {avail_event} "
                        f"affinity {self.interrupts.cpu_for(q)}")
         return "; ".join(out)
