@@ -23,11 +23,9 @@ Laid out along the request path: wire structures, the request slot, submit, comp
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -107,6 +105,39 @@ class LocalSlots:
 
     def get(self, slot: int) -> tuple[int, int, int, int, int]:
         return self._rows[slot]
+
+
+# -- queue locks ---------------------------------------------------------------------------
+
+
+class QueueLock(Protocol):
+    """A request queue's lock (virtio_scsi.c's ``vq_lock``); a multiprocessing lock across
+    VCPU processes. Taken with acquire/release on the per-request path (``with`` would
+    add two Python calls per use)."""
+
+    def acquire(self) -> object: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(self, *exc: object) -> object: ...
+
+
+class NoLock:
+    """QueueLock for one process and one thread at a time (the loopback)."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 # -- interrupts ----------------------------------------------------------------------------
@@ -225,7 +256,7 @@ class Initiator:
         book: TargetBook,
         interrupts: Interrupts,
         slots: SlotTable | None = None,
-        locks: Sequence[AbstractContextManager[object]] | None = None,
+        locks: Sequence[QueueLock] | None = None,
         indirect: bool = False,
         full_wait: Callable[[], None] | None = None,
         kick: Callable[[int], None] | None = None,
@@ -241,9 +272,8 @@ class Initiator:
         self.book = book
         self.interrupts = interrupts
         self.slots: SlotTable = slots if slots is not None else LocalSlots()
-        self.locks = list(locks) if locks is not None else [
-            contextlib.nullcontext() for _ in rings
-        ]
+        self.locks: list[QueueLock] = (list(locks) if locks is not None
+                                       else [NoLock() for _ in rings])
         self.indirect = indirect
         self.full_wait = full_wait  # None: RingFull is the caller's problem
         # Notifies a queue's device. Only the ring-full wait calls it: a caller that adds a
@@ -351,14 +381,16 @@ class Initiator:
             (out if write else in_).append((req.data_addr, nbytes))
         ring, lock = self.rings[queue], self.locks[queue]
         while True:
-            with lock:
-                try:
-                    ring.add(out, in_, req.index, indirect=req.table_addr)
-                    break
-                except RingFull:
-                    if self.full_wait is None:
-                        self.policy.done(target)
-                        raise
+            lock.acquire()
+            try:
+                ring.add(out, in_, req.index, indirect=req.table_addr)
+                break
+            except RingFull:
+                if self.full_wait is None:
+                    self.policy.done(target)
+                    raise
+            finally:
+                lock.release()
             # Linux requeues (SCSI_MLQUEUE_HOST_BUSY); we wait for space, target held.
             self.stats.ring_full += 1
             if queue in self._unpublished and self.publish([queue]) and self.kick is not None:
