@@ -369,12 +369,14 @@ class Initiator:
         seq, switched = self.book.stamp(target, queue)
         if switched:
             self.stats.queue_switches += 1
-        hinted = self.policy.hint(queue, cpu)
-        if hinted is not None:
-            self.interrupts.hint(queue, hinted)
-        self.slots.set(req.index, target, lun, seq, cpu, queue)
-        CMD_REQ.pack_into(self._views[req.index][0], 0, self.lun_field(target, lun), seq,
-                          TASK_ATTR_SIMPLE, 0, 0, cdb)
+        if self.policy.hints:
+            hinted = self.policy.hint(queue, cpu)
+            if hinted is not None:
+                self.interrupts.hint(queue, hinted)
+        slot = req.index
+        self.slots.set(slot, target, lun, seq, cpu, queue)
+        lun_field = self._lun_fields.get((target, lun)) or self.lun_field(target, lun)
+        CMD_REQ.pack_into(self._views[slot][0], 0, lun_field, seq, TASK_ATTR_SIMPLE, 0, 0, cdb)
         out = [(req.req_addr, CMD_REQ.size)]
         in_ = [(req.resp_addr, RESP_SIZE)]
         if nbytes:
@@ -383,7 +385,7 @@ class Initiator:
         while True:
             lock.acquire()
             try:
-                ring.add(out, in_, req.index, indirect=req.table_addr)
+                ring.add(out, in_, slot, indirect=req.table_addr)
                 break
             except RingFull:
                 if self.full_wait is None:
@@ -397,9 +399,10 @@ class Initiator:
                 self.kick(queue)
             self.full_wait()
         self._unpublished.add(queue)
-        self.stats.submitted += 1
-        self.stats.per_queue[queue] += 1
-        self.stats.per_cpu_submitted[cpu] += 1
+        stats = self.stats
+        stats.submitted += 1
+        stats.per_queue[queue] += 1
+        stats.per_cpu_submitted[cpu] += 1
         return queue
 
     def publish(self, queues: Sequence[int] | None = None) -> list[int]:
@@ -453,12 +456,13 @@ class Initiator:
                     break
         done: list[Completion] = []
         stats = self.stats
+        read, observe, release = self.read_completion, self.book.observe, self.policy.done
         for token, _written in items:
-            c = self.read_completion(token, irq_cpu)  # type: ignore[arg-type]
+            c = read(token, irq_cpu)  # type: ignore[arg-type]
             # observe before done: see driver.targets
-            if self.book.observe(c.target, c.seq, queue):
+            if observe(c.target, c.seq, queue):
                 stats.fifo_violations += 1
-            self.policy.done(c.target)
+            release(c.target)
             stats.completed += 1
             stats.per_cpu_irqs[irq_cpu] += 1
             if not c.ok:

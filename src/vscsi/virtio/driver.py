@@ -10,6 +10,7 @@ what was published, is RingBroken.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import MutableSequence, Sequence
 from typing import Any
 
@@ -61,6 +62,30 @@ _INTERRUPTS = 3  # 1 while the driver asks for interrupts
 _BROKEN = 4  # 1 once the device broke the ring
 _NFREE = 5  # free descriptors (the height of the free stack)
 STATE_FIELDS = 6
+
+
+_TABLE_STRUCTS: dict[int, struct.Struct] = {}  # n -> n descriptors back to back
+
+
+def _fill_table(
+    table: memoryview, out: Sequence[tuple[int, int]], in_: Sequence[tuple[int, int]]
+) -> None:
+    """Write an indirect table: descriptors 0..n-1 of ``out`` then ``in_``, each linked to
+    the next, in one pack."""
+    fields: list[int] = []
+    k = 0
+    for addr, length in out:
+        k += 1
+        fields += (addr, length, VIRTQ_DESC_F_NEXT, k)
+    for addr, length in in_:
+        k += 1
+        fields += (addr, length, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, k)
+    fields[-2] &= ~VIRTQ_DESC_F_NEXT
+    fields[-1] = 0
+    packer = _TABLE_STRUCTS.get(k)
+    if packer is None:
+        packer = _TABLE_STRUCTS[k] = struct.Struct("<" + "QIHH" * k)
+    packer.pack_into(table, 0, *fields)
 
 
 class DriverRing:
@@ -157,7 +182,7 @@ class DriverRing:
                 raise RingFull("no free descriptor")
             head = free[nfree - 1]
             self._tokens[head] = token  # first: a token the storage refuses consumes nothing
-            self._fill(self._mem.view(indirect, DESC_SIZE * n), list(range(n)), out, in_)
+            _fill_table(self._mem.view(indirect, DESC_SIZE * n), out, in_)
             _pack_desc(self._desc, head * DESC_SIZE, indirect, DESC_SIZE * n,
                        VIRTQ_DESC_F_INDIRECT, 0)
             st[_NFREE] = nfree - 1
@@ -175,7 +200,8 @@ class DriverRing:
                 nxt[ids[k]] = ids[k + 1]
             self._chain_len[head] = n
         slot = st[_AVAIL_IDX]
-        _pack_u16(self._avail, RING_OFF + 2 * (slot & self._mask), head)
+        off = RING_OFF + 2 * (slot & self._mask)
+        self._avail[off:off + 2] = head.to_bytes(2, "little")  # store_u16, inlined
         st[_AVAIL_IDX] = (slot + 1) & 0xFFFF
         return head
 
