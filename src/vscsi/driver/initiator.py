@@ -168,7 +168,7 @@ class LocalInterrupts:
 # -- completions and figures ---------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Completion:
     request: Request
     target: int
@@ -470,12 +470,13 @@ class Initiator:
             done.append(c)
         return done
 
-    def delivered(self, local: bool) -> None:
-        """Count where a completion went: to its task's CPU (local) or to another (IPI)."""
+    def delivered(self, local: bool, count: int = 1) -> None:
+        """Count where ``count`` completions went: to their task's CPU (local) or to
+        another (IPI)."""
         if local:
-            self.stats.local += 1
+            self.stats.local += count
         else:
-            self.stats.ipis += 1
+            self.stats.ipis += count
 
 
 def lay_out_rings(alloc: Allocator, queue_size: int, count: int, features: int = 0) -> list:

@@ -235,10 +235,12 @@ class Vcpu:
         with self.lock:
             for c in done:
                 dest = self._deliver(c.request.index, self.index, batches, c)
-                self.ini.delivered(dest is None)
                 if dest is not None:
                     remote.setdefault(dest, []).append((c.request.index, self.index))
             self._post(batches)
+        sent = sum(len(records) for records in remote.values())
+        self.ini.delivered(True, len(done) - sent)
+        self.ini.delivered(False, sent)
         for dest, records in remote.items():
             self._ipi(dest, records)
         return done
@@ -349,15 +351,13 @@ class Vcpu:
             if migrate_p and ts.rng.random() < migrate_p:
                 self._migrate(ts)
                 return
-            for c in self._wait(inbox):
-                self._consume(ts, c)
+            self._consume(ts, self._wait(inbox))
             while True:
                 try:
                     batch = inbox.get_nowait()
                 except queue.Empty:
                     break
-                for c in batch:
-                    self._consume(ts, c)
+                self._consume(ts, batch)
 
     def _publish(self) -> None:
         """Make what this VCPU submitted visible; kick the queues whose device asks."""
@@ -376,12 +376,14 @@ class Vcpu:
                 for fd in self.w.kick_fds:
                     os.eventfd_write(fd, 1)
 
-    def _consume(self, ts: TaskState, c: Completion) -> None:
-        slot = c.request.index
-        ts.task.completed(slot, c, self.ini.data_view(c.request))
-        ts.free.append(slot)
-        ts.in_flight -= 1
-        self.w.control.progress[self.index] += 1
+    def _consume(self, ts: TaskState, batch: list[Completion]) -> None:
+        completed, data_view, free = ts.task.completed, self.ini.data_view, ts.free
+        for c in batch:
+            slot = c.request.index
+            completed(slot, c, data_view(c.request))
+            free.append(slot)
+        ts.in_flight -= len(batch)
+        self.w.control.progress[self.index] += len(batch)
 
     def _finish(self, ts: TaskState) -> None:
         with self.lock:
