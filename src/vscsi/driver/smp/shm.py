@@ -120,6 +120,8 @@ class SharedTargetTable:
         return seq, last not in (-1, queue)
 
     def observe(self, target: int, seq: int, queue: int) -> bool:
+        if self.num_queues == 1:
+            return False  # overtaking needs another queue (and done_max is read only here)
         base = target * self.num_queues
         lock = self.locks[target]
         lock.acquire()

@@ -232,11 +232,19 @@ class Vcpu:
         self.counters["irq_runs"] += 1
         remote: dict[int, list[tuple[int, int]]] = {}
         batches: dict[int, list[Completion]] = {}
+        me, task_cpu, inboxes = self.index, self.w.task_cpu, self.inboxes
         with self.lock:
             for c in done:
-                dest = self._deliver(c.request.index, self.index, batches, c)
+                tid = c.request.owner
+                if task_cpu[tid] == me and tid in inboxes:  # _deliver's usual case, inline
+                    batch = batches.get(tid)
+                    if batch is None:
+                        batch = batches[tid] = []
+                    batch.append(c)
+                    continue
+                dest = self._deliver(c.request.index, me, batches, c)
                 if dest is not None:
-                    remote.setdefault(dest, []).append((c.request.index, self.index))
+                    remote.setdefault(dest, []).append((c.request.index, me))
             self._post(batches)
         sent = sum(len(records) for records in remote.values())
         self.ini.delivered(True, len(done) - sent)
