@@ -96,7 +96,7 @@ class Job:
             offset = self.offset
             self.offset += nbytes
             return rw == "write", offset, nbytes
-        offset = self.rng.randrange(0, (self.region - nbytes) // self.align + 1) * self.align
+        offset = self.rng.randrange((self.region - nbytes) // self.align + 1) * self.align
         if rw == "randrw":
             write = self.rng.randrange(100) >= self.spec.rwmixread
         else:

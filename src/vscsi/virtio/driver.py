@@ -65,6 +65,9 @@ STATE_FIELDS = 6
 
 
 _TABLE_STRUCTS: dict[int, struct.Struct] = {}  # n -> n descriptors back to back
+_TABLE3 = struct.Struct("<" + "QIHH" * 3)
+_NEXT = VIRTQ_DESC_F_NEXT
+_WRITE_NEXT = VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT
 
 
 def _fill_table(
@@ -72,6 +75,18 @@ def _fill_table(
 ) -> None:
     """Write an indirect table: descriptors 0..n-1 of ``out`` then ``in_``, each linked to
     the next, in one pack."""
+    if len(out) == 1 and len(in_) == 2:  # a SCSI command with data-in: spelled out
+        (a0, n0), = out
+        (a1, n1), (a2, n2) = in_
+        _TABLE3.pack_into(table, 0, a0, n0, _NEXT, 1, a1, n1, _WRITE_NEXT, 2,
+                          a2, n2, VIRTQ_DESC_F_WRITE, 0)
+        return
+    if len(out) == 2 and len(in_) == 1:  # ... with data-out
+        (a0, n0), (a1, n1) = out
+        (a2, n2), = in_
+        _TABLE3.pack_into(table, 0, a0, n0, _NEXT, 1, a1, n1, _NEXT, 2,
+                          a2, n2, VIRTQ_DESC_F_WRITE, 0)
+        return
     fields: list[int] = []
     k = 0
     for addr, length in out:
