@@ -121,6 +121,7 @@ class DriverRing:
         self.size = size = addrs.size
         self.event_idx = event_idx
         self._mem = mem
+        self._tables: dict[tuple[int, int], memoryview] = {}  # (addr, n) -> indirect table
         self._mask = size - 1
         self._desc = mem.view(addrs.desc, DESC_SIZE * size)
         self._avail = mem.view(addrs.avail, avail_bytes(size))
@@ -197,7 +198,12 @@ class DriverRing:
                 raise RingFull("no free descriptor")
             head = free[nfree - 1]
             self._tokens[head] = token  # first: a token the storage refuses consumes nothing
-            _fill_table(self._mem.view(indirect, DESC_SIZE * n), out, in_)
+            table = self._tables.get((indirect, n))
+            if table is None:  # callers reuse their tables (one per request slot)
+                if len(self._tables) >= 4 * self.size:  # one that does not: stay bounded
+                    self._tables.clear()
+                table = self._tables[indirect, n] = self._mem.view(indirect, DESC_SIZE * n)
+            _fill_table(table, out, in_)
             _pack_desc(self._desc, head * DESC_SIZE, indirect, DESC_SIZE * n,
                        VIRTQ_DESC_F_INDIRECT, 0)
             st[_NFREE] = nfree - 1
