@@ -135,7 +135,7 @@ def test_shared_ring_two_producers_one_device_one_reclaimer():
 
     join([fork(device), fork(reclaimer), fork(lambda: producer(0)), fork(lambda: producer(1))])
     assert back.tolist() == [11] * 400
-    assert ring.free == 32 and ring._tokens[0] is None
+    assert ring.free == 32 and ring.reclaimed_idx == ring.published_idx == 400
 
 
 def test_shared_ring_refuses_object_tokens_and_latches_broken():

@@ -66,6 +66,25 @@ def test_reconnects_after_a_session_and_reads_what_it_wrote(serve):
         m.close()
 
 
+def test_a_burst_larger_than_the_ring_waits_for_space_and_completes(serve):
+    """A task submits its whole burst before publishing; 16 slots on a 4-entry ring fill
+    it with chains the device cannot see yet, so the ring-full wait must publish (and
+    kick) them first, or it would wait forever."""
+    from vscsi.bench.jobs import Job, JobSpec, JobTask
+    from vscsi.bench.runner import prefill
+
+    m = SmpMachine(serve.socket, SmpConfig(vcpus=1, queues=1, queue_size=4))
+    try:
+        job = Job(0, JobSpec("randrw", iodepth=16, size=1 << 20), 0, 0, 0, 4 << 20, 512, 7)
+        prefill(m, [job], 7)
+        out = m.run_tasks([JobTask(job, verify=True, requests=400)], [0])
+    finally:
+        m.close()
+    assert out.results.completed == out.stats.completed == 400
+    assert out.results.errors == out.results.verify_errors == 0
+    assert out.stats.ring_full > 0
+
+
 def test_more_queues_than_the_backend_offers_is_one_line(serve, capsys):
     status = main(["bench", "--socket", serve.socket, "--vcpus", "4", "--requests", "10"])
     err = capsys.readouterr().err

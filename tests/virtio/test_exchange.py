@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vscsi.driver.smp.ring import SharedDriverRing
+from vscsi.driver.smp.shm import Arena
 from vscsi.memory import GuestMemory, GuestMemoryError
 from vscsi.virtio import Chain, ChainError, DeviceRing, DriverRing, RingFull, drain
 
@@ -105,9 +107,12 @@ class Exchange:
 @given(size=st.sampled_from([1, 2, 4, 8, 256]), event_idx=st.booleans(),
        start=st.sampled_from([0, 0xFFF0, 0xFFFF, 0x10000 - 256 + 3]),
        indirect=st.booleans(), rng=st.randoms(use_true_random=False),
-       rounds=st.integers(1, 25))
-def test_random_exchange(size, event_idx, start, indirect, rng, rounds):
+       rounds=st.integers(1, 25), shared=st.booleans())
+def test_random_exchange(size, event_idx, start, indirect, rng, rounds, shared):
     with Rig(size, event_idx=event_idx, start=start, mem_size=4 << 20) as rig:
+        if shared:  # the same ring code with its state in shared memory (the SMP driver's)
+            rig.drv = SharedDriverRing(rig.mem, rig.addrs, event_idx=event_idx,
+                                       arena=Arena(), start_idx=start)
         ex = Exchange(rig, rng, indirect)
         for _ in range(rounds):
             ex.add_some(rng.randint(0, rig.drv.free))

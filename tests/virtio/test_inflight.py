@@ -107,7 +107,7 @@ def test_crash_anywhere_completes_each_request_exactly_once(size, start, seed, c
                 held.clear()  # the requests die with the process
                 tracker = InflightQueue(view, size)
                 dev = DeviceRing(rig.mem, rig.addrs, event_idx=True,
-                                 last_avail_idx=rig.drv._published,  # QEMU: used idx
+                                 last_avail_idx=rig.drv.published_idx,  # QEMU: used idx
                                  tracker=tracker)
             reclaimed.extend(token for token, _ in rig.drv.reclaim())
             if not crashes_left and not held and dev.has_available() is False:

@@ -87,15 +87,16 @@ class Job:
         return self.rng.randrange(lo // step, hi // step + 1) * step
 
     def next_io(self) -> tuple[bool, int, int]:
-        rw = self.spec.rw
-        nbytes = self._length()
+        spec = self.spec
+        rw = spec.rw
+        nbytes = spec.bs_min if spec.bs_min == spec.bs_max else self._length()
         if rw in ("read", "write"):
             if self.offset + nbytes > self.region:
                 self.offset = 0
             offset = self.offset
             self.offset += nbytes
             return rw == "write", offset, nbytes
-        offset = self.rng.randrange(0, (self.region - nbytes) // self.align + 1) * self.align
+        offset = self.rng.randrange((self.region - nbytes) // self.align + 1) * self.align
         if rw == "randrw":
             write = self.rng.randrange(100) >= self.spec.rwmixread
         else:

@@ -23,11 +23,9 @@ Laid out along the request path: wire structures, the request slot, submit, comp
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -109,6 +107,39 @@ class LocalSlots:
         return self._rows[slot]
 
 
+# -- queue locks ---------------------------------------------------------------------------
+
+
+class QueueLock(Protocol):
+    """A request queue's lock (virtio_scsi.c's ``vq_lock``); a multiprocessing lock across
+    VCPU processes. Taken with acquire/release on the per-request path (``with`` would
+    add two Python calls per use)."""
+
+    def acquire(self) -> object: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(self, *exc: object) -> object: ...
+
+
+class NoLock:
+    """QueueLock for one process and one thread at a time (the loopback)."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 # -- interrupts ----------------------------------------------------------------------------
 
 
@@ -137,7 +168,7 @@ class LocalInterrupts:
 # -- completions and figures ---------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Completion:
     request: Request
     target: int
@@ -225,9 +256,10 @@ class Initiator:
         book: TargetBook,
         interrupts: Interrupts,
         slots: SlotTable | None = None,
-        locks: Sequence[AbstractContextManager[object]] | None = None,
+        locks: Sequence[QueueLock] | None = None,
         indirect: bool = False,
         full_wait: Callable[[], None] | None = None,
+        kick: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if len(rings) != policy.num_queues:
@@ -240,13 +272,19 @@ class Initiator:
         self.book = book
         self.interrupts = interrupts
         self.slots: SlotTable = slots if slots is not None else LocalSlots()
-        self.locks = list(locks) if locks is not None else [
-            contextlib.nullcontext() for _ in rings
-        ]
+        self.locks: list[QueueLock] = (list(locks) if locks is not None
+                                       else [NoLock() for _ in rings])
         self.indirect = indirect
         self.full_wait = full_wait  # None: RingFull is the caller's problem
+        # Notifies a queue's device. Only the ring-full wait calls it: a caller that adds a
+        # burst before publishing may have filled the ring with chains the device cannot
+        # see yet, and waiting for space would then wait forever.
+        self.kick = kick
         self.clock = clock
         self.requests: list[Request] = []
+        # per slot (slots are reused): views of its header, response and data buffer
+        self._views: list[tuple[memoryview, memoryview, memoryview]] = []
+        self._lun_fields: dict[tuple[int, int], bytes] = {}  # (target, lun) -> LUN field
         self.stats = InitiatorStats.sized(policy.num_queues, num_cpus)
         self._unpublished: set[int] = set()
 
@@ -293,10 +331,25 @@ class Initiator:
             owner=owner,
         )
         self.requests.append(req)
+        self._views.append((self.mem.view(req.req_addr, CMD_REQ.size),
+                            self.mem.view(req.resp_addr, RESP_SIZE),
+                            self.mem.view(req.data_addr, data_cap)))
         return req
 
     def data_view(self, req: Request, nbytes: int | None = None) -> memoryview:
-        return self.mem.view(req.data_addr, req.data_cap if nbytes is None else nbytes)
+        data = self._views[req.index][2]
+        if nbytes is None:
+            return data
+        if not 0 <= nbytes <= req.data_cap:
+            raise ValueError(f"{nbytes} bytes of a {req.data_cap}-byte data buffer")
+        return data[:nbytes]
+
+    def lun_field(self, target: int, lun: int) -> bytes:
+        """The 8-byte LUN field of (target, lun), encoded once."""
+        field_ = self._lun_fields.get((target, lun))
+        if field_ is None:
+            field_ = self._lun_fields[target, lun] = encode_lun(target, lun)
+        return field_
 
     # -- submit --------------------------------------------------------------------------
 
@@ -316,35 +369,40 @@ class Initiator:
         seq, switched = self.book.stamp(target, queue)
         if switched:
             self.stats.queue_switches += 1
-        hinted = self.policy.hint(queue, cpu)
-        if hinted is not None:
-            self.interrupts.hint(queue, hinted)
-        self.slots.set(req.index, target, lun, seq, cpu, queue)
-        CMD_REQ.pack_into(
-            self.mem.view(req.req_addr, CMD_REQ.size), 0,
-            encode_lun(target, lun), seq, TASK_ATTR_SIMPLE, 0, 0, cdb,
-        )
+        if self.policy.hints:
+            hinted = self.policy.hint(queue, cpu)
+            if hinted is not None:
+                self.interrupts.hint(queue, hinted)
+        slot = req.index
+        self.slots.set(slot, target, lun, seq, cpu, queue)
+        lun_field = self._lun_fields.get((target, lun)) or self.lun_field(target, lun)
+        CMD_REQ.pack_into(self._views[slot][0], 0, lun_field, seq, TASK_ATTR_SIMPLE, 0, 0, cdb)
         out = [(req.req_addr, CMD_REQ.size)]
         in_ = [(req.resp_addr, RESP_SIZE)]
         if nbytes:
             (out if write else in_).append((req.data_addr, nbytes))
         ring, lock = self.rings[queue], self.locks[queue]
         while True:
-            with lock:
-                try:
-                    ring.add(out, in_, req.index, indirect=req.table_addr)
-                    break
-                except RingFull:
-                    if self.full_wait is None:
-                        self.policy.done(target)
-                        raise
+            lock.acquire()
+            try:
+                ring.add(out, in_, slot, indirect=req.table_addr)
+                break
+            except RingFull:
+                if self.full_wait is None:
+                    self.policy.done(target)
+                    raise
+            finally:
+                lock.release()
             # Linux requeues (SCSI_MLQUEUE_HOST_BUSY); we wait for space, target held.
             self.stats.ring_full += 1
+            if queue in self._unpublished and self.publish([queue]) and self.kick is not None:
+                self.kick(queue)
             self.full_wait()
         self._unpublished.add(queue)
-        self.stats.submitted += 1
-        self.stats.per_queue[queue] += 1
-        self.stats.per_cpu_submitted[cpu] += 1
+        stats = self.stats
+        stats.submitted += 1
+        stats.per_queue[queue] += 1
+        stats.per_cpu_submitted[cpu] += 1
         return queue
 
     def publish(self, queues: Sequence[int] | None = None) -> list[int]:
@@ -353,10 +411,12 @@ class Initiator:
         todo = sorted(self._unpublished) if queues is None else queues
         kicks = []
         for q in todo:
+            # Forget q before publishing: a chain another thread of this process adds
+            # meanwhile marks q again, so its own publish cannot miss it.
+            self._unpublished.discard(q)
             with self.locks[q]:
                 if self.rings[q].publish():
                     kicks.append(q)
-            self._unpublished.discard(q)
         return kicks
 
     # -- complete ------------------------------------------------------------------------
@@ -370,13 +430,11 @@ class Initiator:
         (any process can: the slot number is the whole token)."""
         req = self.requests[slot]
         target, lun, seq, cpu, queue = self.slots.get(slot)
-        sense_len, resid, _qual, status, response, _ = CMD_RESP.unpack_from(
-            self.mem.view(req.resp_addr, RESP_SIZE)
-        )
+        resp = self._views[slot][1]
+        sense_len, resid, _qual, status, response, _ = CMD_RESP.unpack_from(resp)
         sense = b""
         if sense_len:
-            sense = bytes(self.mem.view(req.resp_addr + CMD_RESP.size,
-                                        min(sense_len, SENSE_SIZE)))
+            sense = bytes(resp[CMD_RESP.size: CMD_RESP.size + min(sense_len, SENSE_SIZE)])
         return Completion(req, target, lun, seq, cpu, queue, irq_cpu, response, status,
                           sense, resid)
 
@@ -398,12 +456,13 @@ class Initiator:
                     break
         done: list[Completion] = []
         stats = self.stats
+        read, observe, release = self.read_completion, self.book.observe, self.policy.done
         for token, _written in items:
-            c = self.read_completion(token, irq_cpu)  # type: ignore[arg-type]
+            c = read(token, irq_cpu)  # type: ignore[arg-type]
             # observe before done: see driver.targets
-            if self.book.observe(c.target, c.seq, queue):
+            if observe(c.target, c.seq, queue):
                 stats.fifo_violations += 1
-            self.policy.done(c.target)
+            release(c.target)
             stats.completed += 1
             stats.per_cpu_irqs[irq_cpu] += 1
             if not c.ok:
@@ -411,12 +470,13 @@ class Initiator:
             done.append(c)
         return done
 
-    def delivered(self, local: bool) -> None:
-        """Count where a completion went: to its task's CPU (local) or to another (IPI)."""
+    def delivered(self, local: bool, count: int = 1) -> None:
+        """Count where ``count`` completions went: to their task's CPU (local) or to
+        another (IPI)."""
         if local:
-            self.stats.local += 1
+            self.stats.local += count
         else:
-            self.stats.ipis += 1
+            self.stats.ipis += count
 
 
 def lay_out_rings(alloc: Allocator, queue_size: int, count: int, features: int = 0) -> list:

@@ -66,6 +66,8 @@ class Policy:
     """Base: the fields every policy has. Subclasses decide."""
 
     name = "?"
+    #: True when the policy asks a balancer to move interrupts (``hint`` may return a CPU)
+    hints = False
     #: True when the policy keeps one target's requests on one queue while any is in
     #: flight, so the device sees them in submission order.
     ordered = True
@@ -114,6 +116,7 @@ class PerTarget(Policy):
     """
 
     name = "pertarget"
+    hints = True
 
     def pick(self, target: int, cpu: int) -> int:
         queue = target % self.num_queues

@@ -70,4 +70,7 @@ class LocalTargetBook(LocalTargetTable):
 def overtaken(done_max: list[int] | tuple[int, ...], seq: int, queue: int) -> bool:
     """True if some queue other than ``queue`` already completed a sequence above
     ``seq`` (``done_max`` holds highest-completed-plus-one per queue, 0 for none)."""
-    return any(m > seq + 1 for q, m in enumerate(done_max) if q != queue)
+    limit = seq + 1
+    if max(done_max) <= limit:  # the usual answer, without a loop in Python
+        return False
+    return any(m > limit for q, m in enumerate(done_max) if q != queue)

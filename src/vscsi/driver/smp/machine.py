@@ -134,9 +134,13 @@ class SmpMachine:
         fds = self.frontend.start(self.mem, addrs)
         self.kick_fds = [fds[2 + q].kick for q in range(nq)]
         self.call_fds = [fds[2 + q].call for q in range(nq)]
+        self.initiator.kick = self._kick
         if self.event_ring.publish():
             os.eventfd_write(fds[1].kick, 1)
         self._sync = self.initiator.new_request(SYNC_BUFFER)
+
+    def _kick(self, queue: int) -> None:
+        os.eventfd_write(self.kick_fds[queue], 1)
 
     # -- synchronous commands (the parent, no VCPU running) ----------------------------------
 
@@ -213,7 +217,7 @@ class SmpMachine:
                 U16.unpack_from(self.mem.view(addr, 2))[0]
                 for addr in (a.avail + 2, a.used + 2, a.avail + 4 + 2 * a.size,
                              a.used + 4 + 8 * a.size))
-            out.append(f"q{q}: avail {avail_idx} used {used_idx} reclaimed {ring._last_used} "
+            out.append(f"q{q}: avail {avail_idx} used {used_idx} reclaimed {ring.reclaimed_idx} "
                        f"used_event {used_event} avail_event {avail_event} "
                        f"affinity {self.interrupts.cpu_for(q)}")
         return "; ".join(out)

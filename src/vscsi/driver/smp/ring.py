@@ -1,20 +1,17 @@
-"""A driver ring whose producer/consumer state lives in shared memory, so that any VCPU
-process can add chains to it and any can reclaim them (under the queue's lock).
+"""Driver rings whose producer/consumer state lives in shared memory, so that any VCPU
+process can add chains to one and any can reclaim them (under the queue's lock).
 
-It *is* :class:`vscsi.virtio.DriverRing` -- add, publish, reclaim, set_interrupts, the
-checks on the device's used ring: all that code runs unchanged. Only where DriverRing
-keeps its state differs: the free-descriptor stack, each head's descriptors and token,
-the avail shadow index, the published and last-used indices, the interrupt and broken
-flags move from Python objects into arrays of an :class:`~.shm.Arena`, behind the same
-attribute names (the properties below), and tokens must be ints (slot numbers).
+:class:`SharedDriverRing` *is* :class:`vscsi.virtio.DriverRing` -- add, publish, reclaim,
+set_interrupts, the checks on the device's used ring: all that code runs unchanged.
+DriverRing keeps its whole state in flat arrays it asks ``_storage`` for; here they are
+arrays of an :class:`~.shm.Arena` instead of Python lists, and tokens must be ints (slot
+numbers). :class:`SharedPackedDriverRing` does the same for the packed ring through
+properties over PackedDriverRing's private attribute names (``_free_ids``, ``_slots``,
+``_tokens``, ``_pending`` and its indices).
 
 As in Linux's ``desc_extra``, the free list and chains are kept in the driver's own
 memory, never read back from the descriptor table the device can write.
-
-This couples to DriverRing's private attribute names (``_free``, ``_chains``,
-``_tokens``, ``_avail_idx``, ``_published``, ``_last_used``, ``_interrupts``,
-``broken``); tests/driver/test_smp_shared.py runs the ring across processes against a
-DeviceRing so a rename there fails loudly here.
+tests/driver/test_smp_shared.py runs the rings across processes against a device ring.
 
 Locking: every method needs the queue's lock held by the caller (the Initiator takes
 ``locks[queue]`` around each call).
@@ -22,82 +19,12 @@ Locking: every method needs the queue's lock held by the caller (the Initiator t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from vscsi.driver.smp.shm import Arena
 from vscsi.memory import GuestMemory
 from vscsi.virtio import DriverRing, PackedDriverRing, RingAddresses
-
-CHAIN_MAX = 8  # descriptors one chain may take (our requests take 1 to 3)
-
-
-class _Stack:
-    """The free-descriptor stack (DriverRing uses a list: len, pop, [-n:], del, extend)."""
-
-    def __init__(self, items: memoryview, count: memoryview) -> None:
-        self._items = items
-        self._count = count
-
-    def __len__(self) -> int:
-        return self._count[0]
-
-    def pop(self) -> int:
-        n = self._count[0] - 1
-        if n < 0:
-            raise IndexError("pop from an empty free list")
-        self._count[0] = n
-        return self._items[n]
-
-    def __getitem__(self, s: slice) -> list[int]:
-        start, stop, step = s.indices(self._count[0])
-        return self._items[start:stop:step].tolist()
-
-    def __delitem__(self, s: slice) -> None:
-        start, stop, step = s.indices(self._count[0])
-        if stop != self._count[0] or step != 1:
-            raise IndexError("only the top of the free stack can be removed")
-        self._count[0] = start
-
-    def extend(self, ids: Iterable[int]) -> None:
-        n = self._count[0]
-        for i in ids:
-            self._items[n] = i
-            n += 1
-        self._count[0] = n
-
-    def load(self, values: list[int]) -> None:
-        self._count[0] = 0
-        self.extend(values)
-
-
-class _Chains:
-    """head -> its descriptor ids (None when the head is not outstanding)."""
-
-    def __init__(self, ids: memoryview, lens: memoryview) -> None:
-        self._ids = ids
-        self._lens = lens
-
-    def __getitem__(self, head: int) -> list[int] | None:
-        n = self._lens[head]
-        if not n:
-            return None
-        base = head * CHAIN_MAX
-        return self._ids[base: base + n].tolist()
-
-    def __setitem__(self, head: int, ids: list[int] | None) -> None:
-        if ids is None:
-            self._lens[head] = 0
-            return
-        if len(ids) > CHAIN_MAX:
-            raise ValueError(f"chain of {len(ids)} descriptors (at most {CHAIN_MAX})")
-        base = head * CHAIN_MAX
-        for k, i in enumerate(ids):
-            self._ids[base + k] = i
-        self._lens[head] = len(ids)
-
-    def load(self, values: list[list[int] | None]) -> None:
-        for head, ids in enumerate(values):
-            self[head] = ids
+from vscsi.virtio.driver import STATE_FIELDS
 
 
 class _Tokens:
@@ -124,20 +51,20 @@ class _Tokens:
 
 
 def _state(index: int, kind: type = int) -> property:
-    def get(self: SharedDriverRing) -> object:
+    def get(self: SharedPackedDriverRing) -> object:
         return kind(self._state[index])
 
-    def set_(self: SharedDriverRing, value: object) -> None:
+    def set_(self: SharedPackedDriverRing, value: object) -> None:
         self._state[index] = int(value)  # type: ignore[call-overload]
 
     return property(get, set_)
 
 
 def _proxy(name: str) -> property:
-    def get(self: SharedDriverRing) -> object:
+    def get(self: SharedPackedDriverRing) -> object:
         return getattr(self, name)
 
-    def set_(self: SharedDriverRing, value: list) -> None:
+    def set_(self: SharedPackedDriverRing, value: list) -> None:
         getattr(self, name).load(value)
 
     return property(get, set_)
@@ -147,23 +74,17 @@ class SharedDriverRing(DriverRing):
     """DriverRing with its state in ``arena`` (module docstring). Build it before the
     fork; every process then uses its inherited copy of this object."""
 
-    _free = _proxy("_sh_free")
-    _chains = _proxy("_sh_chains")
-    _tokens = _proxy("_sh_tokens")
-    _avail_idx = _state(0)
-    _published = _state(1)
-    _last_used = _state(2)
-    _interrupts = _state(3, bool)
-    broken = _state(4, bool)
-
     def __init__(self, mem: GuestMemory, addrs: RingAddresses, *, event_idx: bool,
                  arena: Arena, start_idx: int = 0) -> None:
-        size = addrs.size
-        self._state = arena.array("q", 5)
-        self._sh_free = _Stack(arena.array("H", size), arena.array("q", 1))
-        self._sh_chains = _Chains(arena.array("H", size * CHAIN_MAX), arena.array("H", size))
-        self._sh_tokens = _Tokens(arena.array("q", size))
+        self._arena = arena
         super().__init__(mem, addrs, event_idx=event_idx, start_idx=start_idx)
+
+    def _storage(self, size: int) -> tuple[memoryview, memoryview, memoryview, memoryview,
+                                           memoryview]:
+        a = self._arena
+        # a token is a slot number: a "q" cell refuses anything else (TypeError)
+        return (a.array("q", STATE_FIELDS), a.array("H", size), a.array("H", size),
+                a.array("H", size), a.array("q", size))
 
 
 class _List:

@@ -76,20 +76,31 @@ class SharedTargetTable:
 
     # -- steering.TargetTable
 
+    # The per-request methods call the lock's acquire and release themselves rather than
+    # use ``with``: multiprocessing's __enter__/__exit__ are two Python calls per use.
+
     def acquire(self, target: int, idle_queue: int) -> int:
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             n = self.reqs[target] + 1
             self.reqs[target] = n
             if n == 1:
                 self.req_vq[target] = idle_queue
             return self.req_vq[target]
+        finally:
+            lock.release()
 
     def release(self, target: int) -> None:
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             n = self.reqs[target]
             if n <= 0:
                 raise RuntimeError(f"target {target}: completion without a request in flight")
             self.reqs[target] = n - 1
+        finally:
+            lock.release()
 
     def in_flight(self, target: int) -> int:
         return self.reqs[target]
@@ -97,19 +108,29 @@ class SharedTargetTable:
     # -- targets.TargetBook
 
     def stamp(self, target: int, queue: int) -> tuple[int, bool]:
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             seq = self.next_seq[target]
             self.next_seq[target] = seq + 1
             last = self.last_queue[target]
             self.last_queue[target] = queue
+        finally:
+            lock.release()
         return seq, last not in (-1, queue)
 
     def observe(self, target: int, seq: int, queue: int) -> bool:
+        if self.num_queues == 1:
+            return False  # overtaking needs another queue (and done_max is read only here)
         base = target * self.num_queues
-        with self.locks[target]:
+        lock = self.locks[target]
+        lock.acquire()
+        try:
             row = self.done_max[base: base + self.num_queues].tolist()
             if seq + 1 > row[queue]:
                 self.done_max[base + queue] = seq + 1
+        finally:
+            lock.release()
         return overtaken(row, seq, queue)
 
     def reset(self) -> None:
@@ -125,26 +146,22 @@ class SharedTargetTable:
 class SharedSlots:
     """driver.initiator.SlotTable in shared memory. A slot's row is written by its owner
     before the chain is added under the queue lock and read by the reclaimer after it
-    took that lock: the queue lock orders them, no lock of its own."""
+    took that lock: the queue lock orders them, no lock of its own. A row is one struct
+    (one pack or unpack per request, not five stores)."""
 
-    FIELDS = 5  # target, lun, seq, cpu, queue
+    ROW = struct.Struct("=5q")  # target, lun, seq, cpu, queue
 
     def __init__(self, capacity: int, arena: Arena) -> None:
         self.capacity = capacity
-        self.rows = arena.array("q", capacity * self.FIELDS)
+        self.rows = arena.array("q", capacity * 5).cast("B")
 
     def set(self, slot: int, target: int, lun: int, seq: int, cpu: int, queue: int) -> None:
-        if slot >= self.capacity:
+        if not 0 <= slot < self.capacity:
             raise ValueError(f"slot {slot} beyond the shared slot table ({self.capacity})")
-        base = slot * self.FIELDS
-        rows = self.rows
-        rows[base], rows[base + 1], rows[base + 2] = target, lun, seq
-        rows[base + 3], rows[base + 4] = cpu, queue
+        self.ROW.pack_into(self.rows, slot * 40, target, lun, seq, cpu, queue)
 
     def get(self, slot: int) -> tuple[int, int, int, int, int]:
-        base = slot * self.FIELDS
-        t, lun, seq, cpu, q = self.rows[base: base + self.FIELDS].tolist()
-        return t, lun, seq, cpu, q
+        return self.ROW.unpack_from(self.rows, slot * 40)  # type: ignore[return-value]
 
 
 class SharedInterrupts:
