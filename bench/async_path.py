@@ -15,6 +15,7 @@ per request is repeatable whatever the machine does.
 from __future__ import annotations
 
 import argparse
+import os
 import cProfile
 import pstats
 import random
@@ -103,6 +104,7 @@ def main() -> None:
                 reclaimed += 1
             refill()
 
+    times = os.times()
     wall, cpu = time.perf_counter(), time.process_time()
     if a.profile:
         prof = cProfile.Profile()
@@ -113,7 +115,9 @@ def main() -> None:
     else:
         run()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{cpu / a.requests * 1e6:.2f} µs CPU per request, {a.requests / wall:,.0f} IOPS "
+    user, system = (b - a_ for b, a_ in zip(os.times()[:2], times[:2], strict=True))
+    print(f"{cpu / a.requests * 1e6:.2f} µs CPU per request ({user / a.requests * 1e6:.1f} "
+          f"user, {system / a.requests * 1e6:.1f} system), {a.requests / wall:,.0f} IOPS "
           f"({a.lun}, depth {a.depth}, {a.requests} requests)")
 
 
