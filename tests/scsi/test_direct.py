@@ -617,6 +617,27 @@ def test_io_uring_hands_a_long_batch_to_the_kernel_in_pieces(direct_dir):
 
 
 @needs_liburing
+def test_io_uring_pushes_early_only_while_the_disk_has_little_to_do(direct_dir):
+    path = _written_file(direct_dir, 64 * BS)
+    backend = FileBackend(path, direct=True, uring=True)
+    ring = backend.uring
+    busy = iouring.DISK_BUSY + 1
+    n = 2 * iouring.PUSH_EARLY
+    bufs = [aligned(4096) for _ in range(busy + n)]
+    with EventLoop() as loop:
+        backend.set_scheduler(loop)
+        ios = [backend.submit_readv(i * BS, [bufs[i][:BS]]) for i in range(busy)]
+        ring._push()    # (what the end of the turn does) the kernel holds them all now
+        assert iouring._uring.io_uring_sq_ready(ring._ring) == 0
+        ios += [backend.submit_readv(i * BS, [bufs[i][:BS]]) for i in range(busy, busy + n)]
+        # Not reaped yet, so still with the kernel as far as the ring knows: no early push.
+        assert iouring._uring.io_uring_sq_ready(ring._ring) == n
+        loop.run_until(lambda: all(io.done for io in ios))
+        assert [io.outcome for io in ios] == [BS] * (busy + n)
+    backend.close()
+
+
+@needs_liburing
 def test_io_uring_on_a_watching_loop_needs_no_eventfd_and_reaps_a_batch_in_one_turn(
         direct_dir):
     """On a loop with add_reader the ring's own descriptor is watched: no eventfd, the
