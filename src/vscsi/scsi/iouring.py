@@ -3,9 +3,10 @@
 The same job as :class:`vscsi.scsi.iothreads.IoThreadPool` for the calls that matter at
 depth -- readv, writev, fdatasync on one descriptor -- without a thread per request: the
 loop's thread fills submission entries and hands them to the kernel together: at the end
-of the loop's turn (a zero-delay timer), before it delivers completions, or once
-PUSH_EARLY entries wait; it reaps completions in batches. (Entering the kernel once per
-request costs as much as the I/O itself in a VM: each entry kicks the disk's queue.)
+of the loop's turn, before it delivers completions, or once PUSH_EARLY entries wait while
+the disk has little to do (DISK_BUSY); it reaps completions in batches. (Entering the
+kernel once per request costs as much as the I/O itself in a VM: each entry kicks the
+disk's queue.)
 A loop that can watch a descriptor (``add_reader(fd, callback)``, as the queue workers'
 loop can) watches the ring's own descriptor, readable while completions wait in it: no
 eventfd to signal per completion nor to read per wake-up, and a pass that finds the
