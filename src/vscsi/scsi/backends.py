@@ -133,14 +133,14 @@ class BlockBackend:
 
     def submit_readv(self, offset: int, bufs: list[memoryview]) -> IoPending:
         assert self.io_pool is not None and self.scheduler is not None
-        return self.io_pool.submit(self.scheduler, self.readv, offset, bufs)
+        return self.io_pool.submit(self.scheduler, lambda: self.readv(offset, bufs))
 
     def submit_writev(self, offset: int, bufs: list[memoryview], *, fua: bool = False
                       ) -> IoPending:
         """fua: durable when it completes (writev_fua)."""
         assert self.io_pool is not None and self.scheduler is not None
         write = self.writev_fua if fua else self.writev
-        return self.io_pool.submit(self.scheduler, write, offset, bufs)
+        return self.io_pool.submit(self.scheduler, lambda: write(offset, bufs))
 
     def submit_flush(self) -> IoPending:
         """Everything written before it was called is durable when it completes."""

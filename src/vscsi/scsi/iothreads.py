@@ -12,7 +12,6 @@ uses it, and a pool inherited through fork() (its owner pid differs) starts afre
 
 from __future__ import annotations
 
-import functools
 import os
 import queue
 import threading
@@ -79,9 +78,7 @@ class IoThreadPool:
     """``threads`` helper threads running blocking calls for one backend.
 
     submit() is called on the loop's thread; the call runs on a helper thread and its
-    outcome comes back through the scheduler given to submit(). Outcomes that end while
-    the loop has not yet taken the last ones join them: one handover per batch, not per
-    call.
+    outcome comes back through the scheduler given to submit().
     """
 
     def __init__(self, threads: int, name: str = "vscsi-io") -> None:
@@ -90,28 +87,20 @@ class IoThreadPool:
         self.threads = threads
         self.name = name
         self._owner = -1            # pid whose threads are running (-1: none yet)
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., IoOutcome], tuple[Any, ...],
-                                            IoPending, Scheduler] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], IoOutcome], IoPending,
+                                            Scheduler] | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
-        # Outcomes waiting for their loop, per scheduler (a pool serves one in practice).
-        self._ended: dict[Scheduler, list[tuple[IoPending, IoOutcome]]] = {}
-        self._ended_lock = threading.Lock()
 
-    def submit(self, scheduler: Scheduler, call: Callable[..., IoOutcome],
-               *args: Any) -> IoPending:
-        """Run ``call(*args)`` on a helper thread (arguments, not a closure: one object
-        less per I/O)."""
+    def submit(self, scheduler: Scheduler, call: Callable[[], IoOutcome]) -> IoPending:
         if self._owner != _pid:
             self._start()
         pending = IoPending()
-        self._jobs.put((call, args, pending, scheduler))
+        self._jobs.put((call, pending, scheduler))
         return pending
 
     def _start(self) -> None:
         # A pool copied by fork() holds the parent's queue and no running threads.
         self._jobs = queue.SimpleQueue()
-        self._ended = {}
-        self._ended_lock = threading.Lock()
         self._workers = [threading.Thread(target=self._work, name=f"{self.name}-{i}",
                                           daemon=True) for i in range(self.threads)]
         for thread in self._workers:
@@ -120,31 +109,16 @@ class IoThreadPool:
 
     def _work(self) -> None:
         jobs = self._jobs
-        ended, lock = self._ended, self._ended_lock
         while True:
             job = jobs.get()
             if job is _STOP:
                 return
-            call, args, pending, scheduler = job
+            call, pending, scheduler = job
             try:
-                outcome: IoOutcome = call(*args)
+                outcome: IoOutcome = call()
             except Exception as e:      # the consumer turns it into sense data
                 outcome = e
-            with lock:
-                batch = ended.get(scheduler)
-                if batch is None:
-                    ended[scheduler] = [(pending, outcome)]
-                else:
-                    batch.append((pending, outcome))
-            if batch is None:   # the first of a batch asks the loop to take it
-                scheduler.call_soon_threadsafe(functools.partial(self._deliver, scheduler))
-
-    def _deliver(self, scheduler: Scheduler) -> None:
-        """On the loop's thread: finish every outcome that ended for it so far."""
-        with self._ended_lock:
-            batch = self._ended.pop(scheduler, ())
-        for pending, outcome in batch:
-            pending.finish(outcome)
+            scheduler.call_soon_threadsafe(lambda p=pending, o=outcome: p.finish(o))
 
     def close(self) -> None:
         """Stop the threads once the jobs queued so far are done (this process's only)."""
