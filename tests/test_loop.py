@@ -75,3 +75,36 @@ def test_select_watches_the_readers_during_the_sub_millisecond_rest() -> None:
     finally:
         os.close(fd)
         loop.close()
+
+
+def test_call_before_wait_runs_once_before_the_next_wait() -> None:
+    """The callback runs at the start of the next run_once, before its poll: an eventfd
+    it makes readable is served in that same pass (a zero-delay timer would need two)."""
+    loop = EventLoop()
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    seen: list[str] = []
+
+    def readable() -> None:
+        os.eventfd_read(fd)
+        seen.append("read")
+
+    loop.add_reader(fd, readable)
+    try:
+        def before() -> None:
+            seen.append("before")
+            os.eventfd_write(fd, 1)
+            loop.call_before_wait(lambda: seen.append("next turn"))
+
+        loop.call_before_wait(before)
+        assert seen == []
+        # Not a timeout None: were the callback not run first, this would block forever.
+        assert loop.run_once(5.0) == [fd]
+        assert seen == ["before", "read"]       # registered from a callback: next time
+        assert loop.run_once(0) == []
+        assert seen == ["before", "read", "next turn"]
+        loop.run_once(0)
+        assert seen == ["before", "read", "next turn"]     # once only
+    finally:
+        loop.remove_reader(fd)
+        loop.close()
+        os.close(fd)

@@ -50,6 +50,8 @@ class EventLoop:
         # Other threads append here and bump the eventfd; we run them on our thread.
         self._handed: list[Callable[[], None]] = []
         self._handed_lock = threading.Lock()
+        # One-shot callbacks for the end of this turn, run just before the next wait.
+        self._before_wait: list[Callable[[], None]] = []
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.add_reader(self._wake, self._run_handed)
 
@@ -69,6 +71,14 @@ class EventLoop:
         # One wake-up per batch: a non-empty list was signalled already and is taken whole.
         if wake:
             os.eventfd_write(self._wake, 1)
+
+    def call_before_wait(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once, on the loop's thread, just before the loop next waits
+        (or polls): at the end of this turn, whatever its caller does after the callbacks
+        of run_once. What a zero-delay timer does, without the timer, the heap and the
+        extra turn: an I/O engine hands the entries a turn filled to the kernel in one
+        call here."""
+        self._before_wait.append(callback)
 
     # -- fds
 
@@ -96,6 +106,10 @@ class EventLoop:
         """Wait up to ``timeout`` seconds (None: until something happens; shortened to
         the next timer), run the callbacks of ready fds, then the due timers. Returns the
         ready fds (the caller may want to know which)."""
+        if self._before_wait:
+            callbacks, self._before_wait = self._before_wait, []
+            for callback in callbacks:
+                callback()
         if self._timers:
             due = self.next_deadline()
             if due is not None:

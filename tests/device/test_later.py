@@ -21,8 +21,21 @@ from vscsi.device.wire import (
     VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
 )
 from vscsi.scsi.pending import Pending
+from vscsi.virtio import Chain
 
-from .helpers import BLOCK, GOOD, FakeResult, FakeTarget, cmd_header, read10, request, tmf
+from .helpers import (
+    BLOCK,
+    GOOD,
+    FakeResult,
+    FakeTarget,
+    cmd_header,
+    cut,
+    read10,
+    request,
+    sense_bytes,
+    tmf,
+    write10,
+)
 
 
 def rig(n_later: int, on_abort=None):  # type: ignore[no-untyped-def]
@@ -123,3 +136,46 @@ def test_any_completion_order_answers_each_request_once(order) -> None:  # type:
         pendings[i].finish(FakeResult(GOOD))  # a second finish is ignored
     assert [h for h, _ in done] == list(order)
     assert dev.in_flight() == 0
+
+
+@given(st.sampled_from([GOOD, 0x02]), st.sampled_from([0, 18, 200]),
+       st.integers(0, 3 * BLOCK), st.lists(st.integers(0, 2 * BLOCK), max_size=2),
+       st.booleans(), st.booleans(), st.sampled_from([1, 2]))
+def test_an_answer_given_later_is_the_answer_given_at_once(  # type: ignore[no-untyped-def]
+        status, sense_len, moved, cuts, write, overrun, queues) -> None:
+    """The answered-later path (its inlined READ/WRITE response included) writes the same
+    response, used length and counters as the synchronous one, for any result a target
+    may give: sense or none, a byte count under or over the buffers, one data
+    buffer or several."""
+    sense = sense_bytes(0x03, 0x11, 0x00, length=sense_len) if sense_len else b""
+    result = FakeResult(status, sense, 0 if write else moved, moved if write else 0, overrun)
+    seen = []
+    for later in (False, True):
+        target = FakeTarget({0: bytearray(64 * BLOCK)})
+        target.execute = lambda *args: result  # type: ignore[method-assign]
+        pending = Pending()
+        if later:
+            target.later[0] = [pending]
+        dev = VirtioScsiDevice({0: target}, ScsiConfig(num_queues=queues))
+        done: list[tuple[int, int]] = []
+        handle = dev.handler_for(2, lambda head, written, done=done: done.append(
+            (head, written)))
+        cdb = (write10 if write else read10)(0, 2)
+        resp = bytearray(108)
+        _, data = cut(2 * BLOCK, cuts)
+        readable = [memoryview(bytearray(cmd_header(0, 0, cdb)))]
+        writable = [memoryview(resp)]
+        (readable if write else writable).extend(data)
+        written = handle(Chain(7, readable, writable))
+        if later:
+            assert written is None and done == []
+            pending.finish(result)  # type: ignore[arg-type]
+            assert len(done) == 1 and done[0][0] == 7
+            written = done[0][1]
+        dev.end_pass(2)()
+        counted = dev.stats.lun(0, 0)
+        assert counted is not None
+        seen.append((written, bytes(resp), counted["commands"], counted["bytes_read"],
+                     counted["bytes_written"], counted["errors"], bytes(dev.stats.inflight)))
+        assert dev.in_flight() == 0
+    assert seen[0] == seen[1]

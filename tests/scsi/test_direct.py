@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -613,6 +614,61 @@ def test_io_uring_hands_a_long_batch_to_the_kernel_in_pieces(direct_dir):
         content = f.read()
     assert all(bufs[i][:BS] == content[i * BS:(i + 1) * BS] for i in range(n))
     backend.close()
+
+
+@needs_liburing
+def test_io_uring_pushes_early_only_while_the_disk_has_little_to_do(direct_dir):
+    path = _written_file(direct_dir, 64 * BS)
+    backend = FileBackend(path, direct=True, uring=True)
+    ring = backend.uring
+    busy = iouring.DISK_BUSY + 1
+    n = 2 * iouring.PUSH_EARLY
+    bufs = [aligned(4096) for _ in range(busy + n)]
+    with EventLoop() as loop:
+        backend.set_scheduler(loop)
+        ios = [backend.submit_readv(i * BS, [bufs[i][:BS]]) for i in range(busy)]
+        ring._push()    # (what the end of the turn does) the kernel holds them all now
+        assert iouring._uring.io_uring_sq_ready(ring._ring) == 0
+        ios += [backend.submit_readv(i * BS, [bufs[i][:BS]]) for i in range(busy, busy + n)]
+        # Not reaped yet, so still with the kernel as far as the ring knows: no early push.
+        assert iouring._uring.io_uring_sq_ready(ring._ring) == n
+        loop.run_until(lambda: all(io.done for io in ios))
+        assert [io.outcome for io in ios] == [BS] * (busy + n)
+    backend.close()
+
+
+@needs_liburing
+def test_io_uring_on_a_watching_loop_needs_no_eventfd_and_reaps_a_batch_in_one_turn(
+        direct_dir):
+    """On a loop with add_reader the ring's own descriptor is watched: no eventfd, the
+    entries reach the kernel before the loop waits (no timer, no extra turn), and one
+    readable ring delivers every completion it holds."""
+    path = _written_file(direct_dir, 64 * BS)
+    backend = FileBackend(path, direct=True, uring=True)
+    ring = backend.uring
+    n = iouring.PUSH_EARLY - 1          # few enough to wait for the end of the turn
+    bufs = [aligned(4096) for _ in range(n)]
+    with EventLoop() as loop:
+        backend.set_scheduler(loop)
+        ios = [backend.submit_readv(i * BS, [bufs[i][:BS]]) for i in range(n)]
+        assert ring._wakeup == -1 and ring._ring.ring_fd in loop._readers
+        assert not loop._timers
+        assert iouring._uring.io_uring_sq_ready(ring._ring) == n
+        loop.run_once(0)                # the push runs before this turn's poll
+        assert iouring._uring.io_uring_sq_ready(ring._ring) == 0
+        deadline = time.monotonic() + 30
+        while iouring._uring.io_uring_cq_ready(ring._ring) < n:     # all done, unreaped
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert not any(io.done for io in ios)
+        assert loop.run_once(0) == [ring._ring.ring_fd]
+        assert [io.outcome for io in ios] == [BS] * n
+        assert loop.run_once(0) == []   # the queue is empty: no longer readable
+    with open(path, "rb") as f:
+        content = f.read()
+    assert all(bufs[i][:BS] == content[i * BS:(i + 1) * BS] for i in range(n))
+    backend.close()
+    assert ring._owner == -1
 
 
 def test_aio_io_uring_without_liburing_is_a_clear_error(direct_dir):

@@ -102,6 +102,7 @@ from vscsi.device.wire import (
 )
 from vscsi.memory.sgl import advance, gather_exact, scatter, total
 from vscsi.scsi.pending import Pending
+from vscsi.scsi.sense import ScsiResult
 from vscsi.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -110,7 +111,7 @@ from vscsi.virtio import (
 )
 
 if TYPE_CHECKING:
-    from vscsi.scsi import LogicalUnit, ScsiResult, ScsiTarget
+    from vscsi.scsi import LogicalUnit, ScsiTarget
     from vscsi.scsi.pending import Scheduler
     from vscsi.virtio import Chain
 
@@ -344,21 +345,20 @@ class VirtioScsiDevice:
             return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
         cancelled = task_mem[task_off + 1]              # TaskTable.end inlined
         task_mem[task_off] = 0
-        if result.__class__ is Pending:
+        if result.__class__ is not ScsiResult and isinstance(result, Pending):
             if complete is None:
                 result.abort()
                 counters.done(t, addr, True, 0, 0, _now_ns() - started)
                 log.error("target %d lun %d: command %s answers later, which this queue "
                           "cannot wait for", t, lun, cdb[:1].hex())
                 return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-            task = LaterTask(chain.head, t, lun, tag, result)  # type: ignore[arg-type]
+            task = _AnsweredLater(chain.head, t, lun, tag, result, self, counters, complete,
+                                  wr, resp_buf, data_out, data_in, started, addr, cell)
             self.later.add(slot, task)
-            result.then(functools.partial(  # type: ignore[union-attr]
-                self._answer_later, counters, complete, task, wr, resp_buf, data_out, data_in,
-                started))
+            result.then(task.answer)
             if cancelled:  # a TMF came while it started: it ends with that TMF's answer
                 task.cancel = cancelled
-                result.abort()  # type: ignore[union-attr]
+                result.abort()
             return None
         if cancelled:                   # a TMF aborted / reset it while it ran
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
@@ -397,30 +397,6 @@ class VirtioScsiDevice:
                                  VIRTIO_SCSI_S_OK, b"")
             return self._resp_len + moved if data_in else self._resp_len
         return self._respond_result(wr, resp_buf, result, data_out, data_in)
-
-    def _answer_later(self, counters: QueueCounters, complete: Callable[[int, int], None],
-                      task: LaterTask,
-                      wr: list[memoryview], resp_buf: memoryview | None,
-                      data_out: list[memoryview], data_in: list[memoryview],
-                      started: int, result: ScsiResult) -> None:
-        """A request answered later got its result (or was aborted: task.cancel)."""
-        self.later.remove(counters.q, task.head)
-        addr = (task.target, task.lun)
-        if task.cancel:
-            counters.done(task.target, addr, True, 0, 0, _now_ns() - started)
-        else:
-            counters.done(task.target, addr, result.status != 0, result.data_in,
-                          result.data_out, _now_ns() - started)
-        try:
-            if task.cancel:
-                written = self._respond(wr, resp_buf, task.cancel)
-            else:
-                written = self._respond_result(wr, resp_buf, result, data_out, data_in)
-        except Exception:
-            log.exception("target %d lun %d: response failed", task.target, task.lun)
-            written = 0
-        complete(task.head, written)
-        task.finish()
 
     def _locate(self, chain: Chain) -> tuple[memoryview | None, list[memoryview], bytes,
                                              int, bytes, list[memoryview]] | int:
@@ -806,6 +782,107 @@ class VirtioScsiDevice:
     def close(self) -> None:
         self.tasks.close()
         self.stats.close()
+
+
+class _AnsweredLater(LaterTask):
+    """A request whose result comes later (a Pending): its LaterTask identity plus what
+    answering it needs, so that one object per request is all the device adds (no partial,
+    no closure); :meth:`answer` is the Pending's callback."""
+
+    __slots__ = ("device", "counters", "complete", "wr", "resp_buf", "data_out", "data_in",
+                 "started", "addr", "cell")
+
+    def __init__(self, head: int, target: int, lun: int, tag: int, pending: Pending,
+                 device: VirtioScsiDevice, counters: QueueCounters,
+                 complete: Callable[[int, int], None], wr: list[memoryview],
+                 resp_buf: memoryview | None, data_out: list[memoryview],
+                 data_in: list[memoryview], started: int, addr: tuple[int, int],
+                 cell: int) -> None:
+        # LaterTask's fields, set here: one call less per request
+        self.head = head
+        self.target = target
+        self.lun = lun
+        self.tag = tag
+        self.pending = pending
+        self.cancel = 0
+        self.finished = False
+        self._waiters = []
+        self.device = device
+        self.counters = counters
+        self.complete = complete
+        self.wr = wr
+        self.resp_buf = resp_buf
+        self.data_out = data_out
+        self.data_in = data_in
+        self.started = started
+        self.addr = addr
+        self.cell = cell        # the target's in-flight cell (several queues), else -1
+
+    def answer(self, result: ScsiResult) -> None:
+        """The result arrived (or the request was aborted: ``cancel``): count it, write
+        the response, hand the used element to the queue."""
+        device = self.device
+        counters = self.counters
+        device.later.remove(counters.q, self.head)
+        if self.cancel:
+            counters.done(self.target, self.addr, True, 0, 0, _now_ns() - self.started)
+            try:
+                written = device._respond(self.wr, self.resp_buf, self.cancel)
+            except Exception:
+                log.exception("target %d lun %d: response failed", self.target, self.lun)
+                written = 0
+            self.complete(self.head, written)
+            self.finish()
+            return
+        # counters.done(), inlined as in _serve_request (the row may have been flushed
+        # since arrival: touched again here)
+        cell = self.cell
+        if cell >= 0:
+            inflight = counters.inflight
+            count = inflight[cell]
+            if count:
+                inflight[cell] = count - 1
+        row = counters.rows.get(self.addr) or counters.row(self.addr)
+        if row is not None:
+            if not row[TOUCHED]:
+                row[TOUCHED] = 1
+                counters.touched.append(row)
+            bucket = ((_now_ns() - self.started) // 1000).bit_length()
+            if bucket > LAST_BUCKET:
+                bucket = LAST_BUCKET
+            hists = row[HISTS]
+            if not hists[bucket]:
+                row[HIT].append(bucket)
+            hists[bucket] += 1
+            row[READ_BYTES] += result.data_in
+            row[WRITE_BYTES] += result.data_out
+            if result.status:
+                row[ERRORS] += 1
+        resp_buf, data_in, data_out = self.resp_buf, self.data_in, self.data_out
+        try:
+            if resp_buf is not None and not result.sense and not result.overrun and \
+                    len(data_in) + len(data_out) == 1:
+                # _respond_result inlined for one data buffer and no sense (READ / WRITE)
+                if data_in:
+                    length = data_in[0].nbytes
+                    moved = result.data_in
+                else:
+                    length = data_out[0].nbytes
+                    moved = result.data_out
+                moved = length if moved > length else moved if moved > 0 else 0
+                device._resp.pack_into(resp_buf, 0, 0, length - moved, 0,
+                                       result.status & 0xFF, VIRTIO_SCSI_S_OK, b"")
+                written = device._resp_len + moved if data_in else device._resp_len
+            else:
+                written = device._respond_result(self.wr, resp_buf, result, data_out, data_in)
+        except Exception:
+            log.exception("target %d lun %d: response failed", self.target, self.lun)
+            written = 0
+        self.complete(self.head, written)
+        if self._waiters:   # finish(), for the TMF that waits for it
+            self.finish()
+        else:
+            self.finished = True
 
 
 _LUN_TMFS = frozenset((

@@ -192,22 +192,45 @@ def _check_range(unit: Unit, lba: int, blocks: int) -> None:
         raise lba_out_of_range()
 
 
+class _IoCommand(Pending):
+    """A command answered by one backend I/O: ``good`` when it succeeds, the sense the
+    synchronous path gives for its OSError when it fails. The I/O owns the guest buffers
+    until it ends, so an abort cannot finish the command early (Pending's default).
+    :meth:`io_done` is the I/O's callback: no closure per command."""
+
+    __slots__ = ("good", "write", "lba")
+
+    def __init__(self, good: ScsiResult, write: bool, lba: int) -> None:
+        self.result = None      # (Pending's fields, set here: one call less)
+        self._callback = None
+        self.on_abort = None
+        self.aborted = False
+        self.good = good
+        self.write = write
+        self.lba = lba
+
+    def io_done(self, outcome: IoOutcome) -> None:
+        if outcome.__class__ is int or not isinstance(outcome, BaseException):
+            result = self.good
+        elif isinstance(outcome, OSError):
+            result = _io_error(outcome, write=self.write, lba=self.lba).result()
+        else:
+            log.error("backend I/O failed at LBA %d", self.lba, exc_info=outcome)
+            result = check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+        if self.result is None:     # finish(), inlined
+            self.result = result
+            callback = self._callback
+            if callback is not None:
+                self._callback = None
+                callback(result)
+
+
 def _finish_io(io: IoPending, result: ScsiResult, *, write: bool, lba: int) -> Pending:
     """A Pending that gets ``result`` when the I/O succeeds, and the sense the synchronous
-    path gives for its OSError when it fails. The I/O owns the guest buffers until it
-    ends, so an abort cannot finish the command early (Pending's default)."""
-    pending = Pending()
-
-    def done(outcome: IoOutcome) -> None:
-        if not isinstance(outcome, BaseException):
-            pending.finish(result)
-        elif isinstance(outcome, OSError):
-            pending.finish(_io_error(outcome, write=write, lba=lba).result())
-        else:
-            log.error("backend I/O failed at LBA %d", lba, exc_info=outcome)
-            pending.finish(check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE))
-    io.then(done)
-    return pending
+    path gives for its OSError when it fails (see _IoCommand)."""
+    command = _IoCommand(result, write, lba)
+    io.then(command.io_done)
+    return command
 
 
 def _flush(unit: Unit, lba: int) -> None:
@@ -247,8 +270,9 @@ def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult | Pen
         backend = unit.backend
         bufs = data_in if have == nbytes else trim(data_in, nbytes)
         if backend.asynchronous:
-            return _finish_io(backend.submit_readv(lba << unit.block_shift, bufs), result,
-                              write=False, lba=lba)
+            command = _IoCommand(result, False, lba)   # _finish_io, inlined
+            backend.submit_readv(lba << unit.block_shift, bufs).then(command.io_done)
+            return command
         try:
             backend.readv(lba << unit.block_shift, bufs)
         except OSError as e:

@@ -3,14 +3,19 @@
 The same job as :class:`vscsi.scsi.iothreads.IoThreadPool` for the calls that matter at
 depth -- readv, writev, fdatasync on one descriptor -- without a thread per request: the
 loop's thread fills submission entries and hands them to the kernel together: at the end
-of the loop's turn (a zero-delay timer), before it delivers completions, or once
-PUSH_EARLY entries wait; it reaps completions in batches. (Entering the kernel once per
-request costs as much as the I/O itself in a VM: each entry kicks the disk's queue.)
-The ring signals an eventfd for every completion. A loop that can watch a descriptor
-(``add_reader(fd, callback)``, as the queue workers' loop can) watches that eventfd
-itself; for any other Scheduler one helper thread waits on it (the binding's own
-waits would hold the GIL) and asks the loop, through call_soon_threadsafe, to reap.
-Every ring operation happens on the loop's thread.
+of the loop's turn, before it delivers completions, or once PUSH_EARLY entries wait while
+the disk has little to do (DISK_BUSY); it reaps completions in batches. (Entering the
+kernel once per request costs as much as the I/O itself in a VM: each entry kicks the
+disk's queue.)
+A loop that can watch a descriptor (``add_reader(fd, callback)``, as the queue workers'
+loop can) watches the ring's own descriptor, readable while completions wait in it: no
+eventfd to signal per completion nor to read per wake-up, and a pass that finds the
+completion queue empty costs nothing. For any other Scheduler the ring signals an eventfd
+for every completion and one helper thread waits on it (the binding's own waits would hold
+the GIL) and asks the loop, through call_soon_threadsafe, to reap. Entries filled during a
+turn are handed to the kernel just before the loop next waits (its ``call_before_wait``, or
+a zero-delay timer for a Scheduler without it). Every ring operation happens on the loop's
+thread.
 
 A ring does not survive fork(): it is created on first use in the process that uses it.
 """
@@ -46,6 +51,12 @@ _READ, _WRITE, _FSYNC = 0, 1, 2
 #: (measured at depth 32: a request waited ~150 us on average before the kernel saw it,
 #: ~45 us with 8; each push costs one io_uring_enter, and one kick of the disk's queue)
 PUSH_EARLY = 8
+
+#: ... but only while the kernel holds at most this many of our entries: with more, the
+#: disk is busy anyway and the entries wait for the end of the turn, in one call (an
+#: io_uring_enter costs ~20 us of CPU in a VM however few entries it carries, ~3 us per
+#: entry more; at depth 32 the pushes carried 5.9 entries each, while a reap delivered 17)
+DISK_BUSY = 16
 
 #: finish_sync(write, offset, bufs): move all of ``bufs`` synchronously, returning the
 #: byte count (or raising OSError) -- what a request the ring could not finish falls back to
@@ -131,9 +142,14 @@ class UringIo:
         unsubmitted = self._unsubmitted
         if not unsubmitted:
             # One io_uring_enter for the entries filled in this turn of the loop...
-            scheduler.call_later(0, self._push)
-        elif unsubmitted >= PUSH_EARLY - 1:
-            # ... or sooner for a long batch (PUSH_EARLY).
+            push_soon = self._push_soon
+            if push_soon is not None:
+                push_soon(self._push)
+            else:
+                scheduler.call_later(0, self._push)
+        elif unsubmitted >= PUSH_EARLY - 1 and \
+                len(self._in_flight) - unsubmitted <= DISK_BUSY:
+            # ... or sooner for a long batch (PUSH_EARLY) while the disk has little to do.
             self._push()
             unsubmitted = -1
         self._unsubmitted = unsubmitted + 1
@@ -150,34 +166,45 @@ class UringIo:
     def _reap(self) -> None:
         """On the loop's thread: deliver the completions the ring holds now, read from the
         shared completion queue without entering the kernel (those that arrive meanwhile
-        signal the eventfd again: the loop gets its turn in between)."""
+        make the ring readable again: the loop gets its turn in between)."""
         if self._owner != iothreads.current_pid():
             return      # closed since the waiter asked
         # Entries filled since the last push go to the disk before the completions are
-        # delivered, not after (delivering a batch takes a while, and the loop runs the
-        # push timer only after its fd callbacks).
-        self._push()
-        ring, cqe, in_flight = self._ring, self._cqe, self._in_flight
-        peek, seen = _uring.io_uring_peek_cqe, _uring.io_uring_cq_advance
-        for _ in range(_uring.io_uring_cq_ready(ring)):
-            try:
-                peek(ring, cqe)
-            except BlockingIOError:
-                break
+        # delivered, not after (delivering a batch takes a while).
+        if self._unsubmitted:
+            self._push()
+        ring, cqe = self._ring, self._cqe
+        # The batch is taken off the ring first (one advance), then delivered: what a
+        # consumer does cannot see (or lose) half a batch.
+        reaped = []
+        for _ in _uring.CqeIter(ring, cqe):
             entry = cqe[0]
-            tag = entry.user_data
             try:
-                outcome: Any = entry.res     # the binding raises OSError for -errno
-            except OSError as e:
-                outcome = e
-            seen(ring, 1)
+                reaped.append((entry.user_data, entry.res))
+            except OSError as e:       # the binding raises OSError for -errno
+                reaped.append((entry.user_data, e))
+        if not reaped:
+            return
+        _uring.io_uring_cq_advance(ring, len(reaped))
+        in_flight, finish_sync = self._in_flight, self.finish_sync
+        for tag, outcome in reaped:
             request = in_flight.pop(tag, None)
-            if request is None:
+            if request is None or request.done:
                 continue
-            if request.op != _FSYNC and self.finish_sync is not None:
-                outcome = self._finish(request, outcome)
+            if finish_sync is not None and request.op != _FSYNC:
+                bufs = request.bufs
+                assert bufs is not None
+                if outcome.__class__ is not int or outcome < (
+                        bufs[0].nbytes if len(bufs) == 1 else total(bufs)):
+                    outcome = self._finish(request, outcome)
             request.iov = request.bufs = None
-            request.finish(outcome)
+            # IoPending.finish, inlined
+            request.outcome = outcome
+            request.done = True
+            callback = request._callback
+            if callback is not None:
+                request._callback = None
+                callback(outcome)
 
     def _finish(self, request: _Request, outcome: Any) -> Any:
         """The whole transfer's outcome: a short one's rest or a refused one done by
@@ -196,14 +223,6 @@ class UringIo:
         except Exception as e:      # the consumer turns it into sense data
             return e
         return outcome
-
-    def _on_wakeup(self) -> None:
-        """The loop saw the eventfd readable (loops with add_reader)."""
-        try:
-            os.eventfd_read(self._wakeup)
-        except BlockingIOError:
-            return
-        self._reap()
 
     def _wait_for_completions(self, wakeup: int, stop: threading.Event) -> None:
         poller = select.poll()
@@ -226,19 +245,23 @@ class UringIo:
         self._ring = _uring.Ring()
         self._cqe = _uring.Cqe()
         _uring.io_uring_queue_init(self.entries, self._ring)
-        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        _uring.io_uring_register_eventfd(self._ring, self._wakeup)
         self._in_flight: dict[int, _Request] = {}
         self._next_tag = 1
         self._unsubmitted = 0       # entries filled but not yet handed to the kernel
+        self._push_soon: Callable[[Callable[[], None]], None] | None = getattr(
+            scheduler, "call_before_wait", None)
         self._stop = threading.Event()
         self._waiter: threading.Thread | None = None
         self._reader_loop: Any = None
+        self._wakeup = -1
         add_reader = getattr(scheduler, "add_reader", None)
         if add_reader is not None:
-            add_reader(self._wakeup, self._on_wakeup)
+            # The ring's descriptor is readable while its completion queue is not empty.
+            add_reader(self._ring.ring_fd, self._reap)
             self._reader_loop = scheduler
         else:
+            self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            _uring.io_uring_register_eventfd(self._ring, self._wakeup)
             self._waiter = threading.Thread(target=self._wait_for_completions,
                                             args=(self._wakeup, self._stop),
                                             name="vscsi-uring", daemon=True)
@@ -259,7 +282,9 @@ class UringIo:
             os.eventfd_write(self._wakeup, 1)
             self._waiter.join()
         if self._reader_loop is not None:
-            self._reader_loop.remove_reader(self._wakeup)
+            self._reader_loop.remove_reader(self._ring.ring_fd)
         _uring.io_uring_queue_exit(self._ring)
-        os.close(self._wakeup)
+        if self._wakeup >= 0:
+            os.close(self._wakeup)
+            self._wakeup = -1
         self._owner = -1
