@@ -15,8 +15,8 @@ per request is repeatable whatever the machine does.
 from __future__ import annotations
 
 import argparse
-import os
 import cProfile
+import os
 import pstats
 import random
 import struct
