@@ -33,12 +33,14 @@ done
 [ -n "$dev" ] || fail 10 "no virtio_scsi device"
 echo "FEATURES$1 $(cat $dev/features)"
 [ "$(cut -c35 $dev/features)" = 1 ] || fail 11 "VIRTIO_F_RING_PACKED not negotiated"
-for d in /dev/sda /dev/sdb; do
+# Disks by address: which one is sda may change across the reboot (sd probes in parallel)
+A=$(vscsi-dev 0:0:0:0) && B=$(vscsi-dev 0:0:1:0) || fail 15 "disks missing"
+for d in $A $B; do
   sg_inq $d >/tmp/o 2>&1 || { cat /tmp/o; fail 12 "sg_inq $d"; }
 done
 echo "INQ-OK"
-fio --name=a --filename=/dev/sda --cpus_allowed=0 --offset=8M --size=4M \
-    --name=b --filename=/dev/sdb --cpus_allowed=1 --offset=8M --size=4M \
+fio --name=a --filename=$A --cpus_allowed=0 --offset=8M --size=4M \
+    --name=b --filename=$B --cpus_allowed=1 --offset=8M --size=4M \
     --rw=randrw --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
     --output-format=terse >/tmp/o 2>&1 || { tail -20 /tmp/o; fail 13 "fio verify"; }
@@ -47,12 +49,12 @@ echo "FIO-OK"
 
 BEFORE = "set -- 1\n" + CHECKS + r"""
 dd if=/dev/urandom of=/tmp/x bs=4k count=64 2>/dev/null
-dd if=/tmp/x of=/dev/sdb bs=4k oflag=direct 2>/dev/null || fail 14 "pattern write"
+dd if=/tmp/x of=$B bs=4k oflag=direct 2>/dev/null || fail 14 "pattern write"
 echo "SUM1 $(md5sum < /tmp/x)"
 """
 
 AFTER = "set -- 2\n" + CHECKS + r"""
-echo "SUM2 $(dd if=/dev/sdb bs=4k count=64 iflag=direct 2>/dev/null | md5sum)"
+echo "SUM2 $(dd if=$B bs=4k count=64 iflag=direct 2>/dev/null | md5sum)"
 """
 
 

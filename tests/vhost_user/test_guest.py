@@ -73,10 +73,13 @@ def test_guest_reboot_keeps_the_backend(image, serve: ServeProcess) -> None:  # 
     same connection) finds the back-end serving, and the data it wrote."""
     from vscsi.vm import GuestOptions, run_guest
 
+    # target 1's disk by its address: which one is sdb may change across the reboot
     before = ("dd if=/dev/urandom of=/tmp/x bs=4k count=64 2>/dev/null\n"
-              "dd if=/tmp/x of=/dev/sdb bs=4k oflag=direct 2>/dev/null || exit 21\n"
+              "B=$(vscsi-dev 0:0:1:0) || exit 20\n"
+              "dd if=/tmp/x of=$B bs=4k oflag=direct 2>/dev/null || exit 21\n"
               "echo SUM1 $(md5sum < /tmp/x)\n")
-    after = ("echo SUM2 $(dd if=/dev/sdb bs=4k count=64 iflag=direct 2>/dev/null | md5sum)\n")
+    after = ("B=$(vscsi-dev 0:0:1:0) || exit 20\n"
+             "echo SUM2 $(dd if=$B bs=4k count=64 iflag=direct 2>/dev/null | md5sum)\n")
     result = run_guest(image, before, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
                                                    queues=2, timeout=420, after_reboot=after))
     assert result.status == 0, f"{result.output}\n--- back-end ---\n{serve.output()[-3000:]}"
