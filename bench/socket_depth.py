@@ -6,11 +6,14 @@ LUN (the request path's own ceiling: no disk at all) and fio on the host at the 
 
     PYTHONPATH=src python bench/socket_depth.py [--file /var/tmp/vscsi-direct.img]
         [--rounds 3] [--runtime 5] [--cpus 1] [--variants direct,threads=0 direct,aio=io_uring]
+        [--serve-args "--poll-us 200"]
 
 Per run: IOPS, the backend's CPU per request (the bench's own figure, from /proc), and the
 driver's: the CPU time of the bench process and its VCPU processes less their start-up (a
 run of 32 requests), per request. ``--cpus 1`` puts the backend's worker on CPU 1, away from
 the driver's VCPU (CPU 0); ``--cpus ''`` leaves serve's default (CPU 0, shared).
+``--serve-args`` go to every run's `vscsi serve` (e.g. polling: the worker's CPU is its own
+here, so polling costs the driver nothing), one-at-a-time included: ratios stay like for like.
 The file must exist with data (bench/direct_depth.py --keep writes one).
 """
 
@@ -35,9 +38,9 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def bench(lun: str, cpus: str, *, runtime: float | None, requests: int | None = None
-          ) -> dict[str, float]:
-    extra = ["--rpc", "none"] + (["--cpus", cpus] if cpus else [])
+def bench(lun: str, cpus: str, *, runtime: float | None, requests: int | None = None,
+          serve_args: list[str] | None = None) -> dict[str, float]:
+    extra = ["--rpc", "none"] + (["--cpus", cpus] if cpus else []) + (serve_args or [])
     with ServeProcess([f"0:0={lun}"], queues=1, extra=extra) as serve:
         cmd = [sys.executable, "-m", "vscsi.cli", "bench", "--socket", serve.socket,
                "--vcpus", "1", "--rw", "randread", "--bs", "4k", "--iodepth", "32",
@@ -66,6 +69,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--cpus", default="1", help="serve --cpus ('' for its default)")
+    p.add_argument("--serve-args", default="", help="extra `vscsi serve` arguments, for every run")
     p.add_argument("--variants", nargs="+", default=["direct,threads=0", "direct,aio=io_uring",
                                                       "direct"])
     a = p.parse_args()
@@ -79,7 +83,7 @@ def main() -> int:
     disk: list[float] = []
     for r in range(a.rounds):
         for lun in luns:
-            res = bench(lun, a.cpus, runtime=a.runtime)
+            res = bench(lun, a.cpus, runtime=a.runtime, serve_args=a.serve_args.split())
             runs[lun].append(res)
             print(f"round {r + 1}: {lun}: {res['iops']:.0f} IOPS, backend "
                   f"{res['backend_us']:.1f} us/request", file=sys.stderr)
@@ -87,9 +91,9 @@ def main() -> int:
             disk.append(fio(a.file, a.runtime))
             print(f"round {r + 1}: fio: {disk[-1]:.0f} IOPS", file=sys.stderr)
     base = statistics.median(x["iops"] for x in runs[luns[0]])
-    print(f"\n4k randread, depth 32, {a.file}, serve --queues 1 --cpus {a.cpus or '(default)'},"
-          f" bench --vcpus 1, {a.runtime:g} s runs, medians of {a.rounds} alternating rounds,"
-          f" load {os.getloadavg()[0]:.2f}")
+    serve = f"--queues 1 --cpus {a.cpus or '(default)'} {a.serve_args}".rstrip()
+    print(f"\n4k randread, depth 32, {a.file}, serve {serve}, bench --vcpus 1, {a.runtime:g} s"
+          f" runs, medians of {a.rounds} alternating rounds, load {os.getloadavg()[0]:.2f}")
     print("| LUN | IOPS (median) | rounds | vs first | backend us/req | driver us/req |")
     print("|---|--:|---|--:|--:|--:|")
     for lun, rs in runs.items():
