@@ -268,6 +268,13 @@ class PackedDeviceRing:
             self.inflight += 1
             self.taken += 1
             return self._buffers(buffer_id, entries)
+        taken = self._take()
+        return None if taken is None else self._buffers(*taken)
+
+    def _take(self) -> tuple[int, list[tuple[int, int, int]]] | None:
+        """Take the next available chain off the ring: (its Buffer ID, its descriptors as
+        (addr, len, flags)), now in flight; None if there is none. RingBroken if the
+        ring cannot be followed."""
         desc, size = self._desc, self.size
         pos, wrap = self._avail_pos, self._avail_wrap
         want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED  # AVAIL/USED of this lap
@@ -301,7 +308,7 @@ class PackedDeviceRing:
         if self._notify and self.event_idx:
             # Notifications on while popping outside drain(): move the event along.
             store_u16(self._device, 0, pos | wrap << WRAP_BIT)
-        return self._buffers(buffer_id, entries)
+        return buffer_id, entries
 
     def _buffers(self, buffer_id: int, entries: list[tuple[int, int, int]]) -> Chain:
         readable: list[memoryview] = []
@@ -358,51 +365,19 @@ class PackedDeviceRing:
         buffer, ``handle`` it, push its used descriptor. The outcomes are those of the
         loop over :meth:`pop` and :meth:`push`: a bad buffer is pushed (id, 0); a handler
         that raises has its buffer pushed (id, 0) and the exception propagates; None
-        leaves the buffer in flight. Chains to run again after a restart and weakly
-        ordered CPUs take that loop itself."""
-        if self._resubmit or WEAK_ORDERING:
+        leaves the buffer in flight. Chains to run again after a restart take that loop
+        itself."""
+        if self._resubmit:
             serve_one_by_one(self, handle)
             return
-        desc, size, chain_len = self._desc, self.size, self._chain_len
-        tracker = self.tracker
-        buffers = self._buffers
+        take, buffers = self._take, self._buffers
         while True:
             if self.broken:
                 raise RingBroken("ring is broken")
-            # pop(), inlined
-            pos, wrap = self._avail_pos, self._avail_wrap
-            want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED
-            # The head's flags first, then its descriptor: what they publish is read
-            # after them (x86 keeps two loads in order; weakly ordered CPUs went above).
-            if _unpack_u16(desc, pos * DESC_SIZE + _FLAGS_OFF)[0] & _BOTH != want:
+            taken = take()
+            if taken is None:
                 return
-            start = pos
-            entries: list[tuple[int, int, int]] = []
-            while True:
-                addr, length, buffer_id, flags = _unpack_desc(desc, pos * DESC_SIZE)
-                if flags & _BOTH != want:
-                    raise self._break(
-                        f"descriptor {pos} of a chain is not available in lap {wrap}")
-                entries.append((addr, length, flags))
-                pos += 1
-                if pos == size:
-                    pos, wrap, want = 0, wrap ^ 1, want ^ _BOTH
-                if not flags & VIRTQ_DESC_F_NEXT:
-                    break
-                if len(entries) == size:
-                    raise self._break(f"chain at {start} is longer than the ring")
-            if buffer_id >= size:
-                raise self._break(f"buffer id {buffer_id} >= queue size {size}")
-            if chain_len[buffer_id]:
-                raise self._break(f"buffer id {buffer_id} made available while in flight")
-            if tracker is not None:
-                tracker.take(buffer_id, entries)
-            chain_len[buffer_id] = len(entries)
-            self._avail_pos, self._avail_wrap = pos, wrap
-            self.inflight += 1
-            self.taken += 1
-            if self._notify and self.event_idx:
-                store_u16(self._device, 0, pos | wrap << WRAP_BIT)  # as pop() does
+            buffer_id, entries = taken
             try:
                 chain = buffers(buffer_id, entries)
             except ChainError:
@@ -416,26 +391,7 @@ class PackedDeviceRing:
                     raise
                 if written is None:  # answered later: in flight until push()
                     continue
-            # push(), inlined (the handler may have pushed others meanwhile: re-read)
-            if tracker is not None:
-                tracker.completing(buffer_id)
-            used = self._used_pos
-            off = used * DESC_SIZE
-            _pack_len_id(desc, off + 8, written, buffer_id)
-            store_u16(desc, off + _FLAGS_OFF,
-                      (_BOTH if self._used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0))
-            if tracker is not None:
-                tracker.completed(buffer_id)
-            n = chain_len[buffer_id]
-            chain_len[buffer_id] = 0
-            used += n
-            if used >= size:
-                used -= size
-                self._used_wrap ^= 1
-            self._used_pos = used
-            self.inflight -= 1
-            self._pushed += 1
-            self._advanced += n
+            self.push(buffer_id, written)
 
     # ---- pushing and notifying -------------------------------------------------------
 
