@@ -139,14 +139,14 @@ def test_any_completion_order_answers_each_request_once(order) -> None:  # type:
 
 
 @given(st.sampled_from([GOOD, 0x02]), st.sampled_from([0, 18, 200]),
-       st.integers(0, 3 * BLOCK), st.lists(st.integers(0, 2 * BLOCK), max_size=2),
+       st.integers(-BLOCK, 3 * BLOCK), st.lists(st.integers(0, 2 * BLOCK), max_size=2),
        st.booleans(), st.booleans(), st.sampled_from([1, 2]))
 def test_an_answer_given_later_is_the_answer_given_at_once(  # type: ignore[no-untyped-def]
         status, sense_len, moved, cuts, write, overrun, queues) -> None:
     """The answered-later path (its inlined READ/WRITE response included) writes the same
     response, used length and counters as the synchronous one, for any result a target
-    may give: sense or none, a byte count under or over the buffers, one data
-    buffer or several."""
+    may give: sense or none, a byte count under or over the buffers (or below zero: never
+    trusted, never fatal), one data buffer or several."""
     sense = sense_bytes(0x03, 0x11, 0x00, length=sense_len) if sense_len else b""
     result = FakeResult(status, sense, 0 if write else moved, moved if write else 0, overrun)
     seen = []

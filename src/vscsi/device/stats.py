@@ -308,9 +308,11 @@ class QueueCounters:
             start = row[OFFSET]
             if requests:
                 u64[row[REQUESTS_AT]] += requests
-            if read:
+            # > 0: a target that claims a negative byte count (a bug, or a plugin's) must
+            # not take the worker down with it: the shared counters are unsigned
+            if read > 0:
                 u64[start + READ_BYTES] += read
-            if written:
+            if written > 0:
                 u64[start + WRITE_BYTES] += written
             if errors:
                 u64[start + ERRORS] += errors
