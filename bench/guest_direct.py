@@ -10,6 +10,7 @@
 
     python bench/guest_direct.py [--file /var/tmp/vscsi-direct.img] [--rounds 3]
         [--runtime 6] [--variant direct,aio=io_uring] [--backends vscsi,qemu,qsd,vscsi-nbd]
+        [--serve-args "--coalesce 4,200"]
 
 Jobs: randread-4k-d32 (bs=4k, iodepth=16 per vCPU: 32 in all) and the seed table's job
 (read, 4k-64k, iodepth=4, one job per vCPU). Needs the file on a filesystem that takes
@@ -71,7 +72,8 @@ def results(backend: str, output: str) -> dict[str, float]:
     return out
 
 
-def one_round(backend: str, image: Path, script: str, path: str, variant: str) -> str:
+def one_round(backend: str, image: Path, script: str, path: str, variant: str,
+              serve_args: list[str]) -> str:
     """Boot the guest once against ``backend``; returns its output."""
     with ExitStack() as stack:
         if backend == "qemu":
@@ -92,7 +94,8 @@ def one_round(backend: str, image: Path, script: str, path: str, variant: str) -
                 nbd = StorageDaemon(Path(path), workdir / "nbd.sock", direct=True).start()
                 stack.callback(nbd.stop)
                 lun = f"nbd:{nbd.uri}"
-            serve = stack.enter_context(ServeProcess([f"0:0={lun}"], queues=2))
+            serve = stack.enter_context(ServeProcess([f"0:0={lun}"], queues=2,
+                                                     extra=serve_args))
             options = GuestOptions(vcpus=2, queues=2, timeout=600,
                                    vhost_user_socket=serve.socket)
         return run_guest(image, script, options).output
@@ -105,6 +108,8 @@ def main() -> None:
     p.add_argument("--runtime", type=int, default=6)
     p.add_argument("--variant", default="direct,aio=io_uring")
     p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--serve-args", default="",
+                   help="extra `vscsi serve` arguments (vscsi and vscsi-nbd)")
     a = p.parse_args()
     backends = [b for b in a.backends.split(",") if b]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -120,7 +125,8 @@ def main() -> None:
     got: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
     for rnd in range(a.rounds):
         for backend in backends:
-            output = one_round(backend, image, script, a.file, a.variant)
+            output = one_round(backend, image, script, a.file, a.variant,
+                               a.serve_args.split())
             for k, v in results(backend, output).items():
                 got[backend].setdefault(k, []).append(v)
         print(f"round {rnd + 1}: {got}", file=sys.stderr)
