@@ -353,7 +353,7 @@ class VirtioScsiDevice:
                           "cannot wait for", t, lun, cdb[:1].hex())
                 return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
             task = _AnsweredLater(chain.head, t, lun, tag, result, self, counters, complete,
-                                  wr, resp_buf, data_out, data_in, started, addr, cell)
+                                  wr, resp_buf, data_out, data_in, started, addr)
             self.later.add(slot, task)
             result.then(task.answer)
             if cancelled:  # a TMF came while it started: it ends with that TMF's answer
@@ -790,23 +790,14 @@ class _AnsweredLater(LaterTask):
     no closure); :meth:`answer` is the Pending's callback."""
 
     __slots__ = ("device", "counters", "complete", "wr", "resp_buf", "data_out", "data_in",
-                 "started", "addr", "cell")
+                 "started", "addr")
 
     def __init__(self, head: int, target: int, lun: int, tag: int, pending: Pending,
                  device: VirtioScsiDevice, counters: QueueCounters,
                  complete: Callable[[int, int], None], wr: list[memoryview],
                  resp_buf: memoryview | None, data_out: list[memoryview],
-                 data_in: list[memoryview], started: int, addr: tuple[int, int],
-                 cell: int) -> None:
-        # LaterTask's fields, set here: one call less per request
-        self.head = head
-        self.target = target
-        self.lun = lun
-        self.tag = tag
-        self.pending = pending
-        self.cancel = 0
-        self.finished = False
-        self._waiters = []
+                 data_in: list[memoryview], started: int, addr: tuple[int, int]) -> None:
+        super().__init__(head, target, lun, tag, pending)
         self.device = device
         self.counters = counters
         self.complete = complete
@@ -816,7 +807,6 @@ class _AnsweredLater(LaterTask):
         self.data_in = data_in
         self.started = started
         self.addr = addr
-        self.cell = cell        # the target's in-flight cell (several queues), else -1
 
     def answer(self, result: ScsiResult) -> None:
         """The result arrived (or the request was aborted: ``cancel``): count it, write
@@ -824,65 +814,21 @@ class _AnsweredLater(LaterTask):
         device = self.device
         counters = self.counters
         device.later.remove(counters.q, self.head)
-        if self.cancel:
-            counters.done(self.target, self.addr, True, 0, 0, _now_ns() - self.started)
-            try:
-                written = device._respond(self.wr, self.resp_buf, self.cancel)
-            except Exception:
-                log.exception("target %d lun %d: response failed", self.target, self.lun)
-                written = 0
-            self.complete(self.head, written)
-            self.finish()
-            return
-        # counters.done(), inlined as in _serve_request (the row may have been flushed
-        # since arrival: touched again here)
-        cell = self.cell
-        if cell >= 0:
-            inflight = counters.inflight
-            count = inflight[cell]
-            if count:
-                inflight[cell] = count - 1
-        row = counters.rows.get(self.addr) or counters.row(self.addr)
-        if row is not None:
-            if not row[TOUCHED]:
-                row[TOUCHED] = 1
-                counters.touched.append(row)
-            bucket = ((_now_ns() - self.started) // 1000).bit_length()
-            if bucket > LAST_BUCKET:
-                bucket = LAST_BUCKET
-            hists = row[HISTS]
-            if not hists[bucket]:
-                row[HIT].append(bucket)
-            hists[bucket] += 1
-            row[READ_BYTES] += result.data_in
-            row[WRITE_BYTES] += result.data_out
-            if result.status:
-                row[ERRORS] += 1
-        resp_buf, data_in, data_out = self.resp_buf, self.data_in, self.data_out
+        ns = _now_ns() - self.started
         try:
-            if resp_buf is not None and not result.sense and not result.overrun and \
-                    len(data_in) + len(data_out) == 1:
-                # _respond_result inlined for one data buffer and no sense (READ / WRITE)
-                if data_in:
-                    length = data_in[0].nbytes
-                    moved = result.data_in
-                else:
-                    length = data_out[0].nbytes
-                    moved = result.data_out
-                moved = length if moved > length else moved if moved > 0 else 0
-                device._resp.pack_into(resp_buf, 0, 0, length - moved, 0,
-                                       result.status & 0xFF, VIRTIO_SCSI_S_OK, b"")
-                written = device._resp_len + moved if data_in else device._resp_len
+            if self.cancel:
+                counters.done(self.target, self.addr, True, 0, 0, ns)
+                written = device._respond(self.wr, self.resp_buf, self.cancel)
             else:
-                written = device._respond_result(self.wr, resp_buf, result, data_out, data_in)
+                counters.done(self.target, self.addr, result.status != 0, result.data_in,
+                              result.data_out, ns)
+                written = device._respond_result(self.wr, self.resp_buf, result,
+                                                 self.data_out, self.data_in)
         except Exception:
             log.exception("target %d lun %d: response failed", self.target, self.lun)
             written = 0
         self.complete(self.head, written)
-        if self._waiters:   # finish(), for the TMF that waits for it
-            self.finish()
-        else:
-            self.finished = True
+        self.finish()
 
 
 _LUN_TMFS = frozenset((
