@@ -9,10 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vscsi.virtio import ChainError, RingBroken, drain
-from vscsi.virtio.inflight import PackedInflightQueue, packed_region_size
+from vscsi.virtio import ChainError, RingBroken
 
-from .packed_rig import AVAIL, DESC, INDIRECT, PDESC, USED, WRITE, PackedRig, RawPackedDriver
+from .packed_rig import AVAIL, INDIRECT, PDESC, USED, WRITE, PackedRig, RawPackedDriver
 
 SIZE = 8
 
@@ -222,109 +221,3 @@ def test_random_descriptor_rings_never_escape(size, data):
             assert 0 <= chain.head < size
             assert all(len(v) for v in chain.readable + chain.writable)
             rig.dev.push(chain.head, 0)
-
-
-class _OneByOne:
-    """A PackedDeviceRing seen only through the DeviceSide protocol (no
-    serve_available), so drain takes its generic pop / push loop."""
-
-    def __init__(self, ring) -> None:
-        self._ring = ring
-
-    def __getattr__(self, name: str):
-        if name == "serve_available":
-            raise AttributeError(name)
-        return getattr(self._ring, name)
-
-
-KINDS = ["one", "chain", "indirect", "bad-chain", "bad-table", "later", "raises", "reused-id"]
-
-
-@given(st.lists(st.tuples(st.lists(st.sampled_from(KINDS), min_size=1, max_size=4),
-                          st.integers(0, SIZE - 1), st.booleans()), min_size=1, max_size=5),
-       st.booleans())
-def test_one_frame_loop_matches_pop_and_push(rounds, tracked):
-    """The packed ring's one-frame inner loop (serve_available) leaves the ring exactly
-    as the generic loop over pop() and push() does, over several passes that wrap the
-    ring: used descriptors in order, positions, counters, the interrupt decision (the
-    driver asks for an event at a drawn descriptor), a
-    latched RingBroken, and (with in-flight tracking, as under QEMU) the region. Buffers
-    answered later are pushed between passes."""
-    outcomes = []
-    for generic in (False, True):
-        region = memoryview(bytearray(packed_region_size(SIZE)))
-        kw = {"tracker": PackedInflightQueue(region, SIZE)} if tracked else {}
-        with PackedRig(SIZE, event_idx=True, mem_size=1 << 16, **kw) as rig:
-            raw, dev = RawPackedDriver(rig), rig.dev
-            ring = _OneByOne(dev) if generic else dev
-            kinds: dict[int, str] = {}
-            free = list(range(SIZE))
-            later: list[int] = []
-            seen = []
-
-            def handle(chain, kinds=kinds, later=later):
-                kind = kinds[chain.head]
-                if kind == "raises":
-                    raise RuntimeError("device bug")
-                if kind == "later":
-                    later.append(chain.head)
-                    return None
-                return sum(map(len, chain.writable)) - chain.head % 3
-
-            for batch, event_at, event_wrap in rounds:
-                raw.set_driver_event(DESC, event_at | event_wrap << 15)
-                slots_free = SIZE - sum(3 if kinds.get(b) in ("chain", "bad-chain") else 1
-                                        for b in later)
-                for kind in batch:
-                    slots = 3 if kind in ("chain", "bad-chain") else 1
-                    if not free or slots > slots_free:
-                        break
-                    if kind == "reused-id" and later:
-                        buffer_id = later[0]  # still in flight: the ring breaks
-                    elif kind == "reused-id":
-                        continue
-                    else:
-                        buffer_id = free.pop()
-                        kinds[buffer_id] = kind
-                    slots_free -= slots
-                    b = rig.buf(16)
-                    if kind in ("chain", "bad-chain"):
-                        first = WRITE if kind == "bad-chain" else 0  # readable after writable
-                        raw.chain([(b[0], 8, first), (b[0] + 8, 4, WRITE),
-                                   (b[0] + 12, 4, WRITE)], buffer_id)
-                    elif kind == "indirect":
-                        t = table(rig, 2)
-                        raw.table(t, [(b[0], 8, 0), (b[0] + 8, 8, WRITE)])
-                        raw.chain([(t, 32, INDIRECT)], buffer_id)
-                    elif kind == "bad-table":
-                        raw.chain([(table(rig, 2), 24, INDIRECT)], buffer_id)  # not 16*n
-                    else:
-                        raw.chain([(b[0], 16, WRITE)], buffer_id)
-                raised = broken = 0
-                while True:
-                    try:
-                        seen.append(("signal", drain(ring, handle)))
-                        break
-                    except RuntimeError:
-                        raised += 1
-                    except RingBroken:
-                        broken += 1
-                        break
-                while True:  # what the device used, in order, handed back to the driver
-                    used = raw.used()
-                    if used is None:
-                        break
-                    buffer_id = used[0]
-                    seen.append(used)
-                    raw.skip_used(3 if kinds[buffer_id] in ("chain", "bad-chain") else 1)
-                    free.append(buffer_id)
-                if broken:
-                    seen.append(("broken", dev.broken))
-                    break
-                for buffer_id in reversed(later):  # answered later, out of order
-                    dev.push(buffer_id, 1)
-                later.clear()
-                seen.append((raised, dev.inflight, dev.taken, dev.last_avail_idx,
-                             dev.needs_notify(), bytes(region)))
-            outcomes.append(seen)
-    assert outcomes[0] == outcomes[1]

@@ -211,7 +211,7 @@ class DeviceRing:
         None leaves the chain in flight. Chains to run again after a restart and weakly
         ordered CPUs take that loop itself."""
         if self._resubmit or WEAK_ORDERING:
-            serve_one_by_one(self, handle)
+            _serve_one_by_one(self, handle)
             return
         avail, used, mask = self._avail, self._used, self._mask
         walk = self._walk
@@ -394,9 +394,8 @@ class DeviceSide(Protocol):
     def needs_notify(self) -> bool: ...
 
 
-def serve_one_by_one(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
-    """Pop every available chain, handle it, fill its used element (any ring kind): the
-    generic form of a ring's one-frame ``serve_available``, which falls back to it."""
+def _serve_one_by_one(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
+    """Pop every available chain, handle it, fill its used element (any ring kind)."""
     pop, fill = ring.pop, ring.fill
     while True:
         try:
@@ -434,7 +433,7 @@ def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
     and notifications are re-enabled before the exception propagates, so the queue is
     not left silent.
     """
-    # Our rings do the inner loop in one frame; any other, one call per step.
+    # A split ring does the inner loop in one frame; any other kind, one call per step.
     serve = getattr(ring, "serve_available", None)
     while True:
         ring.set_notify(False)
@@ -442,7 +441,7 @@ def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
             if serve is not None:
                 serve(handle)
             else:
-                serve_one_by_one(ring, handle)
+                _serve_one_by_one(ring, handle)
         finally:
             ring.flush()
         if not rearm:

@@ -33,10 +33,10 @@ that number, so code that saves and restores a split ring's index carries it unc
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from vscsi.memory import GuestMemory, GuestMemoryError
-from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, serve_one_by_one
+from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain
 from vscsi.virtio.features import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -233,12 +233,6 @@ class PackedDeviceRing:
         driver = mem.view(a.avail, EVENT_AREA_BYTES)
         device = mem.view(a.used, EVENT_AREA_BYTES)
         self._view = mem.view
-        # One region (the usual case): the buffer walk slices it inline, as the split
-        # ring's does; anything outside it goes through mem.view, which checks and raises.
-        single = mem.single_region()
-        self._base, self._limit, self._whole = (
-            (single[0], single[0] + single[1], single[2]) if single is not None
-            else (0, 0, None))
         self._desc, self._driver, self._device = desc, driver, device
 
     def _break(self, why: str) -> RingBroken:
@@ -268,13 +262,6 @@ class PackedDeviceRing:
             self.inflight += 1
             self.taken += 1
             return self._buffers(buffer_id, entries)
-        taken = self._take()
-        return None if taken is None else self._buffers(*taken)
-
-    def _take(self) -> tuple[int, list[tuple[int, int, int]]] | None:
-        """Take the next available chain off the ring: (its Buffer ID, its descriptors as
-        (addr, len, flags)), now in flight; None if there is none. RingBroken if the
-        ring cannot be followed."""
         desc, size = self._desc, self.size
         pos, wrap = self._avail_pos, self._avail_wrap
         want = VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED  # AVAIL/USED of this lap
@@ -308,13 +295,12 @@ class PackedDeviceRing:
         if self._notify and self.event_idx:
             # Notifications on while popping outside drain(): move the event along.
             store_u16(self._device, 0, pos | wrap << WRAP_BIT)
-        return buffer_id, entries
+        return self._buffers(buffer_id, entries)
 
     def _buffers(self, buffer_id: int, entries: list[tuple[int, int, int]]) -> Chain:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         view = self._view
-        base, limit, whole = self._base, self._limit, self._whole
         try:
             if entries[0][2] & VIRTQ_DESC_F_INDIRECT and len(entries) == 1:
                 entries = self._indirect(buffer_id, *entries[0][:2])
@@ -323,16 +309,12 @@ class PackedDeviceRing:
                     raise ChainError(buffer_id, "indirect descriptor inside a chain")
                 if not length:
                     continue  # zero-length descriptors carry nothing
-                if base <= addr and addr + length <= limit:  # GuestMemory.view, inlined
-                    buf = whole[addr - base:addr - base + length]  # type: ignore[index]
-                else:
-                    buf = view(addr, length)
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(buf)
+                    writable.append(view(addr, length))
                 elif writable:
                     raise ChainError(buffer_id, "readable descriptor after a writable one")
                 else:
-                    readable.append(buf)
+                    readable.append(view(addr, length))
         except GuestMemoryError as e:
             raise ChainError(buffer_id, str(e)) from None
         return Chain(buffer_id, readable, writable)
@@ -345,11 +327,7 @@ class PackedDeviceRing:
             raise ChainError(buffer_id, f"indirect table length {length}")
         if count > self.max_indirect:
             raise ChainError(buffer_id, f"indirect table of {count} > {self.max_indirect}")
-        base = self._base
-        if base <= addr and addr + length <= self._limit:  # GuestMemory.view, inlined
-            table = self._whole[addr - base:addr - base + length]  # type: ignore[index]
-        else:
-            table = self._view(addr, length)
+        table = self._view(addr, length)
         # Table entries are used in order; only WRITE is meaningful (NEXT and the ID are
         # reserved and ignored), but a nested table is refused.
         entries = []
@@ -359,39 +337,6 @@ class PackedDeviceRing:
                 raise ChainError(buffer_id, "indirect descriptor inside an indirect table")
             entries.append((t_addr, t_len, t_flags))
         return entries
-
-    def serve_available(self, handle: Callable[[Chain], int | None]) -> None:
-        """drain()'s inner loop in one frame, as the split ring's: take every available
-        buffer, ``handle`` it, push its used descriptor. The outcomes are those of the
-        loop over :meth:`pop` and :meth:`push`: a bad buffer is pushed (id, 0); a handler
-        that raises has its buffer pushed (id, 0) and the exception propagates; None
-        leaves the buffer in flight. Chains to run again after a restart take that loop
-        itself."""
-        if self._resubmit:
-            serve_one_by_one(self, handle)
-            return
-        take, buffers = self._take, self._buffers
-        while True:
-            if self.broken:
-                raise RingBroken("ring is broken")
-            taken = take()
-            if taken is None:
-                return
-            buffer_id, entries = taken
-            try:
-                chain = buffers(buffer_id, entries)
-            except ChainError:
-                written: int | None = 0
-            else:
-                try:
-                    written = handle(chain)
-                except BaseException:
-                    self.push(buffer_id, 0)
-                    self.set_notify(True)
-                    raise
-                if written is None:  # answered later: in flight until push()
-                    continue
-            self.push(buffer_id, written)
 
     # ---- pushing and notifying -------------------------------------------------------
 
