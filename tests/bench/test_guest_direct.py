@@ -1,0 +1,56 @@
+"""bench/guest_direct.py without a guest: fio result parsing, backend specs, the mean of
+a latency histogram, and the histogram read over a real `vscsi serve`'s RPC socket.
+(The guest side is exercised by running the benchmark.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from vscsi.bench.serving import ServeProcess
+from vscsi.device.stats import BUCKETS
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "guest_direct.py"
+spec = importlib.util.spec_from_file_location("guest_direct", SCRIPT)
+assert spec is not None and spec.loader is not None
+gd = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = gd
+spec.loader.exec_module(gd)
+
+
+def test_results_read_bandwidth_and_latency_and_stop_on_a_failed_job() -> None:
+    out = "boot...\nRESULT randread-4k-d32 0 51200 12800 2480.5\nnoise\n"
+    assert gd.results("vscsi", out) == {"randread-4k-d32": (50.0, 2480.5)}
+    with pytest.raises(SystemExit, match="failed \\(error 5\\)"):
+        gd.results("vscsi", "RESULT seed-job 5 0 0 0\n")
+    with pytest.raises(SystemExit, match="no results"):
+        gd.results("qemu", "MISSING disk\n")
+
+
+def test_backends_take_serve_arguments_with_commas_inside() -> None:
+    assert gd.parse_backends("vscsi,vscsi:--coalesce=8,500 --poll-us=50,qemu") == [
+        "vscsi", "vscsi:--coalesce=8,500 --poll-us=50", "qemu"]
+    for bad in ("qemu:--x", "nope", "vscsi,vscsi"):
+        with pytest.raises(SystemExit):
+            gd.parse_backends(bad)
+
+
+def test_hist_mean_puts_each_bucket_at_its_middle() -> None:
+    hist = [0] * BUCKETS
+    hist[9] = 3     # [256, 512) us: 384 each
+    hist[11] = 1    # [1024, 2048) us: 1536
+    assert gd.hist_mean_us(hist) == pytest.approx((3 * 384 + 1536) / 4)
+    hist[BUCKETS - 1] = 4   # the open-ended last bucket counts at its lower bound
+    low = float(1 << (BUCKETS - 2))
+    assert gd.hist_mean_us(hist) == pytest.approx((3 * 384 + 1536 + 4 * low) / 8)
+    assert gd.hist_mean_us([0] * BUCKETS) == 0.0
+
+
+def test_backend_latency_reads_the_lun_histogram_over_rpc(tmp_path: Path) -> None:
+    with ServeProcess(["0:0=null:1M"], queues=1) as serve:
+        hist = gd.backend_latency(serve.socket + ".rpc")
+    assert hist == [0] * BUCKETS     # no guest came: no command yet
+    assert gd.backend_latency(str(tmp_path / "no-such.rpc")) is None
