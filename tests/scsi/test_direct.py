@@ -27,6 +27,7 @@ from vscsi.scsi.spec import LunSpecError, parse_lun_spec
 from .helpers import (
     GOOD,
     INTERNAL_FAILURE,
+    MISCOMPARE,
     READ_ERROR,
     WRITE_ERROR,
     assert_check,
@@ -189,8 +190,10 @@ class GatedFile(FileBackend):
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         self.gates: dict[int, threading.Event] = {}
+        self.started: dict[int, bool] = {}      # LBAs whose I/O reached its gate
 
     def _gate(self, offset: int) -> None:
+        self.started[offset // BS] = True
         assert self.gates.setdefault(offset // BS, threading.Event()).wait(60)
 
     def readv(self, offset, bufs):
@@ -478,6 +481,87 @@ def test_io_errors_become_medium_errors_among_good_completions(direct_dir):
         assert_check(r, INTERNAL_FAILURE)
         assert parse_sense(r.sense).key == 0x4
     unit.close()
+
+
+# -- VERIFY with a byte compare: answered later, one read step at a time -------------------
+
+V16 = 0x8F
+STEP = (1 << 20) // BS              # blocks per read step (commands._CHUNK)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_verify_compare_is_answered_later_and_the_queue_goes_on(direct_dir, engine):
+    unit = direct_unit(new_file(direct_dir), engine=engine)
+    blocks = 2 * STEP + 8           # three read steps, the last a short one
+    data = random.Random(9).randbytes(blocks * BS)
+    unit.backend.writev(16 * BS, [memoryview(bytearray(data))])
+    out = aligned(len(data))
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        out[:] = data
+        verify = unit.execute(rw16(V16, 16, blocks, 0x02), [out], [])
+        assert isinstance(verify, Pending) and not verify.done     # not read in one go
+        back = aligned(BS)
+        read = unit.execute(read10(20, 1), [], [back])     # the queue serves this meanwhile
+        [r, rr] = wait(loop, [verify, read])
+        assert (r.status, r.data_out) == (GOOD, len(data))
+        assert rr.status == GOOD and bytes(back) == data[4 * BS:5 * BS]
+        for at in (0, STEP * BS + 4096 + 77, len(data) - 1):       # each step, the last byte
+            bad = bytearray(data)
+            bad[at] ^= 0x01
+            out[:] = bad
+            [r] = wait(loop, [unit.execute(rw16(V16, 16, blocks, 0x02), [out], [])])
+            assert assert_check(r, MISCOMPARE).information == at
+        # BYTCHK 11b: one block, compared against each block of the range
+        same = bytes(range(256)) * 2
+        unit.backend.writev(6000 * BS, [memoryview(bytearray(same * 3))])
+        out[:BS] = same
+        [r] = wait(loop, [unit.execute(rw16(V16, 6000, 3, 0x06), [out[:BS]], [])])
+        assert (r.status, r.data_out) == (GOOD, BS)
+        [r] = wait(loop, [unit.execute(rw16(V16, 6000, 4, 0x06), [out[:BS]], [])])
+        assert assert_check(r, MISCOMPARE).information == 3 * BS + 1   # zeros after
+        unit.set_scheduler(None)
+    unit.close()
+
+
+def test_verify_compare_read_error_names_the_step_that_failed(direct_dir):
+    unit = direct_unit(new_file(direct_dir), backend_class=FailingFile)
+    unit.backend.bad = {10 + STEP}              # the second step's first block
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        [r] = wait(loop, [unit.execute(rw16(V16, 10, 2 * STEP, 0x02),
+                                       [aligned(2 * STEP * BS)], [])])
+        assert assert_check(r, READ_ERROR).information == 10 + STEP
+        unit.set_scheduler(None)
+    unit.close()
+
+
+def test_verify_compare_aborted_between_steps_reads_no_further(direct_dir):
+    unit = direct_unit(new_file(direct_dir), backend_class=GatedFile)
+    gates = unit.backend.gates
+    for lba in (0, STEP, 2 * STEP):
+        gates[lba] = threading.Event()
+    gates[0].set()                              # the first step may finish, not the second
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        verify = unit.execute(rw16(V16, 0, 3 * STEP, 0x02), [aligned(3 * STEP * BS)], [])
+        loop.run_until(lambda: not gates[STEP].is_set() and _waiting(unit.backend, STEP))
+        assert not verify.done
+        assert verify.abort() is True           # guest buffers were copied: done at once
+        assert verify.result is not None and verify.result.status == 0x40   # TASK ABORTED
+        gates[STEP].set()                       # the step in flight ends in our own buffer
+        time.sleep(0.05)
+        loop.run_once(0.05)                     # its completion comes back to the loop
+        time.sleep(0.05)                        # (a third step would reach its gate now)
+        assert not _waiting(unit.backend, 2 * STEP)     # and no third step was started
+        gates[2 * STEP].set()
+        unit.set_scheduler(None)
+    unit.close()
+
+
+def _waiting(backend: GatedFile, lba: int) -> bool:
+    """A thread of the pool is blocked on ``lba``'s gate (the read reached the backend)."""
+    return backend.started.get(lba, False)
 
 
 @needs_liburing

@@ -6,18 +6,23 @@ gives ABORTED COMMAND / LOGICAL UNIT COMMUNICATION FAILURE, then service again."
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from vscsi.bench.storage_daemon import QSD, StorageDaemon, free_tcp_port
+from vscsi.loop import EventLoop
 from vscsi.scsi import LogicalUnit, open_backend
+from vscsi.scsi.backends import NbdBackend
 from vscsi.scsi.nbd import NbdDisk, parse_nbd_uri
 from vscsi.scsi.nbd.protocol import CMD_READ, CMD_WRITE
 from vscsi.scsi.spec import LunSpecError, parse_lun_spec
 
 from .helpers import (
     GOOD,
+    MISCOMPARE,
     assert_check,
     read10,
     run,
@@ -190,6 +195,24 @@ def test_open_backend_refusals(tmp_path: Path, daemon: StorageDaemon, image: Pat
 # -- answered later: many requests in flight on the worker's loop ----------------------------
 
 
+@contextmanager
+def unit_on_a_loop(daemon: StorageDaemon, reply_timeout: float | None = None
+                   ) -> Iterator[tuple[LogicalUnit, NbdBackend, EventLoop]]:
+    """A LogicalUnit on the daemon's export whose backend runs on a real loop, as in a
+    queue worker: READ, WRITE and the like are answered later, on that loop."""
+    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
+    if reply_timeout is not None:
+        backend.reply_timeout = reply_timeout
+    unit = LogicalUnit(backend)
+    try:
+        with EventLoop() as loop:
+            unit.set_scheduler(loop)
+            yield unit, backend, loop
+            unit.set_scheduler(None)
+    finally:
+        unit.close()
+
+
 def _submit_all(unit: LogicalUnit, cdbs: list[tuple[bytes, bytes, int]]):  # type: ignore[no-untyped-def]
     """Submit (cdb, data-out, data-in length) commands without waiting: their Pendings
     and data-in buffers."""
@@ -206,12 +229,7 @@ def _submit_all(unit: LogicalUnit, cdbs: list[tuple[bytes, bytes, int]]):  # typ
 
 
 def test_many_requests_in_flight_on_one_connection(daemon: StorageDaemon, image: Path):
-    from vscsi.loop import EventLoop
-
-    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
-    unit = LogicalUnit(backend)
-    with EventLoop() as loop:
-        unit.set_scheduler(loop)
+    with unit_on_a_loop(daemon) as (unit, backend, loop):
         assert backend.asynchronous
         # 32 writes of different blocks sent at once: one connection, all in flight
         blocks = {lba: os.urandom(512) for lba in range(100, 132)}
@@ -237,46 +255,50 @@ def test_many_requests_in_flight_on_one_connection(daemon: StorageDaemon, image:
         again = _submit_all(unit, [(read10(100, 1), b"", 512)])
         loop.run_until(lambda: again[0][0].done, timeout=30)
         assert again[0][0].result.status == GOOD and bytes(again[0][1]) == blocks[100]
-        unit.set_scheduler(None)
-    unit.close()
 
 
 def test_a_synchronous_command_between_requests_in_flight_loses_none(
         daemon: StorageDaemon, image: Path):
-    # VERIFY with a compare runs synchronously (a READ waited for on the same
-    # connection) while reads are in flight there: the replies to the reads that the
-    # wait receives first must still reach the reads, not sit unread until the
+    # WRITE SAME with a pattern that is not zeros runs synchronously (WRITEs waited for
+    # on the same connection) while reads are in flight there: the replies to the reads
+    # that the wait receives first must still reach the reads, not sit unread until the
     # connection is dropped as overdue.
-    from vscsi.loop import EventLoop
-
-    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
-    backend.reply_timeout = 5.0
-    unit = LogicalUnit(backend)
-    with EventLoop() as loop:
-        unit.set_scheduler(loop)
+    with unit_on_a_loop(daemon, reply_timeout=5.0) as (unit, backend, loop):
         reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in range(16)])
-        verify = rw10(0x2F, 3, 1, 0x02)  # VERIFY(10), BYTCHK=01b: compare one block
-        result, _ = run(unit, verify, out=file_bytes(image, 3 * 512, 512))
+        block = bytes(range(256)) * 2
+        result, _ = run(unit, rw10(0x41, 200, 2), out=block)   # WRITE SAME(10), 2 blocks
         assert result.status == GOOD
         loop.run_until(lambda: all(p.done for p, _ in reads), timeout=30)
         assert [p.result.status for p, _ in reads] == [GOOD] * 16
         assert [bytes(din) for _, din in reads] == [
             file_bytes(image, lba * 512, 512) for lba in range(16)]
-        unit.set_scheduler(None)
-    unit.close()
+        assert file_bytes(image, 200 * 512, 1024) == block * 2
+
+
+def test_verify_compare_is_answered_later_with_reads_in_flight(
+        daemon: StorageDaemon, image: Path):
+    # VERIFY with a byte compare reads the range back on the connection like a READ, so
+    # it is answered when the reply is in, among the reads: nothing waits for it.
+    with unit_on_a_loop(daemon) as (unit, backend, loop):
+        expected = file_bytes(image, 40 * 512, 8 * 512)
+        wrong = bytearray(expected)
+        wrong[3 * 512 + 9] ^= 0x80
+        cdbs = [(read10(lba, 1), b"", 512) for lba in range(8)]
+        cdbs += [(rw10(0x2F, 40, 8, 0x02), expected, 0),       # VERIFY(10), BYTCHK=01b
+                 (rw10(0x2F, 40, 8, 0x02), bytes(wrong), 0)]
+        pendings = _submit_all(unit, cdbs)
+        loop.run_until(lambda: all(p.done for p, _ in pendings), timeout=30)
+        assert [p.result.status for p, _ in pendings[:9]] == [GOOD] * 9
+        assert assert_check(pendings[9][0].result, MISCOMPARE).information == 3 * 512 + 9
 
 
 def test_unmap_and_write_same_are_answered_later_with_reads_in_flight(
         daemon: StorageDaemon, image: Path):
     # On a queue worker's loop UNMAP and WRITE SAME send their WRITE_ZEROES on the
     # connection and answer when the replies are in: the queue is not held meanwhile.
-    from vscsi.loop import EventLoop
     from vscsi.scsi.pending import Pending
 
-    backend = open_backend(parse_lun_spec(f"0:0=nbd:{daemon.uri}"))
-    unit = LogicalUnit(backend)
-    with EventLoop() as loop:
-        unit.set_scheduler(loop)
+    with unit_on_a_loop(daemon) as (unit, backend, loop):
         reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in range(8)])
         params = unmap_params([(1000, 8), (2000, 16)])
         unmapped = unit.execute(unmap_cdb(len(params)), [memoryview(bytearray(params))], [])
@@ -296,5 +318,3 @@ def test_unmap_and_write_same_are_answered_later_with_reads_in_flight(
         loop.run_until(lambda: not isinstance(gone, Pending) or gone.done, timeout=30)
         assert_check(gone if not isinstance(gone, Pending) else gone.result,
                      COMMUNICATION_FAILURE)
-        unit.set_scheduler(None)
-    unit.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from .constants import (
     PQ_NOT_CAPABLE,
     REPORT_LUNS,
     REQUEST_SENSE,
+    TASK_ABORTED,
 )
 from .iothreads import IoOutcome, IoPending
 from .pending import Pending
@@ -393,7 +395,81 @@ def _first_difference(a: memoryview, b: bytes) -> int:
     raise ValueError("buffers are equal")
 
 
-def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views) -> ScsiResult:
+def _miscompare(part: memoryview, ref: bytes, offset: int) -> ScsiError | None:
+    """MISCOMPARE at the first differing byte (INFORMATION: its offset in the data the
+    command compared), or None if the read-back ``part`` equals ``ref``."""
+    if part == ref:
+        return None
+    return ScsiError(MISCOMPARE, ASC_MISCOMPARE_DURING_VERIFY,
+                     information=offset + _first_difference(part, ref))
+
+
+class _VerifyLater(Pending):
+    """VERIFY with a byte compare on a backend that reads asynchronously (O_DIRECT files,
+    NBD): the range is read back one bounded step at a time through the backend's queue,
+    each step compared when it arrives, so the worker serves its other requests meanwhile
+    (read synchronously, a large range held the whole queue for as long). The steps land
+    in a private page-aligned buffer (no bounce under O_DIRECT); the guest's buffers are
+    copied at the start, so an abort takes effect at once: the step in flight ends in our
+    own buffer, and nothing more is read."""
+
+    __slots__ = ("unit", "lba", "blocks", "whole", "expected", "need", "view", "at", "k")
+
+    def __init__(self, unit: Unit, lba: int, blocks: int, whole: bool, expected: bytes,
+                 need: int) -> None:
+        super().__init__(on_abort=_VerifyLater._abort)
+        self.unit = unit
+        self.lba = lba
+        self.blocks = blocks
+        self.whole = whole          # BYTCHK 01b: the whole range; 11b: one block, for each
+        self.expected = expected
+        self.need = need
+        bs = unit.block_size
+        self.view = memoryview(mmap.mmap(-1, min(blocks, max(1, _CHUNK // bs)) * bs))
+        self.at = 0                 # blocks compared so far
+        self.k = 0                  # blocks of the step in flight
+        self._read_next()
+
+    def _read_next(self) -> None:
+        bs = self.unit.block_size
+        self.k = min(self.blocks - self.at, len(self.view) // bs)
+        try:
+            io = self.unit.backend.submit_readv((self.lba + self.at) * bs,
+                                                [self.view[:self.k * bs]])
+        except OSError as e:
+            self.finish(_io_error(e, write=False, lba=self.lba + self.at).result())
+            return
+        io.then(self._compare)
+
+    def _compare(self, outcome: IoOutcome) -> None:
+        if self.result is not None:     # aborted meanwhile
+            return
+        at, k, bs = self.at, self.k, self.unit.block_size
+        if isinstance(outcome, OSError):
+            self.finish(_io_error(outcome, write=False, lba=self.lba + at).result())
+            return
+        if isinstance(outcome, BaseException):
+            log.error("backend read failed at LBA %d", self.lba + at, exc_info=outcome)
+            self.finish(check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE))
+            return
+        ref = self.expected[at * bs:(at + k) * bs] if self.whole else self.expected * k
+        error = _miscompare(self.view[:k * bs], ref, at * bs)
+        if error is not None:
+            self.finish(error.result())
+            return
+        self.at = at + k
+        if self.at >= self.blocks:
+            self.finish(good(data_out=self.need))
+        else:
+            self._read_next()
+
+    def _abort(self) -> bool:
+        self.finish(ScsiResult(TASK_ABORTED))
+        return True
+
+
+def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views
+            ) -> ScsiResult | Pending:
     if flags & 0xE0:
         raise invalid_cdb(1, 7)         # VRPROTECT
     bytchk = (flags >> 1) & 3
@@ -410,6 +486,8 @@ def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views) -> S
         # queue for as long as a full-disk read.
         return good()
     expected = gather_prefix(data_out, need)
+    if unit.backend.asynchronous:
+        return _VerifyLater(unit, lba, blocks, bytchk == 1, expected, need)
     # Read the range back in bounded steps and compare.
     step = max(1, _CHUNK // bs)
     buf = bytearray(min(blocks, step) * bs)
@@ -426,10 +504,9 @@ def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views) -> S
             ref = expected[done * bs:(done + k) * bs]
         else:
             ref = expected * k          # BYTCHK 11b: one block, compared against each
-        if part != ref:
-            at = _first_difference(part, ref)
-            raise ScsiError(MISCOMPARE, ASC_MISCOMPARE_DURING_VERIFY,
-                            information=done * bs + at)
+        error = _miscompare(part, ref, done * bs)
+        if error is not None:
+            raise error
         done += k
     return good(data_out=need)
 
@@ -439,13 +516,15 @@ _VERIFY16 = (0xF6, *(0xFF,) * 12, 0, 0)
 
 
 @command(0x2F, "VERIFY(10)", _VERIFY10)
-def verify10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def verify10(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+             ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW10.unpack_from(cdb)
     return _verify(unit, flags, lba, blocks, data_out)
 
 
 @command(0x8F, "VERIFY(16)", _VERIFY16)
-def verify16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult:
+def verify16(unit: Unit, cdb: bytes, data_out: Views, data_in: Views
+             ) -> ScsiResult | Pending:
     flags, lba, blocks = C.RW16.unpack_from(cdb)
     return _verify(unit, flags, lba, blocks, data_out)
 
