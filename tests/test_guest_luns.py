@@ -4,7 +4,9 @@
 boot 1: every configured LUN is found (LUN 300 under its flat-space name), the sg3_utils
         commands Linux and admins use succeed on each, an unknown opcode gets ILLEGAL
         REQUEST, dd + fio --verify=crc32c round-trip on every writable LUN, writes to the
-        read-only LUN are refused, blkdiscard'ed blocks read as zeros, I/O from each vCPU
+        read-only LUN are refused, blkdiscard'ed blocks read as zeros, sg_verify with a
+        byte compare passes on the pattern and finds a changed byte (MISCOMPARE; on the
+        O_DIRECT file LUN it is answered later), I/O from each vCPU
         lands on its own request queue and that queue's interrupt fires on that vCPU;
 boot 2: a second QEMU on the same back-end reads what the first guest wrote;
 then:   serve stops cleanly on SIGTERM; the file LUN holds the guest's pattern and the
@@ -108,6 +110,20 @@ dd if=/root/pattern of=$F0 bs=4096 seek=$((PATTERN_OFFSET / 4096)) oflag=direct 
   2>/tmp/o || { cat /tmp/o; fail 22 "pattern write"; }
 echo "DD-OK"
 
+# --- VERIFY with a byte compare (answered later on the O_DIRECT LUN): the pattern
+# matches; with one byte changed it is a MISCOMPARE, which sg_verify exits 14 for
+command -v sg_verify >/dev/null || fail 23 "sg_verify is not in the guest"
+SG0=$(sgn 0:0:0:0)
+V="--lba=$((PATTERN_OFFSET / 512)) --count=$((PATTERN_LEN / 512)) --ndo=PATTERN_LEN --ebytchk=1"
+# (sg_verify exits 0 after a transport error too: its report is checked as well)
+sg_verify -v $V --in=/root/pattern $SG0 >/tmp/o 2>&1 && ! grep -q transport /tmp/o \
+  || { cat /tmp/o; fail 23 "sg_verify of the pattern it matches"; }
+cp /root/pattern /tmp/bad
+printf X | dd of=/tmp/bad bs=1 seek=1000 conv=notrunc 2>/dev/null
+if sg_verify -q $V --in=/tmp/bad $SG0 >/tmp/o 2>&1; then rc=0; else rc=$?; fi
+[ $rc = 14 ] || { cat /tmp/o; fail 24 "sg_verify of a changed pattern: exit $rc, not 14"; }
+echo "VERIFY-OK"
+
 # --- fio with crc32c verify on every writable LUN, one job pinned to each vCPU
 for d in $F0 $R300 $R5; do
   fio --name=c0 --filename=$d --cpus_allowed=0 --offset=4M --size=1M \
@@ -150,7 +166,7 @@ echo IRQ-BEGIN
 grep -E 'CPU0|virtio' /proc/interrupts
 echo IRQ-END
 echo GUEST1-DONE
-""".replace("PATTERN_OFFSET", str(PATTERN_OFFSET))
+""".replace("PATTERN_OFFSET", str(PATTERN_OFFSET)).replace("PATTERN_LEN", str(PATTERN_LEN))
 
 BOOT2 = _HELPERS + r"""
 echo "HCTLS $(ls /sys/class/scsi_disk | sort | tr '\n' ' ')"
@@ -223,6 +239,7 @@ def test_luns_queues_and_two_guests(image, rig: Rig) -> None:  # type: ignore[no
     ctx = f"{r1.output}\n--- serve log ---\n{_tail(serve)}"
     assert r1.status == 0, f"guest 1 failed (status {r1.status}):\n{ctx}"
     assert "GUEST1-DONE" in r1.output, ctx
+    assert "VERIFY-OK" in r1.output, ctx
 
     # every configured LUN, and nothing else, under Linux's names
     hctls = _fields(r1.output, "HCTLS")[0]
