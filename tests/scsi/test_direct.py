@@ -42,6 +42,7 @@ from .helpers import (
 
 BS = 512
 DISK = 4 << 20
+STEP = (1 << 20) // BS      # blocks per step of a long VERIFY / WRITE SAME (commands._CHUNK)
 SYNC10 = bytes((0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
 
@@ -363,6 +364,34 @@ def test_unmap_and_write_same_run_on_the_io_threads(direct_dir, wce):
         assert (block == bytes(BS)) == (lba in zeroed), lba
 
 
+@pytest.mark.parametrize("wce", [True, False])
+def test_write_same_with_a_pattern_is_answered_later_in_steps(direct_dir, wce):
+    unit = direct_unit(new_file(direct_dir), backend_class=JournalFile)
+    unit.wce = wce
+    blocks = 2 * STEP + 3               # three write steps, the last a short one
+    block = bytes(range(256)) * 2
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        out = aligned(BS)
+        out[:] = block
+        same = unit.execute(rw16(0x93, 100, blocks), [out], [])    # WRITE SAME(16)
+        assert isinstance(same, Pending) and not same.done
+        back = aligned(BS)
+        read = unit.execute(read10(20, 1), [], [back])     # served meanwhile
+        seen: list[list[tuple[str, int]]] = []
+        same.then(lambda r: seen.append(list(unit.backend.journal)))
+        [r, rr] = wait(loop, [same, read])
+        assert (r.status, r.data_out, rr.status) == (GOOD, BS, GOOD)
+        writes = [("write", 100 + i * STEP) for i in range(3)]
+        assert seen == [writes + ([] if wce else [("flush", -1)])]    # flushed after all
+        unit.set_scheduler(None)
+    unit.close()
+    with open(unit.backend.path, "rb") as f:
+        f.seek(99 * BS)
+        data = f.read((blocks + 2) * BS)
+    assert data == bytes(BS) + block * blocks + bytes(BS)
+
+
 # -- alignment ----------------------------------------------------------------------------
 
 def test_alignment_is_probed(direct_dir):
@@ -486,7 +515,6 @@ def test_io_errors_become_medium_errors_among_good_completions(direct_dir):
 # -- VERIFY with a byte compare: answered later, one read step at a time -------------------
 
 V16 = 0x8F
-STEP = (1 << 20) // BS              # blocks per read step (commands._CHUNK)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

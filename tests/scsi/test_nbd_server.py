@@ -257,22 +257,33 @@ def test_many_requests_in_flight_on_one_connection(daemon: StorageDaemon, image:
         assert again[0][0].result.status == GOOD and bytes(again[0][1]) == blocks[100]
 
 
-def test_a_synchronous_command_between_requests_in_flight_loses_none(
+def test_a_synchronous_call_between_requests_in_flight_loses_none(
         daemon: StorageDaemon, image: Path):
-    # WRITE SAME with a pattern that is not zeros runs synchronously (WRITEs waited for
-    # on the same connection) while reads are in flight there: the replies to the reads
-    # that the wait receives first must still reach the reads, not sit unread until the
-    # connection is dropped as overdue.
+    # A synchronous write (WRITEs waited for on the same connection) while reads are in
+    # flight there: the replies to the reads that the wait receives first must still
+    # reach the reads, not sit unread until the connection is dropped as overdue.
     with unit_on_a_loop(daemon, reply_timeout=5.0) as (unit, backend, loop):
         reads = _submit_all(unit, [(read10(lba, 1), b"", 512) for lba in range(16)])
-        block = bytes(range(256)) * 2
-        result, _ = run(unit, rw10(0x41, 200, 2), out=block)   # WRITE SAME(10), 2 blocks
-        assert result.status == GOOD
+        block = bytes(range(256)) * 4
+        assert backend.writev(200 * 512, [memoryview(bytearray(block))]) == len(block)
         loop.run_until(lambda: all(p.done for p, _ in reads), timeout=30)
         assert [p.result.status for p, _ in reads] == [GOOD] * 16
         assert [bytes(din) for _, din in reads] == [
             file_bytes(image, lba * 512, 512) for lba in range(16)]
-        assert file_bytes(image, 200 * 512, 1024) == block * 2
+        assert file_bytes(image, 200 * 512, 1024) == block
+
+
+def test_write_same_with_a_pattern_is_answered_later_with_reads_in_flight(
+        daemon: StorageDaemon, image: Path):
+    with unit_on_a_loop(daemon) as (unit, backend, loop):
+        block = bytes(range(256)) * 2
+        cdbs = [(read10(lba, 1), b"", 512) for lba in range(8)]
+        cdbs.append((rw10(0x41, 300, 5), block, 0))         # WRITE SAME(10), 5 blocks
+        pendings = _submit_all(unit, cdbs)
+        loop.run_until(lambda: all(p.done for p, _ in pendings), timeout=30)
+        assert [p.result.status for p, _ in pendings] == [GOOD] * 9
+        assert pendings[8][0].result.data_out == 512
+        assert file_bytes(image, 300 * 512, 5 * 512) == block * 5
 
 
 def test_verify_compare_is_answered_later_with_reads_in_flight(

@@ -404,68 +404,127 @@ def _miscompare(part: memoryview, ref: bytes, offset: int) -> ScsiError | None:
                      information=offset + _first_difference(part, ref))
 
 
-class _VerifyLater(Pending):
-    """VERIFY with a byte compare on a backend that reads asynchronously (O_DIRECT files,
-    NBD): the range is read back one bounded step at a time through the backend's queue,
-    each step compared when it arrives, so the worker serves its other requests meanwhile
-    (read synchronously, a large range held the whole queue for as long). The steps land
-    in a private page-aligned buffer (no bounce under O_DIRECT); the guest's buffers are
-    copied at the start, so an abort takes effect at once: the step in flight ends in our
-    own buffer, and nothing more is read."""
+class _InSteps(Pending):
+    """A command over a long range on a backend that does its I/O asynchronously (O_DIRECT
+    files, NBD), one bounded step at a time through the backend's queue, so that the
+    worker serves its other requests meanwhile (done synchronously, a large range held
+    the whole queue for as long). Each step's I/O uses a private page-aligned buffer (no
+    bounce under O_DIRECT) and the guest's data is copied before the first step, so an
+    abort takes effect at once: the step in flight ends in our own buffer and nothing
+    more is started. A subclass says what a step submits (:meth:`_submit`), what its
+    completion means (:meth:`_check`) and how the command ends (:meth:`_last`)."""
 
-    __slots__ = ("unit", "lba", "blocks", "whole", "expected", "need", "view", "at", "k")
+    __slots__ = ("unit", "lba", "blocks", "write", "buf", "at", "k")
 
-    def __init__(self, unit: Unit, lba: int, blocks: int, whole: bool, expected: bytes,
-                 need: int) -> None:
-        super().__init__(on_abort=_VerifyLater._abort)
+    def __init__(self, unit: Unit, lba: int, blocks: int, write: bool) -> None:
+        super().__init__(on_abort=_InSteps._abort)
         self.unit = unit
         self.lba = lba
         self.blocks = blocks
-        self.whole = whole          # BYTCHK 01b: the whole range; 11b: one block, for each
-        self.expected = expected
-        self.need = need
+        self.write = write
         bs = unit.block_size
-        self.view = memoryview(mmap.mmap(-1, min(blocks, max(1, _CHUNK // bs)) * bs))
-        self.at = 0                 # blocks compared so far
+        self.buf = memoryview(mmap.mmap(-1, min(blocks, max(1, _CHUNK // bs)) * bs))
+        self.at = 0                 # blocks done so far
         self.k = 0                  # blocks of the step in flight
-        self._read_next()
 
-    def _read_next(self) -> None:
+    def _submit(self, offset: int, step: memoryview) -> IoPending:
+        raise NotImplementedError
+
+    def _check(self, step: memoryview) -> ScsiError | None:
+        """What the step that just completed means (it moved all its bytes)."""
+        return None
+
+    def _last(self) -> None:
+        raise NotImplementedError
+
+    def _next(self) -> None:
         bs = self.unit.block_size
-        self.k = min(self.blocks - self.at, len(self.view) // bs)
+        self.k = min(self.blocks - self.at, self.buf.nbytes // bs)
         try:
-            io = self.unit.backend.submit_readv((self.lba + self.at) * bs,
-                                                [self.view[:self.k * bs]])
+            io = self._submit((self.lba + self.at) * bs, self.buf[:self.k * bs])
         except OSError as e:
-            self.finish(_io_error(e, write=False, lba=self.lba + self.at).result())
+            self.finish(_io_error(e, write=self.write, lba=self.lba + self.at).result())
             return
-        io.then(self._compare)
+        io.then(self._step_done)
 
-    def _compare(self, outcome: IoOutcome) -> None:
+    def _step_done(self, outcome: IoOutcome) -> None:
         if self.result is not None:     # aborted meanwhile
             return
-        at, k, bs = self.at, self.k, self.unit.block_size
-        if isinstance(outcome, OSError):
-            self.finish(_io_error(outcome, write=False, lba=self.lba + at).result())
-            return
         if isinstance(outcome, BaseException):
-            log.error("backend read failed at LBA %d", self.lba + at, exc_info=outcome)
-            self.finish(check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE))
+            self.finish(self._failed(outcome, self.lba + self.at))
             return
-        ref = self.expected[at * bs:(at + k) * bs] if self.whole else self.expected * k
-        error = _miscompare(self.view[:k * bs], ref, at * bs)
+        error = self._check(self.buf[:self.k * self.unit.block_size])
         if error is not None:
             self.finish(error.result())
             return
-        self.at = at + k
-        if self.at >= self.blocks:
-            self.finish(good(data_out=self.need))
+        self.at += self.k
+        if self.at < self.blocks:
+            self._next()
         else:
-            self._read_next()
+            self._last()
+
+    def _failed(self, outcome: BaseException, lba: int) -> ScsiResult:
+        if isinstance(outcome, OSError):
+            return _io_error(outcome, write=self.write, lba=lba).result()
+        log.error("backend I/O failed at LBA %d", lba, exc_info=outcome)
+        return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
 
     def _abort(self) -> bool:
         self.finish(ScsiResult(TASK_ABORTED))
         return True
+
+
+class _VerifyLater(_InSteps):
+    """VERIFY with a byte compare: each step read back and compared as it arrives."""
+
+    __slots__ = ("whole", "expected", "need")
+
+    def __init__(self, unit: Unit, lba: int, blocks: int, whole: bool, expected: bytes,
+                 need: int) -> None:
+        super().__init__(unit, lba, blocks, write=False)
+        self.whole = whole          # BYTCHK 01b: the whole range; 11b: one block, for each
+        self.expected = expected
+        self.need = need
+        self._next()
+
+    def _submit(self, offset: int, step: memoryview) -> IoPending:
+        return self.unit.backend.submit_readv(offset, [step])
+
+    def _check(self, step: memoryview) -> ScsiError | None:
+        bs = self.unit.block_size
+        at, k = self.at, self.k
+        ref = self.expected[at * bs:(at + k) * bs] if self.whole else self.expected * k
+        return _miscompare(step, ref, at * bs)
+
+    def _last(self) -> None:
+        self.finish(good(data_out=self.need))
+
+
+class _WriteSameLater(_InSteps):
+    """WRITE SAME with a pattern that is not zeros: the step buffer holds the block over
+    and over, each step writes it; then a flush when the write cache is off."""
+
+    __slots__ = ("need",)
+
+    def __init__(self, unit: Unit, lba: int, blocks: int, block: bytes, need: int) -> None:
+        super().__init__(unit, lba, blocks, write=True)
+        self.need = need
+        self.buf[:] = block * (self.buf.nbytes // len(block))
+        self._next()
+
+    def _submit(self, offset: int, step: memoryview) -> IoPending:
+        return self.unit.backend.submit_writev(offset, [step])
+
+    def _last(self) -> None:
+        if self.unit.wce:
+            self.finish(good(data_out=self.need))
+        else:
+            self.unit.backend.submit_flush().then(self._flushed)
+
+    def _flushed(self, outcome: IoOutcome) -> None:
+        if self.result is None:
+            self.finish(self._failed(outcome, self.lba) if isinstance(outcome, BaseException)
+                        else good(data_out=self.need))
 
 
 def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views
@@ -589,6 +648,8 @@ def _write_same(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views,
         # there too when the write cache is off.
         io = backend.submit_zero([(offset, length)], unmap=bool(unmap), durable=not unit.wce)
         return _finish_io(io, good(data_out=need), write=True, lba=lba)
+    if backend.asynchronous:
+        return _WriteSameLater(unit, lba, blocks, block, need)
     try:
         if zero and unmap:
             # Unmapped blocks read zeros (LBPRZ=1), so a zero pattern may be unmapped.
