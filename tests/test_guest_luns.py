@@ -5,9 +5,10 @@ boot 1: every configured LUN is found (LUN 300 under its flat-space name), the s
         commands Linux and admins use succeed on each, an unknown opcode gets ILLEGAL
         REQUEST, dd + fio --verify=crc32c round-trip on every writable LUN, writes to the
         read-only LUN are refused, blkdiscard'ed blocks read as zeros, sg_verify with a
-        byte compare passes on the pattern and finds a changed byte (MISCOMPARE; on the
-        O_DIRECT file LUN it is answered later), I/O from each vCPU
-        lands on its own request queue and that queue's interrupt fires on that vCPU;
+        byte compare passes on the pattern and finds a changed byte (MISCOMPARE), WRITE
+        SAME with a pattern reads back (both answered later on the O_DIRECT file LUN),
+        I/O from each vCPU lands on its own request queue and that queue's interrupt
+        fires on that vCPU;
 boot 2: a second QEMU on the same back-end reads what the first guest wrote;
 then:   serve stops cleanly on SIGTERM; the file LUN holds the guest's pattern and the
         read-only file is byte-for-byte unchanged.
@@ -124,6 +125,18 @@ if sg_verify -q $V --in=/tmp/bad $SG0 >/tmp/o 2>&1; then rc=0; else rc=$?; fi
 [ $rc = 14 ] || { cat /tmp/o; fail 24 "sg_verify of a changed pattern: exit $rc, not 14"; }
 echo "VERIFY-OK"
 
+# --- WRITE SAME with a pattern over two steps' worth of blocks (answered later on the
+# O_DIRECT LUN), read back: 2100 copies of one 512-byte block at 12 MiB
+head -c 512 /root/pattern >/tmp/b
+for i in 1 2 3 4 5 6 7 8 9 10 11 12; do cat /tmp/b /tmp/b >/tmp/b2; mv /tmp/b2 /tmp/b; done
+want=$(head -c $((2100 * 512)) /tmp/b | md5sum | cut -d' ' -f1)
+head -c 512 /root/pattern >/tmp/b
+sg_write_same -v --in=/tmp/b --lba=24576 --num=2100 $SG0 >/tmp/o 2>&1 \
+  && ! grep -q transport /tmp/o || { cat /tmp/o; fail 25 "sg_write_same"; }
+got=$(dd if=$F0 bs=512 skip=24576 count=2100 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+[ "$got" = "$want" ] || fail 26 "WRITE SAME read-back: $got != $want"
+echo "WRITE-SAME-OK"
+
 # --- fio with crc32c verify on every writable LUN, one job pinned to each vCPU
 for d in $F0 $R300 $R5; do
   fio --name=c0 --filename=$d --cpus_allowed=0 --offset=4M --size=1M \
@@ -239,7 +252,7 @@ def test_luns_queues_and_two_guests(image, rig: Rig) -> None:  # type: ignore[no
     ctx = f"{r1.output}\n--- serve log ---\n{_tail(serve)}"
     assert r1.status == 0, f"guest 1 failed (status {r1.status}):\n{ctx}"
     assert "GUEST1-DONE" in r1.output, ctx
-    assert "VERIFY-OK" in r1.output, ctx
+    assert "VERIFY-OK" in r1.output and "WRITE-SAME-OK" in r1.output, ctx
 
     # every configured LUN, and nothing else, under Linux's names
     hctls = _fields(r1.output, "HCTLS")[0]
