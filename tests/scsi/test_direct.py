@@ -540,6 +540,9 @@ def test_verify_compare_is_answered_later_and_the_queue_goes_on(direct_dir, engi
             out[:] = bad
             [r] = wait(loop, [unit.execute(rw16(V16, 16, blocks, 0x02), [out], [])])
             assert assert_check(r, MISCOMPARE).information == at
+        # no blocks: nothing to compare, answered at once
+        r = unit.execute(rw16(V16, 16, 0, 0x02), [out], [])
+        assert isinstance(r, ScsiResult) and (r.status, r.data_out) == (GOOD, 0)
         # BYTCHK 11b: one block, compared against each block of the range
         same = bytes(range(256)) * 2
         unit.backend.writev(6000 * BS, [memoryview(bytearray(same * 3))])

@@ -545,7 +545,7 @@ def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views
         # queue for as long as a full-disk read.
         return good()
     expected = gather_prefix(data_out, need)
-    if unit.backend.asynchronous:
+    if unit.backend.asynchronous and blocks:
         return _VerifyLater(unit, lba, blocks, bytchk == 1, expected, need)
     # Read the range back in bounded steps and compare.
     step = max(1, _CHUNK // bs)
