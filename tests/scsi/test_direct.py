@@ -555,6 +555,55 @@ def test_verify_compare_is_answered_later_and_the_queue_goes_on(direct_dir, engi
     unit.close()
 
 
+@pytest.fixture(scope="module")
+def verify_pair(direct_dir):
+    """The same O_DIRECT file (random data, 4096-byte blocks: a step is 256 of them) as a
+    unit answering at once and one answering later on a loop."""
+    path = new_file(direct_dir, 8 << 20)
+    data = random.Random(5).randbytes(8 << 20)
+    with open(path, "r+b") as f:
+        f.write(data)
+    now = direct_unit(path, block_size=4096)
+    later = direct_unit(path, threads=4, block_size=4096)
+    with EventLoop() as loop:
+        later.set_scheduler(loop)
+        yield now, later, loop, data
+        later.set_scheduler(None)
+    now.close()
+    later.close()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lba=st.integers(0, 1600), blocks=st.one_of(st.integers(0, 4), st.integers(250, 600)),
+       one_block=st.booleans(), flip=st.one_of(st.none(), st.floats(0, 1, exclude_max=True)),
+       vrprotect=st.booleans())
+def test_verify_answered_later_equals_verify_answered_at_once(
+        verify_pair, lba, blocks, one_block, flip, vrprotect):
+    now, later, loop, data = verify_pair
+    bs = 4096
+    start = lba * bs
+    need = (bs if one_block else blocks * bs) if blocks else 0
+    if one_block:
+        expected = bytearray(data[start:start + bs] if start < len(data) else bytes(bs))
+    else:
+        expected = bytearray(data[start:start + need])
+        expected += bytes(need - len(expected))     # past the end: the range check says
+    if flip is not None and expected:
+        expected[int(flip * len(expected))] ^= 0x5A
+    cdb = rw16(V16, lba, blocks, (0x06 if one_block else 0x02) | (0x20 if vrprotect else 0))
+    buf = aligned(max(len(expected), 1))
+    buf[:len(expected)] = expected
+    out = [buf[:len(expected)]] if expected else []
+    at_once = now.execute(cdb, out, [])
+    answer = later.execute(cdb, out, [])
+    if isinstance(answer, Pending):
+        [answer] = wait(loop, [answer])
+    assert isinstance(at_once, ScsiResult)
+    assert (answer.status, answer.sense, answer.data_out) == (
+        at_once.status, at_once.sense, at_once.data_out)
+
+
 def test_verify_compare_read_error_names_the_step_that_failed(direct_dir):
     unit = direct_unit(new_file(direct_dir), backend_class=FailingFile)
     unit.backend.bad = {10 + STEP}              # the second step's first block
