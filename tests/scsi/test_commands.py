@@ -10,7 +10,11 @@ import struct
 
 import pytest
 
-from vscsi.scsi import COMMANDS, FileBackend, LogicalUnit
+from vscsi.loop import EventLoop
+from vscsi.scsi import COMMANDS, FileBackend, LogicalUnit, commands
+from vscsi.scsi.backends import RamBackend
+from vscsi.scsi.iothreads import IoPending
+from vscsi.scsi.pending import Pending
 
 from .helpers import (
     GOOD,
@@ -176,6 +180,49 @@ def test_verify_bytchk_3_compares_one_block_against_each():
     r, _ = run(unit, rw10(V10, 10, 5, 0x06), out=block)      # LBA 14 is zeros
     s = assert_check(r, MISCOMPARE)
     assert s.information == 4 * 512 + 1
+
+
+class InlineRam(RamBackend):
+    """Asynchronous in name, every submission done before it returns: then() runs the
+    callback at once."""
+
+    def _can_submit(self) -> bool:
+        return True
+
+    def _done(self, outcome) -> IoPending:
+        io = IoPending()
+        io.finish(outcome)
+        return io
+
+    def submit_readv(self, offset, bufs):
+        return self._done(self.readv(offset, bufs))
+
+    def submit_writev(self, offset, bufs, *, fua=False):
+        return self._done(self.writev(offset, bufs))
+
+    def submit_flush(self):
+        return self._done(None)
+
+
+@pytest.mark.parametrize("op", ["verify", "write same"])
+def test_thousands_of_steps_ended_inline_do_not_recurse(monkeypatch, op):
+    # One block per step (a small _CHUNK): 3000 steps, each ended before its submit
+    # returned; the steps loop, they do not nest 3000 calls deep.
+    monkeypatch.setattr(commands, "_CHUNK", 512)
+    unit = LogicalUnit(InlineRam(4 << 20))
+    unit.wce = False                                    # WRITE SAME ends with a flush
+    block = bytes(range(256)) * 2
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        if op == "verify":
+            unit.backend.writev(0, [memoryview(bytearray(block * 3000))])
+            r = unit.execute(rw16(V16, 0, 3000, 0x06), [memoryview(bytearray(block))], [])
+        else:
+            r = unit.execute(rw16(0x93, 0, 3000), [memoryview(bytearray(block))], [])
+        assert isinstance(r, Pending) and r.done
+        assert (r.result.status, r.result.data_out) == (GOOD, 512)
+        assert bytes(unit.backend.view[:3000 * 512]) == block * 3000
+        unit.set_scheduler(None)
 
 
 def test_verify_errors():

@@ -192,6 +192,8 @@ class GatedFile(FileBackend):
         super().__init__(*a, **kw)
         self.gates: dict[int, threading.Event] = {}
         self.started: dict[int, bool] = {}      # LBAs whose I/O reached its gate
+        self.submitted: list[int] = []          # LBAs of the I/O submitted (loop thread)
+        self.done_io: list[int] = []            # ... and of the I/O done (pool threads)
 
     def _gate(self, offset: int) -> None:
         self.started[offset // BS] = True
@@ -199,11 +201,23 @@ class GatedFile(FileBackend):
 
     def readv(self, offset, bufs):
         self._gate(offset)
-        return super().readv(offset, bufs)
+        n = super().readv(offset, bufs)
+        self.done_io.append(offset // BS)
+        return n
 
     def writev(self, offset, bufs):
         self._gate(offset)
-        return super().writev(offset, bufs)
+        n = super().writev(offset, bufs)
+        self.done_io.append(offset // BS)
+        return n
+
+    def submit_readv(self, offset, bufs):
+        self.submitted.append(offset // BS)
+        return super().submit_readv(offset, bufs)
+
+    def submit_writev(self, offset, bufs, **kw):
+        self.submitted.append(offset // BS)
+        return super().submit_writev(offset, bufs, **kw)
 
 
 @settings(max_examples=15, deadline=None,
@@ -597,6 +611,9 @@ def test_verify_answered_later_equals_verify_answered_at_once(
     out = [buf[:len(expected)]] if expected else []
     at_once = now.execute(cdb, out, [])
     answer = later.execute(cdb, out, [])
+    # a valid compare of at least one block goes through the backend's queue
+    assert isinstance(answer, Pending) == bool(blocks and not vrprotect
+                                               and lba + blocks <= len(data) // bs)
     if isinstance(answer, Pending):
         [answer] = wait(loop, [answer])
     assert isinstance(at_once, ScsiResult)
@@ -616,32 +633,103 @@ def test_verify_compare_read_error_names_the_step_that_failed(direct_dir):
     unit.close()
 
 
-def test_verify_compare_aborted_between_steps_reads_no_further(direct_dir):
+def test_verify_compare_aborted_with_a_step_in_flight_ends_at_once_and_reads_no_further(
+        direct_dir):
     unit = direct_unit(new_file(direct_dir), backend_class=GatedFile)
-    gates = unit.backend.gates
+    backend = unit.backend
     for lba in (0, STEP, 2 * STEP):
-        gates[lba] = threading.Event()
-    gates[0].set()                              # the first step may finish, not the second
+        backend.gates[lba] = threading.Event()
+    backend.gates[0].set()                      # the first step may finish, not the second
     with EventLoop() as loop:
         unit.set_scheduler(loop)
         verify = unit.execute(rw16(V16, 0, 3 * STEP, 0x02), [aligned(3 * STEP * BS)], [])
-        loop.run_until(lambda: not gates[STEP].is_set() and _waiting(unit.backend, STEP))
+        loop.run_until(lambda: backend.started.get(STEP, False))
         assert not verify.done
         assert verify.abort() is True           # guest buffers were copied: done at once
         assert verify.result is not None and verify.result.status == 0x40   # TASK ABORTED
-        gates[STEP].set()                       # the step in flight ends in our own buffer
-        time.sleep(0.05)
-        loop.run_once(0.05)                     # its completion comes back to the loop
-        time.sleep(0.05)                        # (a third step would reach its gate now)
-        assert not _waiting(unit.backend, 2 * STEP)     # and no third step was started
-        gates[2 * STEP].set()
+        backend.gates[STEP].set()               # the step in flight ends in our own buffer
+        _deliver(loop, backend, STEP)
+        assert backend.submitted == [0, STEP]   # and no third step was started
         unit.set_scheduler(None)
     unit.close()
 
 
-def _waiting(backend: GatedFile, lba: int) -> bool:
-    """A thread of the pool is blocked on ``lba``'s gate (the read reached the backend)."""
-    return backend.started.get(lba, False)
+def test_write_same_aborted_ends_when_its_write_in_flight_has_landed(direct_dir):
+    # A TMF answers after the commands it ends: a write still in flight must land before
+    # the abort completes, or it could land on what the guest writes next.
+    unit = direct_unit(new_file(direct_dir), backend_class=GatedFile)
+    backend = unit.backend
+    backend.gates[100] = threading.Event()
+    block = bytes(range(256)) * 2
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        out = aligned(BS)
+        out[:] = block
+        same = unit.execute(rw16(0x93, 100, 2 * STEP), [out], [])     # two steps
+        loop.run_until(lambda: backend.started.get(100, False))
+        assert same.abort() is False and not same.done      # its write is in flight
+        backend.gates[100].set()
+        loop.run_until(lambda: same.done)
+        assert same.result.status == 0x40                   # TASK ABORTED, now
+        assert backend.submitted == [100]                   # no second step
+        assert backend.done_io == [100]                     # the first one landed
+        unit.set_scheduler(None)
+    unit.close()
+    with open(backend.path, "rb") as f:
+        f.seek(100 * BS)
+        assert f.read(STEP * BS + BS) == block * STEP + bytes(BS)
+
+
+class RefusingFile(FileBackend):
+    """Its second asynchronous read is refused at once with a bug, not an OSError."""
+
+    def submit_readv(self, offset, bufs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            raise RuntimeError("bug")
+        return super().submit_readv(offset, bufs)
+
+
+def test_a_step_refused_at_once_fails_the_command_and_not_the_loop(direct_dir):
+    unit = direct_unit(new_file(direct_dir), backend_class=RefusingFile)
+    with EventLoop() as loop:
+        unit.set_scheduler(loop)
+        verify = unit.execute(rw16(V16, 0, 2 * STEP, 0x02), [aligned(2 * STEP * BS)], [])
+        back = aligned(BS)
+        [r] = wait(loop, [verify])
+        assert_check(r, INTERNAL_FAILURE)
+        [rr] = wait(loop, [unit.execute(read10(3, 1), [], [back])])     # the loop goes on
+        assert rr.status == GOOD
+        unit.set_scheduler(None)
+    unit.close()
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_write_same_write_error_names_the_step_that_failed(direct_dir, scheduled):
+    unit = direct_unit(new_file(direct_dir), backend_class=FailingFile)
+    unit.backend.bad = {100 + STEP}             # the second step's first block
+    out = aligned(BS)
+    out[:] = bytes(range(256)) * 2
+    with EventLoop() as loop:
+        if scheduled:
+            unit.set_scheduler(loop)
+        r = unit.execute(rw16(0x93, 100, 2 * STEP), [out], [])
+        if scheduled:
+            assert isinstance(r, Pending)
+            [r] = wait(loop, [r])
+        assert assert_check(r, WRITE_ERROR).information == 100 + STEP
+        unit.set_scheduler(None)
+    unit.close()
+
+
+def _deliver(loop: EventLoop, backend: GatedFile, lba: int) -> None:
+    """Wait until the I/O at ``lba`` is done on its thread, then let the loop take its
+    completion (handed over through the loop's eventfd: one turn)."""
+    deadline = time.monotonic() + 30
+    while lba not in backend.done_io:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    loop.run_once(5.0)
 
 
 @needs_liburing

@@ -409,12 +409,15 @@ class _InSteps(Pending):
     files, NBD), one bounded step at a time through the backend's queue, so that the
     worker serves its other requests meanwhile (done synchronously, a large range held
     the whole queue for as long). Each step's I/O uses a private page-aligned buffer (no
-    bounce under O_DIRECT) and the guest's data is copied before the first step, so an
-    abort takes effect at once: the step in flight ends in our own buffer and nothing
-    more is started. A subclass says what a step submits (:meth:`_submit`), what its
-    completion means (:meth:`_check`) and how the command ends (:meth:`_last`)."""
+    bounce under O_DIRECT) and the guest's data is copied before the first step. Aborted,
+    nothing more is started; a command that only reads ends at once (the step in flight
+    fills our own buffer), one that writes when its I/O in flight has reached the medium
+    (a TMF's response comes after the commands it ends, and nothing written later may
+    land on what the guest writes next). A subclass says what a step submits
+    (:meth:`_submit`), what its completion means (:meth:`_check`) and how the command
+    ends (:meth:`_last`)."""
 
-    __slots__ = ("unit", "lba", "blocks", "write", "buf", "at", "k")
+    __slots__ = ("unit", "lba", "blocks", "write", "buf", "at", "k", "_stepping", "_again")
 
     def __init__(self, unit: Unit, lba: int, blocks: int, write: bool) -> None:
         super().__init__(on_abort=_InSteps._abort)
@@ -426,6 +429,8 @@ class _InSteps(Pending):
         self.buf = memoryview(mmap.mmap(-1, min(blocks, max(1, _CHUNK // bs)) * bs))
         self.at = 0                 # blocks done so far
         self.k = 0                  # blocks of the step in flight
+        self._stepping = False      # inside _next's loop
+        self._again = False         # a step ended inline: _next's loop starts the next
 
     def _submit(self, offset: int, step: memoryview) -> IoPending:
         raise NotImplementedError
@@ -438,17 +443,33 @@ class _InSteps(Pending):
         raise NotImplementedError
 
     def _next(self) -> None:
-        bs = self.unit.block_size
-        self.k = min(self.blocks - self.at, self.buf.nbytes // bs)
-        try:
-            io = self._submit((self.lba + self.at) * bs, self.buf[:self.k * bs])
-        except OSError as e:
-            self.finish(_io_error(e, write=self.write, lba=self.lba + self.at).result())
+        # A loop, not a recursion through _step_done: a backend may end a step before
+        # submit returns (then() runs the callback at once), a thousand steps in a row.
+        if self._stepping:
+            self._again = True
             return
-        io.then(self._step_done)
+        self._stepping = True
+        try:
+            while True:
+                self._again = False
+                bs = self.unit.block_size
+                self.k = min(self.blocks - self.at, self.buf.nbytes // bs)
+                try:
+                    io = self._submit((self.lba + self.at) * bs, self.buf[:self.k * bs])
+                except Exception as e:  # refused at once (a full ring, a pool that won't start)
+                    self.finish(self._failed(e, self.lba + self.at))
+                    return
+                io.then(self._step_done)
+                if not self._again:
+                    return
+        finally:
+            self._stepping = False
 
     def _step_done(self, outcome: IoOutcome) -> None:
-        if self.result is not None:     # aborted meanwhile
+        if self.result is not None:     # aborted meanwhile (reading: ended at once)
+            return
+        if self.aborted:                # ... (writing: ends now that its I/O has)
+            self.finish(ScsiResult(TASK_ABORTED))
             return
         if isinstance(outcome, BaseException):
             self.finish(self._failed(outcome, self.lba + self.at))
@@ -470,6 +491,8 @@ class _InSteps(Pending):
         return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
 
     def _abort(self) -> bool:
+        if self.write:
+            return False                # ends when the I/O in flight does (_step_done)
         self.finish(ScsiResult(TASK_ABORTED))
         return True
 
@@ -518,11 +541,18 @@ class _WriteSameLater(_InSteps):
     def _last(self) -> None:
         if self.unit.wce:
             self.finish(good(data_out=self.need))
-        else:
-            self.unit.backend.submit_flush().then(self._flushed)
+            return
+        try:
+            io = self.unit.backend.submit_flush()
+        except Exception as e:
+            self.finish(self._failed(e, self.lba))
+            return
+        io.then(self._flushed)
 
     def _flushed(self, outcome: IoOutcome) -> None:
-        if self.result is None:
+        if self.aborted:
+            self.finish(ScsiResult(TASK_ABORTED))
+        else:
             self.finish(self._failed(outcome, self.lba) if isinstance(outcome, BaseException)
                         else good(data_out=self.need))
 
@@ -664,7 +694,8 @@ def _write_same(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views,
                 backend.writev(offset, [pattern[:k]])
                 offset += k
     except OSError as e:
-        raise _io_error(e, write=True, lba=lba) from None
+        # INFORMATION: the first block of the write that failed (as when answered later)
+        raise _io_error(e, write=True, lba=offset // bs) from None
     if not unit.wce:
         _flush(unit, lba)
     return good(data_out=need)
