@@ -107,10 +107,8 @@ def main() -> None:
     times = os.times()
     wall, cpu = time.perf_counter(), time.process_time()
     if a.profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        run()
-        prof.disable()
+        with cProfile.Profile() as prof:
+            run()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
     else:
         run()

@@ -98,10 +98,8 @@ def main() -> None:
         return total / (a.rounds * a.batch) * 1e6
 
     if a.profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        run()
-        prof.disable()
+        with cProfile.Profile() as prof:
+            run()
         pstats.Stats(prof).sort_stats("tottime").print_stats(15)
         return
     runs = [run() for _ in range(5)]

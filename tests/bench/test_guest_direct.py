@@ -5,6 +5,7 @@ a latency histogram, and the histogram read over a real `vscsi serve`'s RPC sock
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,6 +52,13 @@ def test_hist_mean_puts_each_bucket_at_its_middle() -> None:
 
 def test_backend_latency_reads_the_lun_histogram_over_rpc(tmp_path: Path) -> None:
     with ServeProcess(["0:0=null:1M"], queues=1) as serve:
+        assert gd.backend_latency(serve.socket + ".rpc") == [0] * BUCKETS    # no command yet
+        # 40 reads from the bench's own driver: each one is counted in the histogram
+        subprocess.run([sys.executable, "-m", "vscsi.cli", "bench", "--socket", serve.socket,
+                        "--vcpus", "1", "--rw", "randread", "--bs", "4k", "--iodepth", "1",
+                        "--size", "1M", "--requests", "40", "--json"],
+                       check=True, capture_output=True, timeout=120)
         hist = gd.backend_latency(serve.socket + ".rpc")
-    assert hist == [0] * BUCKETS     # no guest came: no command yet
+    assert hist is not None and len(hist) == BUCKETS and sum(hist) >= 40
+    assert gd.hist_mean_us(hist) > 0
     assert gd.backend_latency(str(tmp_path / "no-such.rpc")) is None

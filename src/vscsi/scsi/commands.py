@@ -194,6 +194,15 @@ def _check_range(unit: Unit, lba: int, blocks: int) -> None:
         raise lba_out_of_range()
 
 
+def _failed_io(outcome: BaseException, *, write: bool, lba: int) -> ScsiResult:
+    """The answer to a command whose backend I/O failed: the synchronous path's sense for
+    an OSError, HARDWARE ERROR for anything else (a bug below the SCSI layer)."""
+    if isinstance(outcome, OSError):
+        return _io_error(outcome, write=write, lba=lba).result()
+    log.error("backend I/O failed at LBA %d", lba, exc_info=outcome)
+    return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+
+
 class _IoCommand(Pending):
     """A command answered by one backend I/O: ``good`` when it succeeds, the sense the
     synchronous path gives for its OSError when it fails. The I/O owns the guest buffers
@@ -214,11 +223,8 @@ class _IoCommand(Pending):
     def io_done(self, outcome: IoOutcome) -> None:
         if outcome.__class__ is int or not isinstance(outcome, BaseException):
             result = self.good
-        elif isinstance(outcome, OSError):
-            result = _io_error(outcome, write=self.write, lba=self.lba).result()
         else:
-            log.error("backend I/O failed at LBA %d", self.lba, exc_info=outcome)
-            result = check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
+            result = _failed_io(outcome, write=self.write, lba=self.lba)
         if self.result is None:     # finish(), inlined
             self.result = result
             callback = self._callback
@@ -395,6 +401,12 @@ def _first_difference(a: memoryview, b: bytes) -> int:
     raise ValueError("buffers are equal")
 
 
+def _reference(expected: bytes, whole: bool, at: int, k: int, bs: int) -> bytes:
+    """What blocks [at, at + k) of a VERIFY's range are compared with: their part of the
+    data-out (BYTCHK 01b), or its one block, once for each (BYTCHK 11b)."""
+    return expected[at * bs:(at + k) * bs] if whole else expected * k
+
+
 def _miscompare(part: memoryview, ref: bytes, offset: int) -> ScsiError | None:
     """MISCOMPARE at the first differing byte (INFORMATION: its offset in the data the
     command compared), or None if the read-back ``part`` equals ``ref``."""
@@ -417,14 +429,15 @@ class _InSteps(Pending):
     (:meth:`_submit`), what its completion means (:meth:`_check`) and how the command
     ends (:meth:`_last`)."""
 
-    __slots__ = ("unit", "lba", "blocks", "write", "buf", "at", "k", "_stepping", "_again")
+    __slots__ = ("unit", "lba", "blocks", "buf", "at", "k", "_stepping", "_again")
 
-    def __init__(self, unit: Unit, lba: int, blocks: int, write: bool) -> None:
+    write = False                   # a subclass that writes says so
+
+    def __init__(self, unit: Unit, lba: int, blocks: int) -> None:
         super().__init__(on_abort=_InSteps._abort)
         self.unit = unit
         self.lba = lba
         self.blocks = blocks
-        self.write = write
         bs = unit.block_size
         self.buf = memoryview(mmap.mmap(-1, min(blocks, max(1, _CHUNK // bs)) * bs))
         self.at = 0                 # blocks done so far
@@ -457,7 +470,7 @@ class _InSteps(Pending):
                 try:
                     io = self._submit((self.lba + self.at) * bs, self.buf[:self.k * bs])
                 except Exception as e:  # refused at once (a full ring, a pool that won't start)
-                    self.finish(self._failed(e, self.lba + self.at))
+                    self.finish(_failed_io(e, write=self.write, lba=self.lba + self.at))
                     return
                 io.then(self._step_done)
                 if not self._again:
@@ -465,14 +478,21 @@ class _InSteps(Pending):
         finally:
             self._stepping = False
 
-    def _step_done(self, outcome: IoOutcome) -> None:
+    def _ended(self, outcome: IoOutcome, lba: int) -> bool:
+        """An I/O of the command ended: finish the command if that ends it (aborted
+        meanwhile, or the I/O failed at ``lba``); False: it goes on."""
         if self.result is not None:     # aborted meanwhile (reading: ended at once)
-            return
+            return True
         if self.aborted:                # ... (writing: ends now that its I/O has)
             self.finish(ScsiResult(TASK_ABORTED))
-            return
-        if isinstance(outcome, BaseException):
-            self.finish(self._failed(outcome, self.lba + self.at))
+        elif isinstance(outcome, BaseException):
+            self.finish(_failed_io(outcome, write=self.write, lba=lba))
+        else:
+            return False
+        return True
+
+    def _step_done(self, outcome: IoOutcome) -> None:
+        if self._ended(outcome, self.lba + self.at):
             return
         error = self._check(self.buf[:self.k * self.unit.block_size])
         if error is not None:
@@ -483,12 +503,6 @@ class _InSteps(Pending):
             self._next()
         else:
             self._last()
-
-    def _failed(self, outcome: BaseException, lba: int) -> ScsiResult:
-        if isinstance(outcome, OSError):
-            return _io_error(outcome, write=self.write, lba=lba).result()
-        log.error("backend I/O failed at LBA %d", lba, exc_info=outcome)
-        return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
 
     def _abort(self) -> bool:
         if self.write:
@@ -504,7 +518,7 @@ class _VerifyLater(_InSteps):
 
     def __init__(self, unit: Unit, lba: int, blocks: int, whole: bool, expected: bytes,
                  need: int) -> None:
-        super().__init__(unit, lba, blocks, write=False)
+        super().__init__(unit, lba, blocks)
         self.whole = whole          # BYTCHK 01b: the whole range; 11b: one block, for each
         self.expected = expected
         self.need = need
@@ -515,9 +529,8 @@ class _VerifyLater(_InSteps):
 
     def _check(self, step: memoryview) -> ScsiError | None:
         bs = self.unit.block_size
-        at, k = self.at, self.k
-        ref = self.expected[at * bs:(at + k) * bs] if self.whole else self.expected * k
-        return _miscompare(step, ref, at * bs)
+        return _miscompare(step, _reference(self.expected, self.whole, self.at, self.k, bs),
+                           self.at * bs)
 
     def _last(self) -> None:
         self.finish(good(data_out=self.need))
@@ -529,8 +542,10 @@ class _WriteSameLater(_InSteps):
 
     __slots__ = ("need",)
 
+    write = True
+
     def __init__(self, unit: Unit, lba: int, blocks: int, block: bytes, need: int) -> None:
-        super().__init__(unit, lba, blocks, write=True)
+        super().__init__(unit, lba, blocks)
         self.need = need
         self.buf[:] = block * (self.buf.nbytes // len(block))
         self._next()
@@ -545,16 +560,13 @@ class _WriteSameLater(_InSteps):
         try:
             io = self.unit.backend.submit_flush()
         except Exception as e:
-            self.finish(self._failed(e, self.lba))
+            self.finish(_failed_io(e, write=True, lba=self.lba))
             return
         io.then(self._flushed)
 
     def _flushed(self, outcome: IoOutcome) -> None:
-        if self.aborted:
-            self.finish(ScsiResult(TASK_ABORTED))
-        else:
-            self.finish(self._failed(outcome, self.lba) if isinstance(outcome, BaseException)
-                        else good(data_out=self.need))
+        if not self._ended(outcome, self.lba):
+            self.finish(good(data_out=self.need))
 
 
 def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views
@@ -589,11 +601,7 @@ def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views
             unit.backend.readv((lba + done) * bs, [part])
         except OSError as e:
             raise _io_error(e, write=False, lba=lba + done) from None
-        if bytchk == 1:
-            ref = expected[done * bs:(done + k) * bs]
-        else:
-            ref = expected * k          # BYTCHK 11b: one block, compared against each
-        error = _miscompare(part, ref, done * bs)
+        error = _miscompare(part, _reference(expected, bytchk == 1, done, k, bs), done * bs)
         if error is not None:
             raise error
         done += k
