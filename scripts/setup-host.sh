@@ -28,4 +28,7 @@ apt-get install -y -qq busybox-static cpio kmod fio sg3-utils util-linux >/dev/n
 # at ~4 MB (without them the image still builds, just much larger and slower to boot);
 # zstd unpacks the modules of kernels that compress them with it.
 apt-get install -y -qq --no-install-recommends gcc binutils zstd >/dev/null
+# the compiled data plane (setup.py): a C compiler and Python's headers build it, liburing's
+# static archive gives it io_uring
+apt-get install -y -qq --no-install-recommends gcc libc6-dev liburing-dev >/dev/null
 python3 -m pip install -q -e '.[dev]'

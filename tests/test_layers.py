@@ -31,6 +31,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("scsi",),
     ("device",),
     ("vhost_user",),
+    # the compiled data plane: rings, the request fast path and a worker's loop in C,
+    # plugged into vhost_user's workers (QueueServing) and handing the rest to device
+    ("dataplane",),
     ("driver",),
     # test doubles (a fake guest memory, the driver side of a ring, a dummy backend) are
     # built from the core layers and serve the tests, not the tools: above the core,

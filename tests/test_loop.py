@@ -1,5 +1,5 @@
 """The worker's event loop: a wait a timer ends is not rounded up to whole milliseconds
-(poll's unit), so delay filters answer on time; fds are still served."""
+(epoll's unit), so delay filters answer on time; fds are still served."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from vscsi.loop import EventLoop
 
 
 class RecordingPoller:
-    """The real poll object, with how long it was asked to wait (ms): Python rounds a
-    fraction of a millisecond up."""
+    """The real epoll object, with how long it was asked to wait in milliseconds, as
+    Python rounds it (up) for the system call."""
 
-    def __init__(self, poller: select.poll) -> None:
+    def __init__(self, poller: select.epoll) -> None:
         self.poller = poller
         self.asked: list[float | None] = []
 
     def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
-        self.asked.append(None if timeout is None else math.ceil(timeout))
+        self.asked.append(None if timeout is None else math.ceil(timeout * 1000))
         return self.poller.poll(timeout)
 
     def __getattr__(self, name: str) -> object:

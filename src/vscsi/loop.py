@@ -6,15 +6,20 @@ Tests and benchmarks that need I/O to complete the way a worker's does run it wi
 
 Why not asyncio: the worker's hot path is "poll returns a kick, drain the ring", and
 asyncio's loop adds a few microseconds of bookkeeping per wake-up on top of a ~15 us
-wake-up; this loop is one ``select.poll`` call, a dict lookup per ready fd, and a heap
+wake-up; this loop is one ``epoll`` wait, a dict lookup per ready fd, and a heap
 only when timers exist (and a ``select`` for the sub-millisecond rest of a wait a timer
 ends). It is single-threaded except :meth:`EventLoop.call_soon_threadsafe`.
+
+Its epoll descriptor (:meth:`EventLoop.fileno`) is readable whenever one of its fds is:
+a loop that waits on more than this one (the compiled data plane's, which polls its kick
+eventfds itself) waits on it too and runs ``run_once(0)`` when it fires.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import os
 import select
 import threading
@@ -43,7 +48,7 @@ class Timer:
 
 class EventLoop:
     def __init__(self) -> None:
-        self._poller = select.poll()
+        self._poller = select.epoll()
         self._readers: dict[int, Callable[[], None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -83,17 +88,38 @@ class EventLoop:
     # -- fds
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        if fd in self._readers:
-            self._poller.modify(fd, select.POLLIN)
-        else:
-            self._poller.register(fd, select.POLLIN)
+        # epoll forgets an fd when it is closed; a reader whose owner closed its fd
+        # without remove_reader leaves a stale entry here, and the number may come back
+        # as another file: register that anew.
+        try:
+            self._poller.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            self._poller.modify(fd, select.EPOLLIN)
         self._readers[fd] = callback
 
     def remove_reader(self, fd: int) -> None:
-        if self._readers.pop(fd, None) is not None:
-            self._poller.unregister(fd)
+        if self._readers.pop(fd, None) is not None and not self._poller.closed:
+            try:
+                self._poller.unregister(fd)
+            except (FileNotFoundError, OSError):
+                pass  # closed already (so epoll forgot it), or the loop is closed
 
     # -- running
+
+    def fileno(self) -> int:
+        """The epoll descriptor: readable while a watched fd is (see the module docstring)."""
+        return self._poller.fileno()
+
+    @property
+    def waiting_work(self) -> bool:
+        """Callbacks that must run before the loop next waits (call_before_wait)."""
+        return bool(self._before_wait)
+
+    def run_before_wait(self) -> None:
+        """Run the callbacks registered with call_before_wait (run_once does, first)."""
+        callbacks, self._before_wait = self._before_wait, []
+        for callback in callbacks:
+            callback()
 
     def next_deadline(self) -> float | None:
         """When the earliest live timer is due (None: no timer)."""
@@ -107,9 +133,7 @@ class EventLoop:
         the next timer), run the callbacks of ready fds, then the due timers. Returns the
         ready fds (the caller may want to know which)."""
         if self._before_wait:
-            callbacks, self._before_wait = self._before_wait, []
-            for callback in callbacks:
-                callback()
+            self.run_before_wait()
         if self._timers:
             due = self.next_deadline()
             if due is not None:
@@ -129,17 +153,17 @@ class EventLoop:
         return ready
 
     def _wait(self, timeout: float | None) -> list[tuple[int, int]]:
-        """poll() for up to ``timeout`` seconds, to the microsecond.
+        """Wait for up to ``timeout`` seconds, to the microsecond.
 
-        poll() counts whole milliseconds and Python rounds a fraction up, so a timer due
+        epoll counts whole milliseconds and Python rounds a fraction up, so a timer due
         in 4.1 ms would run after 5 ms: every delay filter's answer late by half a
         millisecond on average (a 5 ms delay measured 5.4 ms at the median in a guest).
-        So poll() gets the whole milliseconds, and select(), which takes microseconds,
+        So epoll gets the whole milliseconds, and select(), which takes microseconds,
         the rest."""
         if timeout is None:
             return self._poller.poll(None)
         deadline = time.monotonic() + timeout
-        events = self._poller.poll(int(timeout * 1000))
+        events = self._poller.poll(math.floor(timeout * 1000) / 1000)
         if events:
             return events
         rest = deadline - time.monotonic()
@@ -147,7 +171,7 @@ class EventLoop:
             return events
         fds = list(self._readers)
         if fds and max(fds) >= SELECT_FD_LIMIT:
-            return self._poller.poll(1)  # select() cannot watch this fd: 1 ms late at most
+            return self._poller.poll(0.001)  # select() cannot watch this fd: 1 ms late at most
         readable, _, _ = select.select(fds, [], [], rest)
         return [(fd, select.POLLIN) for fd in readable]
 
@@ -185,6 +209,7 @@ class EventLoop:
             self.remove_reader(self._wake)
             os.close(self._wake)
             self._wake = -1
+            self._poller.close()
 
     def __enter__(self) -> EventLoop:
         return self

@@ -89,6 +89,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="interrupt coalescing per request queue: signal the driver "
                              "after COUNT completions or US microseconds after the first "
                              "one held, whichever comes first (default 1,0: every batch)")
+    parser.add_argument("--dataplane", choices=("compiled", "python"), default=None,
+                        help="how workers serve the request queues: 'compiled' (READ and "
+                             "WRITE on RAM, null and file LUNs in C, the rest handed to "
+                             "Python request by request) or 'python' (the readable "
+                             "reference); default: compiled where it was built")
     parser.add_argument("--no-config-feature", action="store_true",
                         help="do not offer PROTOCOL_F_CONFIG (QEMU 7.2.0-7.2.2 crash on it)")
     parser.add_argument("--once", action="store_true",
@@ -211,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         import_extra("metrics", "prometheus_client")  # MissingExtra: one line, exit 2
     reopen_logs = _setup_logging(args.log_level, args.log_file)
 
+    from vscsi import dataplane
     from vscsi.control import Controller
     from vscsi.device import ScsiConfig, VirtioScsiDevice
     from vscsi.rpc import RpcServer
@@ -224,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
         ServerError,
     )
 
+    try:
+        serving = dataplane.serving(args.dataplane)
+    except dataplane.NotBuilt as exc:
+        raise UsageError(f"--dataplane compiled: {exc}") from None
+    if args.dataplane is None and serving.name != "compiled":
+        log.warning("the compiled data plane is not built: serving on the Python path")
     specs = [parse_lun_spec(text) for text in args.lun]  # LunSpecError: one line, exit 2
     filters = [parse_filter_arg(text) for text in args.filter]  # FilterSpecError: the same
     targets = build_targets(specs)  # opens the backends: LunSpecError / OSError
@@ -239,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                                stats_path=args.stats, protocol_features=features,
                                max_sessions=1 if args.once else None,
                                pacing=Pacing(args.poll_us / 1e6, count, delay),
-                               workers=workers)
+                               workers=workers, serving=serving)
         if args.log_file:
             restore_hup = _reopen_on_sighup(server, reopen_logs)
         try:
@@ -269,8 +281,9 @@ def run(args: argparse.Namespace) -> int:
             log.info("Prometheus metrics on http://%s:%d/metrics", *metrics_at)
         for spec in specs:
             log.info("LUN %s", spec)
-        log.info("%d request queue worker(s) %s", workers,
-                 "on CPUs " + ",".join(map(str, cpus[:workers])) if pinned else "unpinned")
+        log.info("%d request queue worker(s) %s, %s data plane", workers,
+                 "on CPUs " + ",".join(map(str, cpus[:workers])) if pinned else "unpinned",
+                 serving.name)
         notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
         server.serve()
         notify_systemd("STOPPING=1")

@@ -11,13 +11,14 @@ before the TMF does).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from vscsi.scsi.pending import Pending
 
 from .tasks import ALL_LUNS
 
-__all__ = ["LaterTask", "LaterTasks"]
+__all__ = ["InFlightSource", "LaterTask", "LaterTasks"]
 
 
 class LaterTask:
@@ -49,11 +50,32 @@ class LaterTask:
             callback()
 
 
+class InFlightSource(Protocol):
+    """Requests in flight that someone else keeps: the compiled data plane's I/O, whose
+    requests are C records, not LaterTasks. It hands out objects with LaterTask's face
+    (head, target, lun, tag, cancel, when_finished, pending.abort) on demand, so a TMF
+    reaches them like any other."""
+
+    def matching(self, target: int | None, lun: int, tag: int | None,
+                 slot: int | None) -> Iterable[LaterTask]:
+        """Its requests of ``target`` (None: any), ``lun`` (ALL_LUNS: any), ``tag``
+        (None: any), in request queue ``slot`` (None: any)."""
+        ...
+
+    def count(self, slot: int | None) -> int: ...
+
+
 class LaterTasks:
-    """The requests in flight, per request queue (0-based slot)."""
+    """The requests in flight, per request queue (0-based slot): the device's own, and
+    those of any source attached in this process."""
 
     def __init__(self, queues: int) -> None:
         self._by_queue: list[dict[int, LaterTask]] = [{} for _ in range(queues)]
+        self._sources: list[InFlightSource] = []
+
+    def attach(self, source: InFlightSource) -> None:
+        """Count ``source``'s requests in flight among ours (one per process)."""
+        self._sources.append(source)
 
     def add(self, slot: int, task: LaterTask) -> None:
         self._by_queue[slot][task.head] = task
@@ -63,8 +85,10 @@ class LaterTasks:
 
     def count(self, slot: int | None = None) -> int:
         if slot is None:
-            return sum(map(len, self._by_queue))
-        return len(self._by_queue[slot])
+            mine = sum(map(len, self._by_queue))
+        else:
+            mine = len(self._by_queue[slot])
+        return mine + sum(source.count(slot) for source in self._sources)
 
     def matching(self, target: int, lun: int = ALL_LUNS, tag: int | None = None,
                  slot: int | None = None) -> Iterator[LaterTask]:
@@ -74,9 +98,14 @@ class LaterTasks:
                 if (task.target == target and (lun == ALL_LUNS or task.lun == lun)
                         and (tag is None or task.tag == tag)):
                     yield task
+        for source in self._sources:
+            yield from source.matching(target, lun, tag, slot)
 
     def in_queue(self, slot: int) -> list[LaterTask]:
-        return list(self._by_queue[slot].values())
+        tasks = list(self._by_queue[slot].values())
+        for source in self._sources:
+            tasks.extend(source.matching(None, ALL_LUNS, None, slot))
+        return tasks
 
 
 def abort_all(tasks: list[LaterTask], response: int, done: Callable[[int], None]) -> None:

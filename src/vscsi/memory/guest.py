@@ -146,6 +146,12 @@ class GuestMemory:
             return None
         return self._starts[0], self._sizes[0], self._views[0]
 
+    def region_views(self) -> list[tuple[int, int, memoryview]]:
+        """(guest start, size, view) of every region, in address order: what a compiled
+        data plane translates addresses with (it holds the views' buffers, so the
+        mappings outlive :meth:`close` while it runs)."""
+        return list(zip(self._starts, self._sizes, self._views, strict=True))
+
     def view(self, addr: int, length: int) -> memoryview:
         """A writable view of guest-physical ``[addr, addr+length)``, which must lie in one
         region. Hot path: one bisect, one comparison, one slice."""

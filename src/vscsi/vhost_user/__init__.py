@@ -29,7 +29,15 @@ from .codec import (
 from .frontend import BackendGone, FrontendClient, RequestRefused, attach_ring
 from .server import BackendServer, ServerError, bind_unix_socket
 from .stats import QueueStats
-from .workers import Pacing, QueueHost, WorkerPlan, cpu_list, plan_workers
+from .workers import (
+    Pacing,
+    PythonServing,
+    QueueHost,
+    QueueServing,
+    WorkerPlan,
+    cpu_list,
+    plan_workers,
+)
 
 __all__ = [
     "PROTOCOL_FEATURES",
@@ -43,7 +51,9 @@ __all__ = [
     "MessageReader",
     "ProtocolFeature",
     "Pacing",
+    "PythonServing",
     "QueueHost",
+    "QueueServing",
     "QueueStats",
     "RemoteProtocolError",
     "Request",

@@ -35,7 +35,7 @@ from . import codec
 from .backend import PROTOCOL_FEATURES, Disconnect, Session, SessionOptions
 from .codec import MAX_FDS, MessageReader, RemoteProtocolError, Request, Role
 from .stats import QueueStats
-from .workers import Pacing, QueueHost, VirtioDevice, plan_workers
+from .workers import Pacing, QueueHost, QueueServing, VirtioDevice, plan_workers
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class BackendServer:
         max_sessions: int | None = None,
         pacing: Pacing | None = None,
         workers: int | None = None,
+        serving: QueueServing | None = None,
     ) -> None:
         self.device = device
         self.socket_path = socket_path
@@ -94,7 +95,8 @@ class BackendServer:
         self._wake_w.setblocking(False)
         plan = plan_workers(device.queue_roles(), cpus, workers)
         self.queues = QueueHost(device, self.stats, workers=plan,
-                                inherited=self._main_sockets, pacing=pacing)
+                                inherited=self._main_sockets, pacing=pacing,
+                                serving=serving)
         self._stats_written = 0.0
         self._stats_last: object = None
         # fd -> (socket, callback): sockets others poll through this loop (see add_reader)

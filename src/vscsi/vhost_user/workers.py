@@ -215,13 +215,83 @@ class RingSpec:
                            inflight=part)
 
 
+class Served(Protocol):
+    """One ring a worker serves, as the worker manages it: what a serving (below) builds
+    for each ring. _Served is the Python path's; vscsi.dataplane's compiled one has the
+    same face."""
+
+    index: int
+    ring: AnyDeviceRing
+    kick_fd: int
+    call_fd: int
+    coalescer: Coalescer
+    completed: int          # answered later since the last publish
+    stopping: bool          # being removed: requests in flight end, no new ones
+    end_pass: Callable[[], None] | None
+
+    def on_kick(self) -> None: ...
+    def complete(self, head: int, written: int) -> None: ...
+    def serve(self, now: float, rearm: bool) -> str | None: ...
+    def publish(self, now: float) -> None: ...
+    def signal(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class QueueServing(Protocol):
+    """How a worker process serves its rings: the served ring it builds for each, how a
+    kick reaches it, and the loop that waits for kicks. :class:`PythonServing` is the
+    reference; vscsi.dataplane's compiled serving runs the same decisions in C (the
+    wiring above picks one: ``vscsi serve --dataplane``)."""
+
+    name: str
+
+    def served(self, worker: _Worker, index: int, ring: AnyDeviceRing, kick_fd: int,
+               call_fd: int, row: memoryview, coalescer: Coalescer) -> Served: ...
+
+    def watch(self, worker: _Worker, served: Served) -> None:
+        """Wait for ``served``'s kicks from now on."""
+        ...
+
+    def unwatch(self, worker: _Worker, served: Served) -> None:
+        """No more kicks for ``served`` (it is being removed)."""
+        ...
+
+    def run(self, worker: _Worker) -> None:
+        """Serve the worker's rings until the last one leaves."""
+        ...
+
+
+class PythonServing:
+    """The Python path: a :class:`_Served` per ring, kicks through the worker's event
+    loop, :meth:`_Worker.run_python` as the loop."""
+
+    name = "python"
+
+    def served(self, worker: _Worker, index: int, ring: AnyDeviceRing, kick_fd: int,
+               call_fd: int, row: memoryview, coalescer: Coalescer) -> Served:
+        return _Served(index, ring, worker.device, kick_fd, call_fd, row, coalescer,
+                       worker.kicked)
+
+    def watch(self, worker: _Worker, served: Served) -> None:
+        if served.kick_fd >= 0:
+            worker.loop.add_reader(served.kick_fd, served.on_kick)
+
+    def unwatch(self, worker: _Worker, served: Served) -> None:
+        if served.kick_fd >= 0:
+            worker.loop.remove_reader(served.kick_fd)
+
+    def run(self, worker: _Worker) -> None:
+        worker.run_python()
+
+
 class _Served:
     """One ring a worker serves: its ring, handler, fds, counters and interrupt pacing.
     Requests answered later come back through :meth:`complete`; what they filled is
     published (and signalled) at the end of the loop pass, with everything else."""
 
-    def __init__(self, index: int, ring: DeviceRing, device: VirtioDevice,
-                 kick_fd: int, call_fd: int, row: memoryview, coalescer: Coalescer) -> None:
+    def __init__(self, index: int, ring: AnyDeviceRing, device: VirtioDevice,
+                 kick_fd: int, call_fd: int, row: memoryview, coalescer: Coalescer,
+                 kicked: list[Served]) -> None:
         self.index = index
         self.ring = ring
         self.handle = device.handler_for(index, self.complete)
@@ -234,7 +304,7 @@ class _Served:
         self.coalescer = coalescer
         self.completed = 0  # answered later since the last publish
         self.stopping = False  # being removed: requests in flight end, no new ones
-        self.kicked: list[_Served] = []  # the worker's list of rings kicked this pass
+        self.kicked = kicked  # the worker's list of rings kicked this pass
 
     def on_kick(self) -> None:
         """The kick eventfd is readable (the loop's reader): reset it, serve this pass."""
@@ -321,23 +391,26 @@ class _Worker:
 
     def __init__(self, mem: GuestMemory, ctl: socket.socket, device: VirtioDevice,
                  stats: st.QueueStats, pacing: Pacing,
-                 inflight: memoryview | None = None) -> None:
+                 inflight: memoryview | None = None,
+                 serving: QueueServing | None = None) -> None:
         self.mem = mem
         self.inflight = inflight  # the in-flight region, as it was when we were forked
         self.ctl = ctl
         self.device = device
         self.stats = stats
         self.pacing = pacing
-        self.served: dict[int, _Served] = {}
+        self.serving = serving or PythonServing()
+        self.served: dict[int, Served] = {}
+        self.generation = 0  # bumped whenever a ring joins or leaves (a loop's cue)
         self.poll = AdaptivePoll(pacing.poll_s)
         self.loop = EventLoop()
         self.loop.add_reader(ctl.fileno(), self._on_ctl)
-        self._kicked: list[_Served] = []
+        self.kicked: list[Served] = []
         # Something must wake the loop without an fd: a held interrupt falls due, or a
         # ring has no kick fd (polled). Known when rings come and go, not every pass.
-        self._timed = False
-        self._kickless: list[_Served] = []  # rings without a kick fd: served every pass
-        self._gone = False  # the main process closed our control channel
+        self.timed = False
+        self.kickless: list[Served] = []  # rings without a kick fd: served every pass
+        self.gone = False  # the main process closed our control channel
         set_scheduler = getattr(device, "set_scheduler", None)
         if set_scheduler is not None:
             set_scheduler(self.loop)
@@ -346,12 +419,12 @@ class _Worker:
 
     def add(self, index: int, ring: DeviceRing, kick_fd: int, call_fd: int) -> None:
         row = self.stats.row(index)
-        served = _Served(index, ring, self.device, kick_fd, call_fd, row,
-                         Coalescer(self.pacing.coalesce_count, self.pacing.coalesce_s))
+        served = self.serving.served(
+            self, index, ring, kick_fd, call_fd, row,
+            Coalescer(self.pacing.coalesce_count, self.pacing.coalesce_s))
         self.served[index] = served
-        served.kicked = self._kicked
-        if kick_fd >= 0:
-            self.loop.add_reader(kick_fd, served.on_kick)
+        self.generation += 1
+        self.serving.watch(self, served)
         self._retime()
         row[st.PID] = os.getpid()
         row[st.STATE] = st.STATE_RUNNING
@@ -366,8 +439,8 @@ class _Worker:
         last_avail_idx."""
         served = self.served[index]
         served.stopping = True
-        if served.kick_fd >= 0:
-            self.loop.remove_reader(served.kick_fd)
+        self.generation += 1
+        self.serving.unwatch(self, served)
 
         def drained() -> None:
             served.publish(time.monotonic())
@@ -376,6 +449,7 @@ class _Worker:
             if served.coalescer.flush():
                 served.signal()
             self.served.pop(index, None)
+            self.generation += 1
             served.close()
             self._retime()
             answer(served.ring.last_avail_idx)
@@ -406,7 +480,7 @@ class _Worker:
     def _on_ctl(self) -> None:
         msg, fds = recv_ctl(self.ctl)
         if msg is None:
-            self._gone = True
+            self.gone = True
             return
         self.command(msg, fds)
 
@@ -490,11 +564,11 @@ class _Worker:
     # -- the loop
 
     def _retime(self) -> None:
-        self._kickless = [s for s in self.served.values() if s.kick_fd < 0]
-        self._timed = bool(self._kickless) or any(
+        self.kickless = [s for s in self.served.values() if s.kick_fd < 0]
+        self.timed = bool(self.kickless) or any(
             s.coalescer.active for s in self.served.values())
 
-    def _timeout(self, now: float) -> float | None:
+    def timeout(self, now: float) -> float | None:
         """Seconds the loop may sleep: until the next held interrupt is due, or the poll
         interval of a ring without a kick fd; None: until something happens."""
         timeout: float | None = None
@@ -544,27 +618,30 @@ class _Worker:
         return found
 
     def run(self) -> None:
-        """The loop: sleep until a kick (or a timer, or an answer that came later), serve
-        the kicked rings, poll on if the adaptive window says so, then publish what was
-        answered later and signal held interrupts that fell due. Per-pass work is kept to
-        attribute checks: this runs once per wake-up."""
+        """Serve the rings until the last one leaves (the serving's loop)."""
+        self.serving.run(self)
+
+    def run_python(self) -> None:
+        """The Python path's loop: sleep until a kick (or a timer, or an answer that came
+        later), serve the kicked rings, poll on if the adaptive window says so, then publish
+        what was answered later and signal held interrupts that fell due."""
         run_once = self.loop.run_once
         monotonic = time.monotonic
         poll = self.poll
         polling = poll.max_window > 0  # off: the window stays 0, no call per wake-up
-        kicked = self._kicked
+        kicked = self.kicked
         asleep_since = monotonic()
-        while (self.served or self.device_in_flight()) and not self._gone:
-            run_once(self._timeout(asleep_since) if self._timed else None)
+        while (self.served or self.device_in_flight()) and not self.gone:
+            run_once(self.timeout(asleep_since) if self.timed else None)
             now = monotonic()
             if kicked:
                 serve, kicked[:] = list(kicked), ()
             else:
                 serve = []
-            if self._kickless:
+            if self.kickless:
                 # Rings without a kick fd are looked at on every pass, not only when
                 # nothing else woke the loop: a steadily kicked ring would starve them.
-                serve.extend(s for s in self._kickless if s not in serve)
+                serve.extend(s for s in self.kickless if s not in serve)
             if serve and polling:
                 poll.woke(now - asleep_since)
             window = poll.window
@@ -658,9 +735,12 @@ class QueueHost:
         workers: Sequence[WorkerPlan] | None = None,
         inherited: Callable[[], Iterable[socket.socket]] = lambda: (),
         pacing: Pacing | None = None,
+        serving: QueueServing | None = None,
     ) -> None:
         self.device = device
         self.pacing = pacing or Pacing()
+        #: how the workers serve their rings (the data plane): Python unless told
+        self.serving = serving or PythonServing()
         self.stats = stats
         self.roles = tuple(device.queue_roles())
         self.workers = list(workers) if workers is not None else plan_workers(self.roles, cpus)
@@ -971,7 +1051,7 @@ class QueueHost:
                         log.warning("worker %d: cannot pin to CPU %d: %s", number, cpu, exc)
                 row[st.CPU] = cpu + 1 if cpu is not None else 0
                 worker = _Worker(mem, child_end, self.device, self.stats, self.pacing,
-                                 self._inflight)
+                                 self._inflight, self.serving)
                 worker.add(index, ring, kick_fd, call_fd)
                 worker.run()
             except BaseException:

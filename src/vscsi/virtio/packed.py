@@ -232,6 +232,7 @@ class PackedDeviceRing:
         desc = mem.view(a.desc, DESC_SIZE * a.size)
         driver = mem.view(a.avail, EVENT_AREA_BYTES)
         device = mem.view(a.used, EVENT_AREA_BYTES)
+        self._mem = mem
         self._view = mem.view
         self._desc, self._driver, self._device = desc, driver, device
 
