@@ -234,6 +234,12 @@ cdef class FastScsi:
         e.row = -1 if slot is None else stats._lun_row(self.slot, slot)
         return True
 
+    def release(self):
+        """Let go of every buffer (the queue stops): everything goes to the Python path."""
+        self.enabled = False
+        self.nluns = 0
+        self.holds = []
+
     # -- look up ------------------------------------------------------------------------------
 
     cdef Lun *find(self, const uint8_t *field) noexcept:

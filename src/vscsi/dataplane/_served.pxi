@@ -135,6 +135,8 @@ cdef class CompiledServed:
     cdef readonly long later            # of them, how many
     cdef long python_later              # answered later by the Python path
     cdef bint python_counted            # the Python path counted since the last end_pass
+    cdef readonly long fast_served      # requests the fast path answered (now or later)
+    cdef readonly long handed_over      # requests the Python path took
     cdef dict waiters                   # head -> callbacks for when it finishes (TMFs)
     cdef object tables                  # head -> the MemoryTable its I/O runs in
 
@@ -204,6 +206,7 @@ cdef class CompiledServed:
             if fd >= 0:
                 os.close(fd)
         self.kick_fd = self.call_fd = -1
+        self.fast.release()
 
     # -- one pass -------------------------------------------------------------------------------
 
@@ -286,10 +289,13 @@ cdef class CompiledServed:
             r = &self.reqs[c.head]
             written = self.fast.serve(&c, r if not r.busy else NULL)
             if written >= 0:
+                self.fast_served += 1
                 ring.fill_c(c.head, <uint32_t>written)
             elif written == LATER:
+                self.fast_served += 1
                 self.start_later(r, c.head)
             else:
+                self.handed_over += 1
                 self.hand_over(&c)
         return 0
 
@@ -344,6 +350,8 @@ cdef class CompiledServed:
             self.fast.respond(r.resp.ptr, 0, 0)
             written = self.fast.resp_len + (0 if r.write else r.nbytes)
         else:
+            self.fast_served -= 1
+            self.handed_over += 1
             self.fast.undo(e.target, r.switched)
             self.python_counted = True
             try:
@@ -451,6 +459,18 @@ cdef class CompiledServing:
 
     def run(self, worker):
         Loop(self, worker).run()
+
+    # -- the io_uring, for a loop of someone else's (tests, a Python loop) ------------------------
+
+    @property
+    def io_fd(self):
+        """The fd that turns readable when I/O completed (-1: no io_uring here)."""
+        return self.uring.fd if self.uring is not None else -1
+
+    def reap(self):
+        """Answer every I/O that completed (each request in its ring)."""
+        if self.uring is not None:
+            self.uring.reap()
 
     # -- the device's in-flight source (device/later.py InFlightSource) --------------------------
 
