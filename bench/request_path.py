@@ -3,10 +3,13 @@ fills a queue with READ(16)/WRITE(16) commands for a null, RAM or file LUN, the 
 drains it (pop, walk, decode, execute, respond, push), and we time only the drain.
 
     PYTHONPATH=src python bench/request_path.py [--backend null|ram] [--batch 32]
-        [--rounds 2000] [--packed] [--indirect] [--profile]
+        [--rounds 2000] [--packed] [--indirect] [--plane python|compiled] [--profile]
 
 Prints µs per request (median of 5 repetitions). This is the floor under `vscsi bench
 --socket`'s backend CPU per request: what remains there is wake-ups and eventfds.
+``--plane compiled`` times one pass of the compiled data plane's served ring (its C ring
+and request fast path, counters and notify decision included); ``python`` (the default)
+the Python path's drain and handler.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import pstats
 import statistics
 import struct
 import time
+from types import SimpleNamespace
 
+from vscsi.dataplane import compiled
 from vscsi.device import ScsiConfig, VirtioScsiDevice, encode_lun
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.scsi import build_targets, parse_lun_spec
+from vscsi.vhost_user import stats as st
+from vscsi.vhost_user.pacing import Coalescer
 from vscsi.virtio import (
     DeviceRing,
     DriverRing,
@@ -46,6 +53,8 @@ def main() -> None:
     p.add_argument("--packed", action="store_true", help="packed rings (default: split)")
     p.add_argument("--indirect", action="store_true",
                    help="each request one indirect table, as Linux sends them")
+    p.add_argument("--plane", choices=("python", "compiled"), default="python",
+                   help="the data plane timed (default: the Python path)")
     p.add_argument("--profile", action="store_true")
     a = p.parse_args()
     targets = build_targets([parse_lun_spec(f"0:0={a.backend}")])
@@ -61,11 +70,22 @@ def main() -> None:
         addrs = ring_layout(size, alloc.alloc(ring_bytes(size), 4096))
         drv = DriverRing(mem, addrs, event_idx=True)
         dev = DeviceRing(mem, addrs, event_idx=True)
-    handler = device.handler_for(2)
-    # what a worker calls after each pass (counters made visible); a device without it
-    # (before the counters were per pass) counted per request
-    make_end_pass = getattr(device, "end_pass", None)
-    end_pass = make_end_pass(2) if make_end_pass is not None else (lambda: None)
+    if a.plane == "compiled":
+        if compiled is None:
+            p.error("the compiled data plane is not built")
+        stats = st.QueueStats(device.queue_roles())
+        served = compiled.CompiledServing().served(
+            SimpleNamespace(device=device), 2, dev, -1, -1, stats.row(2), Coalescer())
+
+        def serve() -> None:
+            served.serve(0.0, True)
+    else:
+        handler = device.handler_for(2)
+        end_pass = device.end_pass(2)   # what a worker calls after each pass
+
+        def serve() -> None:
+            drain(dev, handler)
+            end_pass()
     bufs = []
     for i in range(a.batch):
         op = 0x8A if a.write else 0x88
@@ -87,8 +107,7 @@ def main() -> None:
                         indirect=table)
         drv.publish()
         t = time.perf_counter()
-        drain(dev, handler)
-        end_pass()
+        serve()
         dt = time.perf_counter() - t
         drv.reclaim()
         return dt
@@ -105,6 +124,7 @@ def main() -> None:
     runs = [run() for _ in range(5)]
     print(f"{statistics.median(runs):.2f} µs per request (device side, batch {a.batch}, "
           f"{a.backend}{', write' if a.write else ''}{', packed' if a.packed else ''}"
+          f"{', compiled' if a.plane == 'compiled' else ''}"
           f"{', indirect' if a.indirect else ''}); runs {', '.join(f'{r:.2f}' for r in runs)}")
 
 

@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from vhost_user.rig import ServeProcess, TestGuest, write10
+
+from tests.vhost_user.rig import ServeProcess, TestGuest, write10
 
 
 def run_serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -9,8 +9,7 @@ import struct
 import threading
 import time
 
-from vhost_user.rig import READ_CAPACITY_10, Response, ServeProcess, TestGuest
-
+from tests.vhost_user.rig import READ_CAPACITY_10, Response, ServeProcess, TestGuest
 from vscsi.rpc import Client
 
 EVENT = struct.Struct("<I8sI")

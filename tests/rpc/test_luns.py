@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from vhost_user.rig import READ_CAPACITY_10, ServeProcess, read10, write10
 
+from tests.vhost_user.rig import READ_CAPACITY_10, ServeProcess, read10, write10
 from vscsi.device.wire import encode_lun
 
 from .frontend import (

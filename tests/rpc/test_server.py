@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vhost_user.rig import ServeProcess
 
+from tests.vhost_user.rig import ServeProcess
 from vscsi.rpc import Client, MethodError, RpcError, RpcServer
 from vscsi.rpc.server import MAX_LINE
 

@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from vhost_user.rig import ServeProcess, read10, write10
 
+from tests.vhost_user.rig import ServeProcess, read10, write10
 from vscsi.serve import notify_systemd
 
 from .frontend import Guest, rpc, start_serve

@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from vscsi.virtio import (
     ChainError,
     DeviceRing,
-    InflightQueue,
     RingBroken,
     drain,
-    queue_region_size,
 )
 
 from .rig import INDIRECT, NEXT, WRITE, RawDriver, Rig, reverse_handler
@@ -356,58 +352,3 @@ def test_walk_over_two_regions_and_across_their_gap() -> None:
     finally:
         mem.close()
         os.close(fd)
-
-
-class _OneByOne:
-    """A DeviceRing seen only through the DeviceSide protocol (no serve_available), so
-    drain takes its generic pop / fill loop."""
-
-    def __init__(self, ring: DeviceRing) -> None:
-        self._ring = ring
-
-    def __getattr__(self, name: str):
-        if name == "serve_available":
-            raise AttributeError(name)
-        return getattr(self._ring, name)
-
-
-@given(st.lists(st.sampled_from(["good", "bad", "later", "raises"]), min_size=1,
-                max_size=SIZE), st.booleans())
-def test_drains_inner_loop_matches_pop_and_fill(kinds, tracked):
-    """The split ring's one-frame inner loop (serve_available) leaves the rings exactly
-    as the generic loop over pop() and fill() does: used elements, indices, counters,
-    and (with in-flight tracking, as under QEMU) the in-flight region."""
-    outcomes = []
-    for generic in (False, True):
-        region = memoryview(bytearray(queue_region_size(SIZE)))
-        tracker = {"tracker": InflightQueue(region, SIZE)} if tracked else {}
-        with Rig(SIZE, event_idx=True, **tracker) as rig:
-            raw = RawDriver(rig)
-            for i, kind in enumerate(kinds):
-                if kind == "bad":
-                    raw.desc(i, *rig.buf(4), NEXT, SIZE)  # next out of range
-                else:
-                    raw.desc(i, *rig.buf(8), WRITE)
-            raw.post(*range(len(kinds)))
-
-            def handle(chain):
-                kind = kinds[chain.head]
-                if kind == "raises":
-                    raise RuntimeError("device bug")
-                return None if kind == "later" else 8 - chain.head % 3
-
-            ring = _OneByOne(rig.dev) if generic else rig.dev
-            raised = 0
-            while True:
-                try:
-                    drain(ring, handle)
-                    break
-                except RuntimeError:
-                    raised += 1
-            dev = rig.dev
-            outcomes.append((raised, raw.used_idx(),
-                             [raw.used(k) for k in range(raw.used_idx())],
-                             dev.inflight, dev.taken, dev.last_avail_idx, dev.needs_notify(),
-                             bytes(region)))
-    assert outcomes[0] == outcomes[1]
-    assert outcomes[0][3] == kinds.count("later")

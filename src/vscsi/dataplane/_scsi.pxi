@@ -201,7 +201,7 @@ cdef class FastScsi:
     cdef bint _describe(self, Lun *e, int t, int lun, unit, stats, bint uring) except -1:
         """Fill ``e`` for a unit the fast path serves; False for one it leaves to the
         Python path (filters, plugins, NBD, a thread pool, a backend of a subclass)."""
-        if type(unit) is not LogicalUnit or unit.filters._filters:
+        if type(unit) is not LogicalUnit or len(unit.filters):
             return False
         backend = unit.backend
         kind = type(backend)

@@ -39,23 +39,13 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
 from vscsi.device.later import LaterTask, LaterTasks, abort_all
-from vscsi.device.stats import (
-    ERRORS,
-    HISTS,
-    HIT,
-    LAST_BUCKET,
-    READ_BYTES,
-    REQUESTS,
-    TOUCHED,
-    WRITE_BYTES,
-    DeviceStats,
-    QueueCounters,
-)
-from vscsi.device.tasks import ALL_LUNS, HOLD_SIZE, TaskTable, pack_slot
+from vscsi.device.stats import DeviceStats, QueueCounters
+from vscsi.device.tasks import ALL_LUNS, TaskTable
 from vscsi.device.wire import (
     AN_REQ,
     AN_RESP,
@@ -117,7 +107,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_LUN_CACHE_MAX = 4096
 _now_ns = time.monotonic_ns
 
 #: What we offer. Not INOUT (no bidirectional commands), not T10_PI, not ANY_LAYOUT (a
@@ -171,14 +160,12 @@ class VirtioScsiDevice:
         self.driver_features: int | None = None
         self.events = EventQueue(event_capacity, event_max_age)
         self.tasks = TaskTable(config.num_queues)
-        self._task_mem = self.tasks.mem  # the request path writes its slot inline
         #: requests whose result comes later, per queue (only in the worker serving it)
         self.later = LaterTasks(config.num_queues)
         #: how a TMF reaches the requests in flight in every worker: the back-end wires
         #: it to its workers (attach_broadcast); alone, the device asks itself
         self._broadcast: Callable[[dict[str, Any], float], list[dict[str, Any]]] = \
             self._ask_self
-        self._lun_cache: dict[bytes, tuple[int, int]] = {}
         #: per-LUN and per-target counters in shared memory (see .stats)
         self.stats = DeviceStats(config.num_queues)
         for t, target in targets.items():
@@ -243,7 +230,7 @@ class VirtioScsiDevice:
             # dict and no range check per request.
             slot = queue_index - FIRST_REQUEST_QUEUE
             return functools.partial(self._serve_request, slot, complete,
-                                     self.stats.counters(slot), self.tasks.slot_offset(slot))
+                                     self.stats.counters(slot))
         raise ValueError(
             f"queue {queue_index} does not exist (device has {self.config.num_queues} "
             f"request queues, indices {FIRST_REQUEST_QUEUE}..)"
@@ -262,7 +249,7 @@ class VirtioScsiDevice:
         if not 0 <= slot < self.tasks.queues:
             raise ValueError(f"queue {queue_index} is not a request queue of this device")
         counters = self.stats.counters(slot)
-        result = self._serve_request(slot, None, counters, self.tasks.slot_offset(slot), chain)
+        result = self._serve_request(slot, None, counters, chain)
         counters.flush()
         assert result is not None  # no completion callback: never answered later
         return result
@@ -274,136 +261,98 @@ class VirtioScsiDevice:
         return self.stats.counters(queue_index - FIRST_REQUEST_QUEUE).flush
 
     def _serve_request(self, slot: int, complete: Callable[[int, int], None] | None,
-                       counters: QueueCounters, task_off: int, chain: Chain) -> int | None:
-        """handle_request for task slot ``slot`` (0-based, already checked). The steps:
-        locate the two headers, look up the target, execute under the task table,
-        respond with the residual."""
-        wr = chain.writable
-        rd = chain.readable
-        if wr and rd and len(wr[0]) == self._resp_len and len(rd[0]) == self._req_len:
-            # Linux's layout, _locate inlined: each header is a descriptor of its own.
-            resp_buf = wr[0]
-            data_in = wr[1:]
-            lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack_from(rd[0])
-            data_out = rd[1:]
-        else:
-            located = self._locate(chain)
-            if located.__class__ is int:
-                return located if located == 0 else self._respond(wr, None, located)
-            resp_buf, data_in, lun_field, tag, cdb, data_out = located
-        # task_attr / prio / crn are ignored: a queue runs its requests one at a time in
-        # order, which satisfies SIMPLE, ORDERED and HEAD OF QUEUE alike.
-
-        addr = self._lun_cache.get(lun_field) or self._decode_lun(lun_field)
+                       counters: QueueCounters, chain: Chain) -> int | None:
+        """handle_request for task slot ``slot`` (0-based, already checked), in four steps:
+        locate the two headers, look up the LUN (and count the arrival), execute under the
+        task table, respond. Returns the bytes written, or None: answered later."""
+        request = self._locate(chain)
+        if request.__class__ is int:
+            return request if request == 0 else self._respond(chain.writable, None, request)
+        addr = decode_lun(request.lun_field)
         if addr is None:
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+            return self._respond(chain.writable, request.resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
         t, lun = addr
         if self.on_arrival is not None:
-            self.on_arrival(t, lun, tag)
-        # Counted into this queue's local counters (flushed once per pass: .stats):
-        # counters.arrive(t, row), inlined.
-        row = counters.rows.get(addr) or counters.row(addr)
-        if row is not None:
-            row[REQUESTS] += 1
-            if not row[TOUCHED]:
-                row[TOUCHED] = 1
-                counters.touched.append(row)
-        else:
-            counters.unrowed(t)
-        cell = counters.running(t) if counters.multi else -1
+            self.on_arrival(t, lun, request.tag)
+        counters.arrive(t, counters.row(addr))
         target = self.targets.get(t)
         if target is None:
             counters.left(t)
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
-        if data_out and data_in and total(data_out) and total(data_in):
+            return self._respond(chain.writable, request.resp_buf, VIRTIO_SCSI_S_BAD_TARGET)
+        if request.data_out and request.data_in and total(request.data_out) and \
+                total(request.data_in):
             # Bidirectional needs VIRTIO_SCSI_F_INOUT, which we do not offer; the spec
             # leaves the answer to the device. Like QEMU: a transport-level FAILURE, not
             # a SCSI CHECK CONDITION, since the target never saw the command.
             counters.left(t)
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
+            return self._respond(chain.writable, request.resp_buf, VIRTIO_SCSI_S_FAILURE)
+        return self._execute(slot, complete, counters, chain, request, target, addr)
 
-        # Execute, with the task published in this queue's slot (at task_off) so a TMF on
-        # the control queue can see it, hold it off, or cancel it: TaskTable.begin inlined.
-        task_mem = self._task_mem
-        pack_slot(task_mem, task_off, 0, 0, t, lun, tag)
-        task_mem[task_off] = 1                          # active, published last
-        if task_mem[t * HOLD_SIZE]:                     # a TMF holds the target
-            held = self.tasks.hold_response(t, lun)
-            if held:
-                task_mem[task_off] = 0
-                counters.left(t)
-                return self._respond(wr, resp_buf, held)
+    def _execute(self, slot: int, complete: Callable[[int, int], None] | None,
+                 counters: QueueCounters, chain: Chain, request: _Located,
+                 target: ScsiTarget, addr: tuple[int, int]) -> int | None:
+        """Run the command with its task published in the queue's slot (a TMF on the
+        control queue can see it, hold it off, or cancel it), and respond -- or keep it
+        in flight (a Pending: answered later)."""
+        t, lun = addr
+        wr = chain.writable
+        # task_attr / prio / crn are ignored (the queue runs SIMPLE tasks in any order)
+        held = self.tasks.begin(slot, t, lun, request.tag)
+        if held:                                        # a TMF holds the LUN
+            counters.left(t)
+            return self._respond(wr, request.resp_buf, held)
         started = _now_ns()
         try:
-            result = target.submit(lun, cdb, data_out, data_in, slot)
+            result = target.submit(lun, request.cdb, request.data_out, request.data_in, slot)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
-            task_mem[task_off] = 0
+            self.tasks.end(slot)
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
-            log.exception("target %d lun %d: command %s failed", t, lun, cdb[:1].hex())
-            return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-        cancelled = task_mem[task_off + 1]              # TaskTable.end inlined
-        task_mem[task_off] = 0
-        if result.__class__ is not ScsiResult and isinstance(result, Pending):
-            if complete is None:
-                result.abort()
-                counters.done(t, addr, True, 0, 0, _now_ns() - started)
-                log.error("target %d lun %d: command %s answers later, which this queue "
-                          "cannot wait for", t, lun, cdb[:1].hex())
-                return self._respond(wr, resp_buf, VIRTIO_SCSI_S_FAILURE)
-            task = _AnsweredLater(chain.head, t, lun, tag, result, self, counters, complete,
-                                  wr, resp_buf, data_out, data_in, started, addr)
-            self.later.add(slot, task)
-            result.then(task.answer)
-            if cancelled:  # a TMF came while it started: it ends with that TMF's answer
-                task.cancel = cancelled
-                result.abort()
-            return None
+            log.exception("target %d lun %d: command %s failed", t, lun,
+                          request.cdb[:1].hex())
+            return self._respond(wr, request.resp_buf, VIRTIO_SCSI_S_FAILURE)
+        cancelled = self.tasks.end(slot)
+        if isinstance(result, Pending):
+            return self._answer_later(slot, complete, counters, chain, request, addr,
+                                      result, cancelled, started)
         if cancelled:                   # a TMF aborted / reset it while it ran
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
-            return self._respond(wr, resp_buf, cancelled)
-        # counters.done(), inlined: the bytes the target says it moved (our own scsi
-        # layer: no clamping needed), latency bucket by bit length. The row is the one
-        # touched at arrival, in this same pass.
-        if cell >= 0:  # counters.left(t), inlined
-            inflight = counters.inflight
-            count = inflight[cell]
-            if count:
-                inflight[cell] = count - 1
-        if row is not None:
-            bucket = ((_now_ns() - started) // 1000).bit_length()
-            if bucket > LAST_BUCKET:
-                bucket = LAST_BUCKET
-            hists = row[HISTS]
-            if not hists[bucket]:
-                row[HIT].append(bucket)
-            hists[bucket] += 1
-            row[READ_BYTES] += result.data_in
-            row[WRITE_BYTES] += result.data_out
-            if result.status:
-                row[ERRORS] += 1
-        if resp_buf is not None and not result.sense and not result.overrun and \
-                len(data_in) + len(data_out) == 1:
-            # _respond_result inlined for one data buffer and no sense (READ / WRITE)
-            if data_in:
-                length = data_in[0].nbytes
-                moved = result.data_in
-            else:
-                length = data_out[0].nbytes
-                moved = result.data_out
-            moved = length if moved > length else moved if moved > 0 else 0
-            self._resp.pack_into(resp_buf, 0, 0, length - moved, 0, result.status & 0xFF,
-                                 VIRTIO_SCSI_S_OK, b"")
-            return self._resp_len + moved if data_in else self._resp_len
-        return self._respond_result(wr, resp_buf, result, data_out, data_in)
+            return self._respond(wr, request.resp_buf, cancelled)
+        counters.done(t, addr, result.status != 0, result.data_in, result.data_out,
+                      _now_ns() - started)
+        return self._respond_result(wr, request.resp_buf, result, request.data_out,
+                                    request.data_in)
 
-    def _locate(self, chain: Chain) -> tuple[memoryview | None, list[memoryview], bytes,
-                                             int, bytes, list[memoryview]] | int:
-        """Find the response header's room and parse the request header:
-        (response buffer or None if split across descriptors, data-in views, LUN field,
-        tag, CDB, data-out views); or 0 when there is no room for a response at all, or
-        VIRTIO_SCSI_S_FAILURE when the request header is short."""
+    def _answer_later(self, slot: int, complete: Callable[[int, int], None] | None,
+                      counters: QueueCounters, chain: Chain, request: _Located,
+                      addr: tuple[int, int], pending: Pending, cancelled: int,
+                      started: int) -> int | None:
+        """Keep a command whose result is a Pending in flight: its answer comes through
+        ``complete`` (_AnsweredLater.answer). A queue without ``complete`` cannot wait:
+        the command fails (VIRTIO_SCSI_S_FAILURE)."""
+        t, lun = addr
+        if complete is None:
+            pending.abort()
+            counters.done(t, addr, True, 0, 0, _now_ns() - started)
+            log.error("target %d lun %d: command %s answers later, which this queue "
+                      "cannot wait for", t, lun, request.cdb[:1].hex())
+            return self._respond(chain.writable, request.resp_buf, VIRTIO_SCSI_S_FAILURE)
+        task = _AnsweredLater(chain.head, t, lun, request.tag, pending, self, counters,
+                              complete, chain.writable, request.resp_buf, request.data_out,
+                              request.data_in, started, addr)
+        self.later.add(slot, task)
+        pending.then(task.answer)
+        if cancelled:  # a TMF came while it started: it ends with that TMF's answer
+            task.cancel = cancelled
+            pending.abort()
+        return None
+
+    def _locate(self, chain: Chain) -> _Located | int:
+        """Find the response header's room and parse the request header; or 0 when there
+        is no room for a response at all, or VIRTIO_SCSI_S_FAILURE when the request header
+        is short. The response buffer is None when the header is split across
+        descriptors (it is then scattered)."""
         # Response room first: without it we cannot answer at all. Common case (Linux):
         # it is the whole first writable descriptor, data-in the following ones.
         wr = chain.writable
@@ -417,7 +366,7 @@ class VirtioScsiDevice:
         else:
             log.debug("request %d: writable part too short for a response", chain.head)
             return 0
-        # Request header: again fast when it fills the first readable descriptor.
+        # Request header: again one descriptor of its own in Linux's layout.
         rd = chain.readable
         req_len = self._req_len
         if rd and len(rd[0]) >= req_len:
@@ -430,16 +379,7 @@ class VirtioScsiDevice:
                 return VIRTIO_SCSI_S_FAILURE
             lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack(header)
             data_out = advance(rd, req_len)
-        return resp_buf, data_in, lun_field, tag, cdb, data_out
-
-    def _decode_lun(self, lun_field: bytes) -> tuple[int, int] | None:
-        """(target, lun) of a LUN field, or None if malformed. A driver uses a handful of
-        distinct fields: their decodings are cached (bounded, so a driver cycling through
-        all 4M valid fields cannot grow the cache)."""
-        addr = decode_lun(lun_field)
-        if addr is not None and len(self._lun_cache) < _LUN_CACHE_MAX:
-            self._lun_cache[lun_field] = addr
-        return addr
+        return _Located(resp_buf, data_in, lun_field, tag, cdb, data_out)
 
     def _respond_result(self, wr: list[memoryview], resp_buf: memoryview | None,
                         result: ScsiResult, data_out: list[memoryview],
@@ -782,6 +722,18 @@ class VirtioScsiDevice:
     def close(self) -> None:
         self.tasks.close()
         self.stats.close()
+
+
+@dataclass(slots=True)
+class _Located:
+    """A request's headers, found in its chain (VirtioScsiDevice._locate)."""
+
+    resp_buf: memoryview | None     # the response header's room; None: split (scattered)
+    data_in: list[memoryview]
+    lun_field: bytes
+    tag: int
+    cdb: bytes
+    data_out: list[memoryview]
 
 
 class _AnsweredLater(LaterTask):

@@ -22,12 +22,13 @@ Tables (q: request queue, 0-based; t: target 0..255; s: a LUN's slot):
 A LUN gets a slot when it is added (slots of removed LUNs are reused, zeroed first);
 counts live as long as the LUN.
 
-The request path does not write the shared rows per request: it adds into its queue's
-:class:`QueueCounters` (plain Python lists and dicts, a few list increments a request),
-which the worker flushes into the shared rows once per pass over the ring, before it
-signals the driver -- so whatever the driver saw completed is counted when it looks.
-Only the in-flight bytes, which other queues read while the request runs, are written
-per request (and only with more than one queue: one queue has no switches).
+The Python path does not write the shared rows per request: it adds into its queue's
+:class:`QueueCounters` (plain Python lists and dicts), which the worker flushes into the
+shared rows once per pass over the ring, before it signals the driver -- so whatever the
+driver saw completed is counted when it looks. Only the in-flight bytes, which other
+queues read while the request runs, are written per request (and only with more than one
+queue: one queue has no switches). The compiled data plane (dataplane/_scsi.pxi) adds
+into the shared rows directly, per request: the same sums.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ HISTS, HIT, REQUESTS, REQUESTS_AT, TOUCHED, OFFSET = 3, 4, 5, 6, 7, 8
 
 
 class QueueCounters:
-    """What one queue counted since its last :meth:`flush`, in this process: plain lists
-    the request path adds into directly (no call per request).
+    """What one queue counted since its last :meth:`flush`, in this process, in plain
+    lists (:meth:`arrive`, :meth:`done`).
 
     * ``rows``: (target, lun) -> the LUN's local row (see HISTS ... OFFSET) while it has a
       slot; :meth:`row` is None for a LUN without one (its commands are not counted, as
@@ -230,8 +231,7 @@ class QueueCounters:
         return row
 
     def arrive(self, t: int, row: list[Any] | None = None) -> None:
-        """A request of target t arrived, for the LUN of ``row`` if it has one (the
-        request path inlines this)."""
+        """A request of target t arrived, for the LUN of ``row`` if it has one."""
         if row is not None:
             row[REQUESTS] += 1
             if not row[TOUCHED]:
@@ -249,8 +249,8 @@ class QueueCounters:
 
     def running(self, t: int) -> int:
         """A request of target t starts on this queue: a switch if another queue runs t
-        (only called with several queues). Returns its cell in ``inflight``, which the
-        request path decrements itself when the request ends (``left``, inlined)."""
+        (only called with several queues). Returns its cell in ``inflight``, which
+        :meth:`left` decrements when the request ends."""
         nq = self.num_queues
         first = t * nq
         mine = first + self.q
@@ -272,8 +272,7 @@ class QueueCounters:
                 inflight[cell] = count - 1
 
     def count(self, row: list[Any], failed: bool, read: int, written: int, ns: int) -> None:
-        """One command of a LUN (its local ``row``) done after ``ns`` nanoseconds (the
-        request path inlines this; the slow paths call it)."""
+        """One command of a LUN (its local ``row``) done after ``ns`` nanoseconds."""
         if not row[TOUCHED]:
             row[TOUCHED] = 1
             self.touched.append(row)
@@ -291,7 +290,7 @@ class QueueCounters:
 
     def done(self, t: int, addr: tuple[int, int], failed: bool, read: int, written: int,
              ns: int) -> None:
-        """A request of ``addr`` = (t, lun) finished (slow paths; the request path inlines it)."""
+        """A request of ``addr`` = (t, lun) finished."""
         self.left(t)
         row = self.row(addr)
         if row is not None:

@@ -17,12 +17,12 @@ without locks:
   new requests to it are answered with that response instead of being executed.
 
 Ordering: a worker publishes its slot (active last), then reads the hold; a TMF raises the
-hold, then scans the slots. The request path (VirtioScsiDevice._serve_request) does what
-:meth:`TaskTable.begin` and :meth:`TaskTable.end` do inline, with ``pack_slot``,
-``HOLD_SIZE`` and :meth:`TaskTable.hold_response` (two calls less per request): change
-them together. Python gives no memory fences, so this is best effort at the
-instant of the race, which is what a TMF racing a command on another queue gets from any
-device; the test suite drives each side deterministically.
+hold, then scans the slots. The request path calls :meth:`TaskTable.begin` and
+:meth:`TaskTable.end` around each command; the compiled data plane (dataplane/_scsi.pxi,
+FastScsi.begin / end) writes the same layout, with fences. Python gives no memory fences,
+so on its path this is best effort at the instant of the race, which is what a TMF racing
+a command on another queue gets from any device; the test suite drives each side
+deterministically.
 """
 
 from __future__ import annotations
@@ -37,13 +37,7 @@ ALL_LUNS = 0xFFFF
 SLOT = struct.Struct("<BBBxHxxQ")           # active, cancel, target, lun, tag
 _SLOT_INFO = struct.Struct("<BxBxHxxQ")     # active, target, lun, tag (cancel skipped)
 HOLD = struct.Struct("<BxH")                # response, lun
-_HOLD_SIZE = HOLD.size
 _TARGETS = 256
-
-
-_pack_slot = pack_slot = SLOT.pack_into
-HOLD_SIZE = _HOLD_SIZE
-_unpack_hold = HOLD.unpack_from
 
 
 class TaskTable:
@@ -54,8 +48,6 @@ class TaskTable:
         self._slots = _TARGETS * HOLD.size      # holds first, then the slots
         # mmap(-1, n) is MAP_SHARED | MAP_ANONYMOUS: forked workers share these pages.
         self._mem = mmap.mmap(-1, self._slots + queues * SLOT.size)
-        # Slot offsets computed once, in a list (the cheapest lookup): begin / end run
-        # once per request.
         self._offsets = [self._slots + q * SLOT.size for q in range(queues)]
 
     # -- request-queue side: one begin / end pair per request, in that queue's worker ----
@@ -85,19 +77,16 @@ class TaskTable:
         except IndexError:
             raise ValueError(f"slot {queue} outside 0..{self.queues - 1}") from None
         mem = self._mem
-        _pack_slot(mem, off, 0, 0, target, lun, tag)
+        SLOT.pack_into(mem, off, 0, 0, target, lun, tag)
         mem[off] = 1                                   # active, published last
-        hold = target * _HOLD_SIZE
-        if mem[hold]:
-            response, held = _unpack_hold(mem, hold)
-            if held == ALL_LUNS or held == lun:
-                mem[off] = 0
-                return response
-        return 0
+        response = self.hold_response(target, lun)
+        if response:
+            mem[off] = 0
+        return response
 
     def hold_response(self, target: int, lun: int) -> int:
         """The response a hold on ``target`` imposes on ``lun`` (0: none applies)."""
-        response, held = _unpack_hold(self._mem, target * _HOLD_SIZE)
+        response, held = HOLD.unpack_from(self._mem, target * HOLD.size)
         return response if held == ALL_LUNS or held == lun else 0
 
     def end(self, queue: int) -> int:

@@ -109,7 +109,6 @@ class GuestMemory:
         self._starts = [r.guest_addr for r in regions]
         self._sizes = [r.size for r in regions]
         self._views = views
-        self._single = len(regions) == 1
 
     @classmethod
     def anonymous(cls, size: int, guest_addr: int = 0) -> GuestMemory:
@@ -138,14 +137,6 @@ class GuestMemory:
         mem._install((replace(mem.regions[0], user_addr=uaddr),), mem._views)
         return mem
 
-    def single_region(self) -> tuple[int, int, memoryview] | None:
-        """(guest start, size, view) of the one region, None unless there is exactly one:
-        a per-descriptor hot path (the ring walk) slices it itself, without a call per
-        descriptor, and asks :meth:`view` only for what falls outside."""
-        if not self._single:
-            return None
-        return self._starts[0], self._sizes[0], self._views[0]
-
     def region_views(self) -> list[tuple[int, int, memoryview]]:
         """(guest start, size, view) of every region, in address order: what a compiled
         data plane translates addresses with (it holds the views' buffers, so the
@@ -154,13 +145,7 @@ class GuestMemory:
 
     def view(self, addr: int, length: int) -> memoryview:
         """A writable view of guest-physical ``[addr, addr+length)``, which must lie in one
-        region. Hot path: one bisect, one comparison, one slice."""
-        if self._single:  # one region (QEMU's usual guest below 4 GiB, our drivers)
-            off = addr - self._starts[0]
-            if off >= 0 and length >= 0 and off + length <= self._sizes[0]:
-                return self._views[0][off:off + length]
-            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside one "
-                                   "region")
+        region: one bisect, one comparison, one slice."""
         i = bisect_right(self._starts, addr) - 1
         if i >= 0 and length >= 0:
             off = addr - self._starts[i]

@@ -207,30 +207,21 @@ class _IoCommand(Pending):
     """A command answered by one backend I/O: ``good`` when it succeeds, the sense the
     synchronous path gives for its OSError when it fails. The I/O owns the guest buffers
     until it ends, so an abort cannot finish the command early (Pending's default).
-    :meth:`io_done` is the I/O's callback: no closure per command."""
+    :meth:`io_done` is the I/O's callback."""
 
     __slots__ = ("good", "write", "lba")
 
     def __init__(self, good: ScsiResult, write: bool, lba: int) -> None:
-        self.result = None      # (Pending's fields, set here: one call less)
-        self._callback = None
-        self.on_abort = None
-        self.aborted = False
+        super().__init__()
         self.good = good
         self.write = write
         self.lba = lba
 
     def io_done(self, outcome: IoOutcome) -> None:
-        if outcome.__class__ is int or not isinstance(outcome, BaseException):
-            result = self.good
+        if isinstance(outcome, BaseException):
+            self.finish(_failed_io(outcome, write=self.write, lba=self.lba))
         else:
-            result = _failed_io(outcome, write=self.write, lba=self.lba)
-        if self.result is None:     # finish(), inlined
-            self.result = result
-            callback = self._callback
-            if callback is not None:
-                self._callback = None
-                callback(result)
+            self.finish(self.good)
 
 
 def _finish_io(io: IoPending, result: ScsiResult, *, write: bool, lba: int) -> Pending:
@@ -248,39 +239,24 @@ def _flush(unit: Unit, lba: int) -> None:
         raise _io_error(e, write=True, lba=lba) from None
 
 
-# -- READ / WRITE: the hot path -----------------------------------------------------------
-
-# The GOOD result of a READ / WRITE that moved n bytes, made once per n (a guest uses a
-# handful of sizes; bounded all the same): no ScsiResult built per request. Results are
-# never changed once made (see ScsiResult), so sharing them is safe.
-_GOOD_READS: dict[int, ScsiResult] = {}
-_GOOD_WRITES: dict[int, ScsiResult] = {}
-_GOOD_CACHE_MAX = 256
-
-
-def _good(cache: dict[int, ScsiResult], nbytes: int, write: bool) -> ScsiResult:
-    result = ScsiResult(GOOD, b"", 0, nbytes) if write else ScsiResult(GOOD, b"", nbytes)
-    if len(cache) < _GOOD_CACHE_MAX:
-        cache[nbytes] = result
-    return result
-
+# -- READ / WRITE ---------------------------------------------------------------------------
+# (the compiled data plane serves the common case of these in C: dataplane/_scsi.pxi)
 
 def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult | Pending:
     nbytes = blocks << unit.block_shift
-    have = data_in[0].nbytes if len(data_in) == 1 else total(data_in)
+    have = total(data_in)
     if nbytes > have:
         # Also catches a READ whose buffers all go the wrong way (data-out only).
         return _overrun()
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
-    result = _GOOD_READS.get(nbytes) or _good(_GOOD_READS, nbytes, False)
+    result = ScsiResult(GOOD, b"", nbytes)
     if nbytes:
         backend = unit.backend
         bufs = data_in if have == nbytes else trim(data_in, nbytes)
         if backend.asynchronous:
-            command = _IoCommand(result, False, lba)   # _finish_io, inlined
-            backend.submit_readv(lba << unit.block_shift, bufs).then(command.io_done)
-            return command
+            return _finish_io(backend.submit_readv(lba << unit.block_shift, bufs), result,
+                              write=False, lba=lba)
         try:
             backend.readv(lba << unit.block_shift, bufs)
         except OSError as e:
@@ -291,14 +267,14 @@ def _read(unit: Unit, lba: int, blocks: int, data_in: Views) -> ScsiResult | Pen
 def _write(unit: Unit, lba: int, blocks: int, fua: int, data_out: Views
            ) -> ScsiResult | Pending:
     nbytes = blocks << unit.block_shift
-    have = data_out[0].nbytes if len(data_out) == 1 else total(data_out)
+    have = total(data_out)
     if nbytes > have:
         return _overrun()
     if unit.read_only:
         raise write_protected()
     if lba + blocks > unit.num_blocks:
         raise lba_out_of_range()
-    result = _GOOD_WRITES.get(nbytes) or _good(_GOOD_WRITES, nbytes, True)
+    result = ScsiResult(GOOD, b"", 0, nbytes)
     if nbytes:
         backend = unit.backend
         bufs = data_out if have == nbytes else trim(data_out, nbytes)

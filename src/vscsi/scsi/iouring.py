@@ -194,17 +194,10 @@ class UringIo:
             if finish_sync is not None and request.op != _FSYNC:
                 bufs = request.bufs
                 assert bufs is not None
-                if outcome.__class__ is not int or outcome < (
-                        bufs[0].nbytes if len(bufs) == 1 else total(bufs)):
+                if not isinstance(outcome, int) or outcome < total(bufs):
                     outcome = self._finish(request, outcome)
             request.iov = request.bufs = None
-            # IoPending.finish, inlined
-            request.outcome = outcome
-            request.done = True
-            callback = request._callback
-            if callback is not None:
-                request._callback = None
-                callback(outcome)
+            request.finish(outcome)
 
     def _finish(self, request: _Request, outcome: Any) -> Any:
         """The whole transfer's outcome: a short one's rest or a refused one done by

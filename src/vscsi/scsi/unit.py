@@ -211,7 +211,7 @@ class LogicalUnit(_Unit):
     def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
                ) -> ScsiResult | Pending:
         """execute() behind the unit's filters: the result may come later (a Pending)."""
-        if not self.filters._filters:  # (ScsiTarget.submit inlines this)
+        if not self.filters:
             return self.execute(cdb, data_out, data_in)
         return self.filters.submit(cdb, data_out, data_in, queue)
 
@@ -269,15 +269,11 @@ class ScsiTarget:
 
     def submit(self, lun: int, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
                ) -> ScsiResult | Pending:
-        """execute() through the unit's filter stack (see LogicalUnit.submit); the
-        per-request path, so LogicalUnit.submit is inlined: one frame to the unit."""
+        """execute() through the unit's filter stack (see LogicalUnit.submit)."""
         unit = self.luns.get(lun)
         if unit is None:
             return self._missing.execute(cdb, data_out, data_in)
-        filters = unit.filters
-        if filters._filters:
-            return filters.submit(cdb, data_out, data_in, queue)
-        return unit.execute(cdb, data_out, data_in)
+        return unit.submit(cdb, data_out, data_in, queue)
 
     def lun_reset(self, lun: int) -> None:
         """LOGICAL UNIT RESET of one LUN (a missing LUN has nothing to reset)."""

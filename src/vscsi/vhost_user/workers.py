@@ -342,16 +342,12 @@ class _Served:
                 notify = True
                 log.exception("queue %d: request handler failed", self.index)
         row[st.LAST_AVAIL] = ring.last_avail_idx
-        # Counted per pass, not per request: no extra frame on the hot path.
         taken = ring.taken - taken
         row[st.REQUESTS] += taken
         completed, self.completed = self.completed, 0
         if self.end_pass is not None:
             self.end_pass()
-        if notify:  # _pace, inlined (once per pass)
-            coalescer = self.coalescer
-            if not coalescer.active or coalescer.completed(completed + taken or 1, now):
-                self.signal()
+        self._pace(notify, completed + taken, now)
         return None
 
     def publish(self, now: float) -> None:
@@ -364,6 +360,7 @@ class _Served:
             self._pace(self.ring.needs_notify(), completed, now)
 
     def _pace(self, notify: bool, completions: int, now: float) -> None:
+        """Signal the driver if it wants it and the coalescing agrees."""
         if notify:
             coalescer = self.coalescer
             if not coalescer.active or coalescer.completed(completions or 1, now):
@@ -372,10 +369,7 @@ class _Served:
     def signal(self) -> None:
         if self.call_fd >= 0:
             self.row[st.NOTIFIES] += 1
-            try:  # signal_eventfd, inlined (once per pass)
-                os.write(self.call_fd, _ONE)
-            except BlockingIOError:
-                pass  # the counter is full: already signalled
+            signal_eventfd(self.call_fd)
 
     def close(self) -> None:
         for fd in (self.kick_fd, self.call_fd):
@@ -647,9 +641,7 @@ class _Worker:
             window = poll.window
             for served in serve:
                 if not served.stopping:
-                    broken = served.serve(now, not window)  # _serve, inlined
-                    if broken is not None:
-                        self._break(served.index, broken)
+                    self._serve(served, now, rearm=not window)
             if window and serve:
                 self._busy_poll(window)
                 now = monotonic()

@@ -140,12 +140,6 @@ class DeviceRing:
         used = mem.view(a.used, used_bytes(a.size))
         self._mem = mem
         self._view = mem.view
-        # One region (the usual case): _walk slices it inline; anything outside it (or
-        # several regions) goes through mem.view, which checks and raises.
-        single = mem.single_region()
-        self._base, self._limit, self._whole = (
-            (single[0], single[0] + single[1], single[2]) if single is not None
-            else (0, 0, None))
         self._desc, self._avail, self._used = desc, avail, used
 
     # ---- popping ---------------------------------------------------------------------
@@ -204,57 +198,9 @@ class DeviceRing:
         return self._walk(head)
 
     def serve_available(self, handle: Callable[[Chain], int | None]) -> None:
-        """drain()'s inner loop in one frame: pop every available chain, ``handle`` it,
-        fill its used element (published by the caller's flush). The outcomes are those
-        of the loop over :meth:`pop` and :meth:`fill`: a bad chain is filled (head, 0); a
-        handler that raises has its chain filled (head, 0) and the exception propagates;
-        None leaves the chain in flight. Chains to run again after a restart and weakly
-        ordered CPUs take that loop itself."""
-        if self._resubmit or WEAK_ORDERING:
-            _serve_one_by_one(self, handle)
-            return
-        avail, used, mask = self._avail, self._used, self._mask
-        walk = self._walk
-        tracker = self.tracker  # in-flight tracking (QEMU's region): as pop() and fill()
-        avail_event = self._avail_event_off if self.event_idx else -1
-        while True:
-            if self.broken:
-                raise RingBroken("ring is broken")
-            last = self.last_avail_idx
-            if self._shadow_avail == last and self._avail_idx() == last:
-                return
-            head = _unpack_u16(avail, RING_OFF + 2 * (last & mask))[0]
-            if head >= self.size:
-                raise self._break(f"avail ring entry {last} names head {head} >= {self.size}")
-            last = (last + 1) & 0xFFFF
-            self.last_avail_idx = last
-            self.taken += 1
-            if tracker is not None:
-                tracker.take(head)
-            if self._notify and avail_event >= 0:
-                _pack_u16(used, avail_event, last)  # as pop() does with notifications on
-            try:
-                chain = walk(head)
-            except ChainError:
-                written: int | None = 0
-            else:
-                try:
-                    written = handle(chain)
-                except BaseException:
-                    self.inflight += 1
-                    self.fill(head, 0)
-                    self.set_notify(True)
-                    raise
-                if written is None:  # answered later: in flight until fill()
-                    self.inflight += 1
-                    continue
-            # fill(), inlined (the handler may have filled others meanwhile: re-read)
-            idx = self._fill_idx
-            _pack_elem(used, RING_OFF + 8 * (idx & mask), head, written)
-            self._fill_idx = (idx + 1) & 0xFFFF
-            self._pushed += 1
-            if tracker is not None:
-                tracker.fill(head)
+        """drain()'s inner loop: take every available chain, handle it, fill its used
+        element (:func:`serve_chains`)."""
+        serve_chains(self, handle)
 
     def _walk(self, head: int) -> Chain:
         """Follow NEXT and INDIRECT from ``head`` into readable/writable views."""
@@ -267,7 +213,6 @@ class DeviceRing:
         budget = tsize
         in_indirect = False
         view = self._view
-        base, limit, whole = self._base, self._limit, self._whole
         i = head
         try:
             while True:
@@ -286,19 +231,13 @@ class DeviceRing:
                         raise ChainError(head, f"indirect table length {length}")
                     if count > self.max_indirect:
                         raise ChainError(head, f"indirect table of {count} > {self.max_indirect}")
-                    if base <= addr and addr + length <= limit:  # as below, inlined
-                        table = whole[addr - base:addr - base + length]  # type: ignore[index]
-                    else:
-                        table = view(addr, length)
+                    table = view(addr, length)
                     tsize = budget = count
                     in_indirect = True
                     i = 0
                     continue
                 if length:  # zero-length descriptors carry nothing: skipped
-                    if base <= addr and addr + length <= limit:  # GuestMemory.view, inlined
-                        buf = whole[addr - base:addr - base + length]  # type: ignore[index]
-                    else:
-                        buf = view(addr, length)
+                    buf = view(addr, length)
                     if flags & VIRTQ_DESC_F_WRITE:
                         writable.append(buf)
                     elif writable:
@@ -335,8 +274,7 @@ class DeviceRing:
         if idx != self.used_idx:
             if WEAK_ORDERING:
                 mb()  # the elements before the idx that publishes them
-            # store_u16, inlined (once per pass): one 2-byte store, never pack_into
-            self._used[IDX_OFF:IDX_OFF + 2] = idx.to_bytes(2, "little")
+            _pack_u16(self._used, IDX_OFF, idx)
             self.used_idx = idx
             if self.tracker is not None:
                 self.tracker.published(idx)
@@ -375,8 +313,7 @@ class DeviceRing:
         self._notify = enabled
         if self.event_idx:
             if enabled:
-                off = self._avail_event_off  # store_u16, inlined (once per pass)
-                self._used[off:off + 2] = self.last_avail_idx.to_bytes(2, "little")
+                _pack_u16(self._used, self._avail_event_off, self.last_avail_idx)
         else:
             _pack_u16(self._used, 0, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
         if enabled:
@@ -384,8 +321,10 @@ class DeviceRing:
 
 
 class DeviceSide(Protocol):
-    """What drain() needs of a ring: the device side of a split or a packed virtqueue."""
+    """What drain() needs of a ring: the device side of a split or a packed virtqueue
+    (Python's, or the compiled data plane's)."""
 
+    def serve_available(self, handle: Callable[[Chain], int | None]) -> None: ...
     def pop(self) -> Chain | None: ...
     def fill(self, head: int, written: int) -> None: ...
     def flush(self) -> None: ...
@@ -394,8 +333,11 @@ class DeviceSide(Protocol):
     def needs_notify(self) -> bool: ...
 
 
-def _serve_one_by_one(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
-    """Pop every available chain, handle it, fill its used element (any ring kind)."""
+def serve_chains(ring: DeviceSide, handle: Callable[[Chain], int | None]) -> None:
+    """Pop every available chain, handle it, fill its used element (any ring kind): a bad
+    chain is filled (head, 0); a handler that raises has its chain filled (head, 0),
+    notifications turned back on, and the exception propagates; a handler that returns
+    None leaves the chain in flight (answered later, with ring.fill)."""
     pop, fill = ring.pop, ring.fill
     while True:
         try:
@@ -433,15 +375,10 @@ def drain(ring: DeviceSide, handle: Callable[[Chain], int | None], *,
     and notifications are re-enabled before the exception propagates, so the queue is
     not left silent.
     """
-    # A split ring does the inner loop in one frame; any other kind, one call per step.
-    serve = getattr(ring, "serve_available", None)
     while True:
         ring.set_notify(False)
         try:
-            if serve is not None:
-                serve(handle)
-            else:
-                _serve_one_by_one(ring, handle)
+            ring.serve_available(handle)
         finally:
             ring.flush()
         if not rearm:

@@ -222,7 +222,7 @@ class DriverRing:
             self._chain_len[head] = n
         slot = st[_AVAIL_IDX]
         off = RING_OFF + 2 * (slot & self._mask)
-        self._avail[off:off + 2] = head.to_bytes(2, "little")  # store_u16, inlined
+        _pack_u16(self._avail, off, head)
         st[_AVAIL_IDX] = (slot + 1) & 0xFFFF
         return head
 

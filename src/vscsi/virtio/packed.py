@@ -33,10 +33,10 @@ that number, so code that saves and restores a split ring's index carries it unc
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vscsi.memory import GuestMemory, GuestMemoryError
-from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain
+from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, serve_chains
 from vscsi.virtio.features import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -369,6 +369,11 @@ class PackedDeviceRing:
         self.inflight -= 1
         self._pushed += 1
         self._advanced += n
+
+    def serve_available(self, handle: Callable[[Chain], int | None]) -> None:
+        """drain()'s inner loop: take every available buffer, handle it, return it
+        (virtio.device.serve_chains)."""
+        serve_chains(self, handle)
 
     # A packed ring has no used index to publish: each used descriptor is the driver's
     # the moment its flags are stored, so filling is pushing and flushing is nothing.
