@@ -257,6 +257,24 @@ def test_oversized_payload_is_fatal_without_buffering_it() -> None:
     assert not info.value.recoverable
 
 
+def test_the_payload_limit_is_exact() -> None:
+    """MAX_PAYLOAD bytes are read whole (a payload of the wrong size for its request is a
+    recoverable error: the stream stays in step); one byte more is fatal at once."""
+    reader = MessageReader(Role.BACKEND)
+    reader.feed(HEADER.pack(Request.SET_MEM_TABLE, 1, codec.MAX_PAYLOAD))
+    assert reader.next_message() is None           # waits for the whole payload
+    reader.feed(bytes(codec.MAX_PAYLOAD))
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.next_message()
+    assert info.value.recoverable
+    reader.feed(HEADER.pack(Request.GET_FEATURES, 1, 0))
+    assert reader.next_message().request is Request.GET_FEATURES
+    reader.feed(HEADER.pack(Request.SET_MEM_TABLE, 1, codec.MAX_PAYLOAD + 1))
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.next_message()
+    assert not info.value.recoverable
+
+
 def test_fd_count_mismatch_hands_the_fds_back() -> None:
     table = MemoryTable((MemoryRegion(0, 4096, 0x1000, 0),))
     raw = codec.HEADER.pack(Request.SET_MEM_TABLE, 1, len(table.pack())) + table.pack()

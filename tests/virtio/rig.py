@@ -3,7 +3,11 @@ driver that writes ring memory by hand to build chains DriverRing never would.""
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import time
+from collections.abc import Callable
 
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.memory.sgl import scatter
@@ -93,3 +97,35 @@ def reverse_handler(chain: Chain) -> int:
     """A device that answers b"R" + the reversed request into the writable buffers."""
     resp = b"R" + b"".join(chain.readable)[::-1]
     return scatter(chain.writable, resp)
+
+
+def assert_ends(step: Callable[[], object], raises: type[BaseException],
+                seconds: float = 10.0) -> None:
+    """``step()`` ends within ``seconds`` by raising ``raises``: run in a forked child (on
+    a copy of the ring, over the same memory), so an endless walk -- a loop the guards
+    missed, in Python or in C with the GIL held -- fails this assertion instead of
+    hanging the suite until its timeout."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            step()
+            code = 1
+        except raises:
+            code = 0
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"{step} did not end within {seconds} s")
+        time.sleep(0.005)
+    code = os.waitstatus_to_exitcode(status)
+    assert code == 0, f"{step} ended without {raises.__name__} (exit {code})"

@@ -12,7 +12,7 @@ from vscsi.virtio import (
     drain,
 )
 
-from .rig import INDIRECT, NEXT, WRITE, RawDriver, Rig, reverse_handler
+from .rig import INDIRECT, NEXT, WRITE, RawDriver, Rig, assert_ends, reverse_handler
 
 SIZE = 8
 
@@ -72,6 +72,10 @@ def test_loops(rig, links):
     b = rig.buf(4)
     for i, nxt in links:
         raw.desc(i, *b, NEXT, nxt)
+    raw.post(links[0][0])
+    assert_ends(rig.dev.pop, ChainError)   # by the walk's budget, not the suite's timeout
+    raw.set_avail_idx(raw.idx - 1)
+    raw.idx -= 1
     expect_chain_error(rig, raw, links[0][0])
 
 
@@ -82,6 +86,10 @@ def test_loop_in_indirect_table(rig):
     raw.desc(1, *b, NEXT, 2, table=t)
     raw.desc(2, *b, NEXT, 1, table=t)
     raw.desc(3, t, 48, INDIRECT)
+    raw.post(3)
+    assert_ends(rig.dev.pop, ChainError)
+    raw.set_avail_idx(raw.idx - 1)
+    raw.idx -= 1
     expect_chain_error(rig, raw, 3)
 
 

@@ -53,6 +53,22 @@ def test_resubmits_in_the_order_taken_and_clears_a_published_batch():
     assert again.counter == 4  # above every counter handed out
 
 
+def test_a_batch_head_out_of_range_clears_nothing():
+    """A corrupt region (last_batch_head == the queue size, the edge a weakened check
+    misses) with the used idx ahead of it: the published batch cannot be followed, so
+    nothing is cleared -- above all not head 0, whose zero link a walk from past the end
+    would reach -- and every request taken runs again."""
+    view = region(4)
+    q = InflightQueue(view, 4)
+    q.recover(used_idx=10)
+    for head in (0, 2):
+        q.take(head)
+    view[12:14] = (4).to_bytes(2, "little")     # last_batch_head: one past the last head
+    last_avail, heads = InflightQueue(view, 4).recover(used_idx=12)
+    assert heads == [0, 2]
+    assert last_avail == 14
+
+
 def test_unpublished_batch_is_run_again():
     view = region(4)
     q = InflightQueue(view, 4)

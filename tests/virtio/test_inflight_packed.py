@@ -49,6 +49,26 @@ def device(rig: PackedRig, view: memoryview, base: int = PACKED_INITIAL_STATE
                             tracker=PackedInflightQueue(view, rig.addrs.size))
 
 
+@pytest.mark.parametrize("field, value", [("old_free_head", 5), ("old_used_idx", 4)])
+def test_a_region_with_positions_out_of_range_is_reset(field, value):
+    """old_free_head past the end (the free list's end is the queue size, 4, no further)
+    or old_used_idx outside the ring: not a region we wrote. It is initialised afresh,
+    nothing is resumed, and the ring then tracks from its first state."""
+    with PackedRig(4) as rig:
+        view = region(4)
+        device(rig, view)                      # a valid region
+        fields = header(view)
+        fields[field] = value
+        PACKED_HEADER.pack_into(view, 0, *fields.values())
+        tracker = PackedInflightQueue(view, 4)
+        assert tracker.recover(1 << 15, lambda slot: 0) is None   # position 0, lap 1
+        assert header(view)["free_head"] == header(view)["old_free_head"] == 0
+        dev = PackedDeviceRing(rig.mem, rig.addrs, event_idx=True, tracker=tracker)
+        rig.drv.add([rig.buf(8)], [], "t")
+        rig.drv.publish()
+        assert dev.pop() is not None and state(view, 0)["inflight"] == 1
+
+
 def test_layout_is_vhost_users_and_every_part_fits_either_kind():
     assert PACKED_HEADER.size == 29 and PACKED_DESC_STATE.size == 32
     assert packed_region_size(128) == 4160  # ALIGN_UP(32 + 32 * 128, 64)
