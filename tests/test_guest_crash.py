@@ -1,11 +1,13 @@
 """A backend killed mid-I/O, three times, under a real guest (issue 9), on split and on
-packed rings (issue 11): `vscsi serve` answers requests out of order (a random delay
-filter on the LUN), QEMU reconnects (chardev reconnect-ms) and hands the restarted
-backend the in-flight region (INFLIGHT_SHMFD), which runs the requests the dead one had
-taken again, oldest first. (For a packed ring QEMU sends the base of the last start
-again: the region alone says where the ring is.)
-fio randwrite with crc32c verify at depth 16 from both vCPUs (both request queues) must
-finish with zero errors, and the guest's kernel must log no I/O error."""
+packed rings (issue 11), on each data plane: `vscsi serve` answers requests out of order
+(on the Python path a random delay filter on the LUN; on the compiled one its own
+io_uring on an O_DIRECT file, which completes as the disk does), QEMU reconnects
+(chardev reconnect-ms) and hands the restarted backend the in-flight region
+(INFLIGHT_SHMFD), which runs the requests the dead one had taken again, oldest first.
+(For a packed ring QEMU sends the base of the last start again: the region alone says
+where the ring is.) fio randwrite with crc32c verify at depth 16 from both vCPUs (both
+request queues) must finish with zero errors, and the guest's kernel must log no I/O
+error."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pytest
 
 from vscsi.bench.backend_cpu import process_tree
 from vscsi.bench.serving import ServeProcess
+from vscsi.dataplane import compiled
 from vscsi.scsi import iouring
 from vscsi.testing.files import takes_o_direct
 
@@ -60,8 +63,10 @@ def _kill_backend(serve: ServeProcess) -> int:
 
 
 @pytest.mark.guest
+@pytest.mark.parametrize("plane", ["python", "compiled"])
 @pytest.mark.parametrize("ring", ["split", "packed"])
-def test_backend_killed_three_times_mid_io_loses_nothing(tmp_path: Path, ring: str) -> None:
+def test_backend_killed_three_times_mid_io_loses_nothing(tmp_path: Path, ring: str,
+                                                         plane: str) -> None:
     from vscsi.vm import Guest, GuestOptions, build_guest
 
     image = build_guest()
@@ -69,14 +74,25 @@ def test_backend_killed_three_times_mid_io_loses_nothing(tmp_path: Path, ring: s
     with open(disk, "wb") as f:
         f.truncate(96 * MiB)
     sock = str(tmp_path / "vscsi.sock")
-    # O_DIRECT where the filesystem takes it, completed out of order by the I/O engine
-    # too: the thread pool under split rings, io_uring (if installed) under packed ones.
-    engine = ""
-    if takes_o_direct(disk):
-        engine = ",direct,aio=io_uring" if ring == "packed" and iouring.AVAILABLE else ",direct"
-    luns = [f"0:0=file:{disk}{engine}"]
-    # Random latency per request: answers leave each queue out of order.
-    extra = ["--filter", "0:0=delay:read=0-4ms,write=0-4ms,seed=7", "--log-level", "info"]
+    extra = ["--log-level", "info", "--dataplane", plane]
+    if plane == "compiled":
+        if compiled is None:
+            pytest.skip("the compiled data plane is not built")
+        if not takes_o_direct(disk):
+            pytest.skip(f"{tmp_path} does not take O_DIRECT")
+        # the compiled plane's own io_uring: answers leave each queue as the disk
+        # completes them, and the requests it holds in flight die with it
+        luns = [f"0:0=file:{disk},direct,aio=io_uring"]
+    else:
+        # O_DIRECT where the filesystem takes it, completed out of order by the I/O
+        # engine too: the thread pool under split rings, io_uring under packed ones.
+        engine = ""
+        if takes_o_direct(disk):
+            engine = (",direct,aio=io_uring" if ring == "packed" and iouring.AVAILABLE
+                      else ",direct")
+        luns = [f"0:0=file:{disk}{engine}"]
+        # Random latency per request: answers leave each queue out of order.
+        extra += ["--filter", "0:0=delay:read=0-4ms,write=0-4ms,seed=7"]
     serve = ServeProcess(luns, queues=2, socket_path=sock, extra=extra).start()
     logs = []
     try:

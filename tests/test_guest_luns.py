@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from vscsi.bench.serving import ServeProcess
+from vscsi.dataplane import compiled
 from vscsi.demo import parse_interrupts
 from vscsi.testing.files import takes_o_direct
 
@@ -207,8 +208,12 @@ def image():  # type: ignore[no-untyped-def]
     return build_guest()
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def rig(request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """The whole interop test on each data plane."""
+    if request.param == "compiled" and compiled is None:
+        pytest.skip("the compiled data plane is not built")
     tmp = tmp_path_factory.mktemp("luns")
     file0 = tmp / "f0.img"
     with open(file0, "wb") as f:
@@ -222,7 +227,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     serve = ServeProcess([f"0:0=file:{file0}{direct},serial={SERIAL}",
                           f"0:300=ram:{RAM300_SIZE},block-size=4096",
                           f"1:0=file:{ro_file},ro",
-                          f"2:5=ram:{RAM5_SIZE}"], queues=2).start()
+                          f"2:5=ram:{RAM5_SIZE}"], queues=2,
+                         extra=["--dataplane", request.param]).start()
     try:
         yield Rig(serve, file0, ro_file, ro_content)
     finally:

@@ -16,6 +16,7 @@ import shutil
 import pytest
 
 from vscsi.bench.serving import ServeProcess
+from vscsi.dataplane import compiled
 
 pytestmark = [
     pytest.mark.guest,
@@ -65,11 +66,14 @@ def image():  # type: ignore[no-untyped-def]
     return build_guest()
 
 
-def test_packed_rings_from_a_real_guest_across_a_reboot(image) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("plane", ["compiled", "python"])
+def test_packed_rings_from_a_real_guest_across_a_reboot(image, plane: str) -> None:  # type: ignore[no-untyped-def]
     from vscsi.vm import GuestOptions, run_guest
 
+    if plane == "compiled" and compiled is None:
+        pytest.skip("the compiled data plane is not built")
     with ServeProcess(["0:0=ram:32M,serial=PACKED-A", "1:0=ram:32M,serial=PACKED-B"],
-                      queues=2) as serve:
+                      queues=2, extra=["--dataplane", plane]) as serve:
         result = run_guest(image, BEFORE, GuestOptions(
             vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480,
             after_reboot=AFTER, vhost_user_options={"packed": True}))

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from vscsi.dataplane import compiled
 from vscsi.vhost_user import codec
 from vscsi.vhost_user.codec import HEADER, U64, MemoryTable, Request, VringFile
 from vscsi.vhost_user.frontend import BackendGone, FrontendClient, RequestRefused
@@ -34,11 +35,16 @@ NEXT, WRITE, INDIRECT = 1, 2, 4
 LUNS = ["0:0=ram:4M", "1:0=ram:4M,serial=SECOND"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def server(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One back-end per data plane: every hostile front-end meets both."""
+    if request.param == "compiled" and compiled is None:
+        pytest.skip("the compiled data plane is not built")
     tmp = str(tmp_path_factory.mktemp("serve"))
     # one worker process per queue (on a 2-CPU host the default is one for both)
-    proc = ServeProcess(tmp, LUNS, queues=2, extra=["--workers", "2"])
+    proc = ServeProcess(tmp, LUNS, queues=2,
+                        extra=["--workers", "2", "--dataplane", request.param])
     try:
         yield proc
         assert proc.alive(), proc.output()

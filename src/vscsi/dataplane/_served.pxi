@@ -19,9 +19,10 @@ cdef enum:
     ROW_NOTIFIES = 2
     ROW_ERRORS = 3
     ROW_LAST_AVAIL = 4
+    ROW_PYTHON = 9
 
-if (st.REQUESTS, st.WAKEUPS, st.NOTIFIES, st.ERRORS, st.LAST_AVAIL) != (
-        ROW_REQUESTS, ROW_WAKEUPS, ROW_NOTIFIES, ROW_ERRORS, ROW_LAST_AVAIL):
+if (st.REQUESTS, st.WAKEUPS, st.NOTIFIES, st.ERRORS, st.LAST_AVAIL, st.PYTHON) != (
+        ROW_REQUESTS, ROW_WAKEUPS, ROW_NOTIFIES, ROW_ERRORS, ROW_LAST_AVAIL, ROW_PYTHON):
     raise ImportError("vscsi.dataplane is out of step with vscsi.vhost_user's counters")
 
 cdef enum:
@@ -136,7 +137,8 @@ cdef class CompiledServed:
     cdef long python_later              # answered later by the Python path
     cdef bint python_counted            # the Python path counted since the last end_pass
     cdef readonly long fast_served      # requests the fast path answered (now or later)
-    cdef readonly long handed_over      # requests the Python path took
+    cdef readonly long handed_over      # requests the Python path took (also counted in
+                                        # the queue's row: PYTHON)
     cdef dict waiters                   # head -> callbacks for when it finishes (TMFs)
     cdef object tables                  # head -> the MemoryTable its I/O runs in
 
@@ -296,6 +298,7 @@ cdef class CompiledServed:
                 self.start_later(r, c.head)
             else:
                 self.handed_over += 1
+                self.crow[ROW_PYTHON] += 1
                 self.hand_over(&c)
         return 0
 
@@ -352,6 +355,7 @@ cdef class CompiledServed:
         else:
             self.fast_served -= 1
             self.handed_over += 1
+            self.crow[ROW_PYTHON] += 1
             self.fast.undo(e.target, r.switched)
             self.python_counted = True
             try:

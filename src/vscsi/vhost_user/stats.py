@@ -33,7 +33,9 @@ STATE = 5  # see STATE_NAMES
 PID = 6  # serving process
 CPU = 7  # CPU the worker is pinned to, plus one (0: not pinned)
 SESSIONS = 8  # how many times the queue was started
-COLUMNS = 9
+PYTHON = 9  # requests the Python path served (all of them, unless a compiled data plane
+#             served the rest: vscsi.dataplane)
+COLUMNS = 10
 
 STATE_IDLE, STATE_RUNNING, STATE_BROKEN = 0, 1, 2
 STATE_NAMES = {STATE_IDLE: "idle", STATE_RUNNING: "running", STATE_BROKEN: "broken"}
@@ -78,6 +80,7 @@ class QueueStats:
                 "pid": self.get(i, PID) or None,
                 "cpu": cpu - 1 if cpu else None,
                 "starts": self.get(i, SESSIONS),
+                "python_path": self.get(i, PYTHON),
             }
         return {
             "time": time.time(),

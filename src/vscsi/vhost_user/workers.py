@@ -344,6 +344,7 @@ class _Served:
         row[st.LAST_AVAIL] = ring.last_avail_idx
         taken = ring.taken - taken
         row[st.REQUESTS] += taken
+        row[st.PYTHON] += taken
         completed, self.completed = self.completed, 0
         if self.end_pass is not None:
             self.end_pass()
