@@ -726,7 +726,7 @@ cdef class PackedRing(Ring):
     cdef void _buffers(self, uint16_t buffer_id, int n, CChain *c) noexcept:
         """The chain's segments (PackedDeviceRing._buffers, with _indirect)."""
         cdef Entry *e = self.entries
-        cdef char *table
+        cdef char *table = NULL
         cdef char *ptr
         cdef char *d
         cdef int16_t region
