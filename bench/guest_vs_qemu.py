@@ -12,6 +12,9 @@ Backends: `ours` is `vscsi serve` with its defaults; `ours:ARGS` a variant with 
 serve arguments (space-separated, `=` inside an option: `ours:--workers=1 --poll-us=50`);
 --serve-args go to every vscsi variant. `qemu`, `qemu+iothreads`: QEMU's own device.
 `qsd`: qemu-storage-daemon, vhost-user-blk-pci in the guest (/dev/vd* instead of sd*).
+Suffixes: `NAME+packed` packed virtqueues (ours, qemu); `NAME+pinned` pins vCPU n's QEMU
+thread to host CPU n (vscsi's worker n runs on CPU n: `ours:--workers=2+pinned` wakes each
+queue's worker on the CPU of the vCPU that kicks it).
 
 Every guest has the same disks: targets 0-3 on /dev/shm files, 4-5 null disks (QEMU
 null-co with read-zeroes, vscsi null:). Jobs (fio, direct=1 libaio, one job per target,
@@ -25,8 +28,10 @@ round repeats the sequence, so slow drifts of the shared host hit every backend 
 Backend CPU: for vscsi and qemu-storage-daemon, user+system seconds of the backend's
 process tree (/proc, workers included) from just before each fio job to just after it
 (the guest prints a marker the host sees as it streams the console), divided by the
-requests fio completed: CPU microseconds per request. (QEMU's own device runs inside the
-process of the vCPUs: no comparable figure.)
+requests fio completed: CPU microseconds per request, of it system time, and wake-ups
+per request (voluntary context switches of every thread: each is the backend blocking
+and being woken). (QEMU's own device runs inside the process of the vCPUs: no comparable
+figure.)
 
 --profile: run our backend under `py-spy record --subprocesses --format raw` (first
 round only) and write the collapsed stacks plus a per-process summary of the top
@@ -58,7 +63,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vscsi.bench.backend_cpu import tree_cpu_seconds
+from vscsi.bench.backend_cpu import tree_cpu_seconds, tree_usage
 from vscsi.bench.serving import ServeProcess
 from vscsi.bench.storage_daemon import QSD, VhostUserBlkDaemon
 from vscsi.vm import GuestError, GuestOptions, build_guest, run_guest
@@ -166,7 +171,9 @@ def guest_script(queues: int, runtime: int, ramp: int) -> str:
               .replace("RAMP", str(ramp)))
     for job in jobs_for(queues):
         script += f"run {job.name} {','.join(map(str, job.targets))} {job.fio_args}\n"
-    return script
+    # the host reads the backend's usage when it sees the last RESULT: before the guest
+    # powers off and the backend's workers exit with the session
+    return script + "sleep 1\n"
 
 
 def jobs_for(queues: int) -> list[Job]:
@@ -189,14 +196,15 @@ def parse(output: str) -> dict[str, dict]:
 
 class JobCpu:
     """A text stream for the guest's output (GuestOptions.stream): at each "JOB-START
-    name" and "RESULT name" line it reads the CPU seconds of the backend's process tree,
-    so each job gets the backend CPU it cost."""
+    name" and "RESULT name" line it reads the CPU seconds (user, system) and the wake-ups
+    (voluntary context switches) of the backend's process tree, so each job gets what it
+    cost the backend."""
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.partial = ""
-        self.started: dict[str, float] = {}
-        self.seconds: dict[str, float] = {}
+        self.started: dict[str, tuple[float, float, int]] = {}
+        self.used: dict[str, tuple[float, float, int]] = {}
 
     def write(self, text: str) -> int:
         self.partial += text
@@ -206,9 +214,10 @@ class JobCpu:
             if self.pid is None or len(words) < 2:
                 continue
             if words[0] == "JOB-START":
-                self.started[words[1]] = tree_cpu_seconds(self.pid)
+                self.started[words[1]] = tree_usage(self.pid)
             elif words[0] == "RESULT" and words[1] in self.started:
-                self.seconds[words[1]] = tree_cpu_seconds(self.pid) - self.started[words[1]]
+                now, then = tree_usage(self.pid), self.started[words[1]]
+                self.used[words[1]] = (now[0] - then[0], now[1] - then[1], now[2] - then[2])
         return len(text)
 
     def flush(self) -> None:
@@ -315,6 +324,10 @@ class Backend:
     kind: str                    # "ours", "qemu", "qemu+iothreads" or "qsd"
     serve_args: tuple[str, ...] = ()
     packed: bool = False         # "NAME+packed": packed virtqueues (vscsi and QEMU's own)
+    pinned: bool = False         # "NAME+pinned": vCPU n's thread pinned to host CPU n
+
+
+SUFFIXES = ("+packed", "+pinned")
 
 
 def parse_backends(text: str, serve_args: str) -> list[Backend]:
@@ -323,15 +336,20 @@ def parse_backends(text: str, serve_args: str) -> list[Backend]:
     common = tuple(shlex.split(serve_args))
     backends = []
     for name in (b.strip() for b in re.split(r",(?!\d)", text)):
-        base = name.removesuffix("+packed")
-        packed = base != name
+        base, found = name, set()
+        while base.endswith(SUFFIXES):
+            suffix = next(x for x in SUFFIXES if base.endswith(x))
+            found.add(suffix)
+            base = base.removesuffix(suffix)
+        packed, pinned = "+packed" in found, "+pinned" in found
         kind, sep, extra = base.partition(":")
         if packed and kind == "qsd":
             raise SystemExit("qsd+packed: this bench runs vhost-user-blk split only")
         if kind == "ours":
-            backends.append(Backend(name, kind, common + tuple(shlex.split(extra)), packed))
+            backends.append(Backend(name, kind, common + tuple(shlex.split(extra)), packed,
+                                    pinned))
         elif kind in ANCHORS and not sep:
-            backends.append(Backend(name, kind, packed=packed))
+            backends.append(Backend(name, kind, packed=packed, pinned=pinned))
         else:
             raise SystemExit(f"unknown backend {name!r}: expected ours, ours:ARGS, "
                              f"{', '.join(ANCHORS)}")
@@ -349,7 +367,8 @@ def run_config(image, backend: Backend, queues: int, files: list[str], script: s
     entry: dict = {"backend": backend.name, "queues": queues, "load_before": load()}
     nulls = [NULL_BYTES] * NULL_TARGETS
     options = GuestOptions(vcpus=VCPUS, queues=queues, timeout=900,
-                           env={"DISK_KIND": "blk" if backend.kind == "qsd" else "scsi"})
+                           env={"DISK_KIND": "blk" if backend.kind == "qsd" else "scsi"},
+                           pin_vcpus=list(range(VCPUS)) if backend.pinned else None)
     stop = None
     pid = None
     total_cpu = None  # the backend's CPU seconds so far, reaped workers included
@@ -402,10 +421,14 @@ def run_config(image, backend: Backend, queues: int, files: list[str], script: s
     entry["total_s"] = round(time.monotonic() - t0, 1)
     entry["jobs"] = parse(output)
     for name, job in entry["jobs"].items():
-        seconds = cpu.seconds.get(name)
-        if seconds is not None and job.get("requests"):
-            job["backend_cpu_s"] = round(seconds, 3)
-            job["cpu_us_per_req"] = round(seconds / job["requests"] * 1e6, 1)
+        used = cpu.used.get(name)
+        if used is not None and job.get("requests"):
+            user, system, wakeups = used
+            n = job["requests"]
+            job["backend_cpu_s"] = round(user + system, 3)
+            job["cpu_us_per_req"] = round((user + system) / n * 1e6, 1)
+            job["sys_us_per_req"] = round(system / n * 1e6, 1)
+            job["wakeups_per_req"] = round(wakeups / n, 3)
     if status != 0 or not entry["jobs"]:
         entry["output_tail"] = output[-2000:]
         console.print(f"[red]{backend.name} q{queues}: status {status}[/]\n{output[-1500:]}")
@@ -436,6 +459,8 @@ def summarise_rounds(configs: list[dict], backends: list[Backend],
                     "mb_s": median([r.get("mb_s") for r in runs]),
                     "iops": median([r.get("iops") for r in runs]),
                     "cpu_us_per_req": median([r.get("cpu_us_per_req") for r in runs]),
+                    "sys_us_per_req": median([r.get("sys_us_per_req") for r in runs]),
+                    "wakeups_per_req": median([r.get("wakeups_per_req") for r in runs]),
                     "irqs_per_req": median([r.get("irqs_per_req") for r in runs]),
                     "rounds_mb_s": [None if r.get("mb_s") is None else round(r["mb_s"], 1)
                                     for r in runs],
@@ -478,7 +503,8 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
     t.add_column("job")
     t.add_column("queues", justify="right")
     for b in backends:
-        t.add_column(f"{b.name}\nMB/s" + ("\nCPU µs/req" if b.kind in ("ours", "qsd") else "")
+        t.add_column(f"{b.name}\nMB/s" + ("\nCPU µs/req\n(system)\nwake-ups/req"
+                                           if b.kind in ("ours", "qsd") else "")
                      + "\nguest irq/req", justify="right")
     for row in rows:
         cells = []
@@ -486,7 +512,9 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
             m = row["backends"][b.name]
             cell = _num(m["mb_s"])
             if b.kind in ("ours", "qsd"):
-                cell += "\n" + _num(m["cpu_us_per_req"], "{:.0f} µs")
+                cell += "\n" + _num(m["cpu_us_per_req"], "{:.1f} µs")
+                cell += "\n" + _num(m.get("sys_us_per_req"), "({:.1f})")
+                cell += "\n" + _num(m.get("wakeups_per_req"), "{:.2f} wake")
             cell += "\n" + _num(m.get("irqs_per_req"), "{:.2f} irq")
             cells.append(cell)
         t.add_row(row["job"], str(row["queues"]), *cells)

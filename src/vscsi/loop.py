@@ -111,13 +111,16 @@ class EventLoop:
         return self._poller.fileno()
 
     @property
-    def waiting_work(self) -> bool:
-        """Callbacks that must run before the loop next waits (call_before_wait)."""
-        return bool(self._before_wait)
+    def pending(self) -> tuple[list, list]:
+        """(the timer heap, the call_before_wait callbacks): the two lists, the same
+        objects for the loop's life, whose emptiness a foreign loop checks each turn
+        (it then calls next_deadline, run_before_wait or run_once)."""
+        return self._timers, self._before_wait
 
     def run_before_wait(self) -> None:
         """Run the callbacks registered with call_before_wait (run_once does, first)."""
-        callbacks, self._before_wait = self._before_wait, []
+        callbacks = self._before_wait[:]
+        self._before_wait.clear()
         for callback in callbacks:
             callback()
 

@@ -54,6 +54,49 @@ def _own_seconds(pid: int, *, reaped: bool = False) -> float:
     return ticks / _CLK_TCK
 
 
+def _switches(pid: int) -> int:
+    """Voluntary context switches of every thread of ``pid``: each is the process blocking
+    (in poll, read...) and being woken again -- its wake-ups. 0 if it is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def _user_system(pid: int) -> tuple[float, float]:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def tree_usage(pid: int) -> tuple[float, float, int]:
+    """(user seconds, system seconds, wake-ups) of ``pid`` and its live descendants, as
+    they are now: read twice around a run whose processes live throughout, the
+    differences are the run's."""
+    user = system = 0.0
+    wakeups = 0
+    for p in process_tree(pid):
+        u, s = _user_system(p)
+        user += u
+        system += s
+        wakeups += _switches(p)
+    return user, system, wakeups
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its live descendants (its queue workers), parents first."""
     out, todo = [], [pid]

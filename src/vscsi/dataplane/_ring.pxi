@@ -119,6 +119,10 @@ cdef class Ring:
     cdef int has_available_c(self) except -1:
         return 0
 
+    cdef uint64_t base(self) noexcept:
+        """last_avail_idx: what vhost-user's GET_VRING_BASE answers."""
+        return 0
+
     # -- the Python interface ---------------------------------------------------------------
 
     cdef object chain_of(self, CChain *c):
@@ -288,6 +292,9 @@ cdef class SplitRing(Ring):
 
     @property
     def last_avail_idx(self):
+        return self.last_avail
+
+    cdef uint64_t base(self) noexcept:
         return self.last_avail
 
     @property
@@ -634,6 +641,9 @@ cdef class PackedRing(Ring):
     @property
     def last_avail_idx(self):
         """The vhost-user state: avail position | wrap << 15, used likewise << 16."""
+        return self.base()
+
+    cdef uint64_t base(self) noexcept:
         cdef uint64_t avail = self.avail_pos | self.avail_wrap << WRAP_BIT
         cdef uint64_t used = self.used_pos | self.used_wrap << WRAP_BIT
         return avail | used << 16

@@ -189,6 +189,9 @@ cdef class CompiledServed:
 
     def publish(self, double now):
         """Publish what requests answered later filled since the last pass."""
+        self.publish_c(now)
+
+    cdef int publish_c(self, double now) except -1:
         cdef long completed
         if self.completed and not self.ring._broken:
             completed = self.completed
@@ -196,8 +199,12 @@ cdef class CompiledServed:
             self.ring.flush_c()
             self.end_of_pass()
             self.pace(self.ring.needs_notify_c(), completed, now)
+        return 0
 
     def signal(self):
+        self.signal_c()
+
+    cdef void signal_c(self) noexcept:
         cdef uint64_t one = 1
         if self.call_fd >= 0:
             self.crow[ROW_NOTIFIES] += 1
@@ -231,7 +238,7 @@ cdef class CompiledServed:
                 notify = True
                 log.exception("queue %d: request handler failed", self.index)
         self.uring_submit()
-        self.crow[ROW_LAST_AVAIL] = self.ring.last_avail_idx
+        self.crow[ROW_LAST_AVAIL] = self.ring.base()
         taken = self.ring.taken - taken
         self.crow[ROW_REQUESTS] += taken
         completed = self.completed
@@ -256,7 +263,7 @@ cdef class CompiledServed:
     cdef int pace(self, bint notify, long completions, double now) except -1:
         if notify:
             if not self.coalescing or self.coalescer.completed(completions or 1, now):
-                self.signal()
+                self.signal_c()
         return 0
 
     cdef bint drain(self, bint rearm) except -1:
@@ -494,7 +501,25 @@ cdef class CompiledServing:
 
 
 cdef enum:
-    MAX_FDS = 260
+    MAX_RINGS = 256     # rings one worker serves (a device has at most 256 queues here)
+
+
+cdef extern from *:
+    """
+    /* Whether this is the interpreter's only thread: then nothing else needs the GIL
+       while the loop sleeps, and it keeps it (no release and re-take per wake-up). */
+    static int vs_only_thread(void) {
+        PyThreadState *me = PyThreadState_Get();
+        PyThreadState *t = PyInterpreterState_ThreadHead(me->interp);
+        return t == me && PyThreadState_Next(t) == NULL;
+    }
+    static inline double vs_now_s(void) {
+        struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+    }
+    """
+    int vs_only_thread()
+    double vs_now_s() nogil
 
 
 cdef class Loop:
@@ -503,15 +528,23 @@ cdef class Loop:
     window says so, then publish what was answered later and signal held interrupts that
     fell due. Python runs only for what is Python's: the worker's control channel and the
     Python path's own I/O (through its event loop, whose epoll fd we watch), pacing when
-    it is on, and the requests the fast path hands over."""
+    it is on (coalescing, polling, kickless rings), and the requests the fast path hands
+    over. Time is CLOCK_MONOTONIC, time.monotonic()'s clock."""
 
     cdef CompiledServing serving
     cdef object worker
     cdef object loop
+    cdef list timers                # the Python loop's timer heap (the same list always)
+    cdef list before_wait           # and its call_before_wait callbacks
     cdef list served                # the rings, as of ``generation``
+    cdef int nserved
     cdef object generation
-    cdef pollfd fds[MAX_FDS]
-    cdef list kicked_by             # a kick fd's ring, by poll slot
+    cdef bint timed                 # the worker's pacing needs a timeout (worker.timed)
+    cdef bint any_kickless
+    cdef char kicked[MAX_RINGS]     # by index in ``served``
+    cdef char kickless[MAX_RINGS]
+    cdef pollfd fds[MAX_RINGS + 2]
+    cdef int ring_of[MAX_RINGS + 2] # a poll slot's ring (index in ``served``); -1: none
     cdef int nfds
     cdef int loop_slot              # poll slots of the Python loop and the io_uring
     cdef int uring_slot
@@ -522,31 +555,42 @@ cdef class Loop:
         self.serving = serving
         self.worker = worker
         self.loop = worker.loop
+        self.timers, self.before_wait = self.loop.pending
         self.generation = None
         self.polling = worker.poll.max_window > 0
 
     cdef int rebuild(self) except -1:
         """The rings and the fds to wait on, after rings came or went."""
         cdef CompiledServed s
+        cdef int i
         self.generation = self.worker.generation
-        self.served = list(self.worker.served.values())
-        self.kicked_by = []
+        self.served = list(self.worker.served.values())[:MAX_RINGS]
+        self.nserved = len(self.served)
+        self.timed = self.worker.timed
+        kickless = self.worker.kickless
+        self.any_kickless = False
         self.nfds = 0
-        for s in self.served:
-            if s.kick_fd >= 0 and not s.stopping and self.nfds < MAX_FDS - 2:
+        for i in range(self.nserved):
+            s = self.served[i]
+            self.kicked[i] = 0
+            self.kickless[i] = s in kickless
+            self.any_kickless |= self.kickless[i]
+            if s.kick_fd >= 0 and not s.stopping:
                 self.fds[self.nfds].fd = s.kick_fd
                 self.fds[self.nfds].events = POLLIN
-                self.kicked_by.append(s)
+                self.ring_of[self.nfds] = i
                 self.nfds += 1
         self.loop_slot = self.nfds
         self.fds[self.nfds].fd = self.loop.fileno()
         self.fds[self.nfds].events = POLLIN
+        self.ring_of[self.nfds] = -1
         self.nfds += 1
         self.uring_slot = -1
         if self.serving.uring is not None:
             self.uring_slot = self.nfds
             self.fds[self.nfds].fd = self.serving.uring.fd
             self.fds[self.nfds].events = POLLIN
+            self.ring_of[self.nfds] = -1
             self.nfds += 1
         return 0
 
@@ -564,15 +608,15 @@ cdef class Loop:
         cdef double left = -1.0
         cdef double due
         self.python_due = -1.0
-        if self.worker.timed:
+        if self.timed:
             t = self.worker.timeout(asleep_since)
             if t is not None:
                 left = t
-        if self.loop._timers:
+        if self.timers:
             deadline = self.loop.next_deadline()
             if deadline is not None:
                 self.python_due = deadline
-                due = deadline - time.monotonic()
+                due = deadline - vs_now_s()
                 if due < 0:
                     due = 0
                 if left < 0 or due < left:
@@ -588,72 +632,87 @@ cdef class Loop:
         ts.tv_nsec = <long>((seconds - ts.tv_sec) * 1e9)
         return ppoll(self.fds, self.nfds, &ts, NULL)
 
+    cdef int wait(self, double seconds) except -2:
+        cdef int n
+        if vs_only_thread():
+            n = self.sleep(seconds)     # nobody else needs the GIL meanwhile
+        else:
+            with nogil:
+                n = self.sleep(seconds)
+        return n
+
     cdef int run_python_loop(self) except -1:
         """The Python event loop's ready fds, due timers and handed-over callbacks."""
         self.loop.run_once(0)
         return 0
 
+    cdef int refresh(self) except -1:
+        """Rings may have come or gone (Python ran): look again."""
+        if self.worker.generation != self.generation:
+            self.rebuild()
+        return 0
+
     def run(self):
         cdef CompiledServed s
         cdef int i, n
-        cdef double now, asleep_since, window, wait
+        cdef double now, asleep_since, window
         cdef char buf[8]
-        cdef list serve
+        cdef bint any_kick
         worker = self.worker
         poll_pacing = worker.poll
-        monotonic = time.monotonic
-        asleep_since = monotonic()
+        asleep_since = vs_now_s()
         self.rebuild()
         while True:
-            if worker.generation != self.generation:
-                self.rebuild()
-            if not (self.served or self.in_flight()) or worker.gone:
+            self.refresh()
+            if worker.gone or not (self.nserved or self.in_flight()):
                 break
-            if self.loop.waiting_work:
+            if self.before_wait:
                 self.loop.run_before_wait()
-            wait = self.wait_s(asleep_since)
-            with nogil:
-                n = self.sleep(wait)
-            now = monotonic()
-            serve = []
+            n = self.wait(self.wait_s(asleep_since))
+            now = vs_now_s()
+            any_kick = False
             if n > 0:
                 for i in range(self.loop_slot):
                     if self.fds[i].revents:
                         read(self.fds[i].fd, buf, 8)
-                        serve.append(self.kicked_by[i])
+                        self.kicked[self.ring_of[i]] = 1
+                        any_kick = True
                 if self.uring_slot >= 0 and self.fds[self.uring_slot].revents:
                     self.serving.uring.reap()
             if ((n > 0 and self.fds[self.loop_slot].revents)
                     or (self.python_due >= 0 and now >= self.python_due)):
                 self.run_python_loop()      # its fds, or its timer due
-            if worker.generation != self.generation:
-                self.rebuild()
-                serve = [s for s in serve if s in self.served]
-            for s in worker.kickless:
-                if s not in serve:
-                    serve.append(s)
-            if serve and self.polling:
+                if worker.gone:
+                    break
+                self.refresh()
+            if any_kick and self.polling:
                 poll_pacing.woke(now - asleep_since)
             window = poll_pacing.window if self.polling else 0.0
-            for s in serve:
-                if not s.stopping:
-                    broken = s.pass_(now, window == 0.0)
-                    if broken is not None:
-                        worker._break(s.index, broken)
-            if window and serve:
+            for i in range(self.nserved):
+                if self.kicked[i] or self.kickless[i]:
+                    self.kicked[i] = 0
+                    s = self.served[i]
+                    if not s.stopping:
+                        broken = s.pass_(now, window == 0.0)
+                        if broken is not None:
+                            worker._break(s.index, broken)
+            self.refresh()
+            if window and (any_kick or self.any_kickless):
                 self.busy_poll(window)
-                now = monotonic()
-                for s in list(worker.served.values()):
+                now = vs_now_s()
+                for s in list(self.served):
                     if not s.stopping:
                         broken = s.pass_(now, True)     # re-arm kicks, then sleep
                         if broken is not None:
                             worker._break(s.index, broken)
-            for s in list(worker.served.values()):
+                self.refresh()
+            for i in range(self.nserved):
+                s = self.served[i]
                 if s.completed:
-                    s.publish(now)
+                    s.publish_c(now)
                 if s.coalescing and s.coalescer.held and s.coalescer.due(now):
-                    s.signal()
-            asleep_since = monotonic()
+                    s.signal_c()
+            asleep_since = vs_now_s()
         self.loop.close()
 
     cdef int busy_poll(self, double window) except -1:
@@ -662,11 +721,11 @@ cdef class Loop:
         cdef CompiledServed s
         cdef double now, deadline
         cdef bint hit
+        cdef int i
         cdef pollfd one
-        monotonic = time.monotonic
-        deadline = monotonic() + window
-        while self.worker.served:
-            now = monotonic()
+        deadline = vs_now_s() + window
+        while self.nserved:
+            now = vs_now_s()
             hit = False
             if self.serving.uring is not None and self.serving.uring.in_flight:
                 self.serving.uring.reap()
@@ -674,23 +733,29 @@ cdef class Loop:
             one.events = POLLIN
             if poll(&one, 1, 0) > 0:
                 self.run_python_loop()
-            for s in list(self.worker.served.values()):
+                self.refresh()
+            for i in range(self.nserved):
+                s = self.served[i]
                 if s.completed:
-                    s.publish(now)
+                    s.publish_c(now)
                     hit = True
-            for s in list(self.worker.served.values()):
+            for i in range(self.nserved):
+                s = self.served[i]
                 if s.stopping:
                     continue
                 try:
                     more = s.ring.has_available_c()
                 except RingBroken as exc:
                     self.worker._break(s.index, f"ring broken: {exc}")
-                    continue
+                    self.refresh()
+                    break
                 if more:
                     hit = True
                     broken = s.pass_(now, False)
                     if broken is not None:
                         self.worker._break(s.index, broken)
+                        self.refresh()
+                        break
             if hit:
                 deadline = now + window
             elif now >= deadline:

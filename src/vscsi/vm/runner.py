@@ -38,6 +38,7 @@ from typing import IO, Any
 from .cpio import CpioWriter
 from .image import GuestImage
 from .init import MARKER_RE, render_config
+from .pinning import NAME_THREADS, pin_vcpus
 
 log = logging.getLogger("vscsi.vm")
 
@@ -141,8 +142,9 @@ class GuestOptions:
 
     The machine: vcpus, memory, accel ("tcg", the default or $VSCSI_ACCEL, or "kvm"),
     kernel_args (appended to the kernel command line, e.g. "loglevel=7"),
-    extra_qemu_args (appended to QEMU's command line), qmp (open a QMP socket, see
-    Guest.qmp()).
+    extra_qemu_args (appended to QEMU's command line), pin_vcpus (host CPUs: vCPU n's
+    thread is pinned to pin_vcpus[n % len], see vm/pinning.py), qmp (open a QMP socket,
+    see Guest.qmp()).
 
     The run:
 
@@ -181,6 +183,7 @@ class GuestOptions:
     accel: str | None = None
     kernel_args: str | Sequence[str] = ()
     extra_qemu_args: Sequence[str] = ()
+    pin_vcpus: Sequence[int] | None = None  # vCPU n on host CPU pin_vcpus[n % len]
     qmp: bool = False
     after_reboot: str | None = None
     files: Mapping[str, bytes | str | Path] = field(default_factory=dict)
@@ -237,6 +240,9 @@ class Guest:
         self.accel = _check_options(image, options)
         self.image = image
         self.script = script
+        self.pin_cpus = list(options.pin_vcpus or ())
+        self.vcpus = options.vcpus
+        self.pinning: Any = None      # the thread that pins the vCPU threads (pin_vcpus)
         self.after_reboot = options.after_reboot
         self.timeout = options.timeout
         self.stream = options.stream
@@ -298,6 +304,8 @@ class Guest:
             start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not QEMU's
         )
         self._console_fd = open(self.console_path, "rb")  # noqa: SIM115
+        if self.pin_cpus:
+            self.pinning = pin_vcpus(self.proc.pid, self.vcpus, self.pin_cpus)
         return self
 
     def __enter__(self) -> Guest:
@@ -722,6 +730,8 @@ def _machine_args(options: GuestOptions, kernel: Path, initrd: Path, cmdline: st
         argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
     if options.after_reboot is None:
         argv.append("-no-reboot")
+    if options.pin_vcpus:
+        argv += NAME_THREADS
     return argv
 
 
