@@ -1,7 +1,9 @@
 """QueueHost on its own, with a device that is not virtio-scsi: the device's queue roles
 decide what is forked and what is served inline, the worker plan is data, and a handler
 that raises fails its chain, is counted, and still gets the driver signalled by a real
-forked worker over real eventfds."""
+forked worker over real eventfds. Every test that serves rings runs on each serving: the
+Python path's and the compiled data plane's (its rings and loop, which hand every
+request of a device they do not know to the device's handler)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,17 @@ from dataclasses import dataclass
 
 import pytest
 
+from vscsi import dataplane
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.vhost_user import stats as st
-from vscsi.vhost_user.workers import Pacing, QueueHost, WorkerPlan, _Worker, plan_workers
+from vscsi.vhost_user.workers import (
+    Pacing,
+    QueueHost,
+    QueueServing,
+    WorkerPlan,
+    _Worker,
+    plan_workers,
+)
 from vscsi.virtio import Chain, DeviceRing, DriverRing, QueueRole, ring_bytes, ring_layout
 
 HOT, CONTROL, EVENT = QueueRole.HOT, QueueRole.CONTROL, QueueRole.EVENT
@@ -87,6 +97,18 @@ class Queue:
         os.eventfd_read(self.call)
 
 
+SERVING: list[QueueServing] = []     # the serving the module's tests use now
+
+
+@pytest.fixture(scope="module", autouse=True, params=dataplane.NAMES)
+def serving(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.param == "compiled" and dataplane.compiled is None:
+        pytest.skip("the compiled data plane is not built")
+    SERVING[:] = [dataplane.serving(request.param)]
+    yield
+    SERVING.clear()
+
+
 @pytest.fixture
 def mem() -> Iterator[GuestMemory]:
     m = GuestMemory.anonymous(1 << 20)
@@ -131,7 +153,7 @@ def test_host_refuses_a_plan_that_misses_or_shares_hot_queues() -> None:
 def hosted(device: EchoDevice, mem: GuestMemory) -> tuple[QueueHost, st.QueueStats, Queue]:
     """A QueueHost serving hot queue 0 of ``device`` in a forked worker."""
     stats = st.QueueStats(device.queue_roles())
-    host = QueueHost(device, stats)
+    host = QueueHost(device, stats, serving=SERVING[0])
     q = make_queue(mem, Allocator(mem))
     host.start(0, q.device, mem, q.kick, q.call)
     return host, stats, q
@@ -142,7 +164,8 @@ def in_process(device: EchoDevice, mem: GuestMemory, pacing: Pacing
     """A worker in this process (no fork): its two control-channel ends, ours second
     (closing it makes the worker's run() return)."""
     ctl, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker = _Worker(mem, ctl, device, st.QueueStats(device.queue_roles()), pacing)
+    worker = _Worker(mem, ctl, device, st.QueueStats(device.queue_roles()), pacing,
+                     serving=SERVING[0])
     return worker, ctl, other
 
 
