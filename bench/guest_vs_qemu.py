@@ -22,6 +22,7 @@ targets spread over the vCPUs):
   seq-4t        the seed table's job: rw=read bsrange=4k-64k iodepth=4, 4 targets
   randread-4k   rw=randread bs=4k iodepth=16, 2 targets (2-queue boots only)
   null-4k       rw=randread bs=4k iodepth=16 on the 2 null disks (2-queue boots only)
+  idle          no I/O for the job's runtime: the backend's CPU % (2-queue boots only)
 One round boots one guest per (queue count, backend), in the order given, then the next
 round repeats the sequence, so slow drifts of the shared host hit every backend alike.
 
@@ -89,6 +90,8 @@ JOBS = (
     Job("seq-4t", tuple(range(FILE0, FILE0 + 4)), "--rw=read --bsrange=4k-64k --iodepth=4"),
     Job("randread-4k", (FILE0, FILE0 + 1), "--rw=randread --bs=4k --iodepth=16", (2,)),
     Job("null-4k", (NULL0, NULL0 + 1), "--rw=randread --bs=4k --iodepth=16", (2,)),
+    # no I/O at all: the backend's cost of a guest that does nothing (CPU % over the job)
+    Job("idle", (), "", (2,)),
 )
 # The seed's claim, per backend: the seq-4t job with 2 queues over 1 queue
 SCALING_JOB = "seq-4t"
@@ -157,6 +160,11 @@ run() {  # name, targets (comma-separated), fio args...
     '{printf "RESULT %s %s %s %s %s %s %s\n\n", n, ($5 == "" ? rc : $5), $6, $7, $8, $9, irq}'
   [ $rc = 0 ] || head -5 /tmp/fio.err
 }
+idle() {  # the guest does nothing for RUNTIME seconds
+  printf 'JOB-START idle\n\n'
+  sleep RUNTIME
+  printf 'RESULT idle 0 0 0 0 %d 0\n\n' $((RUNTIME * 1000))
+}
 """
 
 RESULT = re.compile(r"^RESULT (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\s*$", re.M)
@@ -170,6 +178,9 @@ def guest_script(queues: int, runtime: int, ramp: int) -> str:
               .replace("VCPUS", str(VCPUS)).replace("RUNTIME", str(runtime))
               .replace("RAMP", str(ramp)))
     for job in jobs_for(queues):
+        if not job.targets:
+            script += f"{job.name}\n"
+            continue
         script += f"run {job.name} {','.join(map(str, job.targets))} {job.fio_args}\n"
     # the host reads the backend's usage when it sees the last RESULT: before the guest
     # powers off and the backend's workers exit with the session
@@ -187,6 +198,7 @@ def parse(output: str) -> dict[str, dict]:
             requests = round(float(iops) * int(runtime_ms) / 1000)
             jobs[name] = {"error": int(err), "mb_s": int(bw) * 1024 / 1e6,
                           "iops": float(iops), "requests": requests,
+                          "runtime_s": int(runtime_ms) / 1000,
                           "irqs_per_req": int(irqs) / requests if requests else None}
         except ValueError:
             jobs[name] = {"error": err, "mb_s": None, "iops": None, "requests": None,
@@ -422,6 +434,8 @@ def run_config(image, backend: Backend, queues: int, files: list[str], script: s
     entry["jobs"] = parse(output)
     for name, job in entry["jobs"].items():
         used = cpu.used.get(name)
+        if used is not None and job.get("runtime_s"):
+            job["cpu_pct"] = round(100 * (used[0] + used[1]) / job["runtime_s"], 2)
         if used is not None and job.get("requests"):
             user, system, wakeups = used
             n = job["requests"]
@@ -459,6 +473,7 @@ def summarise_rounds(configs: list[dict], backends: list[Backend],
                     "mb_s": median([r.get("mb_s") for r in runs]),
                     "iops": median([r.get("iops") for r in runs]),
                     "cpu_us_per_req": median([r.get("cpu_us_per_req") for r in runs]),
+                    "cpu_pct": median([r.get("cpu_pct") for r in runs]),
                     "sys_us_per_req": median([r.get("sys_us_per_req") for r in runs]),
                     "wakeups_per_req": median([r.get("wakeups_per_req") for r in runs]),
                     "irqs_per_req": median([r.get("irqs_per_req") for r in runs]),
@@ -511,7 +526,9 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
         for b in backends:
             m = row["backends"][b.name]
             cell = _num(m["mb_s"])
-            if b.kind in ("ours", "qsd"):
+            if b.kind in ("ours", "qsd") and row["job"] == "idle":
+                cell = _num(m.get("cpu_pct"), "{:.2f}% CPU")
+            elif b.kind in ("ours", "qsd"):
                 cell += "\n" + _num(m["cpu_us_per_req"], "{:.1f} µs")
                 cell += "\n" + _num(m.get("sys_us_per_req"), "({:.1f})")
                 cell += "\n" + _num(m.get("wakeups_per_req"), "{:.2f} wake")

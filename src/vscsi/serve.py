@@ -69,9 +69,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "rate:..., trace:file=PATH (docs/filters.md); repeatable, the "
                              "first given sees a command first")
     parser.add_argument("--cpus", metavar="LIST",
-                        help="CPUs for the request-queue workers, e.g. 0-3,6: worker i runs "
-                             "on the i-th (default: every CPU this process may use); 'none': "
-                             "workers are not pinned, the kernel places them")
+                        help="pin the request-queue workers, e.g. 0-3,6: worker i runs on "
+                             "the i-th; default ('none'): not pinned, the kernel places them "
+                             "(it wakes a worker near the vCPU that kicked it)")
     parser.add_argument("--stats", metavar="PATH",
                         help="write per-queue counters as JSON here (on change, at most once "
                              "a second; at disconnect, SIGUSR1 and exit)")
@@ -175,7 +175,8 @@ def _parse_coalesce(text: str) -> tuple[int, float]:
 
 def _check_args(args: argparse.Namespace) -> tuple[int, list[int], bool]:
     """The request queues, the CPUs the workers are planned over, and whether they are
-    pinned to them (``--cpus none``: the kernel places them)."""
+    pinned to them (without --cpus, or with ``--cpus none``, the kernel places them:
+    measured better than pinning once the data plane is compiled, bench/README.md)."""
     if not args.lun:
         raise UsageError("no logical units: give at least one --lun TARGET:LUN=BACKEND")
     usable = default_cpus()
@@ -186,7 +187,7 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int], bool]:
         raise UsageError(f"--poll-us {args.poll_us}: must be 0..1000000")
     if args.workers is not None and not 1 <= args.workers <= queues:
         raise UsageError(f"--workers {args.workers}: must be 1..{queues} (the request queues)")
-    if args.cpus == "none":
+    if args.cpus is None or args.cpus == "none":
         return queues, usable, False
     if args.cpus:
         from vscsi.vhost_user import cpu_list
@@ -199,8 +200,6 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int], bool]:
         if missing:
             raise UsageError(f"--cpus: CPU {missing[0]} is not available to this process "
                              f"(usable: {','.join(map(str, usable))})")
-    else:
-        cpus = usable
     return queues, cpus, True
 
 
