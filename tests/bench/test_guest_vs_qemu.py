@@ -25,7 +25,8 @@ def test_parse_fio_result_lines() -> None:
            "RESULT null-4k 5 0 0 0 0 0\nRESULT bad x y z w v u\n")
     jobs = gvq.parse(out)
     assert jobs["seq-4t"] == {"error": 0, "mb_s": 100000 * 1024 / 1e6, "iops": 2500.5,
-                              "requests": 10002, "irqs_per_req": 5001 / 10002}
+                              "requests": 10002, "runtime_s": 4.0,
+                              "irqs_per_req": 5001 / 10002}
     assert jobs["null-4k"]["error"] == 5
     assert jobs["bad"]["mb_s"] is None
 
@@ -41,14 +42,16 @@ def test_job_cpu_reads_the_tree_at_each_marker_even_split_across_writes() -> Non
     cpu.write("noise\nJOB-ST")
     cpu.write("ART a\n")
     burn(0.2)
+    time.sleep(0.05)                          # a wake-up, as a backend has per request
     cpu.write("RESULT a 0 1 1 1 1 0")
-    assert "a" not in cpu.seconds  # not a whole line yet
+    assert "a" not in cpu.used  # not a whole line yet
     cpu.write("\nJOB-START b\nRESULT b 0 1 1 1 1 0\n")
-    assert cpu.seconds["a"] >= 0.15
-    assert cpu.seconds["b"] < cpu.seconds["a"]
+    user, system, wakeups = cpu.used["a"]
+    assert user + system >= 0.15 and wakeups >= 1
+    assert sum(cpu.used["b"][:2]) < user + system
     none = gvq.JobCpu(None)
     none.write("JOB-START a\nRESULT a 0 1 1 1 1 0\n")
-    assert none.seconds == {}
+    assert none.used == {}
 
 
 def test_backend_specs() -> None:

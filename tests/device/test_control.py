@@ -157,7 +157,7 @@ def test_logical_unit_reset(rig: Rig) -> None:
 def test_each_tmf_is_logged_with_its_answer(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     """The log line is how an operator (and tests/test_guest_faults) sees the guest's
     error handler at work and what the device answered."""
-    caplog.set_level("INFO", logger="vscsi.device.device")
+    caplog.set_level("INFO", logger="vscsi.device.tmf")
     rig.tmf(VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, lun=1)
     rig.tmf(VIRTIO_SCSI_T_TMF_ABORT_TASK, lun=0, tag=0x2A)
     rig.tmf(VIRTIO_SCSI_T_TMF_QUERY_TASK, lun=5)

@@ -11,8 +11,9 @@ import struct
 import pytest
 
 from vscsi.loop import EventLoop
-from vscsi.scsi import COMMANDS, FileBackend, LogicalUnit, commands
+from vscsi.scsi import COMMANDS, FileBackend, LogicalUnit
 from vscsi.scsi.backends import RamBackend
+from vscsi.scsi.commands import steps
 from vscsi.scsi.iothreads import IoPending
 from vscsi.scsi.pending import Pending
 
@@ -206,9 +207,9 @@ class InlineRam(RamBackend):
 
 @pytest.mark.parametrize("op", ["verify", "write same"])
 def test_thousands_of_steps_ended_inline_do_not_recurse(monkeypatch, op):
-    # One block per step (a small _CHUNK): 3000 steps, each ended before its submit
+    # One block per step (a small CHUNK): 3000 steps, each ended before its submit
     # returned; the steps loop, they do not nest 3000 calls deep.
-    monkeypatch.setattr(commands, "_CHUNK", 512)
+    monkeypatch.setattr(steps, "CHUNK", 512)
     unit = LogicalUnit(InlineRam(4 << 20))
     unit.wce = False                                    # WRITE SAME ends with a flush
     block = bytes(range(256)) * 2

@@ -42,7 +42,7 @@ from .helpers import (
 
 BS = 512
 DISK = 4 << 20
-STEP = (1 << 20) // BS      # blocks per step of a long VERIFY / WRITE SAME (commands._CHUNK)
+STEP = (1 << 20) // BS      # blocks per step of a long VERIFY / WRITE SAME (steps.CHUNK)
 SYNC10 = bytes((0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
 

@@ -42,9 +42,11 @@ def server(request: pytest.FixtureRequest,
     if request.param == "compiled" and compiled is None:
         pytest.skip("the compiled data plane is not built")
     tmp = str(tmp_path_factory.mktemp("serve"))
-    # one worker process per queue (on a 2-CPU host the default is one for both)
-    proc = ServeProcess(tmp, LUNS, queues=2,
-                        extra=["--workers", "2", "--dataplane", request.param])
+    # one worker process per queue (on a 2-CPU host the default is one for both), each
+    # pinned to a CPU of ours (by default they are not pinned)
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    proc = ServeProcess(tmp, LUNS, queues=2, extra=["--workers", "2", "--cpus", cpus,
+                                                    "--dataplane", request.param])
     try:
         yield proc
         assert proc.alive(), proc.output()

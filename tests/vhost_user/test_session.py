@@ -28,8 +28,8 @@ from vscsi.vhost_user.codec import (
     VringFile,
     VringState,
 )
+from vscsi.vhost_user.host import Broken
 from vscsi.vhost_user.states import RingPhase
-from vscsi.vhost_user.workers import Broken
 from vscsi.virtio import (
     PACKED_INITIAL_STATE,
     VIRTIO_F_RING_PACKED,
@@ -44,11 +44,12 @@ from vscsi.virtio import (
     ring_bytes,
     ring_layout,
 )
+from vscsi.virtio.contract import VirtioDevice
 
 DEVICE_FEATURES = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 1) | (1 << 2)
 
 
-class FakeDevice:
+class FakeDevice(VirtioDevice):
     features = DEVICE_FEATURES
 
     def __init__(self) -> None:

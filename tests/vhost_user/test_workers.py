@@ -19,25 +19,26 @@ import pytest
 from vscsi import dataplane
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.vhost_user import stats as st
-from vscsi.vhost_user.workers import (
-    Pacing,
-    QueueHost,
-    QueueServing,
-    WorkerPlan,
-    _Worker,
-    plan_workers,
+from vscsi.vhost_user.host import QueueHost, WorkerPlan, plan_workers
+from vscsi.vhost_user.pacing import Pacing
+from vscsi.vhost_user.worker import QueueServing, Worker
+from vscsi.virtio import (
+    Chain,
+    DeviceRing,
+    DriverRing,
+    QueueRole,
+    VirtioDevice,
+    ring_bytes,
+    ring_layout,
 )
-from vscsi.virtio import Chain, DeviceRing, DriverRing, QueueRole, ring_bytes, ring_layout
 
 HOT, CONTROL, EVENT = QueueRole.HOT, QueueRole.CONTROL, QueueRole.EVENT
 HANG_GUARD = 10.0  # seconds: a worker that never answers fails the test instead of hanging it
 
 
-class EchoDevice:
+class EchoDevice(VirtioDevice):
     """A made-up device: every queue echoes its request back upper-cased, and a request
     that starts with b"boom" makes the handler raise (a device bug)."""
-
-    features = 0
 
     def __init__(self, roles: tuple[QueueRole, ...]) -> None:
         self.roles = roles
@@ -60,15 +61,6 @@ class EchoDevice:
 
     def read_config(self) -> bytes:
         return b""
-
-    def write_config(self, offset: int, data: bytes) -> None:
-        pass
-
-    def set_driver_features(self, features: int) -> None:
-        pass
-
-    def reset(self) -> None:
-        pass
 
 
 @dataclass
@@ -160,11 +152,11 @@ def hosted(device: EchoDevice, mem: GuestMemory) -> tuple[QueueHost, st.QueueSta
 
 
 def in_process(device: EchoDevice, mem: GuestMemory, pacing: Pacing
-               ) -> tuple[_Worker, socket.socket, socket.socket]:
+               ) -> tuple[Worker, socket.socket, socket.socket]:
     """A worker in this process (no fork): its two control-channel ends, ours second
     (closing it makes the worker's run() return)."""
     ctl, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker = _Worker(mem, ctl, device, st.QueueStats(device.queue_roles()), pacing,
+    worker = Worker(mem, ctl, device, st.QueueStats(device.queue_roles()), pacing,
                      serving=SERVING[0])
     return worker, ctl, other
 

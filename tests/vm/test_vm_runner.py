@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vscsi.vm import Guest, GuestConfigError, GuestImage, GuestOptions, build_qemu_argv
+from vscsi.vm.console import OutputFilter, parse_console
 from vscsi.vm.cpio import read_archive
-from vscsi.vm.runner import OutputFilter, parse_console
 
 NONCE = "0badc0de12345678"
 

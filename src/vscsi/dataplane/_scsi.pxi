@@ -1,7 +1,7 @@
 # One request of a request queue in C: the virtio-scsi headers, the LUN, and the common
 # commands -- READ and WRITE (6/10/12/16) on RAM, null and file LUNs -- with the device's
 # counters and task slot. The reference is the Python path (device/device.py
-# _serve_request, scsi/commands.py _read/_write, device/stats.py QueueCounters): its
+# _serve_request, scsi/commands/block.py _read/_write, device/stats.py QueueCounters): its
 # named steps -- locate, look up, execute, respond -- are this file's too.
 #
 # What this path serves, it serves exactly as the Python path would. Anything else -- a
@@ -261,7 +261,7 @@ cdef class FastScsi:
         return NULL
 
     cdef bint decode(self, const uint8_t *cdb, Command *cmd) noexcept:
-        """READ / WRITE (6/10/12/16) as scsi/commands.py reads them; False for any other
+        """READ / WRITE (6/10/12/16) as scsi/commands/block.py reads them; False for any other
         opcode, a CDB field it would refuse (RDPROTECT / WRPROTECT), or a CDB field
         shorter than the command."""
         cdef uint8_t op = cdb[0]

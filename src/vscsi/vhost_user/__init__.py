@@ -1,13 +1,17 @@
 """vscsi.vhost_user -- the vhost-user protocol: a sans-IO message codec, the back-end
-that serves a virtio device to QEMU (or our own front-end) with one worker process per
-hot queue (the device says which queues are hot), and a small blocking front-end.
+that serves a virtio device (vscsi.virtio.VirtioDevice) to QEMU (or our own front-end)
+with its hot queues in worker processes (the device says which queues are hot), and a
+small blocking front-end.
 
 Modules, in protocol order:
     codec     messages, payload dataclasses, MessageReader / encode (sans-IO)
     states    session and vring state tables
     backend   Session: one front-end's state and the request dispatch table
     server    BackendServer: the unix socket, the main loop, signals, stats file
-    workers   QueueHost: hot queues in forked worker processes, control/event inline
+    host      QueueHost: hot queues in forked worker processes, control/event inline
+    channel   the control channel between the main process and a worker
+    worker    Worker: a worker process's rings (QueueServing) and its loop
+    pacing    when a worker polls and when it signals
     stats     per-queue counters in shared memory (+ the JSON stats file)
     frontend  FrontendClient: a blocking front-end (tests, our driver)
 """
@@ -27,17 +31,11 @@ from .codec import (
     make_request,
 )
 from .frontend import BackendGone, FrontendClient, RequestRefused, attach_ring
+from .host import QueueHost, WorkerPlan, cpu_list, plan_workers
+from .pacing import Pacing
 from .server import BackendServer, ServerError, bind_unix_socket
 from .stats import QueueStats
-from .workers import (
-    Pacing,
-    PythonServing,
-    QueueHost,
-    QueueServing,
-    WorkerPlan,
-    cpu_list,
-    plan_workers,
-)
+from .worker import PythonServing, QueueServing
 
 __all__ = [
     "PROTOCOL_FEATURES",

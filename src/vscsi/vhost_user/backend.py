@@ -37,6 +37,7 @@ from vscsi.virtio import (
     AnyDeviceRing,
     QueueRole,
     RingAddresses,
+    VirtioDevice,
     device_ring_for,
     is_packed,
     queue_region_size,
@@ -44,6 +45,7 @@ from vscsi.virtio import (
 )
 
 from . import codec
+from .channel import signal_eventfd
 from .codec import (
     EMPTY,
     F_LOG_ALL,
@@ -58,6 +60,7 @@ from .codec import (
     VringFile,
     VringState,
 )
+from .host import Broken
 from .states import (
     CONFIGURABLE,
     RingAction,
@@ -72,7 +75,6 @@ from .states import (
     ring_served,
     session_next,
 )
-from .workers import Broken, VirtioDevice, signal_eventfd
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,17 @@ worker, as small pure classes (time is passed in, so tests drive them determinis
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How workers poll and coalesce interrupts; the defaults do neither."""
+
+    poll_s: float = 0.0          # adaptive poll window's maximum (AdaptivePoll)
+    coalesce_count: int = 1      # signal after this many completions ... (Coalescer)
+    coalesce_s: float = 0.0      # ... or this long after the first held one
+
 
 class AdaptivePoll:
     """The poll window, in seconds; 0.0 means "do not poll".

@@ -30,12 +30,15 @@ from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
 from vscsi.unixsock import listen_unix
+from vscsi.virtio import VirtioDevice
 
 from . import codec
 from .backend import PROTOCOL_FEATURES, Disconnect, Session, SessionOptions
 from .codec import MAX_FDS, MessageReader, RemoteProtocolError, Request, Role
+from .host import QueueHost, plan_workers
+from .pacing import Pacing
 from .stats import QueueStats
-from .workers import Pacing, QueueHost, QueueServing, VirtioDevice, plan_workers
+from .worker import QueueServing
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@ side (pop chains, push used, drain), the driver side (add, publish, reclaim), in
 descriptors, EVENT_IDX notification suppression, feature bits, and :mod:`.kinds` to build
 the kind the features chose."""
 
+from vscsi.virtio.contract import VirtioDevice
 from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, DeviceRing, drain
 from vscsi.virtio.driver import DriverRing
 from vscsi.virtio.features import (
@@ -87,6 +88,7 @@ __all__ = [
     "VIRTQ_DESC_F_NEXT",
     "VIRTQ_DESC_F_WRITE",
     "VIRTQ_USED_F_NO_NOTIFY",
+    "VirtioDevice",
     "Chain",
     "ChainError",
     "DeviceRing",

@@ -8,17 +8,16 @@ it against a vhost-user-scsi backend (or QEMU's own virtio-scsi), run a script i
 """
 
 from .image import GuestImage, ImageError, build_guest, cache_root
-from .runner import (
-    Guest,
+from .options import (
     GuestConfigError,
     GuestError,
     GuestOptions,
     GuestResult,
     GuestTimeout,
     PhaseResult,
-    build_qemu_argv,
-    run_guest,
 )
+from .qemu_argv import build_qemu_argv
+from .runner import Guest, run_guest
 
 __all__ = [
     "Guest",

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from .image import ImageError, build_guest
-from .runner import GuestConfigError, GuestError, GuestOptions, GuestTimeout, run_guest
+from .options import GuestConfigError, GuestError, GuestOptions, GuestTimeout
+from .runner import run_guest
 
 EXIT_TIMEOUT = 124
 EXIT_GUEST_FAILED = 125

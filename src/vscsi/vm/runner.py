@@ -17,32 +17,37 @@ What to boot and how is one :class:`GuestOptions`. Two ways to use it:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
-import json
 import logging
 import os
 import re
 import secrets
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from .console import OutputFilter, parse_console
 from .cpio import CpioWriter
 from .image import GuestImage
 from .init import MARKER_RE, render_config
-from .pinning import NAME_THREADS, pin_vcpus
+from .options import (
+    GuestConfigError,
+    GuestError,
+    GuestOptions,
+    GuestResult,
+    GuestTimeout,
+    PhaseResult,
+)
+from .pinning import pin_vcpus
+from .qemu_argv import _check_options, _scan_targets, build_qemu_argv
 
 log = logging.getLogger("vscsi.vm")
 
-QEMU = "qemu-system-x86_64"
 
 # console=ttyS0: the only console; quiet: kernel messages at warning and above only
 # (each character on the emulated UART costs a VM exit); panic=-1 with -no-reboot: a
@@ -64,137 +69,6 @@ POWEROFF_GRACE = 20.0
 # nothing more on the console; past this silence, the run counts as hung in the reset.
 RESET_STALL = 75.0
 POLL = 0.05
-
-
-class GuestError(Exception):
-    """The guest did not deliver an exit status (QEMU failed, the kernel panicked, the
-    init reported an error). The message ends with the tail of the console."""
-
-    def __init__(self, message: str, *, console: str = "", seconds: float = 0.0,
-                 qemu_stderr: str = "", workdir: Path | None = None,
-                 qemu_crashed_early: bool = False, qemu_hung_in_reset: bool = False) -> None:
-        tail = "\n".join(console.splitlines()[-30:])
-        full = message
-        if qemu_stderr.strip():
-            full += "\nQEMU said:\n" + "\n".join(qemu_stderr.strip().splitlines()[-15:])
-        full += "\n--- guest console (last lines) ---\n" + (tail or "(nothing)")
-        if workdir is not None:
-            full += f"\n--- files kept in {workdir} ---"
-        super().__init__(full)
-        self.summary = message
-        self.console = console
-        self.seconds = seconds
-        self.qemu_stderr = qemu_stderr
-        self.workdir = workdir
-        # QEMU itself died (signal, assertion) before the script began: see run_guest
-        self.qemu_crashed_early = qemu_crashed_early
-        # QEMU spun in the machine reset of a reboot, printing nothing: see run_guest
-        self.qemu_hung_in_reset = qemu_hung_in_reset
-
-
-class GuestTimeout(GuestError):
-    """The run took longer than its timeout; QEMU was killed."""
-
-
-class GuestConfigError(ValueError):
-    """A bad argument (missing socket, missing disk file...): one line for the user."""
-
-
-@dataclass(frozen=True)
-class PhaseResult:
-    phase: int          # 1, or 2 after the reboot
-    output: str         # what the script printed (console text between the markers)
-    status: int         # its exit status
-
-
-@dataclass(frozen=True)
-class GuestResult:
-    output: str         # all phases' script output, in order
-    status: int         # 0 if every phase exited 0, else the first non-zero status
-    seconds: float      # wall time from QEMU start to the last exit marker
-    phases: tuple[PhaseResult, ...] = ()
-    console: str = field(default="", repr=False)   # the whole serial console
-    powered_off: bool = True   # False: QEMU had to be killed after the script ended
-    boot_seconds: float = 0.0  # QEMU start -> first begin marker (boot + module load + settle)
-    attempts: int = 1          # 2: QEMU crashed during boot and run_guest booted again
-
-
-@dataclass(frozen=True)
-class GuestOptions:
-    """How to boot the guest and run its script; every field has a working default.
-
-    The devices:
-
-    * vhost_user_socket: attach a vhost-user-scsi-pci device with `queues` request
-      queues to the backend listening there;
-    * vhost_user_options: extra vhost-user-scsi-pci properties, e.g.
-      {"virtqueue_size": 256, "event_idx": False};
-    * reconnect_ms: let QEMU reconnect to a restarted backend (chardev reconnect-ms);
-    * qemu_direct: open qemu_disks with O_DIRECT (cache.direct=on, aio=io_uring).
-    * qemu_disks: files served by QEMU's own virtio-scsi-pci (`qemu_queues` request
-      queues, default `queues`), one target each (scsi-id i, LUN 0);
-    * qemu_null_disks: sizes (bytes) of disks QEMU's own HBA serves from its null-co
-      driver (reads return zeroes, no storage cost), one target each after qemu_disks;
-    * iothreads: one QEMU iothread per queue of that HBA (iothread-vq-mapping);
-    * vhost_user_blk_sockets: one vhost-user-blk-pci device (`queues` queues) per
-      socket, in PCI slots 6, 7, ... in that order (e.g. qemu-storage-daemon exports;
-      the guest sees them as /dev/vd*, and needs the virtio_blk module).
-
-    The machine: vcpus, memory, accel ("tcg", the default or $VSCSI_ACCEL, or "kvm"),
-    kernel_args (appended to the kernel command line, e.g. "loglevel=7"),
-    extra_qemu_args (appended to QEMU's command line), pin_vcpus (host CPUs: vCPU n's
-    thread is pinned to pin_vcpus[n % len], see vm/pinning.py), qmp (open a QMP socket,
-    see Guest.qmp()).
-
-    The run:
-
-    * after_reboot: a second script; the guest runs the first, resets the machine (a
-      real reboot: firmware, new kernel, the device reset and set up again) and runs
-      this one;
-    * files: {guest path: bytes | str | host Path} added to the per-run archive (e.g. a
-      fio job file), directories created as needed;
-    * env: variables exported to the script;
-    * settle_timeout: how long /init waits for the disks to appear (s);
-    * scan_targets: the SCSI targets the guest scans at boot, or None for all 256 (what a
-      normal guest does, and a test of how the device answers for absent targets).
-      "auto": with only qemu_disks, just their targets (saves seconds under TCG); with a
-      vhost-user device, all;
-    * timeout: seconds from QEMU's start until the run is killed (GuestTimeout);
-    * crash_retries: how often run_guest starts over after QEMU crashed during boot or
-      hung in a reboot's reset (see run_guest);
-    * console_log: keep the serial console in this file;
-    * stream: a text stream that receives the script's output as it arrives;
-    * workdir: where the run's files go (default: a temp directory, removed after a
-      successful run, kept after a failure).
-    """
-
-    vhost_user_socket: str | os.PathLike[str] | None = None
-    vhost_user_options: Mapping[str, object] = field(default_factory=dict)
-    reconnect_ms: int | None = None
-    queues: int = 2
-    qemu_disks: Sequence[str | os.PathLike[str]] = ()
-    qemu_direct: bool = False  # qemu_disks with cache.direct=on and aio=io_uring
-    qemu_queues: int | None = None
-    qemu_null_disks: Sequence[int] = ()
-    iothreads: bool = False
-    vhost_user_blk_sockets: Sequence[str | os.PathLike[str]] = ()
-    vcpus: int = 2
-    memory: str = "512M"
-    accel: str | None = None
-    kernel_args: str | Sequence[str] = ()
-    extra_qemu_args: Sequence[str] = ()
-    pin_vcpus: Sequence[int] | None = None  # vCPU n on host CPU pin_vcpus[n % len]
-    qmp: bool = False
-    after_reboot: str | None = None
-    files: Mapping[str, bytes | str | Path] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
-    settle_timeout: int = 120
-    scan_targets: Sequence[int] | str | None = "auto"
-    timeout: float = 300
-    crash_retries: int = 1
-    console_log: str | os.PathLike[str] | None = None
-    stream: IO[str] | None = field(default=None, repr=False)
-    workdir: str | os.PathLike[str] | None = None
 
 
 def run_guest(image: GuestImage, script: str,
@@ -561,248 +435,3 @@ class Guest:
                    qemu_stderr=stderr, workdir=self.workdir,
                    qemu_crashed_early=crashed and not began,
                    qemu_hung_in_reset=hung_in_reset)
-
-
-def parse_console(
-    text: str, nonce: str, *, reboot: bool = False
-) -> tuple[list[PhaseResult], str | None]:
-    """The phases completed in a console text, and the error /init reported, if any.
-    A phase's output is the text between its begin marker's line and its exit marker,
-    less the newline /init prints before the exit marker."""
-    phases: list[PhaseResult] = []
-    starts: dict[int, int] = {}
-    error = None
-    for m in MARKER_RE.finditer(text):
-        if m.group("nonce") != nonce:
-            continue
-        event, args = m.group("event"), (m.group("args") or "").split(":")
-        if event == "begin":
-            phase = int(args[0])
-            if phase in starts and not reboot:
-                error = "the guest started the script twice (it rebooted by itself)"
-            nl = text.find("\n", m.end())
-            starts[phase] = len(text) if nl < 0 else nl + 1
-        elif event == "exit" and len(args) == 2:
-            phase, status = int(args[0]), int(args[1])
-            out = text[starts.get(phase, m.start()):m.start()]
-            if out.endswith("\n"):
-                out = out[:-1]
-            phases.append(PhaseResult(phase, out, status))
-        elif event == "error":
-            error = ":".join(args)
-    return phases, error
-
-
-class OutputFilter:
-    """Turns a growing console text into the script's output as it arrives: complete
-    lines between markers, so that everything fed out equals GuestResult.output. The
-    last line before an exit marker is held back, because its final newline is the
-    one /init adds."""
-
-    def __init__(self, nonce: str) -> None:
-        self.nonce = nonce
-        self._done = 0                 # console offset consumed
-        self._inside = False           # between a begin and an exit marker
-        self._held: str | None = None  # the line held back
-
-    def feed(self, console: str) -> str:
-        end = console.rfind("\n", self._done) + 1
-        if end <= self._done:
-            return ""
-        out = []
-        for line in console[self._done:end].splitlines(keepends=True):
-            m = MARKER_RE.search(line)
-            if m and m.group("nonce") == self.nonce:
-                if m.group("event") == "exit" and self._held is not None:
-                    out.append(self._held[:-1])
-                self._held = None
-                self._inside = m.group("event") == "begin"
-                continue
-            if self._inside:
-                if self._held is not None:
-                    out.append(self._held)
-                self._held = line
-        self._done = end
-        return "".join(out)
-
-
-@functools.cache
-def qemu_version() -> tuple[int, int]:
-    """(major, minor) of the installed QEMU; (0, 0) if it cannot be told."""
-    try:
-        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return (0, 0)
-    m = re.search(r"version (\d+)\.(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def _check_options(image: GuestImage, options: GuestOptions) -> str:
-    """Raise GuestConfigError for options that cannot work; return the accelerator."""
-    if options.vcpus < 1:
-        raise GuestConfigError(f"vcpus must be at least 1, not {options.vcpus}")
-    if options.queues < 1 or (options.qemu_queues is not None and options.qemu_queues < 1):
-        raise GuestConfigError("queues must be at least 1")
-    if options.vhost_user_socket:
-        _check_socket(Path(options.vhost_user_socket))
-    if len(options.vhost_user_blk_sockets) > len(VHOST_USER_BLK_SLOTS):
-        raise GuestConfigError(f"at most {len(VHOST_USER_BLK_SLOTS)} vhost-user-blk devices")
-    for sock in options.vhost_user_blk_sockets:
-        _check_socket(Path(sock))
-    for d in options.qemu_disks:
-        if not Path(d).exists():
-            raise GuestConfigError(f"disk file {d} does not exist")
-    for p in (image.kernel, image.initramfs):
-        if not Path(p).is_file():
-            raise GuestConfigError(f"guest image file {p} is missing: run `vscsi vm build`")
-    if shutil.which(QEMU) is None:
-        raise GuestConfigError(f"{QEMU} not found: run scripts/setup-host.sh")
-    accel = (options.accel or os.environ.get("VSCSI_ACCEL") or "tcg").lower()
-    if accel not in ("tcg", "kvm"):
-        raise GuestConfigError(f"accelerator must be tcg or kvm, not {accel!r}")
-    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise GuestConfigError("VSCSI_ACCEL=kvm but /dev/kvm is not usable")
-    return accel
-
-
-def _scan_targets(options: GuestOptions) -> tuple[int, ...] | None:
-    """The targets /init scans, None for all: see GuestOptions.scan_targets."""
-    scan = options.scan_targets
-    if scan == "auto":
-        qemu_targets = len(options.qemu_disks) + len(options.qemu_null_disks)
-        only_qemu_disks = qemu_targets and not options.vhost_user_socket
-        return tuple(range(qemu_targets)) if only_qemu_disks else None
-    if isinstance(scan, str):
-        raise GuestConfigError(f"scan_targets must be 'auto', None or target numbers, "
-                               f"not {scan!r}")
-    return None if scan is None else tuple(scan)
-
-
-def _check_socket(path: Path) -> None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise GuestConfigError(
-            f"vhost-user socket {path} does not exist (is `vscsi serve` running?)"
-        ) from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise GuestConfigError(f"{path} is not a socket")
-
-
-def build_qemu_argv(options: GuestOptions, *, kernel: Path, initrd: Path, cmdline: str,
-                    console: Path, qmp: Path | None = None) -> list[str]:
-    """The QEMU command line. Devices get fixed PCI slots so the guest probes (and
-    names) them in the same order every time: the vhost-user HBA first (slot 4), then
-    QEMU's own virtio-scsi (slot 5), then vhost-user-blk devices (slots 6 to 0xf); slots
-    from 0x10 up are free for tests' hot-plug."""
-    argv = [QEMU, *_machine_args(options, kernel, initrd, cmdline, console)]
-    if qmp is not None:
-        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
-    if options.vhost_user_socket is not None:
-        argv += _vhost_user_args(options)
-    if options.qemu_disks or options.qemu_null_disks:
-        argv += _qemu_hba_args(options)
-    for i, sock in enumerate(options.vhost_user_blk_sockets):
-        argv += _vhost_user_blk_args(i, sock, options.queues)
-    argv += list(options.extra_qemu_args)
-    return argv
-
-
-def _machine_args(options: GuestOptions, kernel: Path, initrd: Path, cmdline: str,
-                  console: Path) -> list[str]:
-    """Machine, memory, CPUs, kernel and serial console."""
-    memory = options.memory
-    argv = [
-        "-nodefaults", "-no-user-config", "-display", "none",
-        # guest RAM a vhost-user backend can map: a shared memfd
-        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-        "-machine", "q35,memory-backend=mem",
-        "-m", memory,
-        "-smp", str(options.vcpus),
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-        "-chardev", f"file,id=con,path={console}", "-serial", "chardev:con",
-    ]
-    if options.accel == "kvm":
-        argv += ["-accel", "kvm", "-cpu", "host"]
-    else:
-        # one host thread per vCPU; "max" gives the guest every feature TCG emulates
-        argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]
-    if options.after_reboot is None:
-        argv.append("-no-reboot")
-    if options.pin_vcpus:
-        argv += NAME_THREADS
-    return argv
-
-
-def _vhost_user_args(options: GuestOptions) -> list[str]:
-    """The vhost-user-scsi-pci device in slot 4 and the socket chardev it talks over."""
-    chardev = f"socket,id=vus,path={options.vhost_user_socket}"
-    reconnect_ms = options.reconnect_ms
-    if reconnect_ms:
-        if qemu_version() >= (9, 2):
-            chardev += f",reconnect-ms={int(reconnect_ms)}"
-        else:  # older QEMU (bookworm's 7.2) counts whole seconds
-            chardev += f",reconnect={max(1, -(-int(reconnect_ms) // 1000))}"
-    dev: dict[str, object] = {
-        "driver": "vhost-user-scsi-pci", "id": "vus0", "chardev": "vus",
-        "num_queues": options.queues, "bus": "pcie.0", "addr": "0x4",
-    }
-    dev.update(options.vhost_user_options)
-    return ["-chardev", chardev, "-device", json.dumps(dev)]
-
-
-# vhost-user-blk devices, in this order: the guest's /dev/vda.. follow the probe order
-VHOST_USER_BLK_SLOTS = tuple(range(0x6, 0x10))
-
-
-def _vhost_user_blk_args(index: int, sock: str | os.PathLike[str], queues: int) -> list[str]:
-    """vhost-user-blk-pci number `index` (slot VHOST_USER_BLK_SLOTS[index]) on `sock`."""
-    dev = {"driver": "vhost-user-blk-pci", "id": f"vub{index}", "chardev": f"vub{index}",
-           "num-queues": queues, "bus": "pcie.0", "addr": hex(VHOST_USER_BLK_SLOTS[index])}
-    return ["-chardev", f"socket,id=vub{index},path={sock}", "-device", json.dumps(dev)]
-
-
-def _qemu_hba_args(options: GuestOptions) -> list[str]:
-    """QEMU's own virtio-scsi-pci in slot 5, one disk per target: the raw files, then the
-    null-co disks."""
-    queues = options.qemu_queues or options.queues
-    argv: list[str] = []
-    hba: dict[str, object] = {
-        "driver": "virtio-scsi-pci", "id": "qscsi", "num_queues": queues,
-        "bus": "pcie.0", "addr": "0x5",
-    }
-    if options.iothreads:
-        for i in range(queues):
-            argv += ["-object", f"iothread,id=io{i}"]
-        # without "vqs", QEMU spreads the request queues over the listed iothreads
-        hba["iothread-vq-mapping"] = [{"iothread": f"io{i}"} for i in range(queues)]
-    argv += ["-device", json.dumps(hba)]
-    for i, disk in enumerate(options.qemu_disks):
-        argv += [
-            "-blockdev", json.dumps({
-                "driver": "file", "node-name": f"qf{i}", "filename": str(disk),
-                "discard": "unmap",
-                # O_DIRECT (QEMU's cache=none) through io_uring, or the page cache
-                **({"aio": "io_uring", "cache": {"direct": True}} if options.qemu_direct
-                   else {"aio": "threads"}),
-            }),
-            "-blockdev", json.dumps({"driver": "raw", "node-name": f"qd{i}", "file": f"qf{i}"}),
-            *_scsi_hd(i),
-        ]
-    for i, size in enumerate(options.qemu_null_disks, start=len(options.qemu_disks)):
-        argv += [
-            # read-zeroes: what a real disk's reads cost the guest (and what vscsi's null:
-            # backend does), not whatever stale bytes the buffers held
-            "-blockdev", json.dumps({"driver": "null-co", "node-name": f"qd{i}",
-                                     "size": int(size), "read-zeroes": True}),
-            *_scsi_hd(i),
-        ]
-    return argv
-
-
-def _scsi_hd(target: int) -> list[str]:
-    return ["-device", json.dumps({
-        "driver": "scsi-hd", "id": f"qdisk{target}", "drive": f"qd{target}",
-        "bus": "qscsi.0", "channel": 0, "scsi-id": target, "lun": 0,
-    })]
