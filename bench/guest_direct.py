@@ -40,10 +40,10 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.bench.storage_daemon import StorageDaemon, VhostUserBlkDaemon
 from vscsi.device.stats import bucket_bounds_us
 from vscsi.rpc.client import Client, RpcError
+from vscsi.testing.serve import ServeProcess
 from vscsi.vm import GuestOptions, build_guest, run_guest
 
 BACKENDS = ("vscsi", "qemu", "qsd", "vscsi-nbd")

@@ -65,8 +65,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vscsi.bench.backend_cpu import tree_cpu_seconds, tree_usage
-from vscsi.bench.serving import ServeProcess
 from vscsi.bench.storage_daemon import QSD, VhostUserBlkDaemon
+from vscsi.testing.serve import ServeProcess
 from vscsi.vm import GuestError, GuestOptions, build_guest, run_guest
 
 VCPUS = 2

@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 
-from vscsi.bench.serving import ServeProcess
+from vscsi.testing.serve import ServeProcess
 
 LUNS = ["0:0=null:1G", "1:0=null:1G"]
 

@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 
-from vscsi.bench.serving import ServeProcess
+from vscsi.testing.serve import ServeProcess
 
 NULL = "null:1G"
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.dataplane import compiled
 from vscsi.testing.files import takes_o_direct
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = [
     pytest.mark.guest,

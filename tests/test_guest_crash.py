@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from vscsi.bench.backend_cpu import process_tree
-from vscsi.bench.serving import ServeProcess
 from vscsi.dataplane import compiled
 from vscsi.scsi import iouring
 from vscsi.testing.files import takes_o_direct
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 is not installed")

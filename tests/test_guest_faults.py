@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.rpc import Client
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.dataplane import compiled
 from vscsi.demo import parse_interrupts
 from vscsi.testing.files import takes_o_direct
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
@@ -201,12 +201,6 @@ class Rig:
     ro_content: bytes
 
 
-@pytest.fixture(scope="module")
-def image():  # type: ignore[no-untyped-def]
-    from vscsi.vm import build_guest
-
-    return build_guest()
-
 
 @pytest.fixture(scope="module", params=["compiled", "python"])
 def rig(request: pytest.FixtureRequest,
@@ -247,12 +241,12 @@ def _fields(output: str, key: str) -> list[list[str]]:
 
 
 @pytest.mark.guest
-def test_luns_queues_and_two_guests(image, rig: Rig) -> None:  # type: ignore[no-untyped-def]
+def test_luns_queues_and_two_guests(guest_image, rig: Rig) -> None:  # type: ignore[no-untyped-def]
     from vscsi.vm import GuestOptions, run_guest
 
     serve = rig.serve
     # ---------------------------------------------------------------- boot 1
-    r1 = run_guest(image, BOOT1, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+    r1 = run_guest(guest_image, BOOT1, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
                                               queues=2, timeout=480,
                                               files={"/root/pattern": PATTERN}))
     ctx = f"{r1.output}\n--- serve log ---\n{_tail(serve)}"
@@ -300,7 +294,7 @@ def test_luns_queues_and_two_guests(image, rig: Rig) -> None:  # type: ignore[no
 
     # ---------------------------------------------------------------- boot 2
     assert serve.proc is not None and serve.proc.poll() is None, _tail(serve)
-    r2 = run_guest(image, BOOT2, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+    r2 = run_guest(guest_image, BOOT2, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
                                               queues=2, timeout=480))
     ctx2 = f"{r2.output}\n--- serve log ---\n{_tail(serve)}"
     assert r2.status == 0, f"guest 2 failed (status {r2.status}):\n{ctx2}"

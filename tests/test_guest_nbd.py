@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.bench.storage_daemon import QSD, StorageDaemon
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
@@ -59,19 +59,13 @@ echo NBD-GUEST-DONE
 """
 
 
-@pytest.fixture(scope="module")
-def image():  # type: ignore[no-untyped-def]
-    from vscsi.vm import build_guest
-
-    return build_guest()
-
 
 def _fields(output: str, key: str) -> list[list[str]]:
     return [line.split()[1:] for line in output.splitlines() if line.startswith(key + " ")]
 
 
 @pytest.mark.guest
-def test_guest_fio_verify_over_nbd(image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_guest_fio_verify_over_nbd(guest_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from vscsi.vm import GuestOptions, run_guest
 
     disk = tmp_path / "nbd.img"
@@ -80,7 +74,7 @@ def test_guest_fio_verify_over_nbd(image, tmp_path: Path) -> None:  # type: igno
     serve = ServeProcess([f"0:0=nbd:{qsd.uri}"], queues=2)
     try:
         serve.start()
-        result = run_guest(image, SCRIPT, GuestOptions(
+        result = run_guest(guest_image, SCRIPT, GuestOptions(
             vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480))
         log = serve.output()[-3000:]
         ctx = f"{result.output}\n--- serve log ---\n{log}"

@@ -15,8 +15,8 @@ import shutil
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.dataplane import compiled
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = [
     pytest.mark.guest,
@@ -59,22 +59,16 @@ echo "SUM2 $(dd if=$B bs=4k count=64 iflag=direct 2>/dev/null | md5sum)"
 """
 
 
-@pytest.fixture(scope="module")
-def image():  # type: ignore[no-untyped-def]
-    from vscsi.vm import build_guest
-
-    return build_guest()
-
 
 @pytest.mark.parametrize("plane", ["compiled", "python"])
-def test_packed_rings_from_a_real_guest_across_a_reboot(image, plane: str) -> None:  # type: ignore[no-untyped-def]
+def test_packed_rings_from_a_real_guest_across_a_reboot(guest_image, plane: str) -> None:  # type: ignore[no-untyped-def]
     from vscsi.vm import GuestOptions, run_guest
 
     if plane == "compiled" and compiled is None:
         pytest.skip("the compiled data plane is not built")
     with ServeProcess(["0:0=ram:32M,serial=PACKED-A", "1:0=ram:32M,serial=PACKED-B"],
                       queues=2, extra=["--dataplane", plane]) as serve:
-        result = run_guest(image, BEFORE, GuestOptions(
+        result = run_guest(guest_image, BEFORE, GuestOptions(
             vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480,
             after_reboot=AFTER, vhost_user_options={"packed": True}))
         log = serve.output()

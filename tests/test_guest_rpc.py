@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.rpc import Client
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
@@ -88,12 +88,6 @@ echo RPC-GUEST-DONE
 """
 
 
-@pytest.fixture(scope="module")
-def image():  # type: ignore[no-untyped-def]
-    from vscsi.vm import build_guest
-
-    return build_guest()
-
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[ServeProcess]:
@@ -112,12 +106,12 @@ def _fields(output: str, key: str) -> list[str]:
 
 
 @pytest.mark.guest
-def test_lun_add_resize_remove_under_a_live_guest(image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
+def test_lun_add_resize_remove_under_a_live_guest(guest_image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
     from vscsi.vm import Guest, GuestOptions
 
     rpc_path = serve.socket + ".rpc"
     options = GuestOptions(vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=600)
-    with Guest(image, SCRIPT, options) as guest, Client(rpc_path, timeout=120) as rpc:
+    with Guest(guest_image, SCRIPT, options) as guest, Client(rpc_path, timeout=120) as rpc:
         guest.wait_for("STEP ADD", timeout=400)
         added = rpc.call("lun_add", spec="0:1=ram:64M")
         assert added["event"] is True

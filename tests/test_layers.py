@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("testing",),
     ("bench", "sim", "vm"),
     # what `vscsi serve` is asked over its RPC socket, and its Prometheus exporter
-    ("control",),
+    ("management",),
     ("exporter",),
     # programs on top of the tools: `python -m vscsi.serve`, `python -m vscsi.demo`
     ("serve", "demo"),

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.vhost_user.rig import ServeProcess, TestGuest, write10
+from tests.vhost_user.rig import TestGuest, write10
+from vscsi.testing.serve import ServeProcess
 
 
 def run_serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -97,7 +98,7 @@ def test_stale_socket_is_replaced_and_removed_at_exit(tmp_path) -> None:  # type
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(tmp_path / "vs.sock"))
     stale.close()  # the file stays, nobody listens
-    serve = ServeProcess(str(tmp_path), ["0:0=ram:1M"], queues=1)
+    serve = ServeProcess(["0:0=ram:1M"], directory=str(tmp_path), queues=1).start()
     try:
         deadline = time.monotonic() + 10
         while True:  # the stale file is replaced by a live socket with mode 0600
@@ -122,7 +123,7 @@ def test_stale_socket_is_replaced_and_removed_at_exit(tmp_path) -> None:  # type
 def test_sigterm_finishes_and_syncs_file_luns(tmp_path) -> None:  # type: ignore[no-untyped-def]
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
-    serve = ServeProcess(str(tmp_path), [f"0:0=file:{disk}"], queues=2)
+    serve = ServeProcess([f"0:0=file:{disk}"], directory=str(tmp_path), queues=2).start()
     try:
         g = TestGuest.connect(serve.socket)
         g.negotiate()

@@ -18,7 +18,7 @@ import tempfile
 from rich.console import Console
 from rich.table import Table
 
-from vscsi.bench.serving import ServeProcess
+from vscsi.testing.serve import ServeProcess
 from vscsi.vm import GuestOptions, build_guest, run_guest
 
 GUEST_SCRIPT = """

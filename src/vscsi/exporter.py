@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 from vscsi.device.stats import BUCKETS, bucket_bounds_us
 
 if TYPE_CHECKING:
-    from vscsi.control import Controller
+    from vscsi.management import Management
 
 
 class ServeCollector:
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
+    def __init__(self, management: Management) -> None:
+        self.management = management
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -31,7 +31,7 @@ class ServeCollector:
             HistogramMetricFamily,
         )
 
-        stats = self.controller.stats()
+        stats = self.management.stats()
         q_requests = CounterMetricFamily("vscsi_queue_requests", "requests served per "
                                          "request queue", labels=["queue"])
         q_interrupts = CounterMetricFamily("vscsi_queue_interrupts", "interrupts (call "
@@ -64,7 +64,7 @@ class ServeCollector:
         size = GaugeMetricFamily("vscsi_lun_size_bytes", "capacity", labels=names)
         latency = HistogramMetricFamily("vscsi_lun_latency_seconds", "execution time in the "
                                         "device", labels=names)
-        sizes = {(u["target"], u["lun"]): u["size"] for u in self.controller.lun_list()}
+        sizes = {(u["target"], u["lun"]): u["size"] for u in self.management.lun_list()}
         for row in stats["luns"]:
             label = [str(row["target"]), str(row["lun"])]
             commands.add_metric(label, row["commands"])
@@ -95,10 +95,10 @@ class ServeCollector:
         yield from (requests, switches)
 
 
-def serve_metrics(controller: Controller, host: str, port: int) -> None:
+def serve_metrics(management: Management, host: str, port: int) -> None:
     """Start the HTTP exposition (prometheus-client's own thread)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServeCollector(controller))
+    registry.register(ServeCollector(management))
     start_http_server(port, addr=host, registry=registry)

@@ -20,7 +20,7 @@ is the list of requests per request queue). SIGINT/SIGTERM stop the back-end cle
 running requests finish, files are synced and closed, the socket is removed.
 
 While it runs, ``vscsi rpc --socket PATH.rpc METHOD ...`` manages it over the JSON-RPC
-socket ``--rpc`` (vscsi.control: add, remove and resize LUNs under a live guest, stats,
+socket ``--rpc`` (vscsi.management: add, remove and resize LUNs under a live guest, stats,
 the steering table, shutdown, reopen_logs); ``--metrics HOST:PORT`` exposes the same
 counters to Prometheus. Under systemd (NOTIFY_SOCKET set) readiness is reported once the
 sockets listen (Type=notify); with ``--log-file``, SIGHUP reopens it (logrotate).
@@ -216,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
     reopen_logs = _setup_logging(args.log_level, args.log_file)
 
     from vscsi import dataplane
-    from vscsi.control import Controller
     from vscsi.device import ScsiConfig, VirtioScsiDevice
+    from vscsi.management import Management
     from vscsi.rpc import RpcServer
     from vscsi.scsi import build_targets, parse_lun_spec
     from vscsi.scsi.filters import parse_filter_arg
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
             server.bind()
         except ServerError as exc:
             raise UsageError(str(exc)) from None
-        controller = Controller(device, server, specs, reopen_logs=reopen_logs)
+        management = Management(device, server, specs, reopen_logs=reopen_logs)
         rpc_path = args.rpc or args.socket + ".rpc"
         if args.rpc == "none":
             log.info("no management socket (--rpc none)")
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
             log.warning("no management socket: %s is too long for a unix socket (give "
                         "--rpc PATH)", rpc_path)
         else:
-            rpc = RpcServer(rpc_path, controller.methods())
+            rpc = RpcServer(rpc_path, management.methods())
             try:
                 rpc.attach(server.add_reader, server.remove_reader)
             except OSError as exc:
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         if metrics_at is not None:
             from vscsi.exporter import serve_metrics
 
-            serve_metrics(controller, *metrics_at)  # OSError: port in use...
+            serve_metrics(management, *metrics_at)  # OSError: port in use...
             log.info("Prometheus metrics on http://%s:%d/metrics", *metrics_at)
         for spec in specs:
             log.info("LUN %s", spec)

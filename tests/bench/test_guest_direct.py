@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.device.stats import BUCKETS
+from vscsi.testing.serve import ServeProcess
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "guest_direct.py"
 spec = importlib.util.spec_from_file_location("guest_direct", SCRIPT)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.cli import main
+from vscsi.testing.serve import ServeProcess
 
 
 @pytest.fixture(scope="module")

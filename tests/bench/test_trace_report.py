@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from vscsi.bench.trace import read_trace, summarise
 from vscsi.scsi import LogicalUnit, RamBackend
+from vscsi.testing.cdb import read10, write10
 from vscsi.testing.clock import ManualClock
 
 BS = 512
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
-
-
-def write10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
 
 
 def vscsi(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from vscsi.device.wire import CMD_RESP_FIXED, encode_lun
 from vscsi.scsi.pending import Pending
+from vscsi.testing.cdb import read10, write10  # noqa: F401 - the tests import them from here
 from vscsi.virtio import Chain
 
 GOOD = 0x00
@@ -121,18 +122,6 @@ def cmd_header(target: int, lun: int, cdb: bytes, *, tag: int = 0, cdb_size: int
                lun_field: bytes | None = None) -> bytes:
     field_ = encode_lun(target, lun) if lun_field is None else lun_field
     return struct.pack(f"<8sQBBB{cdb_size}s", field_, tag, 0, 0, 0, cdb)
-
-
-def _rw10(op: int, lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", op, 0, lba, 0, blocks, 0)
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return _rw10(READ_10, lba, blocks)
-
-
-def write10(lba: int, blocks: int) -> bytes:
-    return _rw10(WRITE_10, lba, blocks)
 
 
 @dataclass

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.cli import main
+from vscsi.testing.serve import ServeProcess
 
 ORDERED = ["percpu", "pertarget", "single"]
 

@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from vscsi.bench.serving import ServeProcess
 from vscsi.cli import main
 from vscsi.driver.discovery import discover
 from vscsi.driver.smp import SmpConfig, SmpMachine
 from vscsi.driver.vhost import BackendUnsuitable, VhostScsiFrontend
+from vscsi.testing.serve import ServeProcess
 from vscsi.vhost_user import codec
 from vscsi.vhost_user.codec import U64, MessageReader, Request, Role
 

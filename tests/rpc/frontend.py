@@ -9,8 +9,9 @@ import struct
 import threading
 import time
 
-from tests.vhost_user.rig import READ_CAPACITY_10, Response, ServeProcess, TestGuest
+from tests.vhost_user.rig import READ_CAPACITY_10, Response, TestGuest
 from vscsi.rpc import Client
+from vscsi.testing.serve import ServeProcess
 
 EVENT = struct.Struct("<I8sI")
 TRANSPORT_RESET, PARAM_CHANGE = 1, 3
@@ -22,7 +23,7 @@ HOTPLUG, CHANGE = 1 << 1, 1 << 2  # VIRTIO_SCSI_F_*
 
 
 def start_serve(tmp: str, luns: list[str], extra: tuple[str, ...] = ()) -> ServeProcess:
-    proc = ServeProcess(tmp, luns, queues=2, extra=extra)
+    proc = ServeProcess(luns, directory=tmp, queues=2, extra=extra).start()
     deadline = time.monotonic() + 10
     while not os.path.exists(proc.socket + ".rpc"):
         assert time.monotonic() < deadline, proc.output()

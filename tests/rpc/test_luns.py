@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.vhost_user.rig import READ_CAPACITY_10, ServeProcess, read10, write10
+from tests.vhost_user.rig import READ_CAPACITY_10, read10, write10
 from vscsi.device.wire import encode_lun
+from vscsi.testing.serve import ServeProcess
 
 from .frontend import (
     CAPACITY_CHANGED,

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.vhost_user.rig import ServeProcess
 from vscsi.rpc import Client, MethodError, RpcError, RpcServer
 from vscsi.rpc.server import MAX_LINE
+from vscsi.testing.serve import ServeProcess
 
 
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     tmp = str(tmp_path_factory.mktemp("rpc"))
-    proc = ServeProcess(tmp, ["0:0=ram:1M"], queues=2)
+    proc = ServeProcess(["0:0=ram:1M"], directory=tmp, queues=2).start()
     try:
         wait_for(proc.socket + ".rpc")
         yield proc

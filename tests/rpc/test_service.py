@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.vhost_user.rig import ServeProcess, read10, write10
+from tests.vhost_user.rig import read10, write10
 from vscsi.serve import notify_systemd
+from vscsi.testing.serve import ServeProcess
 
 from .frontend import Guest, rpc, start_serve
 
@@ -194,7 +195,7 @@ def test_serve_reports_ready_once_it_listens(tmp_path: Path) -> None:
         old = os.environ.get("NOTIFY_SOCKET")
         os.environ["NOTIFY_SOCKET"] = notify
         try:
-            serve = ServeProcess(str(tmp_path), ["0:0=ram:1M"])
+            serve = ServeProcess(["0:0=ram:1M"], directory=str(tmp_path)).start()
         finally:
             if old is None:
                 del os.environ["NOTIFY_SOCKET"]
@@ -276,7 +277,7 @@ def test_a_socket_path_too_long_for_the_default_rpc_path_still_serves(tmp_path: 
     # a vhost-user socket path of 106 bytes: it fits, its ".rpc" sibling does not
     directory = tmp_path / ("d" * (106 - len(str(tmp_path)) - 1 - len("/vs.sock")))
     directory.mkdir()
-    serve = ServeProcess(str(directory), ["0:0=ram:1M"])
+    serve = ServeProcess(["0:0=ram:1M"], directory=str(directory)).start()
     try:
         assert len(os.fsencode(serve.socket + ".rpc")) > 107
         deadline = time.monotonic() + 10

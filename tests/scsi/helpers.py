@@ -7,6 +7,17 @@ import struct
 from dataclasses import dataclass
 
 from vscsi.scsi import BlockBackend, LogicalUnit, RamBackend, ScsiResult
+from vscsi.testing.cdb import (  # noqa: F401 - the tests import them from here
+    read6,
+    read10,
+    read16,
+    rw10,
+    rw12,
+    rw16,
+    write6,
+    write10,
+    write16,
+)
 
 GOOD = 0x00
 CHECK = 0x02
@@ -157,42 +168,6 @@ class RecordingBackend(BlockBackend):
 
 
 # -- CDB builders ------------------------------------------------------------------------
-
-def read6(lba: int, n: int) -> bytes:
-    return bytes((0x08, (lba >> 16) & 0x1F, (lba >> 8) & 0xFF, lba & 0xFF, n & 0xFF, 0))
-
-
-def write6(lba: int, n: int) -> bytes:
-    return bytes((0x0A, (lba >> 16) & 0x1F, (lba >> 8) & 0xFF, lba & 0xFF, n & 0xFF, 0))
-
-
-def rw10(op: int, lba: int, n: int, flags: int = 0) -> bytes:
-    return struct.pack(">BBIBHB", op, flags, lba, 0, n, 0)
-
-
-def rw12(op: int, lba: int, n: int, flags: int = 0) -> bytes:
-    return struct.pack(">BBIIBB", op, flags, lba, n, 0, 0)
-
-
-def rw16(op: int, lba: int, n: int, flags: int = 0) -> bytes:
-    return struct.pack(">BBQIBB", op, flags, lba, n, 0, 0)
-
-
-def read10(lba, n, flags=0):
-    return rw10(0x28, lba, n, flags)
-
-
-def write10(lba, n, flags=0):
-    return rw10(0x2A, lba, n, flags)
-
-
-def read16(lba, n, flags=0):
-    return rw16(0x88, lba, n, flags)
-
-
-def write16(lba, n, flags=0):
-    return rw16(0x8A, lba, n, flags)
-
 
 def inquiry(alloc: int = 255, evpd: int = 0, page: int = 0, flags: int | None = None) -> bytes:
     f = evpd if flags is None else flags

@@ -5,19 +5,15 @@ helper that runs `vscsi serve` as a subprocess."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vscsi.memory import Allocator, GuestMemory
+from vscsi.testing.cdb import read10, write10  # noqa: F401 - the tests import them from here
 from vscsi.vhost_user.codec import F_PROTOCOL_FEATURES, ProtocolFeature
 from vscsi.vhost_user.frontend import FrontendClient, RingFds, attach_ring
 from vscsi.virtio import (
@@ -45,14 +41,6 @@ TEST_UNIT_READY = bytes(6)
 def lun_field(target: int, lun: int) -> bytes:
     """The virtio-scsi LUN field (written here by hand, not with the device's helper)."""
     return bytes([1, target, 0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0])
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
-
-
-def write10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
 
 
 @dataclass
@@ -213,78 +201,6 @@ class TestGuest:
 
 
 # ---------------------------------------------------------------------- vscsi serve
-
-
-class ServeProcess:
-    """`python -m vscsi.serve` in a subprocess, with its socket and stats file."""
-
-    def __init__(self, tmp: str, luns: Sequence[str], *, queues: int = 2,
-                 extra: Sequence[str] = (), name: str = "vs") -> None:
-        self.socket = os.path.join(tmp, f"{name}.sock")
-        self.stats = os.path.join(tmp, f"{name}.json")
-        self.log = os.path.join(tmp, f"{name}.log")
-        cmd = [sys.executable, "-m", "vscsi.serve", "--socket", self.socket,
-               "--queues", str(queues), "--stats", self.stats, *extra]
-        for lun in luns:
-            cmd += ["--lun", lun]
-        self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vscsi serve exited {self.proc.returncode}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vscsi serve did not listen:\n{self.output()}")
-            time.sleep(0.02)
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        with open(self.log, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def read_stats(self) -> dict:
-        with open(self.stats) as f:
-            return json.load(f)
-
-    def wait_stats(self, pred, timeout: float = 10.0) -> dict:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                data = self.read_stats()
-                if pred(data):
-                    return data
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("stats never matched")
-            time.sleep(0.05)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-@contextlib.contextmanager
-def serving(tmp: str, luns: Sequence[str], **kw: object) -> Iterator[ServeProcess]:
-    proc = ServeProcess(tmp, luns, **kw)  # type: ignore[arg-type]
-    try:
-        yield proc
-    finally:
-        proc.kill()
 
 
 def raw_socket(path: str) -> socket.socket:

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from vscsi.testing.serve import ServeProcess
 from vscsi.virtio import DriverRing, ring_bytes, ring_layout
 
-from .rig import ServeProcess, TestGuest, lun_field, read10, write10
+from .rig import TestGuest, lun_field, read10, write10
 
 TMF_REQ = struct.Struct("<II8sQ")  # type, subtype, lun, tag
 ABORT_TASK, LUN_RESET, QUERY_TASK = 0, 5, 6
@@ -24,9 +25,9 @@ S_ABORTED, S_RESET, FUNCTION_COMPLETE, FUNCTION_SUCCEEDED = 2, 4, 0, 10
 
 @pytest.fixture
 def server(tmp_path) -> Iterator[ServeProcess]:
-    proc = ServeProcess(str(tmp_path), ["0:0=ram:1M", "1:0=ram:1M"], queues=1,
+    proc = ServeProcess(["0:0=ram:1M", "1:0=ram:1M"], directory=str(tmp_path), queues=1,
                         extra=["--filter", "0:0=delay:read=300ms",
-                               "--filter", "1:0=hang:op=write,lba=100-100"])
+                               "--filter", "1:0=hang:op=write,lba=100-100"]).start()
     try:
         yield proc
         assert proc.stop() == 0, proc.output()

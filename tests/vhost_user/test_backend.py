@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from vscsi.dataplane import compiled
+from vscsi.testing.serve import ServeProcess
 from vscsi.vhost_user import codec
 from vscsi.vhost_user.codec import HEADER, U64, MemoryTable, Request, VringFile
 from vscsi.vhost_user.frontend import BackendGone, FrontendClient, RequestRefused
@@ -23,7 +24,6 @@ from vscsi.vhost_user.frontend import BackendGone, FrontendClient, RequestRefuse
 from .rig import (
     INQUIRY,
     READ_CAPACITY_10,
-    ServeProcess,
     TestGuest,
     raw_socket,
     read10,
@@ -45,8 +45,8 @@ def server(request: pytest.FixtureRequest,
     # one worker process per queue (on a 2-CPU host the default is one for both), each
     # pinned to a CPU of ours (by default they are not pinned)
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    proc = ServeProcess(tmp, LUNS, queues=2, extra=["--workers", "2", "--cpus", cpus,
-                                                    "--dataplane", request.param])
+    proc = ServeProcess(LUNS, directory=tmp, queues=2, extra=["--workers", "2", "--cpus", cpus,
+                                                    "--dataplane", request.param]).start()
     try:
         yield proc
         assert proc.alive(), proc.output()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .rig import ServeProcess
+from vscsi.testing.serve import ServeProcess
 
 pytestmark = [
     pytest.mark.guest,
@@ -33,27 +33,21 @@ echo GUEST-DONE
 """
 
 
-@pytest.fixture(scope="module")
-def image():  # type: ignore[no-untyped-def]
-    from vscsi.vm import build_guest
-
-    return build_guest()
-
 
 @pytest.fixture
 def serve(tmp_path) -> Iterator[ServeProcess]:  # type: ignore[no-untyped-def]
-    proc = ServeProcess(str(tmp_path), ["0:0=ram:64M,serial=DISK-A", "1:0=ram:64M,serial=DISK-B"],
-                        queues=2)
+    proc = ServeProcess(["0:0=ram:64M,serial=DISK-A", "1:0=ram:64M,serial=DISK-B"],
+                        directory=str(tmp_path), queues=2).start()
     try:
         yield proc
     finally:
         proc.kill()
 
 
-def test_linux_guest_over_two_queues(image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
+def test_linux_guest_over_two_queues(guest_image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
     from vscsi.vm import GuestOptions, run_guest
 
-    result = run_guest(image, FIO, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+    result = run_guest(guest_image, FIO, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
                                                 queues=2, timeout=420))
     assert result.status == 0, f"{result.output}\n--- back-end ---\n{serve.output()[-3000:]}"
     assert "GUEST-DONE" in result.output
@@ -68,7 +62,7 @@ def test_linux_guest_over_two_queues(image, serve: ServeProcess) -> None:  # typ
     assert "Traceback" not in serve.output(), serve.output()
 
 
-def test_guest_reboot_keeps_the_backend(image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
+def test_guest_reboot_keeps_the_backend(guest_image, serve: ServeProcess) -> None:  # type: ignore[no-untyped-def]
     """A guest reset (firmware, new kernel: the device is reset and set up again over the
     same connection) finds the back-end serving, and the data it wrote."""
     from vscsi.vm import GuestOptions, run_guest
@@ -80,7 +74,7 @@ def test_guest_reboot_keeps_the_backend(image, serve: ServeProcess) -> None:  # 
               "echo SUM1 $(md5sum < /tmp/x)\n")
     after = ("B=$(vscsi-dev 0:0:1:0) || exit 20\n"
              "echo SUM2 $(dd if=$B bs=4k count=64 iflag=direct 2>/dev/null | md5sum)\n")
-    result = run_guest(image, before, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
+    result = run_guest(guest_image, before, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
                                                    queues=2, timeout=420, after_reboot=after))
     assert result.status == 0, f"{result.output}\n--- back-end ---\n{serve.output()[-3000:]}"
     sums = dict(line.split(" ", 1) for line in result.output.splitlines()

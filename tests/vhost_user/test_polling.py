@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import pytest
 
 from vscsi.memory import Allocator, GuestMemory
+from vscsi.testing.serve import ServeProcess
 from vscsi.virtio import DeviceRing, DriverRing, drain, ring_bytes, ring_layout
 
-from .rig import ServeProcess, TestGuest, read10, write10
+from .rig import TestGuest, read10, write10
 
 
 def test_drain_without_rearm_leaves_kicks_off():
@@ -44,8 +45,8 @@ def test_drain_without_rearm_leaves_kicks_off():
 
 @pytest.fixture
 def polling_server(tmp_path) -> Iterator[ServeProcess]:
-    proc = ServeProcess(str(tmp_path), ["0:0=ram:1M"], queues=1,
-                        extra=["--poll-us", "300000"])
+    proc = ServeProcess(["0:0=ram:1M"], directory=str(tmp_path), queues=1,
+                        extra=["--poll-us", "300000"]).start()
     try:
         yield proc
         assert proc.stop() == 0, proc.output()

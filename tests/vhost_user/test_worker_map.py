@@ -11,15 +11,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from vscsi.testing.serve import ServeProcess
 from vscsi.vhost_user.frontend import attach_ring
 
-from .rig import INQUIRY, ServeProcess, TestGuest, read10, write10
+from .rig import INQUIRY, TestGuest, read10, write10
 
 
 @pytest.fixture
 def one_worker(tmp_path) -> Iterator[ServeProcess]:
-    proc = ServeProcess(str(tmp_path), ["0:0=ram:1M", "1:0=ram:1M"], queues=3,
-                        extra=["--workers", "1"])
+    proc = ServeProcess(["0:0=ram:1M", "1:0=ram:1M"], directory=str(tmp_path), queues=3,
+                        extra=["--workers", "1"]).start()
     try:
         yield proc
         assert proc.stop() == 0, proc.output()
@@ -69,8 +70,8 @@ def test_one_worker_serves_every_request_queue(one_worker: ServeProcess) -> None
 @pytest.fixture
 def coalescing(tmp_path) -> Iterator[ServeProcess]:
     # 4 completions, or 5 s after the first held one (later than this test waits)
-    proc = ServeProcess(str(tmp_path), ["0:0=ram:1M"], queues=1,
-                        extra=["--coalesce", "4,5000000"])
+    proc = ServeProcess(["0:0=ram:1M"], directory=str(tmp_path), queues=1,
+                        extra=["--coalesce", "4,5000000"]).start()
     try:
         yield proc
         assert proc.stop() == 0, proc.output()

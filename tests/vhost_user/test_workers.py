@@ -214,7 +214,7 @@ def test_stop_while_a_kick_is_pending_does_not_crash_the_worker(
     # The worker is busy when both a kick and the stop arrive: its next poll returns the
     # control channel (the stop closes the kick fd) and the kick fd together, and the
     # closed fd must not be read (EBADF killed the worker with a traceback, seen when
-    # vscsi.control restarted the rings under I/O).
+    # vscsi.management restarted the rings under I/O).
     device = SlowEchoDevice((HOT, CONTROL))
     host, stats, q = hosted(device, mem)
     try:

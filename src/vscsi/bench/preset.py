@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from vscsi.bench.jobs import JobSpec
 from vscsi.bench.runner import RunOptions
 from vscsi.bench.runner import run as run_jobs
-from vscsi.bench.serving import ServeProcess
 from vscsi.bench.smp import smp_machine
 from vscsi.driver.steering import POLICIES
+from vscsi.testing.serve import ServeProcess
 from vscsi.usage import import_extra
 
 JOB = {"rw": "read", "bsrange": "4k-64k", "iodepth": 4}  # the cover letter's fio job

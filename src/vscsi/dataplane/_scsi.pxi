@@ -25,16 +25,16 @@ cdef enum:
     BUCKETS = 32
     READ_BYTES = 0
     WRITE_BYTES = 1
-    LUN_ERRORS = 2
+    LUN_FAILURES = 2
     HIST = 3
     CMD_REQ_FIXED = 19
     CMD_RESP_FIXED = 12
     FIRST_REQUEST_QUEUE = 2
 
 if ((device_stats.MAX_TARGETS, device_stats.BUCKETS, device_stats.READ_BYTES,
-     device_stats.WRITE_BYTES, device_stats.ERRORS, device_stats.HIST, wire.CMD_REQ_FIXED,
+     device_stats.WRITE_BYTES, device_stats.FAILURES, device_stats.HIST, wire.CMD_REQ_FIXED,
      wire.CMD_RESP_FIXED, wire.FIRST_REQUEST_QUEUE)
-        != (MAX_TARGETS, BUCKETS, READ_BYTES, WRITE_BYTES, LUN_ERRORS, HIST, CMD_REQ_FIXED,
+        != (MAX_TARGETS, BUCKETS, READ_BYTES, WRITE_BYTES, LUN_FAILURES, HIST, CMD_REQ_FIXED,
             CMD_RESP_FIXED, FIRST_REQUEST_QUEUE)):
     raise ImportError("vscsi.dataplane is out of step with vscsi.device's layouts")
 
@@ -90,7 +90,7 @@ cdef struct Req:
     uint64_t offset
     bint write
     bint switched       # its arrival counted a switch
-    uint8_t cancel      # the response a TMF imposed (0: none)
+    uint8_t imposed     # the response a TMF imposed (0: none)
     bint busy           # in flight
     bint waited         # a TMF waits for it to finish (CompiledServed.waiters)
     void *owner         # the CompiledServed whose ring it came from
@@ -128,7 +128,7 @@ cdef char *_pointer(obj, list holds) except NULL:
 cdef class FastScsi:
     """The fast path of one request queue (task slot ``slot``) of a VirtioScsiDevice, in
     the worker process that serves it. Built when the worker starts serving the queue: the
-    LUNs are the device's then (a LUN or filter change restarts the rings, control.py)."""
+    LUNs are the device's then (a LUN or filter change restarts the rings, management.py)."""
 
     cdef readonly bint enabled      # False: every request goes to the Python path
     cdef int slot
@@ -349,7 +349,7 @@ cdef class FastScsi:
         row[READ_BYTES] += read
         row[WRITE_BYTES] += written
         if failed:
-            row[LUN_ERRORS] += 1
+            row[LUN_FAILURES] += 1
 
     # -- the task slot (device/tasks.py: what TaskTable.begin / end do) ------------------------
 
@@ -373,9 +373,9 @@ cdef class FastScsi:
     cdef uint8_t end(self) noexcept:
         """Release the slot; the response a TMF imposed meanwhile (0: none)."""
         cdef uint8_t *slot = self.tasks + self.task_off
-        cdef uint8_t cancelled = slot[SLOT_CANCEL]
+        cdef uint8_t imposed = slot[SLOT_CANCEL]
         slot[0] = 0
-        return cancelled
+        return imposed
 
     # -- respond ---------------------------------------------------------------------------------
 
@@ -402,7 +402,7 @@ cdef class FastScsi:
         cdef int64_t started
         cdef ssize_t done
         cdef bint switched
-        cdef uint8_t cancelled
+        cdef uint8_t imposed
         if not self.enabled:
             return HANDOVER
         # locate: Linux's layout, each header a descriptor of its own
@@ -477,7 +477,7 @@ cdef class FastScsi:
             later.niov = niov
             memcpy(later.iov, self.iov, niov * sizeof(iovec))
             later.offset = offset
-            later.cancel = self.end()
+            later.imposed = self.end()
             return LATER
         if e.kind == LUN_RAM:
             self.copy(e.ram + offset, data, ndata, nbytes, cmd.write)
@@ -494,10 +494,10 @@ cdef class FastScsi:
                 self.end()
                 self.undo(e.target, switched)
                 return HANDOVER
-        cancelled = self.end()
-        if cancelled:       # a TMF aborted / reset it while it ran
+        imposed = self.end()
+        if imposed:       # a TMF aborted / reset it while it ran
             self.done(e, True, 0, 0, vs_now_ns() - started)
-            self.respond(resp.ptr, 0, cancelled)
+            self.respond(resp.ptr, 0, imposed)
             return self.resp_len
         moved = 0 if cmd.write else nbytes
         self.done(e, False, moved, nbytes if cmd.write else 0, vs_now_ns() - started)

@@ -85,12 +85,12 @@ cdef class CompiledTask:
     cdef readonly object tag
 
     @property
-    def cancel(self):
-        return self.req.cancel
+    def imposed(self):
+        return self.req.imposed
 
-    @cancel.setter
-    def cancel(self, int response):
-        self.req.cancel = <uint8_t>response
+    @imposed.setter
+    def imposed(self, int response):
+        self.req.imposed = <uint8_t>response
 
     @property
     def finished(self):
@@ -102,7 +102,7 @@ cdef class CompiledTask:
 
     def abort(self):
         """Nothing to stop early: the I/O owns the guest buffers until it ends, and the
-        request then answers with ``cancel`` (a Pending's default abort)."""
+        request then answers with ``imposed`` (a Pending's default abort)."""
 
     def when_finished(self, callback):
         if not self.req.busy:
@@ -350,9 +350,9 @@ cdef class CompiledServed:
         written = None
         r.busy = False
         self.later -= 1
-        if r.cancel:
+        if r.imposed:
             self.fast.done(e, True, 0, 0, ns)
-            self.fast.respond(r.resp.ptr, 0, r.cancel)
+            self.fast.respond(r.resp.ptr, 0, r.imposed)
             written = self.fast.resp_len
         elif res >= 0 and <uint64_t>res == r.nbytes:
             self.fast.done(e, False, 0 if r.write else r.nbytes, r.nbytes if r.write else 0,

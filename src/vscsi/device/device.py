@@ -15,7 +15,7 @@ copy of this object, so:
   the event queue, ``on_arrival``. Hot-plugging a LUN with :meth:`add_lun` /
   :meth:`remove_lun` therefore changes only the calling process: the backend must make the
   same call (``notify=False``) in every request worker, or re-fork them, before the
-  driver learns of the change from the event (vscsi.control re-forks them:
+  driver learns of the change from the event (vscsi.management re-forks them:
   BackendServer.restart_rings). Config writes likewise (the driver writes
   sense_size / cdb_size before DRIVER_OK, i.e. before workers start).
 * shared (MAP_SHARED memory created before the fork): the counters (:mod:`.stats`, each

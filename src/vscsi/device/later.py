@@ -25,7 +25,7 @@ class LaterTask:
     """One request in flight: its identity, its Pending, and the response a TMF imposed
     (0: none)."""
 
-    __slots__ = ("head", "target", "lun", "tag", "pending", "cancel", "finished", "_waiters")
+    __slots__ = ("head", "target", "lun", "tag", "pending", "imposed", "finished", "_waiters")
 
     def __init__(self, head: int, target: int, lun: int, tag: int, pending: Pending) -> None:
         self.head = head
@@ -33,7 +33,7 @@ class LaterTask:
         self.lun = lun
         self.tag = tag
         self.pending = pending
-        self.cancel = 0
+        self.imposed = 0
         self.finished = False
         self._waiters: list[Callable[[], None]] = []
 
@@ -53,7 +53,7 @@ class LaterTask:
 class InFlightSource(Protocol):
     """Requests in flight that someone else keeps: the compiled data plane's I/O, whose
     requests are C records, not LaterTasks. It hands out objects with LaterTask's face
-    (head, target, lun, tag, cancel, when_finished, pending.abort) on demand, so a TMF
+    (head, target, lun, tag, imposed, when_finished, pending.abort) on demand, so a TMF
     reaches them like any other."""
 
     def matching(self, target: int | None, lun: int, tag: int | None,
@@ -122,7 +122,7 @@ def abort_all(tasks: list[LaterTask], response: int, done: Callable[[int], None]
         done(0)
         return
     for task in tasks:
-        if not task.cancel:
-            task.cancel = response
+        if not task.imposed:
+            task.imposed = response
         task.when_finished(one_finished)
         task.pending.abort()

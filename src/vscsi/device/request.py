@@ -133,13 +133,13 @@ class RequestQueues:
             log.exception("target %d lun %d: command %s failed", t, lun,
                           request.cdb[:1].hex())
             return self._respond(wr, request.resp_buf, VIRTIO_SCSI_S_FAILURE)
-        cancelled = self.tasks.end(slot)
+        imposed = self.tasks.end(slot)
         if isinstance(result, Pending):
             return self._answer_later(slot, complete, counters, chain, request, addr,
-                                      result, cancelled, started)
-        if cancelled:                   # a TMF aborted / reset it while it ran
+                                      result, imposed, started)
+        if imposed:                   # a TMF aborted / reset it while it ran
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
-            return self._respond(wr, request.resp_buf, cancelled)
+            return self._respond(wr, request.resp_buf, imposed)
         counters.done(t, addr, result.status != 0, result.data_in, result.data_out,
                       _now_ns() - started)
         return self._respond_result(wr, request.resp_buf, result, request.data_out,
@@ -147,7 +147,7 @@ class RequestQueues:
 
     def _answer_later(self, slot: int, complete: Callable[[int, int], None] | None,
                       counters: QueueCounters, chain: Chain, request: _Located,
-                      addr: tuple[int, int], pending: Pending, cancelled: int,
+                      addr: tuple[int, int], pending: Pending, imposed: int,
                       started: int) -> int | None:
         """Keep a command whose result is a Pending in flight: its answer comes through
         ``complete`` (_AnsweredLater.answer). A queue without ``complete`` cannot wait:
@@ -164,8 +164,8 @@ class RequestQueues:
                               request.data_in, started, addr)
         self.later.add(slot, task)
         pending.then(task.answer)
-        if cancelled:  # a TMF came while it started: it ends with that TMF's answer
-            task.cancel = cancelled
+        if imposed:  # a TMF came while it started: it ends with that TMF's answer
+            task.imposed = imposed
             pending.abort()
         return None
 
@@ -312,16 +312,16 @@ class _AnsweredLater(LaterTask):
         self.addr = addr
 
     def answer(self, result: ScsiResult) -> None:
-        """The result arrived (or the request was aborted: ``cancel``): count it, write
+        """The result arrived (or a TMF ended the request: ``imposed``): count it, write
         the response, hand the used element to the queue."""
         device = self.device
         counters = self.counters
         device.later.remove(counters.q, self.head)
         ns = _now_ns() - self.started
         try:
-            if self.cancel:
+            if self.imposed:
                 counters.done(self.target, self.addr, True, 0, 0, ns)
-                written = device._respond(self.wr, self.resp_buf, self.cancel)
+                written = device._respond(self.wr, self.resp_buf, self.imposed)
             else:
                 counters.done(self.target, self.addr, result.status != 0, result.data_in,
                               result.data_out, ns)

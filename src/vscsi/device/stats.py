@@ -39,8 +39,9 @@ from typing import Any
 MAX_TARGETS = 256
 DEFAULT_LUN_SLOTS = 256
 BUCKETS = 32
-# Columns of a LUN row (commands: the sum of the histogram).
-READ_BYTES, WRITE_BYTES, ERRORS, HIST = 0, 1, 2, 3
+# Columns of a LUN row (commands: the sum of the histogram; failures: commands whose
+# status was not GOOD, or that failed in transport).
+READ_BYTES, WRITE_BYTES, FAILURES, HIST = 0, 1, 2, 3
 LUN_COLUMNS = HIST + BUCKETS
 
 
@@ -152,7 +153,7 @@ class DeviceStats:
             "commands": sum(hist),
             "bytes_read": totals[READ_BYTES],
             "bytes_written": totals[WRITE_BYTES],
-            "errors": totals[ERRORS],
+            "errors": totals[FAILURES],
             "latency_us": {f"p{p}": percentile_us(hist, p / 100) for p in (50, 90, 99)},
             "latency_hist": hist,
         }
@@ -181,24 +182,33 @@ class DeviceStats:
 
 
 LAST_BUCKET = BUCKETS - 1
-# A local row (a list), per LUN and queue: READ_BYTES, WRITE_BYTES and ERRORS as in the
-# shared row; then HISTS, the latency buckets (a list of BUCKETS counts), and HIT, the
-# buckets hit since the last flush (a pass hits one or two: a flush visits those, not all
-# of them); REQUESTS, the requests for the LUN's target that arrived for this LUN, and
-# REQUESTS_AT, where the queue's count of that target lives in ``u64``; TOUCHED, whether
-# the row was counted into since the last flush; OFFSET, where its shared row starts.
-HISTS, HIT, REQUESTS, REQUESTS_AT, TOUCHED, OFFSET = 3, 4, 5, 6, 7, 8
+
+
+class LunCounts:
+    """What one queue counted for one LUN since its last flush (QueueCounters)."""
+
+    __slots__ = ("read", "written", "failures", "hist", "hit", "arrivals", "arrivals_at",
+                 "shared_at", "touched")
+
+    def __init__(self, arrivals_at: int, shared_at: int) -> None:
+        self.read = self.written = self.failures = 0
+        self.hist = [0] * BUCKETS   # commands per latency bucket
+        self.hit: list[int] = []    # the buckets counted into (a flush visits those only)
+        self.arrivals = 0           # requests for the LUN's target that came for this LUN
+        self.arrivals_at = arrivals_at  # where this queue's count of that target lives
+        self.shared_at = shared_at      # where the LUN's shared row starts
+        self.touched = False        # counted into since the last flush
 
 
 class QueueCounters:
-    """What one queue counted since its last :meth:`flush`, in this process, in plain
-    lists (:meth:`arrive`, :meth:`done`).
+    """What one queue counted since its last :meth:`flush`, in this process
+    (:meth:`arrive`, :meth:`done`).
 
-    * ``rows``: (target, lun) -> the LUN's local row (see HISTS ... OFFSET) while it has a
-      slot; :meth:`row` is None for a LUN without one (its commands are not counted, as
-      before, and its requests go straight to the shared table: :meth:`arrive`);
-    * ``touched``: the rows counted into since the last flush (the first count of a pass
-      sets ``row[TOUCHED]`` and appends the row), so a flush visits only those.
+    * ``rows``: (target, lun) -> the LUN's :class:`LunCounts` while it has a slot;
+      :meth:`row` is None for a LUN without one (its commands are not counted, and its
+      requests go straight to the shared table: :meth:`unrowed`);
+    * ``touched``: the rows counted into since the last flush, so a flush visits only
+      those.
     """
 
     __slots__ = ("stats", "q", "u64", "rows", "touched", "multi", "inflight", "idle",
@@ -208,8 +218,8 @@ class QueueCounters:
         self.stats = stats
         self.q = q
         self.u64 = stats.u64
-        self.rows: dict[tuple[int, int], list[Any]] = {}
-        self.touched: list[list[Any]] = []
+        self.rows: dict[tuple[int, int], LunCounts] = {}
+        self.touched: list[LunCounts] = []
         #: switches exist only with several queues: with one, no in-flight bytes
         self.multi = stats.num_queues > 1
         self.inflight = stats.inflight
@@ -218,25 +228,27 @@ class QueueCounters:
         self.requests_base = q * MAX_TARGETS
         self.switch_base = stats._switch_base + q * MAX_TARGETS
 
-    def row(self, addr: tuple[int, int]) -> list[Any] | None:
-        """The local row of LUN ``addr`` (made on first use), None if it has no slot."""
+    def row(self, addr: tuple[int, int]) -> LunCounts | None:
+        """The counts of LUN ``addr`` (made on first use), None if it has no slot."""
         row = self.rows.get(addr)
         if row is None:
             slot = self.stats.slots.get(addr)
             if slot is None:
                 return None
-            row = self.rows[addr] = [0, 0, 0, [0] * BUCKETS, [], 0,
-                                     self.requests_base + addr[0], 0,
-                                     self.stats._lun_row(self.q, slot)]
+            row = self.rows[addr] = LunCounts(self.requests_base + addr[0],
+                                              self.stats._lun_row(self.q, slot))
         return row
 
-    def arrive(self, t: int, row: list[Any] | None = None) -> None:
+    def _touch(self, row: LunCounts) -> None:
+        if not row.touched:
+            row.touched = True
+            self.touched.append(row)
+
+    def arrive(self, t: int, row: LunCounts | None = None) -> None:
         """A request of target t arrived, for the LUN of ``row`` if it has one."""
         if row is not None:
-            row[REQUESTS] += 1
-            if not row[TOUCHED]:
-                row[TOUCHED] = 1
-                self.touched.append(row)
+            row.arrivals += 1
+            self._touch(row)
         else:
             self.unrowed(t)
         if self.multi:
@@ -271,22 +283,17 @@ class QueueCounters:
             if count:
                 inflight[cell] = count - 1
 
-    def count(self, row: list[Any], failed: bool, read: int, written: int, ns: int) -> None:
-        """One command of a LUN (its local ``row``) done after ``ns`` nanoseconds."""
-        if not row[TOUCHED]:
-            row[TOUCHED] = 1
-            self.touched.append(row)
-        bucket = (ns // 1000).bit_length()
-        if bucket > LAST_BUCKET:
-            bucket = LAST_BUCKET
-        hists = row[HISTS]
-        if not hists[bucket]:
-            row[HIT].append(bucket)
-        hists[bucket] += 1
-        row[READ_BYTES] += read
-        row[WRITE_BYTES] += written
+    def count(self, row: LunCounts, failed: bool, read: int, written: int, ns: int) -> None:
+        """One command of a LUN done after ``ns`` nanoseconds."""
+        self._touch(row)
+        bucket = min((ns // 1000).bit_length(), LAST_BUCKET)
+        if not row.hist[bucket]:
+            row.hit.append(bucket)
+        row.hist[bucket] += 1
+        row.read += read
+        row.written += written
         if failed:
-            row[ERRORS] += 1
+            row.failures += 1
 
     def done(self, t: int, addr: tuple[int, int], failed: bool, read: int, written: int,
              ns: int) -> None:
@@ -298,27 +305,23 @@ class QueueCounters:
 
     def flush(self) -> None:
         """Add what was counted into the shared rows, and start again from zero."""
-        touched = self.touched
-        if not touched:
-            return
         u64 = self.u64
-        for row in touched:
-            read, written, errors, hists, hit, requests = row[:6]
-            start = row[OFFSET]
-            if requests:
-                u64[row[REQUESTS_AT]] += requests
+        for row in self.touched:
+            start = row.shared_at
+            if row.arrivals:
+                u64[row.arrivals_at] += row.arrivals
             # > 0: a target that claims a negative byte count (a bug, or a plugin's) must
             # not take the worker down with it: the shared counters are unsigned
-            if read > 0:
-                u64[start + READ_BYTES] += read
-            if written > 0:
-                u64[start + WRITE_BYTES] += written
-            if errors:
-                u64[start + ERRORS] += errors
-            for bucket in hit:
-                u64[start + HIST + bucket] += hists[bucket]
-                hists[bucket] = 0
-            hit.clear()
-            row[READ_BYTES] = row[WRITE_BYTES] = row[ERRORS] = row[REQUESTS] = 0
-            row[TOUCHED] = 0
-        touched.clear()
+            if row.read > 0:
+                u64[start + READ_BYTES] += row.read
+            if row.written > 0:
+                u64[start + WRITE_BYTES] += row.written
+            if row.failures:
+                u64[start + FAILURES] += row.failures
+            for bucket in row.hit:
+                u64[start + HIST + bucket] += row.hist[bucket]
+                row.hist[bucket] = 0
+            row.hit.clear()
+            row.read = row.written = row.failures = row.arrivals = 0
+            row.touched = False
+        self.touched.clear()

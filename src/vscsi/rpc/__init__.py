@@ -6,7 +6,7 @@ unix socket.
     client   Client: a blocking client for scripts, tests and ``vscsi rpc``
 
 This package knows nothing of SCSI or vhost-user: what the methods do is the caller's
-(vscsi.control wires them for ``vscsi serve``).
+(vscsi.management wires them for ``vscsi serve``).
 """
 
 from .client import Client, RpcError

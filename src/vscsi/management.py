@@ -1,6 +1,6 @@
 """What `vscsi serve --rpc` can be asked: the methods behind the management socket.
 
-A :class:`Controller` holds the running device, the LUN specs and the BackendServer.
+A :class:`Management` holds the running device, the LUN specs and the BackendServer.
 A LUN change happens in this (the main) process, inside ``server.restart_rings``: every
 served ring is stopped (its worker finishes the request it is executing; requests a
 filter answers later end with VIRTIO_SCSI_S_RESET, which the guest retries: nothing is
@@ -32,12 +32,12 @@ from vscsi.scsi.spec import MAX_SIZE
 from vscsi.vhost_user import BackendServer
 from vscsi.vhost_user.stats import NOTIFIES
 
-log = logging.getLogger("vscsi.control")
+log = logging.getLogger("vscsi.management")
 
 CAPACITY_CHANGED = (0x2A, 0x09)  # CAPACITY DATA HAS CHANGED
 
 
-class Controller:
+class Management:
     def __init__(self, device: VirtioScsiDevice, server: BackendServer,
                  specs: list[LunSpec], *,
                  reopen_logs: Callable[[], bool] | None = None) -> None:

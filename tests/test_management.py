@@ -1,0 +1,124 @@
+"""The RPC methods of `vscsi serve` (vscsi.management) on their own: a real device and a
+real BackendServer with no front-end attached (its ring restart then just runs the
+change), called directly -- what each method changes in the device, what it answers,
+and the one-line error a caller gets for what cannot be done. (The RPC transport is
+tests/rpc; a live guest under these changes, tests/test_guest_rpc.py.)"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vscsi.device import ScsiConfig, VirtioScsiDevice
+from vscsi.device.wire import VIRTIO_SCSI_T_PARAM_CHANGE, VIRTIO_SCSI_T_TRANSPORT_RESET
+from vscsi.management import Management
+from vscsi.rpc import MethodError
+from vscsi.scsi import LunSpecError, build_targets, parse_lun_spec
+from vscsi.scsi.filters import FilterSpecError
+from vscsi.vhost_user import BackendServer
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def mgmt(tmp_path: Path) -> Iterator[Management]:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(2 * MiB))
+    specs = [parse_lun_spec(f"0:0=file:{disk}"), parse_lun_spec("0:1=ram:1M,serial=R")]
+    targets = build_targets(specs)
+    device = VirtioScsiDevice(targets, ScsiConfig(num_queues=2))
+    server = BackendServer(device, str(tmp_path / "s.sock"))
+    m = Management(device, server, specs)
+    yield m
+    server.shutdown()
+    device.close()
+    for target in device.targets.values():
+        target.close()
+
+
+def events(m: Management) -> list[int]:
+    return [event.event for event in m.device.events.events]
+
+
+def test_lun_list_describes_every_lun(mgmt: Management) -> None:
+    luns = mgmt.lun_list()
+    assert [(x["target"], x["lun"], x["kind"], x["size"]) for x in luns] == [
+        (0, 0, "file", 2 * MiB), (0, 1, "ram", MiB)]
+    assert luns[1]["serial"] == "R" and luns[1]["block_size"] == 512
+
+
+def test_lun_add_then_remove(mgmt: Management) -> None:
+    added = mgmt.lun_add("3:7=null:64M,block-size=4096")
+    assert added == {"target": 3, "lun": 7, "spec": "3:7=null:64M,block-size=4096",
+                     "size": 64 * MiB, "event": True}
+    assert 7 in mgmt.device.targets[3].luns
+    assert mgmt.device.stats.lun(3, 7) is not None      # counted from the start
+    with pytest.raises(MethodError, match="already exists"):
+        mgmt.lun_add("3:7=ram:1M")
+    assert mgmt.lun_remove(3, 7) == {"target": 3, "lun": 7, "removed": True}
+    assert 3 not in mgmt.device.targets                 # its last LUN: the target goes
+    assert events(mgmt) == [VIRTIO_SCSI_T_TRANSPORT_RESET] * 2
+    with pytest.raises(MethodError, match="no LUN 3:7"):
+        mgmt.lun_remove(3, 7)
+
+
+def test_a_bad_spec_adds_nothing(mgmt: Management, tmp_path: Path) -> None:
+    with pytest.raises(LunSpecError):
+        mgmt.lun_add("0:2=tape:1M")
+    with pytest.raises(LunSpecError):
+        mgmt.lun_add(f"0:2=file:{tmp_path}/missing.img")
+    assert sorted(mgmt.device.targets[0].luns) == [0, 1]
+
+
+def test_resize_grows_files_and_ram_and_tells_the_guest(mgmt: Management) -> None:
+    grown = mgmt.lun_resize(0, 0, "4M")
+    assert grown["size"] == 4 * MiB and grown["old_size"] == 2 * MiB and grown["event"]
+    unit = mgmt.device.targets[0].luns[0]
+    assert os.fstat(unit.backend.fd).st_size == 4 * MiB and unit.num_blocks == 8192
+    assert unit.unit_attention == (0x2A, 0x09)            # CAPACITY DATA HAS CHANGED
+    ram = mgmt.device.targets[0].luns[1]
+    ram.backend.view[:4] = b"keep"
+    assert mgmt.lun_resize(0, 1, 2 * MiB)["size"] == 2 * MiB
+    assert bytes(ram.backend.view[:4]) == b"keep" and ram.backend.size == 2 * MiB
+    assert events(mgmt) == [VIRTIO_SCSI_T_PARAM_CHANGE] * 2
+    assert mgmt.lun_resize(0, 1, 2 * MiB)["event"] is False       # no change, no event
+
+
+def test_resize_refuses_what_would_lose_data_or_cannot_be(mgmt: Management) -> None:
+    with pytest.raises(MethodError, match="shrink=true"):
+        mgmt.lun_resize(0, 0, "1M")
+    with pytest.raises(MethodError, match="multiple of the block size"):
+        mgmt.lun_resize(0, 0, 1000)
+    with pytest.raises(MethodError, match="no LUN 5:5"):
+        mgmt.lun_resize(5, 5, "1M")
+    assert mgmt.lun_resize(0, 0, "1M", shrink=True)["size"] == MiB
+
+
+def test_filters_come_and_go_by_id(mgmt: Management) -> None:
+    first = mgmt.filter_add(0, 1, "delay:read=1ms")
+    second = mgmt.filter_add(0, 1, "error:sense=medium,op=write")
+    assert first["id"] != second["id"]
+    assert [f["id"] for f in mgmt.filter_list(0, 1)] == [first["id"], second["id"]]
+    assert mgmt.filter_remove(0, 1, first["id"])["removed"]
+    assert [f["id"] for f in mgmt.filter_list(0, 1)] == [second["id"]]
+    with pytest.raises(MethodError, match=f"no filter {first['id']}"):
+        mgmt.filter_remove(0, 1, first["id"])
+    with pytest.raises(FilterSpecError):
+        mgmt.filter_add(0, 1, "teleport:now")
+
+
+def test_stats_and_steering_cover_every_queue_and_lun(mgmt: Management) -> None:
+    stats = mgmt.stats()
+    assert [q["queue"] for q in stats["queues"]] == [0, 1]
+    assert [(x["target"], x["lun"]) for x in stats["luns"]] == [(0, 0), (0, 1)]
+    assert all(q["requests"] == 0 and q["commands"] == 0 for q in stats["queues"])
+    assert stats["steering"] == {"targets": [], "interrupts": [0, 0]}
+
+
+def test_shutdown_and_reopen_logs(mgmt: Management) -> None:
+    assert mgmt.reopen_logs() == {"reopened": False}      # logging to stderr
+    assert mgmt.shutdown() == {"stopping": True}
+    assert mgmt.server._stop
