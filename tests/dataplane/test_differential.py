@@ -58,6 +58,7 @@ class Request:
     misalign: bool          # data buffers 8 bytes off alignment
     layout: str             # linux | split-request | split-response | big-response | short-response
     seed: int               # the bytes a write carries
+    task_attr: int = 0      # SIMPLE; now and then ORDERED or HEAD OF QUEUE
 
 
 def cdb_for(op: int, lba: int, blocks: int, flags: int, rng: random.Random) -> bytes:
@@ -115,7 +116,7 @@ def requests(draw: st.DrawFn) -> Request:
     layout = draw(st.sampled_from(["linux"] * 6 + ["split-request", "split-response",
                                                    "big-response", "short-response"]))
     return Request(target, lun, field, cdb, data_in, data_out, draw(st.booleans()), layout,
-                   seed)
+                   seed, draw(st.sampled_from([0] * 6 + [1, 2])))
 
 
 @st.composite
@@ -135,14 +136,14 @@ def common_requests(draw: st.DrawFn) -> Request:
         pieces = [cut, n - cut] if cut else [n]
     data_in, data_out = ([], pieces) if op in WRITES else (pieces, [])
     return Request(target, lun, lun_field(target, lun), cdb, data_in, data_out, False,
-                   "linux", seed)
+                   "linux", seed, draw(st.sampled_from([0] * 8 + [1])))
 
 
 def post(world: World, token: int, req: Request, indirect: bool) -> None:
     """Allocate and fill the request's buffers and make it available (the same
     addresses in both worlds: their allocators run alike)."""
     mem, alloc = world.mem, world.alloc
-    header = REQ.pack(req.field, token, 0, 0, 0, req.cdb.ljust(32, b"\0"))
+    header = REQ.pack(req.field, token, req.task_attr, 0, 0, req.cdb.ljust(32, b"\0"))
     hdr = alloc.alloc(len(header), 8)
     mem.view(hdr, len(header))[:] = header
     if req.layout == "split-request":

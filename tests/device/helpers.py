@@ -119,9 +119,9 @@ def cut(data: bytes | int, cuts: Sequence[int] = ()) -> tuple[bytearray, list[me
 
 
 def cmd_header(target: int, lun: int, cdb: bytes, *, tag: int = 0, cdb_size: int = 32,
-               lun_field: bytes | None = None) -> bytes:
+               lun_field: bytes | None = None, task_attr: int = 0) -> bytes:
     field_ = encode_lun(target, lun) if lun_field is None else lun_field
-    return struct.pack(f"<8sQBBB{cdb_size}s", field_, tag, 0, 0, 0, cdb)
+    return struct.pack(f"<8sQBBB{cdb_size}s", field_, tag, task_attr, 0, 0, cdb)
 
 
 @dataclass

@@ -147,11 +147,12 @@ class TestGuest:
         return addr
 
     def submit(self, index: int, target: int, lun: int, cdb: bytes, *,
-               data_out: bytes = b"", data_in: int = 0) -> None:
+               data_out: bytes = b"", data_in: int = 0, task_attr: int = 0) -> None:
         """Queue one request on ``index`` (not kicked yet: call :meth:`kick`)."""
         q = self.queues[index]
         q.tag += 1
-        header = CMD_REQ.pack(lun_field(target, lun), q.tag, 0, 0, 0, cdb.ljust(32, b"\0"))
+        header = CMD_REQ.pack(lun_field(target, lun), q.tag, task_attr, 0, 0,
+                              cdb.ljust(32, b"\0"))
         req = self.buffer(header)
         resp = self.buffer(CMD_RESP.size)
         out = [(req, CMD_REQ.size)]

@@ -30,6 +30,7 @@ cdef enum:
     CMD_REQ_FIXED = 19
     CMD_RESP_FIXED = 12
     FIRST_REQUEST_QUEUE = 2
+    TASK_ATTR = 16          # the request header's task_attr byte (lun 8, tag 8, attr)
 
 if ((device_stats.MAX_TARGETS, device_stats.BUCKETS, device_stats.READ_BYTES,
      device_stats.WRITE_BYTES, device_stats.FAILURES, device_stats.HIST, wire.CMD_REQ_FIXED,
@@ -67,6 +68,8 @@ cdef struct Lun:
     uint64_t align_mask     # O_DIRECT: offsets, addresses and lengths aligned to this + 1
     uint8_t *state          # the unit's shared state page (WCE, unit attention)
     long row                # its LUN row in the device's counters (u64 index); -1: none
+    uint8_t *order          # its row in the device's task sets (ordering.py), or NULL:
+                            # per queue u16 started, u16 ORDERED held
 
 
 cdef struct Command:
@@ -145,6 +148,8 @@ cdef class FastScsi:
     cdef int num_queues
     cdef uint8_t *tasks             # the task table: holds, then the slots
     cdef long task_off
+    cdef uint8_t *order             # the task sets (ordering.py): a row per LUN slot
+    cdef long order_row
     cdef iovec *iov                 # scratch iovecs for a synchronous I/O
     cdef int iov_cap
     cdef list holds                 # the buffers whose pointers we keep
@@ -178,6 +183,8 @@ cdef class FastScsi:
         self.inflight = <uint8_t *>_pointer(stats.inflight, self.holds)
         self.tasks = <uint8_t *>_pointer(device.tasks.mem, self.holds)
         self.task_off = device.tasks.slot_offset(slot)
+        self.order = <uint8_t *>_pointer(device.task_sets.mem, self.holds)
+        self.order_row = device.task_sets.row_size
         units = []
         for t in sorted(device.targets):
             for lun, unit in sorted(getattr(device.targets[t], "luns", {}).items()):
@@ -232,6 +239,9 @@ cdef class FastScsi:
         e.state = <uint8_t *>_pointer(unit._state, self.holds)
         slot = stats.slots.get((t, lun))
         e.row = -1 if slot is None else stats._lun_row(self.slot, slot)
+        e.order = NULL
+        if slot is not None:
+            e.order = self.order + <long>slot * self.order_row
         return True
 
     def release(self):
@@ -351,6 +361,24 @@ cdef class FastScsi:
         if failed:
             row[LUN_FAILURES] += 1
 
+    # -- the task set (device/ordering.py): SIMPLE commands while no ORDERED one is held ----
+
+    cdef bint ordered_held(self, Lun *e) noexcept:
+        cdef int q
+        if e.order == NULL:
+            return False
+        for q in range(self.num_queues):
+            if vs_le16(e.order + 4 * q + 2):
+                return True
+        return False
+
+    cdef void started(self, Lun *e, int change) noexcept:
+        """This queue's count of the LUN's commands started and not completed."""
+        cdef uint8_t *cell
+        if e.order != NULL:
+            cell = e.order + 4 * self.slot
+            vs_put_le16(cell, <uint16_t>(vs_le16(cell) + change))
+
     # -- the task slot (device/tasks.py: what TaskTable.begin / end do) ------------------------
 
     cdef bint begin(self, Lun *e, uint64_t tag) noexcept:
@@ -416,6 +444,8 @@ cdef class FastScsi:
         e = self.find(<uint8_t *>hdr.ptr)
         if e == NULL or not self.decode(<uint8_t *>hdr.ptr + CMD_REQ_FIXED, &cmd):
             return HANDOVER
+        if (<uint8_t *>hdr.ptr)[TASK_ATTR] != 0 or self.ordered_held(e):
+            return HANDOVER     # not SIMPLE, or an ORDERED command holds the task set
         if cmd.write:       # data-out only (a WRITE with data-in is the Python path's)
             if c.nseg - c.nread != 1:
                 return HANDOVER
@@ -452,10 +482,12 @@ cdef class FastScsi:
         if not self.begin(e, tag):
             self.undo(e.target, switched)
             return HANDOVER
+        self.started(e, 1)
         started = vs_now_ns()
         if e.kind == LUN_URING:
             if later == NULL or have != nbytes:
                 self.end()
+                self.started(e, -1)
                 self.undo(e.target, switched)
                 return HANDOVER
             later.iov = later.small
@@ -464,6 +496,7 @@ cdef class FastScsi:
                 if later.iov == NULL:
                     later.iov = later.small
                     self.end()
+                    self.started(e, -1)
                     self.undo(e.target, switched)
                     return HANDOVER
             later.lun = e
@@ -492,9 +525,11 @@ cdef class FastScsi:
             if done != <ssize_t>nbytes:
                 # short or failed: the Python path does it again and says what happened
                 self.end()
+                self.started(e, -1)
                 self.undo(e.target, switched)
                 return HANDOVER
         imposed = self.end()
+        self.started(e, -1)
         if imposed:       # a TMF aborted / reset it while it ran
             self.done(e, True, 0, 0, vs_now_ns() - started)
             self.respond(resp.ptr, 0, imposed)

@@ -350,6 +350,7 @@ cdef class CompiledServed:
         written = None
         r.busy = False
         self.later -= 1
+        self.fast.started(e, -1)
         if r.imposed:
             self.fast.done(e, True, 0, 0, ns)
             self.fast.respond(r.resp.ptr, 0, r.imposed)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from vscsi.device.events import EventQueue
 from vscsi.device.later import LaterTasks
+from vscsi.device.ordering import LocalTaskSet, TaskSets
 from vscsi.device.stats import DeviceStats
 from vscsi.device.tasks import TaskTable
 from vscsi.device.wire import (
@@ -133,6 +134,12 @@ class VirtioScsiDevice(RequestQueues, ControlQueue, VirtioDevice):
             self._ask_self
         #: per-LUN and per-target counters in shared memory (see .stats)
         self.stats = DeviceStats(config.num_queues)
+        #: each LUN's task set across the queues (ordering.py), by the LUN's stats slot
+        self.task_sets = TaskSets(config.num_queues, self.stats.lun_slots)
+        self._task_sets_here: dict[tuple[int, int], LocalTaskSet] = {}
+        self._waking: set[int] = set()
+        self._recheck: Any = None
+        self._scheduler: Scheduler | None = None
         for t, target in targets.items():
             for lun in luns_of(target) or ():
                 self.stats.assign(t, lun)
@@ -202,7 +209,9 @@ class VirtioScsiDevice(RequestQueues, ControlQueue, VirtioDevice):
         )
 
     def set_scheduler(self, scheduler: Scheduler) -> None:
-        """The worker's loop, for every unit (and its filters) that waits for something."""
+        """The worker's loop, for every unit (and its filters) that waits for something,
+        and for the commands waiting for their task set."""
+        self._scheduler = scheduler
         for target in self.targets.values():
             for unit in getattr(target, "luns", {}).values():
                 setter = getattr(unit, "set_scheduler", None)
@@ -268,7 +277,9 @@ class VirtioScsiDevice(RequestQueues, ControlQueue, VirtioDevice):
             if lun in luns:
                 raise ValueError(f"LUN {target}:{lun} already exists")
             self.targets[target] = type(existing)({**luns, lun: unit})
-        self.stats.assign(target, lun)
+        lun_slot = self.stats.assign(target, lun)
+        if lun_slot is not None:
+            self.task_sets.clear(lun_slot)
         if not notify:
             return False
         return self.post_event(VIRTIO_SCSI_T_TRANSPORT_RESET, target, lun,
@@ -309,5 +320,6 @@ class VirtioScsiDevice(RequestQueues, ControlQueue, VirtioDevice):
         return luns
 
     def close(self) -> None:
+        self.task_sets.close()
         self.tasks.close()
         self.stats.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vscsi.device.later import LaterTask, LaterTasks, abort_all
+from vscsi.device.ordering import HEAD_OF_QUEUE, ORDERED, LocalTaskSet, TaskSets, Waiting
 from vscsi.device.stats import DeviceStats, QueueCounters
 from vscsi.device.tasks import TaskTable
 from vscsi.device.wire import (
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _now_ns = time.monotonic_ns
+RECHECK_S = 200e-6     # how often commands waiting for their task set look again
 
 
 class RequestQueues:
@@ -56,6 +58,11 @@ class RequestQueues:
     _req_len: int
     _resp_len: int
     _sense_size: int
+    task_sets: TaskSets                         # the LUNs' task sets, shared by the workers
+    _task_sets_here: dict[int, LocalTaskSet]    # by LUN slot: this process's part
+    _waking: set[int]
+    _recheck: Any
+    _scheduler: Any
 
     # -- request queues, §5.6.6.1 ----------------------------------------------------------
 
@@ -107,19 +114,130 @@ class RequestQueues:
             # a SCSI CHECK CONDITION, since the target never saw the command.
             counters.left(t)
             return self._respond(chain.writable, request.resp_buf, VIRTIO_SCSI_S_FAILURE)
-        return self._execute(slot, complete, counters, chain, request, target, addr)
+        return self._admit(_Command(slot, complete, counters, chain, request, target, addr))
 
-    def _execute(self, slot: int, complete: Callable[[int, int], None] | None,
-                 counters: QueueCounters, chain: Chain, request: _Located,
-                 target: ScsiTarget, addr: tuple[int, int]) -> int | None:
+    # -- the task set: when a command may start (device/ordering.py) -------------------------
+
+    def _admit(self, cmd: _Command) -> int | None:
+        """Start the command now, or keep it waiting for its LUN's task set (SAM-5 task
+        attributes: ordering.py). A LUN without a counters slot (more LUNs than slots)
+        and a caller that cannot wait (no ``complete``) start at once."""
+        cmd.lun_slot = self.stats.slots.get(cmd.addr)
+        cmd.ordered = cmd.request.task_attr == ORDERED
+        if (cmd.lun_slot is None or cmd.complete is None
+                or cmd.request.task_attr == HEAD_OF_QUEUE):
+            return self._start(cmd)
+        local = self._local_set(cmd.lun_slot)
+        if cmd.ordered:
+            self.task_sets.hold(cmd.lun_slot, cmd.slot)
+            local.held += 1
+        if not local.waiting and self._may_start(cmd.lun_slot, local, cmd.ordered):
+            return self._start(cmd)
+        waiting = Waiting(lambda: self._start_waiting(cmd, waiting), cmd.ordered,
+                          lambda w: self._forget(cmd, w))
+        self._keep(cmd, waiting, _now_ns(), 0)
+        local.waiting.append(waiting)
+        self._recheck_soon()
+        return None
+
+    def _may_start(self, lun_slot: int, local: LocalTaskSet, ordered: bool) -> bool:
+        """Whether a command that comes first among this process's waiting ones of its
+        LUN may start: an ORDERED one once nothing of the LUN runs anywhere; any other
+        once no ORDERED one runs here and none is held by another process (this
+        process's own held ones all came after it: they wait behind it)."""
+        if ordered:
+            return self.task_sets.started(lun_slot) == 0
+        return (local.running_ordered == 0
+                and self.task_sets.held(lun_slot) - local.held == 0)
+
+    def _local_set(self, lun_slot: int) -> LocalTaskSet:
+        local = self._task_sets_here.get(lun_slot)
+        if local is None:
+            local = self._task_sets_here[lun_slot] = LocalTaskSet()
+        return local
+
+    def _start(self, cmd: _Command) -> int | None:
+        if cmd.lun_slot is not None:
+            self.task_sets.start(cmd.lun_slot, cmd.slot)
+            if cmd.ordered:
+                self._local_set(cmd.lun_slot).running_ordered += 1
+        return self._execute(cmd)
+
+    def _start_waiting(self, cmd: _Command, waiting: Waiting) -> None:
+        """A waiting command may start: it stops being the Waiting a TMF would find and
+        runs; a result at once is answered at once."""
+        self.later.remove(cmd.slot, cmd.chain.head)
+        written = self._start(cmd)
+        if written is not None:
+            assert cmd.complete is not None
+            cmd.complete(cmd.chain.head, written)
+
+    def _forget(self, cmd: _Command, waiting: Waiting) -> None:
+        """A waiting command was aborted (a TMF, or its queue stopping): it never starts."""
+        assert cmd.lun_slot is not None
+        local = self._local_set(cmd.lun_slot)
+        local.waiting.remove(waiting)
+        if cmd.ordered:
+            local.held -= 1
+            self.task_sets.release(cmd.lun_slot, cmd.slot)
+            self._wake(cmd.lun_slot)
+
+    def _ended(self, cmd: _Command) -> None:
+        """A started command ended (answered, failed, or aborted): its task set moves on."""
+        if cmd.lun_slot is None:
+            return
+        self.task_sets.end(cmd.lun_slot, cmd.slot)
+        if cmd.ordered:
+            local = self._local_set(cmd.lun_slot)
+            local.running_ordered -= 1
+            local.held -= 1
+            self.task_sets.release(cmd.lun_slot, cmd.slot)
+        self._wake(cmd.lun_slot)
+
+    def _wake(self, lun_slot: int) -> None:
+        """Start what may start now among the commands of the LUN waiting in this process
+        (on any of its queues), in the order they arrived."""
+        if lun_slot in self._waking:
+            return      # an outer _wake of this LUN is at it (a command ended at once)
+        self._waking.add(lun_slot)
+        try:
+            local = self._local_set(lun_slot)
+            while local.waiting:
+                head = local.waiting[0]
+                if not self._may_start(lun_slot, local, head.ordered):
+                    break
+                local.waiting.popleft()
+                head.run()
+        finally:
+            self._waking.discard(lun_slot)
+
+    def _recheck_soon(self) -> None:
+        """While commands wait here, look again now and then: what holds them up may be
+        another worker process's (its commands' ends are not told here)."""
+        if self._recheck is None and self._scheduler is not None:
+            self._recheck = self._scheduler.call_later(RECHECK_S, self._recheck_waiting)
+
+    def _recheck_waiting(self) -> None:
+        self._recheck = None
+        for lun_slot, local in list(self._task_sets_here.items()):
+            if local.waiting:
+                self._wake(lun_slot)
+        if any(local.waiting for local in self._task_sets_here.values()):
+            self._recheck_soon()
+
+    # -- executing -------------------------------------------------------------------------
+
+    def _execute(self, cmd: _Command) -> int | None:
         """Run the command with its task published in the queue's slot (a TMF on the
         control queue can see it, hold it off, or cancel it), and respond -- or keep it
         in flight (a Pending: answered later)."""
+        slot, counters, chain, request = cmd.slot, cmd.counters, cmd.chain, cmd.request
+        target, addr = cmd.target, cmd.addr
         t, lun = addr
         wr = chain.writable
-        # task_attr / prio / crn are ignored (the queue runs SIMPLE tasks in any order)
         held = self.tasks.begin(slot, t, lun, request.tag)
         if held:                                        # a TMF holds the LUN
+            self._ended(cmd)
             counters.left(t)
             return self._respond(wr, request.resp_buf, held)
         started = _now_ns()
@@ -129,14 +247,15 @@ class RequestQueues:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.
             self.tasks.end(slot)
+            self._ended(cmd)
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
             log.exception("target %d lun %d: command %s failed", t, lun,
                           request.cdb[:1].hex())
             return self._respond(wr, request.resp_buf, VIRTIO_SCSI_S_FAILURE)
         imposed = self.tasks.end(slot)
         if isinstance(result, Pending):
-            return self._answer_later(slot, complete, counters, chain, request, addr,
-                                      result, imposed, started)
+            return self._answer_later(cmd, result, imposed, started)
+        self._ended(cmd)
         if imposed:                   # a TMF aborted / reset it while it ran
             counters.done(t, addr, True, 0, 0, _now_ns() - started)
             return self._respond(wr, request.resp_buf, imposed)
@@ -145,29 +264,39 @@ class RequestQueues:
         return self._respond_result(wr, request.resp_buf, result, request.data_out,
                                     request.data_in)
 
-    def _answer_later(self, slot: int, complete: Callable[[int, int], None] | None,
-                      counters: QueueCounters, chain: Chain, request: _Located,
-                      addr: tuple[int, int], pending: Pending, imposed: int,
+    def _answer_later(self, cmd: _Command, pending: Pending, imposed: int,
                       started: int) -> int | None:
         """Keep a command whose result is a Pending in flight: its answer comes through
         ``complete`` (_AnsweredLater.answer). A queue without ``complete`` cannot wait:
         the command fails (VIRTIO_SCSI_S_FAILURE)."""
-        t, lun = addr
-        if complete is None:
+        t, lun = cmd.addr
+        if cmd.complete is None:
             pending.abort()
-            counters.done(t, addr, True, 0, 0, _now_ns() - started)
+            self._ended(cmd)
+            cmd.counters.done(t, cmd.addr, True, 0, 0, _now_ns() - started)
             log.error("target %d lun %d: command %s answers later, which this queue "
-                      "cannot wait for", t, lun, request.cdb[:1].hex())
-            return self._respond(chain.writable, request.resp_buf, VIRTIO_SCSI_S_FAILURE)
-        task = _AnsweredLater(chain.head, t, lun, request.tag, pending, self, counters,
-                              complete, chain.writable, request.resp_buf, request.data_out,
-                              request.data_in, started, addr)
-        self.later.add(slot, task)
+                      "cannot wait for", t, lun, cmd.request.cdb[:1].hex())
+            return self._respond(cmd.chain.writable, cmd.request.resp_buf,
+                                 VIRTIO_SCSI_S_FAILURE)
+        task = self._keep(cmd, pending, started, imposed)
+        task.ended = cmd
+        return None
+
+    def _keep(self, cmd: _Command, pending: Pending, started: int, imposed: int
+              ) -> _AnsweredLater:
+        """Register a request answered later (a TMF finds it) and answer it when
+        ``pending`` finishes."""
+        request = cmd.request
+        task = _AnsweredLater(cmd.chain.head, cmd.addr[0], cmd.addr[1], request.tag, pending,
+                              self, cmd.counters, cmd.complete, cmd.chain.writable,
+                              request.resp_buf, request.data_out, request.data_in, started,
+                              cmd.addr)
+        self.later.add(cmd.slot, task)
         pending.then(task.answer)
         if imposed:  # a TMF came while it started: it ends with that TMF's answer
             task.imposed = imposed
             pending.abort()
-        return None
+        return task
 
     def _locate(self, chain: Chain) -> _Located | int:
         """Find the response header's room and parse the request header; or 0 when there
@@ -191,16 +320,16 @@ class RequestQueues:
         rd = chain.readable
         req_len = self._req_len
         if rd and len(rd[0]) >= req_len:
-            lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack_from(rd[0])
+            lun_field, tag, attr, _prio, _crn, cdb = self._req.unpack_from(rd[0])
             data_out = rd[1:] if len(rd[0]) == req_len else [rd[0][req_len:], *rd[1:]]
         else:
             header = gather_exact(rd, req_len)
             if header is None:
                 log.debug("request %d: readable part too short for a header", chain.head)
                 return VIRTIO_SCSI_S_FAILURE
-            lun_field, tag, _attr, _prio, _crn, cdb = self._req.unpack(header)
+            lun_field, tag, attr, _prio, _crn, cdb = self._req.unpack(header)
             data_out = advance(rd, req_len)
-        return _Located(resp_buf, data_in, lun_field, tag, cdb, data_out)
+        return _Located(resp_buf, data_in, lun_field, tag, attr, cdb, data_out)
 
     def _respond_result(self, wr: list[memoryview], resp_buf: memoryview | None,
                         result: ScsiResult, data_out: list[memoryview],
@@ -276,6 +405,21 @@ class RequestQueues:
 
 
 @dataclass(slots=True)
+class _Command:
+    """A request past its look-up, on its way through the task set to the target."""
+
+    slot: int                                   # its queue's task slot
+    complete: Callable[[int, int], None] | None
+    counters: QueueCounters
+    chain: Chain
+    request: _Located
+    target: ScsiTarget
+    addr: tuple[int, int]
+    lun_slot: int | None = None                 # its LUN's row in the task sets
+    ordered: bool = False
+
+
+@dataclass(slots=True)
 class _Located:
     """A request's headers, found in its chain (VirtioScsiDevice._locate)."""
 
@@ -283,6 +427,7 @@ class _Located:
     data_in: list[memoryview]
     lun_field: bytes
     tag: int
+    task_attr: int                  # SIMPLE, ORDERED, HEAD OF QUEUE, ACA (ordering.py)
     cdb: bytes
     data_out: list[memoryview]
 
@@ -293,7 +438,7 @@ class _AnsweredLater(LaterTask):
     no closure); :meth:`answer` is the Pending's callback."""
 
     __slots__ = ("device", "counters", "complete", "wr", "resp_buf", "data_out", "data_in",
-                 "started", "addr")
+                 "started", "addr", "ended")
 
     def __init__(self, head: int, target: int, lun: int, tag: int, pending: Pending,
                  device: RequestQueues, counters: QueueCounters,
@@ -310,6 +455,7 @@ class _AnsweredLater(LaterTask):
         self.data_in = data_in
         self.started = started
         self.addr = addr
+        self.ended: _Command | None = None  # a started command: its task set moves on
 
     def answer(self, result: ScsiResult) -> None:
         """The result arrived (or a TMF ended the request: ``imposed``): count it, write
@@ -332,3 +478,5 @@ class _AnsweredLater(LaterTask):
             written = 0
         self.complete(self.head, written)
         self.finish()
+        if self.ended is not None:
+            device._ended(self.ended)   # answered: what waited for it may start
