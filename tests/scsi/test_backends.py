@@ -17,7 +17,7 @@ from vscsi.scsi import (
     open_backend,
     parse_lun_spec,
 )
-from vscsi.scsi import backends as B
+from vscsi.scsi.backends import file as B
 
 from .helpers import split
 

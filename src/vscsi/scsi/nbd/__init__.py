@@ -1,7 +1,7 @@
 """An NBD client for network block storage: protocol core (sans-IO), URIs, a blocking
 connection with pipelining, and the block-device operations a backend needs.
 
-Nothing here imports the rest of vscsi.scsi; backends.py builds NbdBackend on NbdDisk.
+Nothing here imports the rest of vscsi.scsi; backends/network.py builds NbdBackend on NbdDisk.
 """
 
 from .connection import NbdCommandError, NbdConnection, NbdDisconnected
