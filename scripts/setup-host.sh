@@ -31,4 +31,6 @@ apt-get install -y -qq --no-install-recommends gcc binutils zstd >/dev/null
 # the compiled data plane (setup.py): a C compiler and Python's headers build it, liburing's
 # static archive gives it io_uring
 apt-get install -y -qq --no-install-recommends gcc libc6-dev liburing-dev >/dev/null
-python3 -m pip install -q -e '.[dev]'
+# VSCSI_REQUIRE_COMPILED: a broken build of the compiled plane fails here, loudly, rather
+# than leaving the tests to run on the Python path alone
+VSCSI_REQUIRE_COMPILED=1 python3 -m pip install -q -e '.[dev]'
