@@ -6,6 +6,10 @@ by round, medians reported.
     PYTHONPATH=src python bench/host_planes.py [--rounds 5] [--runtime 5] [--depth 32]
         [--variants "--dataplane compiled" "--dataplane python"] [--serve-args "--cpus 0,1"]
 
+A variant is serve arguments, optionally followed by `|` and `vscsi bench` arguments:
+"--dataplane compiled | --dirty-log" measures the same plane while the backend logs every
+page it writes, as during a live migration (issue 24).
+
 Per run: IOPS and the backend's CPU per request (`vscsi bench`'s own figure: the serve
 process tree's user + system time over the run, per request).
 """
@@ -24,12 +28,13 @@ from vscsi.testing.serve import ServeProcess
 LUNS = ["0:0=null:1G", "1:0=null:1G"]
 
 
-def run(serve_args: list[str], runtime: float, depth: int) -> dict[str, float]:
+def run(serve_args: list[str], runtime: float, depth: int,
+        bench_args: list[str]) -> dict[str, float]:
     with ServeProcess(LUNS, queues=2, extra=["--rpc", "none", *serve_args]) as serve:
         out = subprocess.run(
             [sys.executable, "-m", "vscsi.cli", "bench", "--socket", serve.socket,
              "--vcpus", "2", "--rw", "randread", "--bs", "4k", "--iodepth", str(depth),
-             "--targets", "2", "--runtime", f"{runtime:g}", "--json"],
+             "--targets", "2", "--runtime", f"{runtime:g}", "--json", *bench_args],
             capture_output=True, text=True, check=True).stdout
     r = json.loads(out)
     return {"iops": r["iops"], "backend_us": r.get("backend_cpu_us_per_request") or 0.0}
@@ -49,7 +54,9 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in a.variants}
     for rnd in range(1, a.rounds + 1):
         for v in a.variants:
-            r = run(common + shlex.split(v), a.runtime, a.depth)
+            serve_part, _, bench_part = v.partition("|")
+            r = run(common + shlex.split(serve_part), a.runtime, a.depth,
+                    shlex.split(bench_part))
             runs[v].append(r)
             print(f"round {rnd} [{v}]: {r['iops']:.0f} IOPS, {r['backend_us']:.2f} us/req",
                   flush=True)

@@ -188,6 +188,8 @@ def served_alike(worlds: tuple[World, World], batches: list[list[Request]],
     assert memory(py)[4096 * 3:ring_end] == memory(cc)[4096 * 3:ring_end] or _explain(py, cc)
     assert disks(py) == disks(cc)
     assert counters(py) == counters(cc)
+    assert py.log is not None and cc.log is not None
+    assert list(py.log.dirty()) == list(cc.log.dirty())  # the same pages logged
     event(f"fast path served {min(cc.served.fast_served, 3)}+, "
           f"handed over {min(cc.served.handed_over, 3)}+")
 

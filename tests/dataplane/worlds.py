@@ -20,6 +20,7 @@ from vscsi.device import ScsiConfig, VirtioScsiDevice, encode_lun
 from vscsi.device.stats import HIST, LUN_COLUMNS
 from vscsi.loop import EventLoop
 from vscsi.memory import Allocator, GuestMemory
+from vscsi.memory.dirtylog import LOG_PAGE, DirtyLog
 from vscsi.scsi import build_targets, parse_lun_spec
 from vscsi.vhost_user import PythonServing
 from vscsi.vhost_user import stats as st
@@ -79,6 +80,7 @@ class World:
     loop: EventLoop
     serving: Any
     served: Any
+    log: DirtyLog | None = None  # the dirty log the ring fills (all of it: data and used)
     tokens: list[tuple[int, int]] = field(default_factory=list)
 
     def serve(self) -> None:
@@ -126,6 +128,8 @@ def build(plane: str, directory: str, *, packed: bool, num_queues: int = 2) -> W
         addrs = ring_layout(RING, alloc.alloc(ring_bytes(RING), 4096))
         drv = DriverRing(mem, addrs, event_idx=True)
         dev = DeviceRing(mem, addrs, event_idx=True)
+    log = DirtyLog.over(bytearray(MEM // LOG_PAGE // 8))
+    dev.set_log(log, data=True, used=True)  # as during a live migration
     stats = st.QueueStats(device.queue_roles())
     loop = EventLoop()
     device.set_scheduler(loop)
@@ -136,7 +140,8 @@ def build(plane: str, directory: str, *, packed: bool, num_queues: int = 2) -> W
         serving = PythonServing()
     worker = SimpleNamespace(device=device, kicked=[])
     served = serving.served(worker, QUEUE, dev, -1, -1, stats.row(QUEUE), Coalescer())
-    return World(plane, directory, mem, alloc, drv, device, stats, loop, serving, served)
+    return World(plane, directory, mem, alloc, drv, device, stats, loop, serving, served,
+                 log)
 
 
 def pair(base: str, *, packed: bool) -> tuple[World, World]:

@@ -18,6 +18,7 @@ from vscsi.vhost_user.codec import (
     F_PROTOCOL_FEATURES,
     U64,
     Config,
+    Log,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -29,11 +30,13 @@ from vscsi.vhost_user.codec import (
     VringState,
 )
 from vscsi.vhost_user.host import Broken
+from vscsi.vhost_user.migration import RingLog
 from vscsi.vhost_user.states import RingPhase
 from vscsi.virtio import (
     PACKED_INITIAL_STATE,
     VIRTIO_F_RING_PACKED,
     DeviceRing,
+    DriverRing,
     PackedDeviceRing,
     PackedDriverRing,
     PackedInflightQueue,
@@ -115,6 +118,13 @@ class FakeQueues:
 
     def set_inflight(self, region: memoryview | None) -> None:
         self.log.append(("inflight", None if region is None else len(region)))
+
+    def set_log(self, log, fd, info, rings) -> None:  # type: ignore[no-untyped-def]
+        for index, ring in self.running.items():
+            logs = rings.get(index, RingLog())
+            ring.set_log(log, data=logs.data, used=logs.used)
+        self.log.append(("log", None if info is None else info.size,
+                         {i: (r.data, r.used) for i, r in rings.items()}))
 
 
 class Front:
@@ -367,14 +377,94 @@ def test_bad_queue_size(front: Front, num: int) -> None:
 
 def test_features_we_cannot_do(front: Front) -> None:
     front.negotiate()
-    for bit in (F_LOG_ALL, 33):
-        (ack,) = front.send(Request.SET_FEATURES, U64(1 << bit), need_reply=True)
-        assert ack.payload == U64(1)
-    (ack,) = front.send(Request.SET_PROTOCOL_FEATURES,
-                        U64(1 << ProtocolFeature.LOG_SHMFD), need_reply=True)
-    assert ack.payload == U64(1)
-    (ack,) = front.send(Request.SET_VRING_ADDR, VringAddr(2, 1, 0, 0, 0), need_reply=True)
-    assert ack.payload == U64(1)  # VHOST_VRING_F_LOG
+    (ack,) = front.send(Request.SET_FEATURES, U64(1 << 33), need_reply=True)
+    assert ack.payload == U64(1)  # IOMMU_PLATFORM
+
+
+# --------------------------------------------------------------------------- dirty log
+
+
+def _log_fd(size: int) -> int:
+    fd = os.memfd_create("test-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_dirty_logging_offered_and_switched_on_running_rings(front: Front) -> None:
+    """QEMU's order when migration starts: SET_LOG_BASE (answered), SET_FEATURES with
+    LOG_ALL, SET_VRING_ADDR with VHOST_VRING_F_LOG on the running rings; and the reverse
+    when it ends (or fails)."""
+    assert front.u64(Request.GET_FEATURES) >> F_LOG_ALL & 1
+    assert front.u64(Request.GET_PROTOCOL_FEATURES) >> ProtocolFeature.LOG_SHMFD & 1
+    front.negotiate()
+    features = front.session.features
+    front.mem_table()
+    front.configure(2)
+    front.enable(2)
+    ring = front.queues.running[2]
+    assert ring.logging == (False, False)
+    fd = _log_fd(4096)
+    (reply,) = front.send(Request.SET_LOG_BASE, Log(4096, 0), (fd,))
+    assert reply.reply and reply.request is Request.SET_LOG_BASE
+    assert reply.payload == U64(0)
+    (ack,) = front.send(Request.SET_FEATURES, U64(features | 1 << F_LOG_ALL), need_reply=True)
+    assert ack.payload == U64(0)
+    assert ring.logging == (True, False)
+    assert front.device.driver_features == features & ~(1 << F_PROTOCOL_FEATURES)
+    a = front.addrs
+    (ack,) = front.send(Request.SET_VRING_ADDR, VringAddr(
+        2, VringAddr.F_LOG, front.user(a.desc), front.user(a.used), front.user(a.avail),
+        a.used), need_reply=True)
+    assert ack.payload == U64(0)
+    assert ring.logging == (True, True)
+    assert front.queues.running[2] is ring  # not restarted: only what it logs changed
+    # a write the ring makes now is in the log
+    drv = DriverRing(front.mem, a, event_idx=True)
+    buf = front.alloc.alloc(64, 8)
+    drv.add([], [(buf, 64)], "t")
+    drv.publish()
+    chain = ring.pop()
+    ring.push(chain.head, 64)
+    log = front.session.logging.log
+    assert log is not None
+    assert {buf >> 12, a.used >> 12} <= set(log.dirty())
+    # migration ends: logging off again
+    front.send(Request.SET_FEATURES, U64(features))
+    front.send(Request.SET_VRING_ADDR, VringAddr(
+        2, 0, front.user(a.desc), front.user(a.used), front.user(a.avail)))
+    assert ring.logging == (False, False)
+
+
+def test_a_ring_started_while_logging_logs_from_its_start(front: Front) -> None:
+    front.negotiate()
+    front.send(Request.SET_LOG_BASE, Log(4096, 0), (_log_fd(4096),))
+    front.send(Request.SET_FEATURES, U64(front.session.features | 1 << F_LOG_ALL))
+    front.mem_table()
+    front.configure(2)
+    front.enable(2)
+    assert front.queues.running[2].logging == (True, False)
+
+
+def test_a_log_base_needs_its_fd_and_the_protocol_feature(front: Front) -> None:
+    front.negotiate()
+    with pytest.raises(Disconnect, match="without the log's fd"):
+        front.send(Request.SET_LOG_BASE, Log(4096, 0))
+    front = Front()
+    try:
+        front.u64(Request.GET_FEATURES)
+        front.send(Request.SET_PROTOCOL_FEATURES, U64(1 << ProtocolFeature.REPLY_ACK))
+        front.send(Request.SET_OWNER)
+        with pytest.raises(Disconnect, match="without LOG_SHMFD"):
+            front.send(Request.SET_LOG_BASE, Log(4096, 0), (_log_fd(4096),))
+    finally:
+        front.close()
+
+
+def test_a_log_that_cannot_be_mapped_ends_the_session(front: Front) -> None:
+    """An answer we cannot give truthfully: the front-end would read a log nobody fills."""
+    front.negotiate()
+    with pytest.raises(Disconnect, match="dirty log"):
+        front.send(Request.SET_LOG_BASE, Log(4096, 4096 * 16), (_log_fd(4096),))
 
 
 def test_log_fd_is_refused(front: Front) -> None:

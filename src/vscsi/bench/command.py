@@ -49,6 +49,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vcpus", type=int, default=2, help="CPUs submitting (VCPU processes)")
     p.add_argument("--packed", action="store_true",
                    help="packed virtqueues (virtio 1.2 §2.8) instead of split ones")
+    p.add_argument("--dirty-log", action="store_true",
+                   help="--socket: have the backend log the pages it writes for the whole "
+                        "run, as during a live migration (reports dirty_pages)")
     p.add_argument("--policy", choices=sorted(POLICIES), default="percpu")
     p.add_argument("--hint-delay", type=float, default=0.0, metavar="MS",
                    help="pertarget: how late the balancer applies affinity hints")
@@ -107,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--hint-delay must be >= 0 and --migrate-every >= 1")
     if args.packed and args.preset:
         raise ValueError("--packed runs with --loopback or --socket, not --preset")
+    if args.dirty_log and not args.socket:
+        raise ValueError("--dirty-log runs with --socket (the backend keeps the log)")
+    dirty_log = None
     if args.preset:
         from vscsi.bench.preset import coverletter
 
@@ -119,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
                              "backend's LUNs are discovered")
         machine = smp_machine(args, args.socket)
         opts = run_options(args, targets=args.targets)
+        if args.dirty_log:
+            dirty_log = machine.frontend.start_dirty_log()
     elif args.loopback:
         machine = Loopback(lun_specs(args), policy=args.policy, queues=args.queues or 2,
                            vcpus=args.vcpus, hint_delay=args.hint_delay / 1000,
@@ -130,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_jobs(machine, opts, args.vcpus)
     finally:
         machine.close()
+    if dirty_log is not None:
+        result["dirty_pages"] = sum(1 for _ in dirty_log.dirty())
+        dirty_log.close()
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()

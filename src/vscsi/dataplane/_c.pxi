@@ -57,6 +57,11 @@ cdef extern from *:
         return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
     }
     static inline int vs_errno(void) { return errno; }
+    /* The dirty log: page p's bit, set atomically (other workers, and the front-end
+       clearing the log, touch the same bytes). */
+    static inline void vs_log_page(uint8_t *bits, uint64_t page) {
+        __atomic_fetch_or(bits + (page >> 3), (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+    }
     /* Bit length of a non-negative value, as Python's int.bit_length(). */
     static inline int vs_bit_length(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
     """
@@ -76,6 +81,7 @@ cdef extern from *:
     int64_t vs_now_ns() nogil
     int vs_errno() nogil
     int vs_bit_length(uint64_t v) nogil
+    void vs_log_page(uint8_t *bits, uint64_t page) nogil
 
     int EAGAIN, EINTR, EINVAL
     ctypedef long ssize_t

@@ -66,6 +66,7 @@ cdef class PackedRing(Ring):
         cdef PackedRing self = PackedRing.__new__(PackedRing)
         cdef int i, n
         self.addrs = ring.addrs
+        self.used_gpa = ring.addrs.desc
         self.size = n = ring.size
         self.event_idx = ring.event_idx
         self.max_indirect = ring.max_indirect
@@ -80,6 +81,7 @@ cdef class PackedRing(Ring):
         self.notify_on = ring._notify
         self.resubmit = list(ring._resubmit)
         self._alloc_scratch()
+        self.set_log(ring._log, data=ring._log_data, used=ring._log_used)
         self.chain_len = <uint16_t *>calloc(n, sizeof(uint16_t))
         self.entries = <Entry *>malloc(n * sizeof(Entry))
         self.head_of = <uint16_t *>malloc(n * sizeof(uint16_t))
@@ -186,6 +188,8 @@ cdef class PackedRing(Ring):
             self.inflight += 1
             self.taken += 1
             self._buffers(buffer_id, n, c)
+            if c.why == NULL:
+                self.remember(c)
             return 1
         pos, wrap = self.avail_pos, self.avail_wrap
         want = P_AVAIL if wrap else P_USED       # AVAIL/USED of this lap
@@ -226,6 +230,8 @@ cdef class PackedRing(Ring):
             # Notifications on while taking outside a drain: move the event along.
             vs_release16(self.device, pos | wrap << WRAP_BIT)
         self._buffers(buffer_id, n, c)
+        if c.why == NULL:
+            self.remember(c)
         return 1
 
     cdef void _buffers(self, uint16_t buffer_id, int n, CChain *c) noexcept:
@@ -306,6 +312,9 @@ cdef class PackedRing(Ring):
         vs_put_le16(d + 12, head)
         # len and id before the flags that hand the descriptor back
         vs_release16(d + 14, (P_BOTH if self.used_wrap else 0) | (F_WRITE if written else 0))
+        self.filled(head, written)
+        if self.log_bits != NULL and self.log_used:
+            self.mark(self.used_gpa + self.used_pos * DESC_SIZE, DESC_SIZE)
         if self.tracked:
             if self.completed_hook is not None:
                 self.completed_hook(head)   # a test dies here, in place of the commit

@@ -23,6 +23,24 @@ cdef enum:
     DESC_SIZE = 16
 
 
+cdef enum:
+    WRITTEN_INLINE = 4  # writable segments a chain in flight keeps inline (more: allocated)
+
+
+cdef struct GpaSeg:
+    uint64_t gpa
+    uint32_t len
+
+
+cdef struct Written:
+    # Where a chain in flight may be written: its writable segments, guest-physical. Kept
+    # from take to fill for the dirty log, whether a log is on or not (one may start while
+    # the chain is in flight).
+    int n
+    GpaSeg *segs            # inline, or allocated for more than WRITTEN_INLINE
+    GpaSeg near[WRITTEN_INLINE]
+
+
 cdef struct CChain:
     uint16_t head       # the head index (split) or Buffer ID (packed)
     int nseg            # segments taken; segs[:nread] readable, the rest writable
@@ -48,20 +66,113 @@ cdef class Ring:
     cdef int cap
     cdef Py_buffer track_buf        # the in-flight region part, while tracked
     cdef bint tracked
+    # live migration's dirty log (virtio/device.py DeviceRing.set_log)
+    cdef Written *written_at        # head -> where its chain may be written
+    cdef uint64_t used_gpa          # where this kind writes used entries (split: the used
+                                    # area; packed: the descriptor ring)
+    cdef Py_buffer log_buf          # the log's bits, while logging
+    cdef uint8_t *log_bits
+    cdef uint64_t log_size
+    cdef bint log_data
+    cdef bint log_used
 
     def __dealloc__(self):
+        cdef int h
         free(self.scratch)
+        if self.written_at != NULL:
+            for h in range(self.size):
+                self.forget(h)
+            free(self.written_at)
         if self.tracked:
             PyBuffer_Release(&self.track_buf)
+        if self.log_bits != NULL:
+            PyBuffer_Release(&self.log_buf)
 
     cdef int _alloc_scratch(self) except -1:
         # A chain visits at most `size` descriptors of the queue's table and at most
         # max_indirect of one indirect table (the walks' budgets): room for the worst.
         self.cap = self.size + <int>self.max_indirect + 1
         self.scratch = <Seg *>malloc(self.cap * sizeof(Seg))
-        if self.scratch == NULL:
+        self.written_at = <Written *>calloc(self.size, sizeof(Written))
+        if self.scratch == NULL or self.written_at == NULL:
             raise MemoryError()
         return 0
+
+    # -- the dirty log ----------------------------------------------------------------------
+
+    def set_log(self, log, *, bint data=False, bint used=False):
+        """Log what we write for live migration (DeviceRing.set_log): ``log`` is a
+        vscsi.memory.dirtylog.DirtyLog (its ``buffer``), or None."""
+        if self.log_bits != NULL:
+            self.log_bits = NULL
+            PyBuffer_Release(&self.log_buf)
+        self.log_data = data
+        self.log_used = used
+        if log is not None and (data or used):
+            PyObject_GetBuffer(log.buffer, &self.log_buf, PyBUF_WRITABLE)
+            self.log_bits = <uint8_t *>self.log_buf.buf
+            self.log_size = <uint64_t>self.log_buf.len
+
+    @property
+    def logging(self):
+        """What set_log asked for: (data, used)."""
+        return bool(self.log_data), bool(self.log_used)
+
+    cdef void mark(self, uint64_t gpa, uint64_t length) noexcept nogil:
+        """Log a write of ``length`` bytes at ``gpa`` (memory/dirtylog.py DirtyLog.mark)."""
+        cdef uint64_t page, last
+        if length == 0:
+            return
+        page = gpa >> 12
+        last = (gpa + (length - 1)) >> 12
+        if last >= self.log_size * 8:
+            last = self.log_size * 8 - 1
+        while page <= last:
+            vs_log_page(self.log_bits, page)
+            page += 1
+
+    cdef int remember(self, CChain *c) except -1:
+        """Keep where the chain just taken may be written, until its fill."""
+        cdef Written *w = &self.written_at[c.head]
+        cdef int k, n = c.nseg - c.nread
+        cdef Seg *seg
+        cdef Region *r
+        self.forget(c.head)
+        if n > WRITTEN_INLINE:
+            w.segs = <GpaSeg *>malloc(n * sizeof(GpaSeg))
+            if w.segs == NULL:
+                raise MemoryError()
+        else:
+            w.segs = w.near
+        for k in range(n):
+            seg = &c.segs[c.nread + k]
+            r = &self.mt.regions[seg.region]
+            w.segs[k].gpa = r.guest + <uint64_t>(seg.ptr - r.host)
+            w.segs[k].len = seg.len
+        w.n = n
+        return 0
+
+    cdef void forget(self, uint16_t head) noexcept:
+        cdef Written *w = &self.written_at[head]
+        if w.segs != NULL and w.segs != w.near:
+            free(w.segs)
+        w.segs = NULL
+        w.n = 0
+
+    cdef void filled(self, uint16_t head, uint32_t written) noexcept:
+        """A fill of ``head``: log its first ``written`` writable bytes (when logging
+        data) and forget where it may be written."""
+        cdef Written *w = &self.written_at[head]
+        cdef int k
+        cdef uint32_t n
+        if self.log_bits != NULL and self.log_data:
+            k = 0
+            while written and k < w.n:
+                n = w.segs[k].len if w.segs[k].len < written else written
+                self.mark(w.segs[k].gpa, n)
+                written -= n
+                k += 1
+        self.forget(head)
 
     cdef int _track(self, tracker) except -1:
         self._tracker = tracker

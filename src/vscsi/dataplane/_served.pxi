@@ -100,6 +100,11 @@ cdef class CompiledTask:
     def pending(self):
         return self
 
+    @property
+    def on_abort(self):
+        """None, as a Pending's that cannot be stopped: its I/O is under way."""
+        return None
+
     def abort(self):
         """Nothing to stop early: the I/O owns the guest buffers until it ends, and the
         request then answers with ``imposed`` (a Pending's default abort)."""

@@ -44,6 +44,7 @@ cdef class SplitRing(Ring):
         """The compiled twin of a vscsi.virtio.DeviceRing, in its state now."""
         cdef SplitRing self = SplitRing.__new__(SplitRing)
         self.addrs = ring.addrs
+        self.used_gpa = ring.addrs.used
         self.size = ring.size
         self.event_idx = ring.event_idx
         self.max_indirect = ring.max_indirect
@@ -62,6 +63,7 @@ cdef class SplitRing(Ring):
         self.pushed = ring._pushed
         self.notify_on = ring._notify
         self._alloc_scratch()
+        self.set_log(ring._log, data=ring._log_data, used=ring._log_used)
         heads = list(ring._resubmit)
         self.resubmit = <uint16_t *>malloc(max(1, len(heads)) * sizeof(uint16_t))
         self.batch = <uint16_t *>malloc(self.size * sizeof(uint16_t))
@@ -161,6 +163,8 @@ cdef class SplitRing(Ring):
         self.inflight += 1
         self.taken += 1
         self._walk(head, c)
+        if c.why == NULL:
+            self.remember(c)
         return 1
 
     cdef void _walk(self, uint16_t head, CChain *c) noexcept:
@@ -238,9 +242,12 @@ cdef class SplitRing(Ring):
     # -- filling and notifying ---------------------------------------------------------------
 
     cdef int fill_c(self, uint16_t head, uint32_t written) except -1:
-        cdef char *elem = self.used + RING_OFF + 8 * (self.fill_idx & self.mask)
-        vs_put_le32(elem, head)
-        vs_put_le32(elem + 4, written)
+        cdef uint32_t off = RING_OFF + 8 * (self.fill_idx & self.mask)
+        vs_put_le32(self.used + off, head)
+        vs_put_le32(self.used + off + 4, written)
+        self.filled(head, written)
+        if self.log_bits != NULL and self.log_used:
+            self.mark(self.used_gpa + off, 8)
         self.fill_idx += 1
         self.inflight -= 1
         self.pushed += 1
@@ -253,6 +260,8 @@ cdef class SplitRing(Ring):
         if idx != self.used_published:
             vs_release16(self.used + IDX_OFF, idx)   # the elements before the idx
             self.used_published = idx
+            if self.log_bits != NULL and self.log_used:
+                self.mark(self.used_gpa + IDX_OFF, 2)
             if self.tracked:
                 self._track_published(idx)
 

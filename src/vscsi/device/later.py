@@ -108,9 +108,13 @@ class LaterTasks:
         return tasks
 
 
-def abort_all(tasks: list[LaterTask], response: int, done: Callable[[int], None]) -> None:
+def abort_all(tasks: list[LaterTask], response: int, done: Callable[[int], None], *,
+              let_io_finish: bool = False) -> None:
     """Abort ``tasks`` with ``response`` and call ``done(len(tasks))`` once every one of
-    them finished (at once if none is left waiting on I/O)."""
+    them finished (at once if none is left waiting on I/O). ``let_io_finish``: a task
+    whose Pending cannot be stopped (I/O under way: no ``on_abort``) is not aborted but
+    answered with its own result when it ends -- a ring that stops (migration's
+    switch-over, a restart) then hands the guest real completions, not retries."""
     left = [len(tasks)]
 
     def one_finished() -> None:
@@ -122,6 +126,9 @@ def abort_all(tasks: list[LaterTask], response: int, done: Callable[[int], None]
         done(0)
         return
     for task in tasks:
+        if let_io_finish and task.pending.on_abort is None:
+            task.when_finished(one_finished)
+            continue
         if not task.imposed:
             task.imposed = response
         task.when_finished(one_finished)

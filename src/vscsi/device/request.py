@@ -385,9 +385,12 @@ class RequestQueues:
         reply({"error": f"unknown device message {msg!r}"})
 
     def abort_queue(self, queue_index: int, done: Callable[[], None]) -> None:
-        """The ring stops: end every request of the queue that is still in flight
-        (VIRTIO_SCSI_S_RESET, pushed like any answer) and call ``done`` once none is
-        left touching guest memory.
+        """The ring stops: end every request of the queue that is still in flight and call
+        ``done`` once none is left touching guest memory. I/O under way ends with its own
+        result (what it wrote is then in guest memory and in the dirty log before the
+        front-end's GET_VRING_BASE is answered: migration's switch-over); what waits on
+        a timer, a filter or its task set ends with VIRTIO_SCSI_S_RESET, pushed like any
+        answer.
 
         RESET, not ABORTED: a stop the guest did not ask for (a LUN or filter change at
         run time restarts the rings) must not fail its I/O. Linux's virtio_scsi turns
@@ -395,7 +398,8 @@ class RequestQueues:
         I/O error (seen in a guest: a hang filter removed over RPC failed fio's held
         writes)."""
         slot = queue_index - FIRST_REQUEST_QUEUE
-        abort_all(self.later.in_queue(slot), VIRTIO_SCSI_S_RESET, lambda n: done())
+        abort_all(self.later.in_queue(slot), VIRTIO_SCSI_S_RESET, lambda n: done(),
+                  let_io_finish=True)
 
     def in_flight(self, queue_index: int | None = None) -> int:
         """Requests answered later still in flight (of one queue, or all)."""

@@ -29,13 +29,21 @@ from dataclasses import dataclass
 from vscsi.device.wire import CONFIG_SIZE, SENSE_SIZE_OFF, ScsiConfig
 from vscsi.driver.initiator import CDB_SIZE, SENSE_SIZE
 from vscsi.memory import GuestMemory
-from vscsi.vhost_user.codec import F_PROTOCOL_FEATURES, ProtocolFeature, RemoteProtocolError
+from vscsi.memory.dirtylog import LOG_PAGE, DirtyLog, log_fd
+from vscsi.vhost_user.codec import (
+    F_LOG_ALL,
+    F_PROTOCOL_FEATURES,
+    ProtocolFeature,
+    RemoteProtocolError,
+    VringAddr,
+)
 from vscsi.vhost_user.frontend import (
     BackendGone,
     FrontendClient,
     RequestRefused,
     RingFds,
     attach_ring,
+    user_addr_of,
 )
 from vscsi.virtio import (
     VIRTIO_F_RING_PACKED,
@@ -54,6 +62,7 @@ WANT_FEATURES = (
 WANT_PROTOCOL = (
     (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK)
     | (1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.STATUS)
+    | (1 << ProtocolFeature.LOG_SHMFD)   # only used when asked: start_dirty_log
 )
 # virtio device status bits (virtio 1.2 §2.1)
 ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK = 1, 2, 8, 4
@@ -105,6 +114,9 @@ class VhostScsiFrontend:
         self.packed = packed  # ask for VIRTIO_F_RING_PACKED (refused if not offered)
         self.negotiated: Negotiated | None = None
         self.ring_fds: dict[int, RingFds] = {}
+        self.offered = 0  # the back-end's features
+        self.rings: dict[int, RingAddresses] = {}
+        self.mem: GuestMemory | None = None
 
     @classmethod
     def connect(cls, path: str, *, timeout: float = 10.0,
@@ -131,7 +143,7 @@ class VhostScsiFrontend:
 
     def _negotiate(self) -> Negotiated:
         c = self.client
-        offered = c.get_features()
+        offered = self.offered = c.get_features()
         if not offered >> VIRTIO_F_VERSION_1 & 1:
             raise self._unsuitable("does not offer VERSION_1")
         protocol = 0
@@ -179,6 +191,7 @@ class VhostScsiFrontend:
         if top - 2 >= neg.num_queues:
             raise self._unsuitable(
                 f"offers {neg.num_queues} request queues, {top - 1} were asked for")
+        self.mem, self.rings = mem, dict(rings)
         with self._talking("device start"):
             self.client.set_mem_table(mem)
             for index in sorted(rings):
@@ -187,6 +200,32 @@ class VhostScsiFrontend:
             if neg.has_protocol(ProtocolFeature.STATUS):
                 self.client.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
         return self.ring_fds
+
+    def start_dirty_log(self) -> DirtyLog:
+        """Have the back-end log every guest page it writes, as QEMU does when a live
+        migration starts: SET_LOG_BASE (a log covering guest memory), SET_FEATURES with
+        VHOST_F_LOG_ALL, then each started ring's addresses again with
+        VHOST_VRING_F_LOG. Returns the log (its ``dirty()`` pages)."""
+        neg, mem = self.negotiated, self.mem
+        assert neg is not None and mem is not None, "start() first"
+        if not (neg.has_protocol(ProtocolFeature.LOG_SHMFD) and self.offered >> F_LOG_ALL & 1):
+            raise self._unsuitable("does not offer dirty logging (LOG_SHMFD and LOG_ALL)")
+        pages = -(-max(r.guest_addr + r.size for r in mem.regions) // LOG_PAGE)
+        size = -(-pages // 8 // 4096) * 4096
+        fd = log_fd(size)
+        try:
+            log = DirtyLog(fd, size)
+            with self._talking("the dirty log's start"):
+                self.client.set_log_base(fd, size)
+                self.client.set_features(neg.features | 1 << F_LOG_ALL
+                                         | (self.offered & 1 << F_PROTOCOL_FEATURES))
+                for index, a in sorted(self.rings.items()):
+                    self.client.set_vring_addr(VringAddr(
+                        index, VringAddr.F_LOG, user_addr_of(mem, a.desc),
+                        user_addr_of(mem, a.used), user_addr_of(mem, a.avail), a.used))
+        finally:
+            os.close(fd)
+        return log
 
     def close(self) -> None:
         """Drop the connection (the backend stops the rings) and our eventfds."""

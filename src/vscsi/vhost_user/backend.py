@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
+from vscsi.memory.dirtylog import DirtyLog, DirtyLogError
 from vscsi.virtio import (
     MAX_QUEUE_SIZE,
     VIRTIO_F_RING_PACKED,
@@ -53,6 +54,7 @@ from .codec import (
     U64,
     Config,
     Inflight,
+    Log,
     Message,
     ProtocolFeature,
     Request,
@@ -61,6 +63,7 @@ from .codec import (
     VringState,
 )
 from .host import Broken
+from .migration import DirtyLogging, RingLog
 from .states import (
     CONFIGURABLE,
     RingAction,
@@ -93,6 +96,7 @@ PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | (1 << ProtocolFeature.STATUS)
     | (1 << ProtocolFeature.INFLIGHT_SHMFD)
+    | (1 << ProtocolFeature.LOG_SHMFD)
 )
 MAX_MEM_SLOTS = 32  # GET_MAX_MEM_SLOTS: regions we accept through ADD_MEM_REG
 
@@ -120,6 +124,9 @@ class Queues(Protocol):
     def take_broken(self) -> list[Broken]: ...
 
     def set_inflight(self, region: memoryview | None) -> None: ...
+
+    def set_log(self, log: DirtyLog | None, fd: int, info: Log | None,
+                rings: dict[int, RingLog]) -> None: ...
 
 
 def _close(fd: int) -> None:
@@ -232,8 +239,10 @@ class Session:
             Request.GET_STATUS: self._get_status,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_LOG_BASE: self._set_log_base,
         }
         self.inflight: InflightRegion | None = None
+        self.logging = DirtyLogging()
 
     # ------------------------------------------------------------------ the wrapper
 
@@ -279,7 +288,8 @@ class Session:
     # ------------------------------------------------------------------ features
 
     def offered_features(self) -> int:
-        return self.device.features | RING_KIND_FEATURES | (1 << F_PROTOCOL_FEATURES)
+        return (self.device.features | RING_KIND_FEATURES | (1 << F_PROTOCOL_FEATURES)
+                | (1 << F_LOG_ALL))
 
     @property
     def protocol_negotiated(self) -> bool:
@@ -292,13 +302,17 @@ class Session:
     def _set_features(self, msg: Message) -> None:
         value = _u64(msg)
         # Bits we never offered are fine (QEMU adds VERSION_1, ANY_LAYOUT, SCSI CHANGE
-        # whatever we say) -- except the ones that would need machinery we lack.
-        for bit, what in ((F_LOG_ALL, "dirty logging (LOG_ALL)"),
-                          (VIRTIO_F_IOMMU_PLATFORM, "IOMMU_PLATFORM")):
-            if value >> bit & 1:
-                raise BackendError(f"{what} is not supported")
+        # whatever we say) -- except IOMMU_PLATFORM, which would need an IOTLB.
+        if value >> VIRTIO_F_IOMMU_PLATFORM & 1:
+            raise BackendError("IOMMU_PLATFORM is not supported")
         self.features = value
-        self.device.set_driver_features(value & ~(1 << F_PROTOCOL_FEATURES))
+        self.device.set_driver_features(value & ~(1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL))
+        log_all = bool(value >> F_LOG_ALL & 1)
+        if log_all != self.logging.all:
+            # Migration starts (or ends, or failed): the front-end waits for our answer
+            # (REPLY_ACK or a GET_FEATURES after it) before it relies on the log.
+            self.logging.all = log_all
+            self._apply_log()
 
     def _get_protocol_features(self, msg: Message) -> U64:
         return U64(self.options.protocol_features)
@@ -376,6 +390,7 @@ class Session:
         self.state = session_next(self.state, SessionEvent.DISCONNECT)
         self._set_memory([])
         self._set_inflight(None)
+        self.logging.close()
 
     def _set_status(self, msg: Message) -> None:
         value = _u64(msg)
@@ -515,6 +530,32 @@ class Session:
         self.inflight = region
         self.queues.set_inflight(region.view if region is not None else None)
 
+    # ------------------------------------------------------------------ the dirty log
+
+    def _set_log_base(self, msg: Message) -> U64:
+        """A (new) log to set bits in (migration.py); answered once every ring uses it."""
+        info = msg.payload
+        assert isinstance(info, Log)
+        if not self.protocol_features >> ProtocolFeature.LOG_SHMFD & 1:
+            raise BackendError("SET_LOG_BASE without LOG_SHMFD")
+        if len(msg.fds) != 1:
+            raise BackendError("SET_LOG_BASE without the log's fd")
+        try:
+            old = self.logging.replace(msg.fds[0], info)
+        except DirtyLogError as exc:
+            raise BackendError(str(exc)) from None
+        self._apply_log()
+        if old is not None:
+            old.close()
+        return U64(0)
+
+    def _apply_log(self) -> None:
+        """Every served ring logs as the session says now, before we answer."""
+        self.queues.set_log(self.logging.log, self.logging.fd, self.logging.info,
+                            {ring.index: self.logging.for_ring(ring.addr)
+                             for ring in self.vrings if ring.served})
+        self._collect_broken()
+
     # ------------------------------------------------------------------ rings
 
     def _vring(self, index: int) -> Vring:
@@ -543,9 +584,16 @@ class Session:
         addr = msg.payload
         assert isinstance(addr, VringAddr)
         ring = self._vring(addr.index)
+        if ring.phase not in CONFIGURABLE and ring.addr is not None and \
+                (addr.desc, addr.used, addr.avail) == (ring.addr.desc, ring.addr.used,
+                                                       ring.addr.avail):
+            # The same ring with logging switched (QEMU does this to running rings when
+            # migration starts and ends): only what it logs changes.
+            ring.addr = addr
+            if ring.served:
+                self._apply_log()
+            return
         self._configurable(ring, "SET_VRING_ADDR")
-        if addr.flags & VringAddr.F_LOG:
-            raise BackendError("used-ring logging (VHOST_VRING_F_LOG) is not supported")
         ring.addr = addr
 
     def _set_vring_base(self, msg: Message) -> None:
@@ -644,6 +692,8 @@ class Session:
             self._break(ring, str(exc))
             return
         assert self.mem is not None
+        logs = self.logging.for_ring(ring.addr)
+        device_ring.set_log(self.logging.log, data=logs.data, used=logs.used)
         again = device_ring.resubmitting
         if again:
             log.info("%s: virtqueue %d resumes from the in-flight region: %d request(s) "

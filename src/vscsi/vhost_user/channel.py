@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vscsi.memory import GuestMemory, GuestMemoryError, Region
+from vscsi.memory.dirtylog import DirtyLog
 from vscsi.virtio import (
     AnyDeviceRing,
     PackedDeviceRing,
@@ -117,22 +118,27 @@ class RingSpec:
     max_indirect: int
     tracked: bool  # its in-flight state lives in the region (queue ``index``'s part)
     packed: bool = False  # a packed virtqueue (VIRTIO_F_RING_PACKED), else split
+    log_data: bool = False  # what it logs in the worker's dirty log (migration.py)
+    log_used: bool = False
 
     @classmethod
     def of(cls, index: int, ring: AnyDeviceRing) -> RingSpec:
         a = ring.addrs
         return cls(index, a.size, a.desc, a.avail, a.used, ring.last_avail_idx,
                    ring.event_idx, ring.max_indirect, ring.tracker is not None,
-                   isinstance(ring, PackedDeviceRing))
+                   isinstance(ring, PackedDeviceRing), *ring.logging)
 
-    def build(self, mem: GuestMemory, inflight: memoryview | None) -> AnyDeviceRing:
+    def build(self, mem: GuestMemory, inflight: memoryview | None,
+              log: DirtyLog | None = None) -> AnyDeviceRing:
         part = None
         if self.tracked:
             if inflight is None:
                 raise ValueError("in-flight tracking without a region")
             size = queue_region_size(self.size)
             part = inflight[self.index * size:(self.index + 1) * size]
-        return device_ring(mem, RingAddresses(self.size, self.desc, self.avail, self.used),
+        ring = device_ring(mem, RingAddresses(self.size, self.desc, self.avail, self.used),
                            packed=self.packed, event_idx=self.event_idx,
                            max_indirect=self.max_indirect, base=self.last_avail_idx,
                            inflight=part)
+        ring.set_log(log, data=self.log_data, used=self.log_used)
+        return ring

@@ -377,7 +377,8 @@ class SingleMemRegion:
 
 @dataclass(frozen=True)
 class Log:
-    """SET_LOG_BASE with LOG_SHMFD: {u64 size, u64 offset}.  We parse it to refuse it."""
+    """SET_LOG_BASE with LOG_SHMFD: {u64 size, u64 offset} of the log in the fd that comes
+    with it (the dirty log of live migration: vhost_user/migration.py)."""
 
     size: int
     offset: int
@@ -504,6 +505,9 @@ REPLY_PAYLOADS: dict[Request, type] = {
     Request.GET_INFLIGHT_FD: Inflight,
     Request.GET_MAX_MEM_SLOTS: U64,
     Request.GET_STATUS: U64,
+    # with LOG_SHMFD (which we need: the log comes as an fd) the front-end waits for an
+    # answer, so that it knows the log is in use before it reads it
+    Request.SET_LOG_BASE: U64,
 }
 
 

@@ -25,6 +25,7 @@ from .codec import (
     EMPTY,
     U64,
     Config,
+    Log,
     MemoryRegion,
     MemoryTable,
     Message,
@@ -179,6 +180,10 @@ class FrontendClient:
 
     def set_vring_addr(self, addr: VringAddr) -> None:
         self.request(Request.SET_VRING_ADDR, addr)
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """Share a dirty log (LOG_SHMFD); the back-end answers once it uses it."""
+        self.request(Request.SET_LOG_BASE, Log(size, offset), (fd,))
 
     def get_vring_base(self, index: int) -> int:
         payload = self.request(Request.GET_VRING_BASE, VringState(index, 0))

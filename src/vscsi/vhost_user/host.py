@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vscsi.memory import GuestMemory, GuestMemoryError
+from vscsi.memory.dirtylog import DirtyLog
 from vscsi.virtio import AnyDeviceRing, QueueRole, RingBroken, VirtioDevice, drain
 
 from . import stats as st
@@ -47,6 +48,8 @@ from .channel import (
     send_ctl,
     signal_eventfd,
 )
+from .codec import Log
+from .migration import RingLog
 from .pacing import Pacing
 from .worker import PythonServing, QueueServing, Worker
 
@@ -139,6 +142,7 @@ class QueueHost:
         self._inline: dict[int, InlineQueue] = {}
         self._broken: list[Broken] = []
         self._inflight: memoryview | None = None
+        self._log: DirtyLog | None = None  # the dirty log, as workers forked now inherit it
 
     # -- what the session calls
 
@@ -239,6 +243,23 @@ class QueueHost:
         fds = [r.fd for r in mem.regions]
         for child in list(self._children.values()):
             self._ask(child, {"op": "mem", "regions": rows}, fds)
+
+    def set_log(self, log: DirtyLog | None, fd: int, info: Log | None,
+                rings: dict[int, RingLog]) -> None:
+        """Make each running ring log as ``rings`` says in ``log`` (None: no logging);
+        returns once every worker does (each maps the log itself, from ``fd``)."""
+        self._log = log
+        for index, inline in self._inline.items():
+            logs = rings.get(index, RingLog())
+            inline.ring.set_log(log, data=logs.data, used=logs.used)
+        for child in list(self._children.values()):
+            mine = [[i, rings[i].data, rings[i].used] for i in sorted(child.queues)
+                    if i in rings]
+            if log is None or info is None:
+                self._ask(child, {"op": "log", "rings": []}, [])
+            else:
+                self._ask(child, {"op": "log", "size": info.size, "offset": info.offset,
+                                  "rings": mine}, [fd])
 
     def take_broken(self) -> list[Broken]:
         out, self._broken = self._broken, []
@@ -430,7 +451,7 @@ class QueueHost:
                         log.warning("worker %d: cannot pin to CPU %d: %s", number, cpu, exc)
                 row[st.CPU] = cpu + 1 if cpu is not None else 0
                 worker = Worker(mem, child_end, self.device, self.stats, self.pacing,
-                                 self._inflight, self.serving)
+                                 self._inflight, self.serving, self._log)
                 worker.add(index, ring, kick_fd, call_fd)
                 worker.run()
             except BaseException:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from vscsi.loop import EventLoop
 from vscsi.memory import GuestMemory, GuestMemoryError
+from vscsi.memory.dirtylog import DirtyLog, DirtyLogError
 from vscsi.virtio import AnyDeviceRing, RingBroken, VirtioDevice, drain
 
 from . import stats as st
@@ -205,8 +206,10 @@ class Worker:
     def __init__(self, mem: GuestMemory, ctl: socket.socket, device: VirtioDevice,
                  stats: st.QueueStats, pacing: Pacing,
                  inflight: memoryview | None = None,
-                 serving: QueueServing | None = None) -> None:
+                 serving: QueueServing | None = None,
+                 dirty_log: DirtyLog | None = None) -> None:
         self.mem = mem
+        self.dirty_log = dirty_log  # live migration's log (the one forked with us, then sent)
         self.inflight = inflight  # the in-flight region, as it was when we were forked
         self.ctl = ctl
         self.device = device
@@ -245,11 +248,14 @@ class Worker:
         self._serve(served, time.monotonic(), rearm=True)
 
     def remove(self, index: int, answer: Callable[[int], None]) -> None:
-        """Stop serving ``index``: its requests still in flight end first (aborted;
-        those whose I/O owns guest buffers when that I/O ends), then ``answer`` gets its
-        last_avail_idx."""
+        """Stop serving ``index``: its requests still in flight end first (I/O under way
+        with its own result, the rest aborted: device.abort_queue), then ``answer`` gets
+        its last_avail_idx."""
         served = self.served[index]
         served.stopping = True
+        waiting = self.device.in_flight(index)
+        if waiting:
+            log.info("queue %d stops: %d request(s) in flight end first", index, waiting)
         self.generation += 1
         self.serving.unwatch(self, served)
 
@@ -299,7 +305,7 @@ class Worker:
                 (fds[0], -1) if msg["fds"] == "k" else (-1, fds[0]) if msg["fds"] == "c"
                 else (-1, -1))
             try:
-                ring = spec.build(self.mem, self.inflight)
+                ring = spec.build(self.mem, self.inflight, self.dirty_log)
             except (GuestMemoryError, ValueError) as exc:
                 for fd in fds:
                     os.close(fd)
@@ -340,6 +346,9 @@ class Worker:
         if op == "mem":
             self._remap(msg, fds)
             return
+        if op == "log":
+            self._relog(msg, fds)
+            return
         if op == "device":
             for fd in fds:
                 os.close(fd)
@@ -366,6 +375,30 @@ class Worker:
                 self._break(index, f"ring not inside the new memory table: {exc}")
         old, self.mem = self.mem, new
         old.close()
+        send_ctl(self.ctl, {"op": "ok"})
+
+    def _relog(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """A new dirty log, or new settings (migration.py): every ring logs as told before
+        we answer. A log we cannot map stops the logging here and is reported: the session
+        cannot know otherwise that pages go unlogged."""
+        new: DirtyLog | None = None
+        if fds:
+            try:
+                new = DirtyLog(fds[0], int(msg["size"]), int(msg["offset"]))
+            except DirtyLogError as exc:
+                log.error("worker %d: %s; its rings stop", os.getpid(), exc)
+                for index in list(self.served):
+                    self._break(index, f"cannot map the dirty log: {exc}")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        wanted = {int(i): (bool(data), bool(used)) for i, data, used in msg["rings"]}
+        for index, served in self.served.items():
+            data, used = wanted.get(index, (False, False))
+            served.ring.set_log(new, data=data, used=used)
+        old, self.dirty_log = self.dirty_log, new
+        if old is not None and old is not new:
+            old.close()
         send_ctl(self.ctl, {"op": "ok"})
 
     # -- the loop

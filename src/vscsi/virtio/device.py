@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vscsi.memory import GuestMemory, GuestMemoryError
+from vscsi.memory.dirtylog import DirtyLog
 from vscsi.virtio.features import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -124,12 +125,32 @@ class DeviceRing:
         # elements the driver was already told about: its first decision signals.
         self._signalled_valid = self.used_idx == 0 and self.last_avail_idx == 0
         self._notify = True
+        # Live migration: where each chain in flight may be written (its writable
+        # descriptors, guest-physical), kept from the walk to its fill -- also while no
+        # log is on, since a log may start while the chain is in flight.
+        self._writable_at: list[list[tuple[int, int]] | None] = [None] * addrs.size
+        self.set_log(None)
         self.set_notify(True)  # clear a stale NO_NOTIFY / avail_event left by a former owner
 
     @property
     def resubmitting(self) -> int:
         """Heads from the in-flight region still to be run again."""
         return len(self._resubmit)
+
+    def set_log(self, log: DirtyLog | None, *, data: bool = False,
+                used: bool = False) -> None:
+        """Log what we write for live migration (vhost-user LOG_ALL and VHOST_VRING_F_LOG):
+        ``data``: each chain's writable bytes up to the length its fill reports; ``used``:
+        the used elements and the used idx. The event-suppression fields are not logged:
+        whoever serves the ring next writes them again before it trusts them."""
+        self._log = log if log is not None and (data or used) else None
+        self._log_data = data
+        self._log_used = used
+
+    @property
+    def logging(self) -> tuple[bool, bool]:
+        """What set_log asked for: (data, used)."""
+        return self._log_data, self._log_used
 
     def remap(self, mem: GuestMemory) -> None:
         """Use a new memory table (vhost-user SET_MEM_TABLE); the ring stays where it is
@@ -206,6 +227,7 @@ class DeviceRing:
         """Follow NEXT and INDIRECT from ``head`` into readable/writable views."""
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        writable_at: list[tuple[int, int]] = []
         table = self._desc
         tsize = self.size
         # A chain visits at most `size` descriptors of the queue's table, and at most the
@@ -240,11 +262,13 @@ class DeviceRing:
                     buf = view(addr, length)
                     if flags & VIRTQ_DESC_F_WRITE:
                         writable.append(buf)
+                        writable_at.append((addr, length))
                     elif writable:
                         raise ChainError(head, "readable descriptor after a writable one")
                     else:
                         readable.append(buf)
                 if not flags & VIRTQ_DESC_F_NEXT:
+                    self._writable_at[head] = writable_at
                     return Chain(head, readable, writable)
                 if nxt >= tsize:
                     raise ChainError(head, f"next index {nxt} >= table size {tsize}")
@@ -262,6 +286,9 @@ class DeviceRing:
             raise ValueError(f"head {head} out of range for a queue of {self.size}")
         idx = self._fill_idx
         _pack_elem(self._used, RING_OFF + 8 * (idx & self._mask), head, written)
+        writable_at, self._writable_at[head] = self._writable_at[head], None
+        if self._log is not None:
+            self._log_fill(writable_at, written, RING_OFF + 8 * (idx & self._mask))
         self._fill_idx = (idx + 1) & 0xFFFF
         self.inflight -= 1
         self._pushed += 1
@@ -276,8 +303,20 @@ class DeviceRing:
                 mb()  # the elements before the idx that publishes them
             _pack_u16(self._used, IDX_OFF, idx)
             self.used_idx = idx
+            if self._log is not None and self._log_used:
+                self._log.mark(self.addrs.used + IDX_OFF, 2)
             if self.tracker is not None:
                 self.tracker.published(idx)
+
+    def _log_fill(self, writable_at: list[tuple[int, int]] | None, written: int,
+                  elem_off: int) -> None:
+        """Log a fill: the chain's first ``written`` writable bytes and its used element."""
+        log = self._log
+        assert log is not None
+        if self._log_data and writable_at:
+            log_writes(log, writable_at, written)
+        if self._log_used:
+            log.mark(self.addrs.used + elem_off, 8)
 
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes in its writable part,
@@ -318,6 +357,15 @@ class DeviceRing:
             _pack_u16(self._used, 0, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
         if enabled:
             mb()  # the flag/event store before the caller's re-check of avail idx
+
+
+def log_writes(log: DirtyLog, writable_at: list[tuple[int, int]], written: int) -> None:
+    """Log ``written`` bytes written from the start of a chain's writable buffers."""
+    for addr, length in writable_at:
+        if written <= 0:
+            return
+        log.mark(addr, min(length, written))
+        written -= length
 
 
 class DeviceSide(Protocol):

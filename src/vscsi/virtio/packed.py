@@ -36,7 +36,8 @@ import struct
 from collections.abc import Callable, Sequence
 
 from vscsi.memory import GuestMemory, GuestMemoryError
-from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, serve_chains
+from vscsi.memory.dirtylog import DirtyLog
+from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, log_writes, serve_chains
 from vscsi.virtio.features import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -180,6 +181,10 @@ class PackedDeviceRing:
         self._pushed = 0
         self._signalled_valid = last_avail_idx == PACKED_INITIAL_STATE
         self._notify = True
+        # Buffer ID -> its writable descriptors (guest-physical), kept while in flight
+        # for the dirty log (DeviceRing.set_log)
+        self._writable_at: list[list[tuple[int, int]] | None] = [None] * size
+        self.set_log(None)
         self.remap(mem)
         # In-flight tracking that survives us (vhost-user INFLIGHT_SHMFD): after a crash
         # it says where the ring really is and which chains to run again, oldest first.
@@ -205,6 +210,19 @@ class PackedDeviceRing:
     def resubmitting(self) -> int:
         """Chains from the in-flight region still to be run again."""
         return len(self._resubmit)
+
+    def set_log(self, log: DirtyLog | None, *, data: bool = False,
+                used: bool = False) -> None:
+        """Log what we write for live migration, as DeviceRing.set_log; ``used``: the used
+        descriptors we write into the descriptor ring."""
+        self._log = log if log is not None and (data or used) else None
+        self._log_data = data
+        self._log_used = used
+
+    @property
+    def logging(self) -> tuple[bool, bool]:
+        """What set_log asked for: (data, used)."""
+        return self._log_data, self._log_used
 
     def _slot_flags(self, slot: int) -> int:
         return _unpack_u16(self._desc, slot * DESC_SIZE + _FLAGS_OFF)[0]
@@ -301,6 +319,7 @@ class PackedDeviceRing:
     def _buffers(self, buffer_id: int, entries: list[tuple[int, int, int]]) -> Chain:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        writable_at: list[tuple[int, int]] = []
         view = self._view
         try:
             if entries[0][2] & VIRTQ_DESC_F_INDIRECT and len(entries) == 1:
@@ -312,12 +331,14 @@ class PackedDeviceRing:
                     continue  # zero-length descriptors carry nothing
                 if flags & VIRTQ_DESC_F_WRITE:
                     writable.append(view(addr, length))
+                    writable_at.append((addr, length))
                 elif writable:
                     raise ChainError(buffer_id, "readable descriptor after a writable one")
                 else:
                     readable.append(view(addr, length))
         except GuestMemoryError as e:
             raise ChainError(buffer_id, str(e)) from None
+        self._writable_at[buffer_id] = writable_at
         return Chain(buffer_id, readable, writable)
 
     def _indirect(self, buffer_id: int, addr: int, length: int) -> list[tuple[int, int, int]]:
@@ -358,6 +379,12 @@ class PackedDeviceRing:
             mb()  # len and id before the flags that hand the descriptor back
         flags = (_BOTH if self._used_wrap else 0) | (VIRTQ_DESC_F_WRITE if written else 0)
         store_u16(desc, off + _FLAGS_OFF, flags)
+        writable_at, self._writable_at[head] = self._writable_at[head], None
+        if self._log is not None:
+            if self._log_data and writable_at:
+                log_writes(self._log, writable_at, written)
+            if self._log_used:
+                self._log.mark(self.addrs.desc + off, DESC_SIZE)
         if tracker is not None:
             tracker.completed(head)
         self._chain_len[head] = 0

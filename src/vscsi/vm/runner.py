@@ -11,7 +11,8 @@ What to boot and how is one :class:`GuestOptions`. Two ways to use it:
 * :func:`run_guest` -- boot, run, wait, return a :class:`GuestResult`;
 * :class:`Guest` -- the same, step by step, for tests that act on the running guest:
   ``wait_for()`` output the script prints, talk to QEMU over QMP (``qmp()``, e.g.
-  device_add / device_del for hot-plug), then ``wait()``.
+  device_add / device_del for hot-plug), live-migrate it to a second QEMU on this
+  machine (``incoming()``, ``migrate()``), then ``wait()``.
 """
 
 from __future__ import annotations
@@ -148,9 +149,10 @@ class Guest:
         kernel_args = options.kernel_args
         extra_kargs = [kernel_args] if isinstance(kernel_args, str) else list(kernel_args)
         cmdline = " ".join([BASE_CMDLINE, *extra_kargs])
+        self._machine = (dataclasses.replace(options, accel=self.accel, qemu_disks=disks),
+                         Path(image.kernel), initrd, cmdline)
         self.argv = build_qemu_argv(
-            dataclasses.replace(options, accel=self.accel, qemu_disks=disks),
-            kernel=Path(image.kernel), initrd=initrd, cmdline=cmdline,
+            self._machine[0], kernel=Path(image.kernel), initrd=initrd, cmdline=cmdline,
             console=self.console_path, qmp=self.qmp_path,
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -269,6 +271,102 @@ class Guest:
             mon.connect(negotiate=True)
             self._qmp = mon
         return self._qmp
+
+    # -- live migration ------------------------------------------------------------------
+
+    def incoming(self, *, vhost_user_socket: str | os.PathLike[str] | None = None,
+                 uri: str | None = None, paused: bool = False) -> Guest:
+        """A second QEMU for this guest to move into: the same machine, devices, kernel
+        and initramfs, with its own console, QMP socket and working directory, waiting
+        for the migration stream (``-incoming defer``). ``vhost_user_socket``: the
+        back-end the moved guest's disks attach to there (default: the same one).
+        Start it with :meth:`migrate`; from then on it is the guest (wait_for, wait).
+        ``paused``: it stays paused once the guest has arrived, until QMP ``cont`` (a
+        test can then compare the two QEMUs' memory, :meth:`ram`)."""
+        options, kernel, initrd, cmdline = self._machine
+        if not options.qmp:
+            raise GuestConfigError("migration needs QMP: pass GuestOptions(qmp=True)")
+        dest = Guest.__new__(Guest)
+        dest.__dict__.update(self.__dict__)
+        dest.workdir = Path(tempfile.mkdtemp(prefix="vscsi-vm-in-"))
+        dest._own_workdir = True
+        dest.console_path = dest.workdir / "console.log"
+        dest.qmp_path = dest.workdir / "qmp.sock"
+        dest._stderr_path = dest.workdir / "qemu.stderr"
+        if vhost_user_socket is not None:
+            options = dataclasses.replace(options, vhost_user_socket=vhost_user_socket)
+            dest.vhost_user_socket = Path(vhost_user_socket)
+        # its own copy of the initramfs: this guest's directory goes when it is closed,
+        # and the destination may be migrated on again
+        shutil.copyfile(initrd, dest.workdir / "initrd.img")
+        initrd = dest.workdir / "initrd.img"
+        dest._machine = (options, kernel, initrd, cmdline)
+        dest.argv = [*build_qemu_argv(options, kernel=kernel, initrd=initrd, cmdline=cmdline,
+                                      console=dest.console_path, qmp=dest.qmp_path),
+                     "-incoming", "defer", *(["-S"] if paused else [])]
+        dest.migration_uri = uri or f"unix:{dest.workdir / 'migration.sock'}"
+        dest.proc = None
+        dest._stderr = None
+        dest._console_fd = None
+        dest._qmp = None
+        dest._result = None
+        dest._console, dest._raw = "", b""
+        dest.pinning = None
+        return dest
+
+    def migrate(self, dest: Guest, *, timeout: float = 300,
+                parameters: Mapping[str, object] | None = None) -> dict[str, Any]:
+        """Live-migrate this guest into ``dest`` (from :meth:`incoming`), started here.
+        Returns QMP's last ``query-migrate`` answer: status ``completed`` (``dest`` runs
+        the guest now, its console continuing this one's; this QEMU is left paused, to
+        be closed), or ``failed``/``cancelled`` (this QEMU runs on). ``parameters`` go
+        to ``migrate-set-parameters`` first (e.g. ``max-bandwidth``)."""
+        dest.start()
+        dest.qmp().cmd("migrate-incoming", uri=dest.migration_uri)
+        src = self.qmp()
+        if parameters:
+            src.cmd("migrate-set-parameters", **parameters)
+        src.cmd("migrate", uri=dest.migration_uri)
+        info = self.migration_status(timeout=timeout)
+        if info.get("status") == "completed":
+            self._pump()
+            dest._pump()
+            dest._raw = self._raw + dest._raw
+            dest._console = dest._raw.decode("utf-8", "replace").replace("\r\n", "\n")
+            dest._boot_seconds = self._boot_seconds
+            dest._t0 = self._t0
+        return info
+
+    def ram(self) -> Path:
+        """Where this QEMU's guest RAM can be read (its shared memfd, through /proc)."""
+        assert self.proc is not None
+        best: tuple[int, Path] | None = None
+        for entry in Path(f"/proc/{self.proc.pid}/fd").iterdir():
+            try:
+                if not os.readlink(entry).startswith("/memfd:memory-backend-memfd"):
+                    continue
+                size = os.stat(entry).st_size
+            except OSError:
+                continue
+            if best is None or size > best[0]:
+                best = (size, entry)
+        if best is None:
+            raise self._error("no guest RAM memfd among QEMU's files", kill=False)
+        return best[1]
+
+    def migration_status(self, *, timeout: float = 300,
+                         until: tuple[str, ...] = ("completed", "failed", "cancelled")
+                         ) -> dict[str, Any]:
+        """Poll ``query-migrate`` on this QEMU until its status is one of ``until``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = self.qmp().cmd("query-migrate")
+            if info.get("status") in until:
+                return info
+            if time.monotonic() > deadline:
+                raise self._error(f"migration still {info.get('status')!r} after "
+                                  f"{timeout:.0f}s", timeout=True, kill=False)
+            time.sleep(0.1)
 
     # -- waiting -------------------------------------------------------------------------
 
