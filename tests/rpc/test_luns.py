@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.vhost_user.rig import READ_CAPACITY_10, read10, write10
+from vscsi.dataplane import compiled
 from vscsi.device.wire import encode_lun
 from vscsi.testing.serve import ServeProcess
 
@@ -219,18 +220,30 @@ def test_lun_ops_without_a_front_end(serve: ServeProcess) -> None:
         guest.close()
 
 
+def worker_pids(serve: ServeProcess, replacing: set[int] = frozenset()) -> set[int]:  # type: ignore[assignment]
+    """The pids serving the request queues, once every queue has one and none is in
+    ``replacing`` (a ring's worker fills in its pid when it takes the ring, a moment after
+    the front-end or a LUN change started it)."""
+    deadline = time.monotonic() + 10
+    while True:
+        pids = {q["pid"] for q in rpc(serve, "stats")["queues"]}  # type: ignore[index]
+        if None not in pids and not pids & replacing:
+            return pids  # type: ignore[return-value]
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.02)
+
+
 def test_lun_add_reaches_a_worker_that_serves_both_queues(tmp_path) -> None:  # type: ignore[no-untyped-def]
     serve = start_serve(str(tmp_path), ["0:0=ram:1M"], ("--workers", "1"))
     try:
         guest = Guest(serve)
         try:
-            stats = rpc(serve, "stats")
-            pids = {q["pid"] for q in stats["queues"]}  # type: ignore[index]
+            pids = worker_pids(serve)
             assert len(pids) == 1  # one worker process for both request queues
             rpc(serve, "lun_add", spec="0:1=ram:1M")
             assert guest.events(1) == [(TRANSPORT_RESET, encode_lun(0, 1), RESCAN)]
-            new_pids = {q["pid"] for q in rpc(serve, "stats")["queues"]}  # type: ignore[index]
-            assert len(new_pids) == 1 and not new_pids & pids
+            new_pids = worker_pids(serve, replacing=pids)
+            assert len(new_pids) == 1
             for q in (2, 3):
                 assert guest.capacity(q, 0, 1) == MiB
         finally:
@@ -284,3 +297,51 @@ def test_lun_add_takes_a_python_plugin(serve: ServeProcess) -> None:
     finally:
         guest.close()
     rpc(serve, "lun_remove", target=2, lun=0)
+
+
+@pytest.mark.parametrize("plane", ["python", pytest.param("compiled", marks=pytest.mark.skipif(
+    compiled is None, reason="the compiled data plane is not built"))])
+def test_lun_changes_under_io_lose_no_kick(tmp_path, plane: str) -> None:  # type: ignore[no-untyped-def]
+    """One worker serves both queues; every LUN change re-forks it while I/O runs, and the
+    new worker learns of its second ring by a control message that may arrive with a kick
+    for the first: that kick must not be lost (it was, in the compiled loop: a request
+    sat in the ring until the next one came)."""
+    serve = start_serve(str(tmp_path), ["0:0=ram:4M"], ("--dataplane", plane,
+                                                         "--workers", "1"))
+    guest = Guest(serve)
+    stop = threading.Event()
+    hung: list[str] = []
+
+    def io() -> None:
+        n = 0
+        while not stop.is_set():
+            with guest.lock:
+                for k in range(4):
+                    guest.g.submit(2 + k % 2, 0, 0, write10((n + k) % 8192, 1),
+                                   data_out=bytes(512))
+                for q in (2, 3):
+                    guest.g.kick(q)
+                try:
+                    for q in (2, 3):
+                        guest.g.wait(q, 2, 5)
+                except TimeoutError as exc:
+                    hung.append(str(exc))
+                    stop.set()
+            n += 4
+
+    thread = threading.Thread(target=io)
+    thread.start()
+    try:
+        for _ in range(40):
+            rpc(serve, "lun_add", spec="0:1=ram:1M")
+            for q in (2, 3):
+                assert guest.command(q, 0, 1, write10(q, 1), data_out=bytes(512)).status == 0
+            rpc(serve, "lun_remove", target=0, lun=1)
+            if hung:
+                break
+    finally:
+        stop.set()
+        thread.join()
+        guest.close()
+        serve.kill()
+    assert not hung, hung

@@ -62,9 +62,15 @@ cdef class Loop:
         self.polling = worker.poll.max_window > 0
 
     cdef int rebuild(self) except -1:
-        """The rings and the fds to wait on, after rings came or went."""
+        """The rings and the fds to wait on, after rings came or went. A kick already
+        read for a ring that stays is kept: the rings change while the Python loop runs,
+        between reading the kicks and serving them (a ring added by a control message
+        that arrived with a kick for another ring), and an eventfd read is not read
+        twice -- lost, the ring would sleep with a request in it."""
         cdef CompiledServed s
         cdef int i
+        kicked = {(<CompiledServed>self.served[i]).index for i in range(self.nserved)
+                  if self.kicked[i]}
         self.generation = self.worker.generation
         self.served = list(self.worker.served.values())[:MAX_RINGS]
         self.nserved = len(self.served)
@@ -74,7 +80,7 @@ cdef class Loop:
         self.nfds = 0
         for i in range(self.nserved):
             s = self.served[i]
-            self.kicked[i] = 0
+            self.kicked[i] = s.index in kicked
             self.kickless[i] = s in kickless
             self.any_kickless |= self.kickless[i]
             if s.kick_fd >= 0 and not s.stopping:
