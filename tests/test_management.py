@@ -14,7 +14,7 @@ import pytest
 
 from vscsi.device import ScsiConfig, VirtioScsiDevice
 from vscsi.device.wire import VIRTIO_SCSI_T_PARAM_CHANGE, VIRTIO_SCSI_T_TRANSPORT_RESET
-from vscsi.management import Management
+from vscsi.management import Management, Port
 from vscsi.rpc import MethodError
 from vscsi.scsi import LunSpecError, build_targets, parse_lun_spec
 from vscsi.scsi.filters import FilterSpecError
@@ -31,7 +31,7 @@ def mgmt(tmp_path: Path) -> Iterator[Management]:
     targets = build_targets(specs)
     device = VirtioScsiDevice(targets, ScsiConfig(num_queues=2))
     server = BackendServer(device, str(tmp_path / "s.sock"))
-    m = Management(device, server, specs)
+    m = Management([Port(device, server)], specs)
     yield m
     server.shutdown()
     device.close()
@@ -122,3 +122,74 @@ def test_shutdown_and_reopen_logs(mgmt: Management) -> None:
     assert mgmt.reopen_logs() == {"reopened": False}      # logging to stderr
     assert mgmt.shutdown() == {"stopping": True}
     assert mgmt.server._stop
+
+
+# -- two VMs (two ports) over the same units -------------------------------------------------
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Management]:
+    specs = [parse_lun_spec("0:0=ram:1M")]
+    targets = build_targets(specs)
+    ports = []
+    for n in range(2):
+        device = VirtioScsiDevice(dict(targets), ScsiConfig(num_queues=1), nexus=n)
+        server = BackendServer(device, str(tmp_path / f"{n}.sock"))
+        ports.append(Port(device, server, f"iqn.test:vm{n}"))
+    m = Management(ports, specs, pr_dir=str(tmp_path))
+    for t, target in targets.items():
+        for lun, unit in target.luns.items():
+            m.share(unit, t, lun)
+    yield m
+    for port in ports:
+        port.server.shutdown()
+        port.device.close()
+    for target in targets.values():
+        target.close()
+
+
+def test_lun_changes_reach_every_vm(shared: Management) -> None:
+    shared.lun_add("1:0=ram:2M")
+    units = [port.device.targets[1].luns[0] for port in shared.ports]
+    assert units[0] is units[1] and units[0].nexuses == 2       # one unit, two nexuses
+    assert units[0].pr_store is not None
+    assert all(port.device.events.events for port in shared.ports)
+    shared.lun_resize(1, 0, "4M")
+    assert [e.event for e in shared.ports[1].device.events.events][-1] == \
+        VIRTIO_SCSI_T_PARAM_CHANGE
+    assert units[0].state.unit_attentions(1) == [(0x2A, 0x09)]
+    shared.lun_remove(1, 0)
+    assert all(1 not in port.device.targets for port in shared.ports)
+
+
+def test_connections_and_per_vm_stats(shared: Management) -> None:
+    assert shared.connections() == [
+        {"vm": n, "socket": shared.ports[n].server.socket_path, "initiator": f"iqn.test:vm{n}",
+         "connected": False, "sessions": 0} for n in range(2)]
+    assert [q["queue"] for q in shared.stats(vm=1)["queues"]] == [0]
+    with pytest.raises(MethodError, match="no vm 2"):
+        shared.stats(vm=2)
+
+
+def test_pr_show_and_pr_clear(shared: Management) -> None:
+    unit = shared.device.targets[0].luns[0]
+    with unit.state.locked():
+        record = unit.state.load()
+        record.keys = {0: 0xA, 1: 0xB}
+        record.type, record.holder, record.generation = 5, 1, 2
+        unit.state.store(record)
+    shown = shared.pr_show(0, 0)
+    assert shown["registrations"] == [
+        {"vm": 0, "initiator": "iqn.test:vm0", "key": "0xa"},
+        {"vm": 1, "initiator": "iqn.test:vm1", "key": "0xb"}]
+    assert shown["holder"] == {"vm": 1, "initiator": "iqn.test:vm1"}
+    assert shown["type"] == "Write Exclusive, registrants only" and shown["generation"] == 2
+    assert shared.lun_list()[0]["reservation"] == {k: v for k, v in shown.items()
+                                                   if k not in ("target", "lun")}
+    cleared = shared.pr_clear(0, 0)
+    assert cleared["cleared"]["holder"]["vm"] == 1
+    after = shared.pr_show(0, 0)
+    assert after["registrations"] == [] and after["type"] is None and after["generation"] == 3
+    # each VM that was registered learns it on its next command
+    assert unit.state.unit_attentions(0) == unit.state.unit_attentions(1) == [(0x2A, 0x03)]
+    with pytest.raises(MethodError, match="no LUN 4:4"):
+        shared.pr_show(4, 4)

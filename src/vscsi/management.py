@@ -1,7 +1,10 @@
 """What `vscsi serve --rpc` can be asked: the methods behind the management socket.
 
-A :class:`Management` holds the running device, the LUN specs and the BackendServer.
-A LUN change happens in this (the main) process, inside ``server.restart_rings``: every
+A :class:`Management` holds the LUN specs and one :class:`Port` per VM (its device and
+BackendServer: `vscsi serve --socket A --socket B` serves the same units to two VMs).
+A LUN change happens in this (the main) process, inside every port's
+``server.restart_rings`` (nested: the change is made once, with the rings of every VM
+stopped): every
 served ring is stopped (its worker finishes the request it is executing; requests a
 filter answers later end with VIRTIO_SCSI_S_RESET, which the guest retries: nothing is
 in flight afterwards, new requests wait in the ring), the device is changed, and the
@@ -20,7 +23,7 @@ import dataclasses
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vscsi.device import EVENT_QUEUE, FIRST_REQUEST_QUEUE, VirtioScsiDevice
@@ -28,7 +31,10 @@ from vscsi.rpc import MethodError
 from vscsi.scsi import LogicalUnit, LunSpec, open_unit, parse_lun_spec, parse_size
 from vscsi.scsi.backends import FileBackend, NullBackend, RamBackend
 from vscsi.scsi.filters import parse_filter
+from vscsi.scsi.prfile import PrFile
+from vscsi.scsi.reservations import TYPE_NAMES, transport_id
 from vscsi.scsi.spec import MAX_SIZE
+from vscsi.scsi.unitstate import PrRecord
 from vscsi.vhost_user import BackendServer
 from vscsi.vhost_user.stats import NOTIFIES
 
@@ -37,19 +43,52 @@ log = logging.getLogger("vscsi.management")
 CAPACITY_CHANGED = (0x2A, 0x09)  # CAPACITY DATA HAS CHANGED
 
 
+@dataclasses.dataclass(frozen=True)
+class Port:
+    """One VM's connection: its device (rings, events, counters: the VM's own) and the
+    server of its socket. The units behind every port's device are the same objects."""
+
+    device: VirtioScsiDevice
+    server: BackendServer
+    initiator: str = ""             # the name its TransportID carries (READ FULL STATUS)
+
+
 class Management:
-    def __init__(self, device: VirtioScsiDevice, server: BackendServer,
-                 specs: list[LunSpec], *,
+    def __init__(self, ports: Sequence[Port], specs: list[LunSpec], *,
+                 pr_dir: str | None = None,
                  reopen_logs: Callable[[], bool] | None = None) -> None:
-        self.device = device
-        self.server = server
+        self.ports = list(ports)
+        self.device = self.ports[0].device      # the units, the first VM's counters
+        self.server = self.ports[0].server
         self.specs = {(s.target, s.lun): s for s in specs}
+        self.pr_dir = pr_dir
         self._reopen_logs = reopen_logs
 
     def methods(self) -> dict[str, Callable[..., Any]]:
         return {name: getattr(self, name) for name in (
             "lun_add", "lun_remove", "lun_resize", "lun_list", "filter_add", "filter_remove",
-            "filter_list", "stats", "steering", "shutdown", "reopen_logs")}
+            "filter_list", "stats", "steering", "connections", "pr_show", "pr_clear",
+            "shutdown", "reopen_logs")}
+
+    def _while_stopped(self, change: Callable[[], None]) -> None:
+        """Run ``change`` with the rings of every VM stopped (see the module docstring)."""
+        def nest(ports: list[Port]) -> None:
+            if not ports:
+                change()
+            else:
+                ports[0].server.restart_rings(lambda: nest(ports[1:]))
+        nest(self.ports)
+
+    def share(self, unit: LogicalUnit, target: int, lun: int) -> None:
+        """Make ``unit`` one every port's VM reaches as itself (its nexus), with its APTPL
+        reservations kept under ``pr_dir``."""
+        unit.share(transport_ids(self.ports),
+                   PrFile(self.pr_dir, target, lun) if self.pr_dir else None)
+
+    def _port(self, vm: int) -> Port:
+        if not 0 <= vm < len(self.ports):
+            raise MethodError(f"no vm {vm}: there are {len(self.ports)} (0..)")
+        return self.ports[vm]
 
     # ------------------------------------------------------------------ LUNs
 
@@ -61,7 +100,8 @@ class Management:
         return unit
 
     def _tell_guest(self) -> None:
-        self.server.service_queue(EVENT_QUEUE)
+        for port in self.ports:
+            port.server.service_queue(EVENT_QUEUE)
 
     def lun_add(self, spec: str) -> dict[str, Any]:
         """Attach a LUN given in the --lun grammar (TARGET:LUN=BACKEND[,opt...])."""
@@ -72,9 +112,13 @@ class Management:
                               f"({self.specs[key]})")
         unit = open_unit(parsed)
         notified: list[bool] = []
+
+        def add() -> None:
+            for port in self.ports:
+                notified.append(port.device.add_lun(parsed.target, parsed.lun, unit))
         try:
-            self.server.restart_rings(
-                lambda: notified.append(self.device.add_lun(parsed.target, parsed.lun, unit)))
+            self.share(unit, parsed.target, parsed.lun)
+            self._while_stopped(add)
         except BaseException:
             if not notified:
                 unit.close()
@@ -89,8 +133,11 @@ class Management:
         """Detach a LUN; its backend is synced and closed once no worker can use it."""
         self._unit(target, lun)
         removed: list[LogicalUnit] = []
-        self.server.restart_rings(
-            lambda: removed.append(self.device.remove_lun(target, lun)))
+
+        def remove() -> None:
+            for port in self.ports:
+                removed.append(port.device.remove_lun(target, lun))
+        self._while_stopped(remove)
         spec = self.specs.pop((target, lun), None)
         self._tell_guest()
         unit = removed[0]
@@ -152,7 +199,7 @@ class Management:
             unit.set_unit_attention(CAPACITY_CHANGED)
 
         try:
-            self.server.restart_rings(resize)
+            self._while_stopped(resize)
         except BaseException:
             if isinstance(backend, RamBackend) and unit.backend is backend:
                 new_backend.close()
@@ -163,7 +210,9 @@ class Management:
         if spec is not None and spec.kind != "file":
             self.specs[(target, lun)] = dataclasses.replace(spec, arg=str(new_size),
                                                             size=new_size)
-        event = self.device.post_param_change(target, lun, *CAPACITY_CHANGED)
+        event = False
+        for port in self.ports:
+            event = port.device.post_param_change(target, lun, *CAPACITY_CHANGED) or event
         self._tell_guest()
         log.info("rpc: resized LUN %d:%d from %d to %d bytes", target, lun, old_size, new_size)
         return {"target": target, "lun": lun, "size": new_size, "old_size": old_size,
@@ -177,7 +226,7 @@ class Management:
                 out.append({"target": t, "lun": lun, "spec": str(spec) if spec else None,
                             "kind": unit.backend.kind, "size": unit.capacity,
                             "block_size": unit.block_size, "read_only": unit.read_only,
-                            "serial": unit.serial})
+                            "serial": unit.serial, "reservation": self._reservation(unit)})
         return out
 
     # ------------------------------------------------------------------ filters
@@ -188,7 +237,7 @@ class Management:
         unit = self._unit(target, lun)
         parsed = parse_filter(spec)  # FilterSpecError: -32000 with its message
         added: list[int] = []
-        self.server.restart_rings(lambda: added.append(unit.filters.add(parsed)))
+        self._while_stopped(lambda: added.append(unit.filters.add(parsed)))
         log.info("rpc: filter %d on LUN %d:%d: %s", added[0], target, lun, spec)
         return {"target": target, "lun": lun, "id": added[0]}
 
@@ -197,7 +246,7 @@ class Management:
         unit = self._unit(target, lun)
         if not any(f["id"] == id for f in unit.filters.list()):
             raise MethodError(f"no filter {id} on LUN {target}:{lun}")
-        self.server.restart_rings(lambda: unit.filters.remove(id))
+        self._while_stopped(lambda: unit.filters.remove(id))
         log.info("rpc: filter %d off LUN %d:%d", id, target, lun)
         return {"target": target, "lun": lun, "id": id, "removed": True}
 
@@ -206,16 +255,18 @@ class Management:
 
     # ------------------------------------------------------------------ stats
 
-    def stats(self) -> dict[str, Any]:
-        """Per request queue and per LUN counters, and the steering table."""
-        snap = self.server.stats.snapshot()
+    def stats(self, vm: int = 0) -> dict[str, Any]:
+        """Per request queue and per LUN counters, and the steering table, of one VM
+        (``vm``: the n-th --socket)."""
+        port = self._port(vm)
+        snap = port.server.stats.snapshot()
         queues = []
-        for index in range(FIRST_REQUEST_QUEUE, self.server.stats.num_vqs):
+        for index in range(FIRST_REQUEST_QUEUE, port.server.stats.num_vqs):
             row = snap["queues"][str(index)]
             q = index - FIRST_REQUEST_QUEUE
             # requests: every chain the queue served; commands, bytes, scsi_errors and
             # latency: those that reached a LUN still present
-            counts = self.device.stats.queue(q)
+            counts = port.device.stats.queue(q)
             queues.append({"queue": q, "virtqueue": index,
                            "requests": row["requests"], "interrupts": row["notifies"],
                            "wakeups": row["wakeups"], "errors": row["errors"],
@@ -226,25 +277,65 @@ class Management:
                            "scsi_errors": counts["errors"],
                            "latency_us": counts["latency_us"]})
         luns = []
-        for t in sorted(self.device.targets):
-            for lun in sorted(getattr(self.device.targets[t], "luns", {})):
-                counts = self.device.stats.lun(t, lun)
+        for t in sorted(port.device.targets):
+            for lun in sorted(getattr(port.device.targets[t], "luns", {})):
+                counts = port.device.stats.lun(t, lun)
                 if counts is not None:
                     luns.append({"target": t, "lun": lun, **counts})
-        return {"queues": queues, "luns": luns, "steering": self.steering()}
+        return {"queues": queues, "luns": luns, "steering": self.steering(vm)}
 
-    def steering(self) -> dict[str, Any]:
+    def steering(self, vm: int = 0) -> dict[str, Any]:
         """Per target: requests per request queue and "switches while busy" (a request
         arriving on another queue while one of that target executes); per queue: the
-        interrupts (call-eventfd writes)."""
-        per_target = self.device.stats.steering()
-        interrupts = [self.server.stats.get(i, NOTIFIES) for i in
-                      range(FIRST_REQUEST_QUEUE, self.server.stats.num_vqs)]
+        interrupts (call-eventfd writes). Of one VM (``vm``: the n-th --socket)."""
+        port = self._port(vm)
+        per_target = port.device.stats.steering()
+        interrupts = [port.server.stats.get(i, NOTIFIES) for i in
+                      range(FIRST_REQUEST_QUEUE, port.server.stats.num_vqs)]
         return {
             "targets": [{"target": t, "requests": row["requests"],
                          "switches": row["switches"]} for t, row in per_target.items()],
             "interrupts": interrupts,
         }
+
+    # ------------------------------------------------------------------ shared disks
+
+    def connections(self) -> list[dict[str, Any]]:
+        """Each VM's socket: its nexus number (the ``vm`` other methods take), the
+        initiator name reservations know it by, whether a front-end is connected."""
+        return [{"vm": n, "socket": port.server.socket_path, "initiator": port.initiator,
+                 "connected": port.server.session is not None,
+                 "sessions": port.server.sessions}
+                for n, port in enumerate(self.ports)]
+
+    def _reservation(self, unit: LogicalUnit) -> dict[str, Any]:
+        with unit.state.locked():
+            record = unit.state.load()
+        return _describe(record, [p.initiator for p in self.ports])
+
+    def pr_show(self, target: int, lun: int) -> dict[str, Any]:
+        """A LUN's reservations: generation, registered keys by VM, the holder and the
+        type, APTPL, and an SPC-2 RESERVE's holder."""
+        return {"target": target, "lun": lun,
+                **self._reservation(self._unit(target, lun))}
+
+    def pr_clear(self, target: int, lun: int) -> dict[str, Any]:
+        """Break a LUN's reservations as an administrator: every registration and the
+        reservation go (as a PERSISTENT RESERVE OUT CLEAR would, but from no VM), each
+        VM that was registered gets RESERVATIONS PREEMPTED, the APTPL copy is dropped."""
+        unit = self._unit(target, lun)
+        with unit.state.locked():
+            record = unit.state.load()
+            was = _describe(record, [p.initiator for p in self.ports])
+            for nexus in record.keys:
+                unit.state.add_unit_attention(nexus, (0x2A, 0x03))
+            cleared = dataclasses.replace(record, keys={}, type=0, holder=None, aptpl=False,
+                                          legacy=None, generation=record.generation + 1)
+            unit.state.store(cleared)
+            if unit.pr_store is not None:
+                unit.pr_store.save(cleared, unit.transport_ids)
+        log.info("rpc: cleared the reservations of LUN %d:%d (were %s)", target, lun, was)
+        return {"target": target, "lun": lun, "cleared": was}
 
     # ------------------------------------------------------------------ service
 
@@ -257,3 +348,31 @@ class Management:
         """Reopen the --log-file (after a logrotate); false when logging to stderr."""
         return {"reopened": bool(self._reopen_logs and self._reopen_logs())}
 
+
+
+def transport_ids(ports: Sequence[Port]) -> list[bytes]:
+    """The TransportID of each port's nexus, in port order (reservations.transport_id)."""
+    return [transport_id(port.initiator or f"vm{n}") for n, port in enumerate(ports)]
+
+
+def _describe(record: PrRecord, initiators: Sequence[str]) -> dict[str, Any]:
+    """A reservation record as JSON, its nexuses named by VM number and initiator."""
+    def vm(nexus: int | None) -> dict[str, Any] | None:
+        if nexus is None:
+            return None
+        return {"vm": nexus, "initiator": initiators[nexus] if nexus < len(initiators) else ""}
+
+    holder = None
+    if record.type in (7, 8):
+        holder = "all registrants"
+    elif record.type:
+        holder = vm(record.holder)
+    return {
+        "generation": record.generation,
+        "registrations": [{**(vm(n) or {}), "key": f"{k:#x}"}
+                          for n, k in sorted(record.keys.items())],
+        "type": TYPE_NAMES.get(record.type) if record.type else None,
+        "holder": holder,
+        "aptpl": record.aptpl,
+        "spc2_reserved_by": vm(record.legacy),
+    }

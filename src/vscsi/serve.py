@@ -14,6 +14,12 @@ The wiring only: LUN specs -> vscsi.scsi targets -> a vscsi.device VirtioScsiDev
 the vscsi.vhost_user back-end, which serves each request queue in its own worker process
 pinned to a CPU (``--cpus``; by default the CPUs this process may run on, in order).
 
+Several VMs share the same units with one ``--socket`` each (``--socket /tmp/a.sock
+--socket /tmp/b.sock``): each socket is its own vhost-user device (rings, workers, counters)
+and its own I_T nexus to every unit -- SCSI-3 persistent reservations, SPC-2 RESERVE and
+COMPARE AND WRITE hold across them (docs/shared-disks.md); ``--pr-state DIR`` keeps the
+reservations an initiator asked to persist (APTPL) across restarts.
+
 Per-queue request counts are logged when a front-end disconnects, on SIGUSR1 and at
 exit, and written as JSON to ``--stats PATH`` (see vscsi.vhost_user.stats: ``per_queue``
 is the list of requests per request queue). SIGINT/SIGTERM stop the back-end cleanly:
@@ -55,8 +61,14 @@ def default_cpus() -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", required=True, metavar="PATH",
-                        help="unix socket to listen on (QEMU's -chardev socket,path=PATH)")
+    parser.add_argument("--socket", required=True, action="append", metavar="PATH",
+                        help="unix socket to listen on (QEMU's -chardev socket,path=PATH); "
+                             "repeat it to serve the same LUNs to several VMs, one socket "
+                             "each (shared disks: docs/shared-disks.md)")
+    parser.add_argument("--pr-state", metavar="DIR",
+                        help="keep persistent reservations made with APTPL here, one file "
+                             "per LUN, and restore them at start (without it APTPL is "
+                             "refused, as REPORT CAPABILITIES says)")
     parser.add_argument("--queues", type=int, default=None, metavar="N",
                         help="request queues (default: the number of usable CPUs); QEMU's "
                              "num_queues must not exceed it")
@@ -74,7 +86,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(it wakes a worker near the vCPU that kicked it)")
     parser.add_argument("--stats", metavar="PATH",
                         help="write per-queue counters as JSON here (on change, at most once "
-                             "a second; at disconnect, SIGUSR1 and exit)")
+                             "a second; at disconnect, SIGUSR1 and exit); the n-th --socket "
+                             "after the first writes PATH.n")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="worker processes serving the request queues (queue k goes to "
                              "worker k mod N, worker w runs on the w-th of --cpus; default: "
@@ -179,6 +192,14 @@ def _check_args(args: argparse.Namespace) -> tuple[int, list[int], bool]:
     measured better than pinning once the data plane is compiled, bench/README.md)."""
     if not args.lun:
         raise UsageError("no logical units: give at least one --lun TARGET:LUN=BACKEND")
+    from vscsi.scsi.unitstate import MAX_NEXUS
+
+    if len(args.socket) > MAX_NEXUS:
+        raise UsageError(f"{len(args.socket)} --socket: at most {MAX_NEXUS} VMs share units")
+    if len(set(map(os.path.abspath, args.socket))) != len(args.socket):
+        raise UsageError("--socket: the same path given twice")
+    if args.pr_state is not None and not os.path.isdir(args.pr_state):
+        raise UsageError(f"--pr-state {args.pr_state}: not a directory")
     usable = default_cpus()
     queues = len(usable) if args.queues is None else args.queues
     if not 1 <= queues <= MAX_QUEUES:
@@ -217,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vscsi import dataplane
     from vscsi.device import ScsiConfig, VirtioScsiDevice
-    from vscsi.management import Management
+    from vscsi.management import Management, Port
     from vscsi.rpc import RpcServer
     from vscsi.scsi import build_targets, parse_lun_spec
     from vscsi.scsi.filters import parse_filter_arg
@@ -227,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         Pacing,
         ProtocolFeature,
         ServerError,
+        serve_together,
     )
 
     try:
@@ -238,27 +260,43 @@ def run(args: argparse.Namespace) -> int:
     specs = [parse_lun_spec(text) for text in args.lun]  # LunSpecError: one line, exit 2
     filters = [parse_filter_arg(text) for text in args.filter]  # FilterSpecError: the same
     targets = build_targets(specs)  # opens the backends: LunSpecError / OSError
-    device = server = rpc = None
+    ports: list[Port] = []
+    rpc = None
     restore_hup: Callable[[], None] | None = None
     try:
         _add_filters(targets, filters)
-        device = VirtioScsiDevice(targets, ScsiConfig(num_queues=queues))
         features = PROTOCOL_FEATURES
         if args.no_config_feature:
             features &= ~(1 << ProtocolFeature.CONFIG)
-        server = BackendServer(device, args.socket, cpus=cpus if pinned else None,
-                               stats_path=args.stats, protocol_features=features,
-                               max_sessions=1 if args.once else None,
-                               pacing=Pacing(args.poll_us / 1e6, count, delay),
-                               workers=workers, serving=serving)
+        for nexus, path in enumerate(args.socket):
+            # one device per VM over the same units: its own dict of targets (hot-plug
+            # rebuilds a target per device), rings, events and counters
+            device = VirtioScsiDevice(dict(targets), ScsiConfig(num_queues=queues),
+                                      nexus=nexus)
+            stats_path = args.stats if not args.stats or nexus == 0 else f"{args.stats}.{nexus}"
+            try:
+                server = BackendServer(device, path, cpus=cpus if pinned else None,
+                                       stats_path=stats_path, protocol_features=features,
+                                       max_sessions=1 if args.once else None,
+                                       pacing=Pacing(args.poll_us / 1e6, count, delay),
+                                       workers=workers, serving=serving)
+            except BaseException:
+                device.close()
+                raise
+            ports.append(Port(device, server, initiator_name(path)))
+        server = ports[0].server
         if args.log_file:
             restore_hup = _reopen_on_sighup(server, reopen_logs)
-        try:
-            server.bind()
-        except ServerError as exc:
-            raise UsageError(str(exc)) from None
-        management = Management(device, server, specs, reopen_logs=reopen_logs)
-        rpc_path = args.rpc or args.socket + ".rpc"
+        for port in ports:
+            try:
+                port.server.bind()
+            except ServerError as exc:
+                raise UsageError(str(exc)) from None
+        management = Management(ports, specs, pr_dir=args.pr_state, reopen_logs=reopen_logs)
+        for t, target in targets.items():
+            for lun, unit in target.luns.items():
+                management.share(unit, t, lun)
+        rpc_path = args.rpc or args.socket[0] + ".rpc"
         if args.rpc == "none":
             log.info("no management socket (--rpc none)")
         elif args.rpc is None and len(os.fsencode(rpc_path)) > MAX_UNIX_PATH:
@@ -283,21 +321,29 @@ def run(args: argparse.Namespace) -> int:
         log.info("%d request queue worker(s) %s, %s data plane", workers,
                  "on CPUs " + ",".join(map(str, cpus[:workers])) if pinned else "unpinned",
                  serving.name)
+        if len(ports) > 1:
+            log.info("%d VMs share the LUNs: %s", len(ports),
+                     ", ".join(f"{p.server.socket_path} ({p.initiator})" for p in ports))
         notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
-        server.serve()
+        serve_together([port.server for port in ports])
         notify_systemd("STOPPING=1")
     finally:
         if restore_hup is not None:
             restore_hup()
         if rpc is not None:
             rpc.close()
-        if server is not None:
-            server.close()
-        if device is not None:
-            device.close()
+        for port in ports:
+            port.server.close()
+            port.device.close()
         _close_targets(targets)
     log.info("stopped")
     return 0
+
+
+def initiator_name(socket_path: str) -> str:
+    """The name a VM's nexus carries in READ FULL STATUS (an iSCSI-style name, stable for
+    a socket path, so a restart gives each VM its APTPL registrations back)."""
+    return f"iqn.2026-12.io.vscsi:{os.path.abspath(socket_path)}"
 
 
 def _reopen_on_sighup(server: BackendServer, reopen: Callable[[], bool]) -> Callable[[], None]:

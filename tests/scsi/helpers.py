@@ -103,7 +103,7 @@ def split(buf: bytearray, pieces: int) -> list[memoryview]:
 
 
 def run(unit, cdb: bytes, *, out: bytes = b"", in_len: int = 0, pieces: int = 1,
-        lun: int | None = None) -> tuple[ScsiResult, bytes]:
+        lun: int | None = None, nexus: int = 0) -> tuple[ScsiResult, bytes]:
     """Execute a CDB with `out` as data-out and an `in_len`-byte data-in buffer (split into
     `pieces` views). Returns the result and the data-in bytes the command reported."""
     inbuf = bytearray(b"\xee" * in_len)
@@ -111,9 +111,9 @@ def run(unit, cdb: bytes, *, out: bytes = b"", in_len: int = 0, pieces: int = 1,
     din = split(inbuf, pieces) if in_len else []
     dout = split(outbuf, pieces) if out else []
     if lun is None:
-        result = unit.execute(bytes(cdb), dout, din)
+        result = unit.execute(bytes(cdb), dout, din, nexus)
     else:
-        result = unit.execute(lun, bytes(cdb), dout, din)
+        result = unit.execute(lun, bytes(cdb), dout, din, nexus)
     assert 0 <= result.data_in <= in_len
     assert 0 <= result.data_out <= len(out)
     return result, bytes(inbuf[:result.data_in])

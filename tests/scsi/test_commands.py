@@ -79,7 +79,7 @@ def test_request_sense_descriptor_format_and_allocation_length():
     assert r.data_in == 8 and d[0] == 0x70
 
 
-@pytest.mark.parametrize("opcode", [0x04, 0x1D, 0x2E, 0x3B, 0x4D, 0x5E, 0x85, 0x89, 0xA1,
+@pytest.mark.parametrize("opcode", [0x04, 0x1D, 0x2E, 0x3B, 0x4D, 0x85, 0xA1,
                                     0xC0, 0xFF])
 def test_unsupported_opcodes(opcode):
     r, _ = run(ram_unit(), bytes([opcode]) + bytes(15), in_len=512, out=bytes(512))
@@ -426,7 +426,11 @@ def test_rsoc_all_commands(rctd):
                 (0x2F, None, 10), (0x35, None, 10), (0x41, None, 10), (0x42, None, 10),
                 (0x55, None, 10), (0x5A, None, 10), (0x88, None, 16), (0x8A, None, 16),
                 (0x8F, None, 16), (0x91, None, 16), (0x93, None, 16), (0x9E, 0x10, 16),
-                (0xA0, None, 12), (0xA3, 0x0C, 12), (0xA8, None, 12), (0xAA, None, 12)}
+                (0xA0, None, 12), (0xA3, 0x0C, 12), (0xA8, None, 12), (0xAA, None, 12),
+                # reservations (SPC-2 and persistent) and COMPARE AND WRITE
+                (0x16, None, 6), (0x17, None, 6), (0x56, None, 10), (0x57, None, 10),
+                *((0x5E, sa, 10) for sa in range(4)), *((0x5F, sa, 10) for sa in range(7)),
+                (0x89, None, 16)}
     assert set(listed) == expected and len(listed) == len(expected)
 
 

@@ -50,8 +50,8 @@ cdef enum LunKind:
     LUN_URING = 4       # asynchronous, through the worker's io_uring
 
 cdef enum:
-    STATE_WCE = 0       # the unit's shared state page (scsi/unit.py _STATE_*)
-    STATE_UA_ASC = 1
+    STATE_WCE = 0       # the unit's shared state page (scsi/unitstate.py)
+    STATE_ATTENTION = 1 # a unit attention or a reservation to look at: the Python path
     SLOT_CANCEL = 1     # a task slot (device/tasks.py SLOT): active, cancel, target, pad,
     HOLD_SIZE = 4       # lun u16, pad u16, tag u64; a target's hold: response, pad, lun
 
@@ -460,7 +460,7 @@ cdef class FastScsi:
         for k in range(ndata):
             have += data[k].len
         nbytes = cmd.blocks << e.block_shift
-        if (cmd.blocks == 0 or nbytes > have or e.state[STATE_UA_ASC]
+        if (cmd.blocks == 0 or nbytes > have or e.state[STATE_ATTENTION]
                 or (cmd.write and e.read_only)
                 or cmd.lba > e.num_blocks or cmd.blocks > e.num_blocks - cmd.lba
                 or self.tasks[e.target * HOLD_SIZE]):

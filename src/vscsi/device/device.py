@@ -117,9 +117,13 @@ class VirtioScsiDevice(RequestQueues, ControlQueue, VirtioDevice):
         event_capacity: int = 16,
         event_max_age: float | None = None,
         tmf_timeout: float = 30.0,
+        nexus: int = 0,
     ) -> None:
         config.validate()
         self.targets = targets
+        #: the I_T nexus this device's driver is to the units (the VM's number among the
+        #: front-ends of one `vscsi serve`): reservations and unit attentions tell them apart
+        self.nexus = nexus
         self.on_arrival = on_arrival
         #: the features the driver acknowledged; None until the backend reports them
         #: (events are then posted as if HOTPLUG and CHANGE were accepted)

@@ -53,6 +53,7 @@ class RequestQueues:
     tasks: TaskTable
     later: LaterTasks
     stats: DeviceStats
+    nexus: int                  # the I_T nexus (VM) the requests come from
     _req: struct.Struct         # the request header (cdb_size) and the response header
     _resp: struct.Struct        # (sense_size), from the config
     _req_len: int
@@ -242,7 +243,8 @@ class RequestQueues:
             return self._respond(wr, request.resp_buf, held)
         started = _now_ns()
         try:
-            result = target.submit(lun, request.cdb, request.data_out, request.data_in, slot)
+            result = target.submit(lun, request.cdb, request.data_out, request.data_in, slot,
+                                   self.nexus)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.

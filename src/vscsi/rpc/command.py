@@ -5,9 +5,12 @@
     vscsi rpc --socket /tmp/vscsi.sock.rpc lun_remove 0:1
     vscsi rpc --socket /tmp/vscsi.sock.rpc lun_list
     vscsi rpc --socket /tmp/vscsi.sock.rpc steering      # a table (--json: the JSON)
+    vscsi rpc --socket /tmp/vscsi.sock.rpc connections   # the VMs of shared LUNs
+    vscsi rpc --socket /tmp/vscsi.sock.rpc pr_show 0:0   # a LUN's reservations
+    vscsi rpc --socket /tmp/vscsi.sock.rpc pr_clear 0:0  # break them (an administrator)
 
-Arguments: lun_add SPEC; lun_remove TARGET:LUN; lun_resize TARGET:LUN SIZE [shrink];
-any method also takes NAME=VALUE parameters (VALUE as JSON, else as a string), e.g.
+Arguments: lun_add SPEC; lun_remove, pr_show, pr_clear TARGET:LUN; lun_resize TARGET:LUN
+SIZE [shrink]; any method also takes NAME=VALUE parameters (VALUE as JSON, else as a string), e.g.
 ``filter_add target=0 lun=0 spec=delay:read=2ms``.
 """
 
@@ -35,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the answer (default 60)")
     parser.add_argument("method", help="lun_add, lun_remove, lun_resize, lun_list, "
                                        "filter_add, filter_remove, filter_list, stats, "
-                                       "steering, shutdown, reopen_logs")
+                                       "steering, connections, pr_show, pr_clear, "
+                                       "shutdown, reopen_logs")
     parser.add_argument("args", nargs="*", metavar="ARG")
 
 
@@ -67,9 +71,9 @@ def build_params(method: str, args: list[str]) -> dict[str, Any]:
         if len(positional) != 1:
             raise ValueError("lun_add takes one LUN spec, e.g. 0:1=ram:64M")
         params["spec"] = positional[0]
-    elif method == "lun_remove":
+    elif method in ("lun_remove", "pr_show", "pr_clear"):
         if len(positional) != 1:
-            raise ValueError("lun_remove takes TARGET:LUN, e.g. 0:1")
+            raise ValueError(f"{method} takes TARGET:LUN, e.g. 0:1")
         params.update(_address(positional[0]))
     elif method == "lun_resize":
         if len(positional) not in (2, 3) or (len(positional) == 3 and positional[2] != "shrink"):

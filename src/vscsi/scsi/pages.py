@@ -53,6 +53,7 @@ class Identity:
     max_unmap_blocks: int
     max_unmap_descriptors: int
     max_write_same_blocks: int
+    max_compare_and_write_blocks: int = 0
 
 
 def naa_locally_assigned(key: str) -> bytes:
@@ -107,6 +108,7 @@ def vpd_pages(ident: Identity) -> dict[int, bytes]:
     gran = max(1, 4096 // ident.block_size)
     limits = bytearray(60)
     limits[0] = 0x01                                      # WSNZ: WRITE SAME length 0 is invalid
+    limits[1] = ident.max_compare_and_write_blocks        # MAXIMUM COMPARE AND WRITE LENGTH
     struct.pack_into(">H", limits, 2, gran)               # OPTIMAL TRANSFER LENGTH GRANULARITY
     struct.pack_into(">I", limits, 4, ident.max_transfer_blocks)
     struct.pack_into(">I", limits, 16, ident.max_unmap_blocks)

@@ -1,20 +1,23 @@
 """Logical units and targets: the entry points of the SCSI layer.
 
 LogicalUnit.execute is called once per request from the device's queue workers, which
-may be forked processes: the unit's mutable state (WCE) lives in a small MAP_SHARED page
-so a MODE SELECT or LOGICAL UNIT RESET seen by one worker holds for all.
+may be forked processes, on behalf of one of several I_T nexuses (the VMs of one `vscsi
+serve`): the unit's mutable state -- WCE, unit attentions per nexus, persistent and SPC-2
+reservations -- lives in a shared page (unitstate.py) so that what one worker changes holds
+for all of them at once.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from vscsi.memory.sgl import Views
+from vscsi.memory.sgl import Views, total
 
 from .backends import BlockBackend, open_backend
 from .commands import Handler, build_dispatch, build_missing_lun_dispatch, request_sense_response
+from .commands.atomic import MAX_COMPARE_AND_WRITE_BLOCKS, offers_compare_and_write
 from .constants import (
     ASC_INTERNAL_TARGET_FAILURE,
     ASC_INVALID_COMMAND_OPERATION_CODE,
@@ -26,6 +29,7 @@ from .constants import (
     INQUIRY,
     REPORT_LUNS,
     REQUEST_SENSE,
+    RESERVATION_CONFLICT,
     TYPE_DISK,
     UNIT_ATTENTION,
 )
@@ -33,10 +37,17 @@ from .filters import Command, FilterStack
 from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
 from .pending import Pending, Scheduler
 from .plugin import load_plugin
+from .prfile import PrFile
+from .reservations import allowed
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .spec import MAX_LUN, LunSpec, LunSpecError
+from .unitstate import MAX_NEXUS, UnitState
 
 log = logging.getLogger("vscsi.scsi")
+
+# commands that change the medium without a data-out transfer of their own, or besides it
+# (a reservation that lets a nexus read refuses it these)
+MEDIUM_CHANGING = frozenset({0x04, 0x35, 0x91, 0x41, 0x93, 0x42, 0x89, 0x1B})
 
 # Limits advertised in the block limits VPD page, in bytes (converted to blocks per unit).
 # 32 MiB matches virtio-scsi's default max_sectors (0xFFFF sectors); an UNMAP or WRITE SAME
@@ -46,11 +57,10 @@ MAX_UNMAP_BYTES = 1 << 30
 MAX_UNMAP_DESCRIPTORS = 64
 MAX_WRITE_SAME_BYTES = 1 << 30
 
-# Byte offsets in the shared state page.
-_STATE_WCE = 0          # 1: write cache enabled
-_STATE_UA_ASC = 1       # pending unit attention: ASC (0: none) ...
-_STATE_UA_ASCQ = 2      # ... and ASCQ
-_STATE_SIZE = 3
+# The shared state page's ATTENTION byte (unitstate.py): nonzero when a unit attention or
+# a reservation must be looked at before a command runs.
+_ATTENTION = UnitState.ATTENTION
+_STATE_SIZE = 16
 
 # SAM-5 5.11: the unit attention a LOGICAL UNIT RESET leaves behind, and the one for a
 # target-wide reset.
@@ -65,21 +75,22 @@ class _Unit:
 
     _handlers: list[Handler]
     _cdb_lengths: list[int]     # the shortest CDB each opcode's handler accepts
-    _state: mmap.mmap | bytes   # see _STATE_*: the unit attention bytes
+    _state: mmap.mmap | bytes   # the shared page (its ATTENTION byte: see unitstate.py)
     _empty_cdb = ASC_INVALID_COMMAND_OPERATION_CODE     # the ASC/ASCQ a CDB of 0 bytes gets
     report_lun_ids: Sequence[int]
+    #: the I_T nexus of the command being executed (the PERSISTENT RESERVE handlers ask)
+    nexus = 0
 
-    def execute(self, cdb: bytes, data_out: Views, data_in: Views) -> ScsiResult | Pending:
-        """Run one command. Never raises: every failure is a ScsiResult. A Pending comes
-        back only once set_scheduler gave the unit a loop and its backend does I/O
-        asynchronously (READ, WRITE, SYNCHRONIZE CACHE)."""
+    def execute(self, cdb: bytes, data_out: Views, data_in: Views, nexus: int = 0
+                ) -> ScsiResult | Pending:
+        """Run one command from ``nexus``. Never raises: every failure is a ScsiResult. A
+        Pending comes back only once set_scheduler gave the unit a loop and its backend
+        does I/O asynchronously (READ, WRITE, SYNCHRONIZE CACHE)."""
         try:
-            op = cdb[0]
-            if self._state[_STATE_UA_ASC] and op != INQUIRY and op != REPORT_LUNS:
-                return self._report_unit_attention(cdb, data_in)
-            if len(cdb) < self._cdb_lengths[op]:
-                raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
-            return self._handlers[op](self, cdb, data_out, data_in)
+            self.nexus = nexus
+            if self._state[_ATTENTION]:
+                return self._with_attention(cdb, data_out, data_in, nexus)
+            return self._dispatch(cdb, data_out, data_in)
         except ScsiError as e:
             return e.result()
         except Exception:
@@ -88,29 +99,47 @@ class _Unit:
             log.exception("internal error executing CDB %s", bytes(cdb).hex())
             return check_condition(HARDWARE_ERROR, ASC_INTERNAL_TARGET_FAILURE)
 
-    def set_unit_attention(self, asc_ascq: tuple[int, int] | None) -> None:
-        """Make the next command (other than INQUIRY / REPORT LUNS) end in CHECK CONDITION,
-        UNIT ATTENTION with this ASC/ASCQ; None clears it. E.g. (0x2A, 0x09) CAPACITY DATA
-        HAS CHANGED after resizing a backend."""
-        asc, ascq = asc_ascq or (0, 0)
-        self._state[_STATE_UA_ASCQ] = ascq
-        self._state[_STATE_UA_ASC] = asc
+    def _dispatch(self, cdb: bytes, data_out: Views, data_in: Views
+                  ) -> ScsiResult | Pending:
+        """The command's handler, once its CDB is long enough for it (ScsiError)."""
+        op = cdb[0]
+        if len(cdb) < self._cdb_lengths[op]:
+            raise ScsiError(ILLEGAL_REQUEST, ASC_INVALID_FIELD_IN_CDB)
+        return self._handlers[op](self, cdb, data_out, data_in)
 
-    @property
-    def unit_attention(self) -> tuple[int, int] | None:
-        asc = self._state[_STATE_UA_ASC]
-        return (asc, self._state[_STATE_UA_ASCQ]) if asc else None
+    def _with_attention(self, cdb: bytes, data_out: Views, data_in: Views, nexus: int
+                        ) -> ScsiResult | Pending:
+        """The command when the unit's state asks for a look first (LogicalUnit: unit
+        attentions, reservations)."""
+        return self._dispatch(cdb, data_out, data_in)
 
-    def _report_unit_attention(self, cdb: bytes, data_in: Views) -> ScsiResult:
-        """SPC-4 5.14: the pending unit attention is reported (and cleared) by this
+    @staticmethod
+    def _report_unit_attention(cdb: bytes, data_in: Views, asc_ascq: tuple[int, int]
+                               ) -> ScsiResult:
+        """SPC-4 5.14: a pending unit attention is reported (and so cleared) by this
         command: as REQUEST SENSE parameter data, otherwise as CHECK CONDITION instead of
-        executing it. (Several workers may race to report it; each report is valid.)"""
-        sense = fixed_sense(UNIT_ATTENTION, self._state[_STATE_UA_ASC],
-                            self._state[_STATE_UA_ASCQ])
-        self.set_unit_attention(None)
+        executing it."""
+        sense = fixed_sense(UNIT_ATTENTION, *asc_ascq)
         if cdb[0] == REQUEST_SENSE and len(cdb) >= 6:
             return request_sense_response(cdb, sense, data_in)
         return ScsiResult(CHECK_CONDITION, sense)
+
+
+class _Counted(Pending):
+    """A Pending that runs ``ended`` once the command it stands for has finished (its
+    result is in, or an abort ended it), and is that command for everyone else."""
+
+    __slots__ = ("inner", "ended")
+
+    def __init__(self, inner: Pending, ended: Callable[[], None]) -> None:
+        super().__init__(on_abort=lambda _self: inner.abort())
+        self.inner = inner
+        self.ended = ended
+        inner.then(self._finished)
+
+    def _finished(self, result: ScsiResult) -> None:
+        self.ended()
+        self.finish(result)
 
 
 class LogicalUnit(_Unit):
@@ -162,6 +191,8 @@ class LogicalUnit(_Unit):
             max_unmap_blocks=self.max_unmap_blocks,
             max_unmap_descriptors=self.max_unmap_descriptors,
             max_write_same_blocks=self.max_write_same_blocks,
+            max_compare_and_write_blocks=(MAX_COMPARE_AND_WRITE_BLOCKS
+                                          if offers_compare_and_write(backend) else 0),
         )
         self.inquiry_data = standard_inquiry(TYPE_DISK, self.identity.product)
         self.vpd = vpd_pages(self.identity)
@@ -170,8 +201,16 @@ class LogicalUnit(_Unit):
         self.filters = FilterStack(self._execute_command, target=target_id, lun=lun_id,
                                    block_size=block_size)
 
-        # MAP_SHARED anonymous page: survives fork() as shared memory.
-        self._state = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
+        # The shared page (survives fork()); the compiled data plane reads its WCE and
+        # ATTENTION bytes through ``_state``.
+        self.state = UnitState()
+        self._state = self.state.page
+        #: the I_T nexuses that may send commands (the VMs of one `vscsi serve`): unit
+        #: attentions meant for all go to each; reservations name them (transport_ids)
+        self.nexuses = 1
+        self.transport_ids: Sequence[bytes] = ()
+        #: where the persistent reservations are kept across restarts (APTPL), if anywhere
+        self.pr_store: PrFile | None = None
         # No power-on unit attention: initiators that never reset (our own driver, fio
         # jobs) would otherwise see one CHECK CONDITION per LUN at start.
         self.reset(unit_attention=None)
@@ -181,17 +220,95 @@ class LogicalUnit(_Unit):
     @property
     def wce(self) -> bool:
         """Write cache enabled: when False every write is flushed before it completes."""
-        return self._state[_STATE_WCE] != 0
+        return self.state.wce
 
     @wce.setter
     def wce(self, value: bool) -> None:
-        self._state[_STATE_WCE] = 1 if value else 0
+        self.state.wce = value
+
+    def set_unit_attention(self, asc_ascq: tuple[int, int] | None) -> None:
+        """Make the next command (other than INQUIRY / REPORT LUNS) of every nexus end in
+        CHECK CONDITION, UNIT ATTENTION with this ASC/ASCQ; None clears every pending one.
+        E.g. (0x2A, 0x09) CAPACITY DATA HAS CHANGED after resizing a backend."""
+        with self.state.locked():
+            if asc_ascq is None:
+                self.state.clear_unit_attentions()
+            else:
+                for nexus in range(self.nexuses):
+                    self.state.add_unit_attention(nexus, asc_ascq)
+
+    @property
+    def unit_attention(self) -> tuple[int, int] | None:
+        """The oldest unit attention pending for nexus 0 (not reported by asking)."""
+        pending = self.state.unit_attentions(0)
+        return pending[0] if pending else None
+
+    def _with_attention(self, cdb: bytes, data_out: Views, data_in: Views, nexus: int
+                        ) -> ScsiResult | Pending:
+        """Under the state lock: report a unit attention pending for this nexus, or
+        refuse a command a reservation does not allow it (RESERVATION CONFLICT); else run
+        it. A write under reservations is counted in flight for its nexus until it ends,
+        so that a PREEMPT AND ABORT can wait for the writes of the nexuses it removes:
+        none of theirs lands after it completed (reserve.py)."""
+        op = cdb[0]
+        with self.state.locked():
+            if op != INQUIRY and op != REPORT_LUNS:
+                ua = self.state.take_unit_attention(nexus)
+                if ua is not None:
+                    return self._report_unit_attention(cdb, data_in, ua)
+            record = self.state.load()
+            counted = False
+            if record.active:
+                sa = cdb[1] & 0x1F if len(cdb) > 1 else 0
+                writes = op in MEDIUM_CHANGING or total(data_out) > 0
+                if not allowed(record, nexus, op, sa, writes):
+                    return ScsiResult(RESERVATION_CONFLICT)
+                counted = writes and nexus < self.nexuses
+                if counted:
+                    self.state.writes_started(nexus)
+        if not counted:
+            return self._dispatch(cdb, data_out, data_in)
+        try:
+            result = self._dispatch(cdb, data_out, data_in)
+        except BaseException:
+            self._writes_ended(nexus)
+            raise
+        if isinstance(result, Pending):
+            return _Counted(result, lambda: self._writes_ended(nexus))
+        self._writes_ended(nexus)
+        return result
+
+    def _writes_ended(self, nexus: int) -> None:
+        with self.state.locked():
+            self.state.writes_ended(nexus)
+
+    def share(self, transport_ids: Sequence[bytes], pr_store: PrFile | None = None) -> None:
+        """Serve the unit to several I_T nexuses, named by ``transport_ids`` (nexus k is
+        the k-th), keeping APTPL reservations in ``pr_store``: what it holds is restored
+        now (the nexuses it names that are not among ours lose their registration)."""
+        if not 1 <= len(transport_ids) <= MAX_NEXUS:
+            raise ValueError(f"{len(transport_ids)} nexuses: 1..{MAX_NEXUS} supported")
+        self.nexuses = len(transport_ids)
+        self.transport_ids = tuple(transport_ids)
+        self.pr_store = pr_store
+        if pr_store is None:
+            return
+        record = pr_store.load(self.transport_ids)
+        if record is not None:
+            with self.state.locked():
+                self.state.store(record)
 
     def reset(self, unit_attention: tuple[int, int] | None = UA_LUN_RESET) -> None:
         """LOGICAL UNIT RESET: mode parameters go back to their defaults (we have no saved
-        ones), and a unit attention condition is established, as SAM-5 requires, so the
-        initiator learns that its mode settings are gone. Pass None to reset silently."""
+        ones), an SPC-2 reservation is released (persistent ones stay: SPC-4 5.13.1), and a
+        unit attention condition is established, as SAM-5 requires, so the initiator
+        learns that its mode settings are gone. Pass None to reset silently."""
         self.wce = True
+        with self.state.locked():
+            record = self.state.load()
+            if record.legacy is not None:
+                record.legacy = None
+                self.state.store(record)
         self.set_unit_attention(unit_attention)
 
     @property
@@ -208,21 +325,20 @@ class LogicalUnit(_Unit):
         if setter is not None:
             setter(scheduler)
 
-    def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
-               ) -> ScsiResult | Pending:
+    def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0,
+               nexus: int = 0) -> ScsiResult | Pending:
         """execute() behind the unit's filters: the result may come later (a Pending)."""
         if not self.filters:
-            return self.execute(cdb, data_out, data_in)
-        return self.filters.submit(cdb, data_out, data_in, queue)
+            return self.execute(cdb, data_out, data_in, nexus)
+        return self.filters.submit(cdb, data_out, data_in, queue, nexus)
 
     def _execute_command(self, cmd: Command) -> ScsiResult | Pending:
-        return self.execute(cmd.cdb, cmd.data_out, cmd.data_in)
+        return self.execute(cmd.cdb, cmd.data_out, cmd.data_in, cmd.nexus)
 
     def close(self) -> None:
         self.filters.close()
         self.backend.close()
-        if not self._state.closed:
-            self._state.close()
+        self.state.close()
 
     def __repr__(self) -> str:
         return (f"LogicalUnit({self.backend!r}, block_size={self.block_size}, "
@@ -258,22 +374,22 @@ class ScsiTarget:
     def __contains__(self, lun: object) -> bool:
         return lun in self.luns
 
-    def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views
-                ) -> ScsiResult | Pending:
+    def execute(self, lun: int, cdb: bytes, data_out: Views, data_in: Views,
+                nexus: int = 0) -> ScsiResult | Pending:
         """Run one command on ``lun``, present or not (SPC-4 answers for a missing one).
         Never raises; a Pending only as LogicalUnit.execute says."""
         unit = self.luns.get(lun)
         if unit is not None:
-            return unit.execute(cdb, data_out, data_in)
-        return self._missing.execute(cdb, data_out, data_in)
+            return unit.execute(cdb, data_out, data_in, nexus)
+        return self._missing.execute(cdb, data_out, data_in, nexus)
 
-    def submit(self, lun: int, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0
-               ) -> ScsiResult | Pending:
+    def submit(self, lun: int, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0,
+               nexus: int = 0) -> ScsiResult | Pending:
         """execute() through the unit's filter stack (see LogicalUnit.submit)."""
         unit = self.luns.get(lun)
         if unit is None:
-            return self._missing.execute(cdb, data_out, data_in)
-        return unit.submit(cdb, data_out, data_in, queue)
+            return self._missing.execute(cdb, data_out, data_in, nexus)
+        return unit.submit(cdb, data_out, data_in, queue, nexus)
 
     def lun_reset(self, lun: int) -> None:
         """LOGICAL UNIT RESET of one LUN (a missing LUN has nothing to reset)."""

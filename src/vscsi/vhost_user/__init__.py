@@ -33,7 +33,7 @@ from .codec import (
 from .frontend import BackendGone, FrontendClient, RequestRefused, attach_ring
 from .host import QueueHost, WorkerPlan, cpu_list, plan_workers
 from .pacing import Pacing
-from .server import BackendServer, ServerError, bind_unix_socket
+from .server import BackendServer, ServerError, bind_unix_socket, serve_together
 from .stats import QueueStats
 from .worker import PythonServing, QueueServing
 
@@ -69,4 +69,5 @@ __all__ = [
     "make_ack",
     "make_reply",
     "make_request",
+    "serve_together",
 ]

@@ -1,4 +1,5 @@
-"""The vhost-user back-end server: a unix socket, one front-end at a time.
+"""The vhost-user back-end server: a unix socket, one front-end at a time; several servers
+(one per VM, the same devices' units behind them) share one loop (:func:`serve_together`).
 
 The main process runs one select() loop over: the listening socket (while nobody is
 connected), the front-end's socket, the kick eventfds of the device's control and event
@@ -92,6 +93,10 @@ class BackendServer:
         self.reader: MessageReader | None = None
         self.sessions = 0
         self._stop = False
+        self._finished = False      # max_sessions reached
+        #: the servers sharing this process's loop (serve_together), this one included:
+        #: a worker forked for one closes the sockets of all
+        self.peers: list[BackendServer] = [self]
         self._usr1 = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -108,7 +113,12 @@ class BackendServer:
     # ------------------------------------------------------------------ lifecycle
 
     def _main_sockets(self) -> Iterator[socket.socket]:
-        """Sockets a forked worker must close (see workers.QueueHost)."""
+        """Sockets a forked worker must close (see workers.QueueHost): its server's and
+        those of the servers it shares the loop with."""
+        for server in self.peers:
+            yield from server._own_sockets()
+
+    def _own_sockets(self) -> Iterator[socket.socket]:
         for sock in (self.listener, self.conn, self._wake_r, self._wake_w):
             if sock is not None:
                 yield sock
@@ -158,15 +168,7 @@ class BackendServer:
 
     def serve(self, *, install_signals: bool = True) -> None:
         """Run the loop until a stop is requested (or ``max_sessions`` ended)."""
-        if self.listener is None:
-            self.bind()
-        restore = self._install_signals() if install_signals else (lambda: None)
-        try:
-            while not self._stop:
-                self._loop_once()
-        finally:
-            restore()
-            self.shutdown()
+        serve_together([self], install_signals=install_signals)
 
     def shutdown(self) -> None:
         """Stop every queue (in-flight requests finish), drop the front-end, remove the
@@ -186,11 +188,15 @@ class BackendServer:
         self.stats.close()
 
     def _install_signals(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM stop every server of the loop, SIGUSR1 makes each log and write
+        its counters; this server's self-pipe wakes the loop."""
         def stop(signum: int, frame: FrameType | None) -> None:
-            self._stop = True
+            for server in self.peers:
+                server._stop = True
 
         def usr1(signum: int, frame: FrameType | None) -> None:
-            self._usr1 = True
+            for server in self.peers:
+                server._usr1 = True
 
         old = {
             signal.SIGINT: signal.signal(signal.SIGINT, stop),
@@ -209,6 +215,10 @@ class BackendServer:
     # ------------------------------------------------------------------ the loop
 
     def _loop_once(self) -> None:
+        _loop_once([self])
+
+    def _handlers(self) -> dict[int, Callable[[], None]]:
+        """What the loop polls for this server: fd -> what to call when it is readable."""
         handlers: dict[int, Callable[[], None]] = {self._wake_r.fileno(): self._drain_wakeups}
         if self.conn is None:
             assert self.listener is not None
@@ -219,14 +229,10 @@ class BackendServer:
         handlers.update(self.queues.poll_fds())
         for fd, (_sock, callback) in self._readers.items():
             handlers[fd] = callback
-        try:
-            ready, _, _ = select.select(list(handlers), [], [], STATS_INTERVAL)
-        except InterruptedError:
-            ready = []
-        for fd in ready:
-            handlers[fd]()
-            if self._stop:
-                break
+        return handlers
+
+    def _after_poll(self) -> None:
+        """Once per loop turn, whatever was ready: broken rings, SIGUSR1, the stats file."""
         if self.session is not None:
             self.session.poll_broken()
         if self._usr1:
@@ -274,7 +280,7 @@ class BackendServer:
         log.info("%s disconnected: %s; %s", name, why, self.stats.summary())
         self._write_stats(force=True)
         if self.max_sessions is not None and self.sessions >= self.max_sessions:
-            self._stop = True
+            self._finished = True
 
     def _readable(self, conn: socket.socket) -> None:
         if conn is not self.conn:
@@ -369,3 +375,36 @@ class BackendServer:
             log.warning("cannot write stats to %s: %s", self.stats_path, exc)
         self._stats_written = now
         self._stats_last = snap
+
+
+def serve_together(servers: Sequence[BackendServer], *, install_signals: bool = True) -> None:
+    """Run the servers' one loop until a stop is requested of any of them (a signal, the
+    RPC), or every one of them ended its ``max_sessions``; then shut each down."""
+    for server in servers:
+        server.peers = list(servers)
+        if server.listener is None:
+            server.bind()
+    restore = servers[0]._install_signals() if install_signals else (lambda: None)
+    try:
+        while not any(s._stop for s in servers) and not all(s._finished for s in servers):
+            _loop_once(servers)
+    finally:
+        restore()
+        for server in servers:
+            server.shutdown()
+
+
+def _loop_once(servers: Sequence[BackendServer]) -> None:
+    handlers: dict[int, Callable[[], None]] = {}
+    for server in servers:
+        handlers.update(server._handlers())
+    try:
+        ready, _, _ = select.select(list(handlers), [], [], STATS_INTERVAL)
+    except InterruptedError:
+        ready = []
+    for fd in ready:
+        handlers[fd]()
+        if any(s._stop for s in servers):
+            break
+    for server in servers:
+        server._after_poll()

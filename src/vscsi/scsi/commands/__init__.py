@@ -21,7 +21,7 @@ the I/O thread), and a SYNCHRONIZE CACHE completes after an fdatasync that start
 every write completed before it. (An io_uring file zeroes synchronously: fallocate.)
 """
 
-from . import block, spc, steps  # noqa: F401 - each registers its commands
+from . import atomic, block, reserve, spc, steps  # noqa: F401 - each registers its commands
 from .missing import build_missing_lun_dispatch
 from .registry import COMMANDS, CommandInfo, Handler, Unit, build_dispatch, command
 from .spc import (

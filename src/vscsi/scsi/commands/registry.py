@@ -22,12 +22,14 @@ from ..constants import (
     ILLEGAL_REQUEST,
 )
 from ..pending import Pending
+from ..prfile import PrFile
 from ..sense import (
     ScsiError,
     ScsiResult,
     invalid_cdb,
     lba_out_of_range,
 )
+from ..unitstate import UnitState
 
 log = logging.getLogger("vscsi.scsi")
 
@@ -49,6 +51,12 @@ class Unit(Protocol):
     max_unmap_blocks: int
     max_unmap_descriptors: int
     max_write_same_blocks: int
+    state: UnitState                # the shared page: WCE, unit attentions, reservations
+    serial: str
+    nexus: int                      # the I_T nexus of the command being executed
+    nexuses: int                    # how many nexuses (VMs) send commands
+    transport_ids: Sequence[bytes]  # their names, by nexus
+    pr_store: PrFile | None         # where APTPL reservations are kept, if anywhere
 
 
 #: a command handler: the result, or a Pending when the backend finishes the I/O later

@@ -60,7 +60,7 @@ def _reference(expected: bytes, whole: bool, at: int, k: int, bs: int) -> bytes:
     return expected[at * bs:(at + k) * bs] if whole else expected * k
 
 
-def _miscompare(part: memoryview, ref: bytes, offset: int) -> ScsiError | None:
+def miscompare(part: memoryview, ref: bytes, offset: int) -> ScsiError | None:
     """MISCOMPARE at the first differing byte (INFORMATION: its offset in the data the
     command compared), or None if the read-back ``part`` equals ``ref``."""
     if part == ref:
@@ -182,7 +182,7 @@ class _VerifyLater(_InSteps):
 
     def _check(self, step: memoryview) -> ScsiError | None:
         bs = self.unit.block_size
-        return _miscompare(step, _reference(self.expected, self.whole, self.at, self.k, bs),
+        return miscompare(step, _reference(self.expected, self.whole, self.at, self.k, bs),
                            self.at * bs)
 
     def _last(self) -> None:
@@ -254,7 +254,7 @@ def _verify(unit: Unit, flags: int, lba: int, blocks: int, data_out: Views
             unit.backend.readv((lba + done) * bs, [part])
         except OSError as e:
             raise io_error(e, write=False, lba=lba + done) from None
-        error = _miscompare(part, _reference(expected, bytchk == 1, done, k, bs), done * bs)
+        error = miscompare(part, _reference(expected, bytchk == 1, done, k, bs), done * bs)
         if error is not None:
             raise error
         done += k

@@ -58,6 +58,8 @@ class Command:
     block_size: int = 512
     #: the queue worker's loop; None outside one (then time-based filters pass through)
     scheduler: Scheduler | None = None
+    #: the I_T nexus (the VM) it came from (reservations tell them apart)
+    nexus: int = 0
 
     @property
     def opcode(self) -> int:
