@@ -7,6 +7,7 @@ across a restart, COMPARE AND WRITE raced from both, and the RPC's view and pr_c
 
 from __future__ import annotations
 
+import json
 import signal
 import struct
 import threading
@@ -273,3 +274,9 @@ def test_a_vm_that_goes_away_does_not_disturb_the_other(tmp_path: Path) -> None:
         finally:
             a.close()
             b.close()
+    # each VM's counters in its own stats file, the second one's at PATH.1
+    # (A: its REGISTER, a read and a READ KEYS per connection, and the writes queued as its
+    # connections dropped that a worker took first)
+    assert 1 + 3 * 2 <= json.loads(Path(serve.stats).read_text())["per_queue"][0] <= 10
+    assert json.loads(Path(serve.stats + ".1").read_text())["per_queue"] == [60]
+    assert f"front-end #4 on {serve.socket} connected" in serve.output()

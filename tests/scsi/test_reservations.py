@@ -21,7 +21,9 @@ themselves:
   ATTENTION byte);
 * UnitState: record store/load round trip, the unit attention queues, the ATTENTION byte.
 
-The SPC-4 clause and table numbers are those of spc4r37.
+The SPC-4 clause and table numbers are those of spc4r37. START STOP UNIT and PREVENT
+ALLOW MEDIUM REMOVAL conflict or not depending on CDB byte 4 (START / POWER CONDITION,
+PREVENT): the unit passes it to allowed() as command_field() reads it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from vscsi.scsi.reservations import (
     PrOutParams,
     Reservations,
     allowed,
+    command_field,
     holds,
     parse_out_params,
     transport_id,
@@ -55,7 +58,7 @@ from vscsi.scsi.unitstate import MAX_NEXUS, UA_DEPTH, PrRecord, UnitState
 
 # -- the standard's numbers ---------------------------------------------------------------
 
-# reservation types (SPC-4 6.16.2 table 214 / 6.15.3.4)
+# reservation types (SPC-4 6.15.3.4)
 WE, EA, WE_RO, EA_RO, WE_AR, EA_AR = 1, 3, 5, 6, 7, 8
 TYPES = (WE, EA, WE_RO, EA_RO, WE_AR, EA_AR)
 PLAIN = (WE, EA)                     # one holder, no registrant privilege
@@ -187,7 +190,6 @@ SBC_TABLE_13 = [
     Row("READ DEFECT DATA(10)", 0x37, 0x00, False, READ),          # "Allowed a"
     Row("REASSIGN BLOCKS", 0x07, 0x00, True, WRITE),
     Row("SANITIZE (overwrite)", 0x48, 0x01, True, WRITE),
-    Row("START STOP UNIT (START 0)", 0x1B, 0x00, False, WRITE),
     Row("SYNCHRONIZE CACHE(10)", 0x35, 0x00, False, WRITE),
     Row("SYNCHRONIZE CACHE(16)", 0x91, 0x00, False, WRITE),
     Row("UNMAP", 0x42, 0x00, True, WRITE),
@@ -206,11 +208,15 @@ SBC_TABLE_13 = [
 ]
 
 # Rows whose answer depends on CDB bytes allowed() is not given (only the opcode, CDB byte
-# 1 and the data direction reach it): known disagreements, see the module report.
+# 1 and the data direction reach it): known disagreements.
+# (``sa``: what command_field takes of the CDB for them, byte 4)
 NEEDS_CDB = [
-    Row("START STOP UNIT (START 1, POWER CONDITION 0)", 0x1B, 0x00, False, ALWAYS),
+    Row("START STOP UNIT (START 1, POWER CONDITION 0)", 0x1B, 0x01, False, ALWAYS),
+    Row("START STOP UNIT (START 1, LOEJ 1)", 0x1B, 0x03, False, ALWAYS),
+    Row("START STOP UNIT (START 0)", 0x1B, 0x00, False, WRITE),
+    Row("START STOP UNIT (START 1, POWER CONDITION 3)", 0x1B, 0x31, False, WRITE),
     Row("PREVENT ALLOW MEDIUM REMOVAL (PREVENT 0)", 0x1E, 0x00, False, ALWAYS),
-    Row("PREVENT ALLOW MEDIUM REMOVAL (PREVENT 1)", 0x1E, 0x00, False, WRITE),
+    Row("PREVENT ALLOW MEDIUM REMOVAL (PREVENT 1)", 0x1E, 0x01, False, WRITE),
 ]
 
 # SPC-4 table 66: PERSISTENT RESERVE OUT through a reservation held by another I_T nexus,
@@ -259,6 +265,20 @@ def grid(check) -> dict[tuple[int, str], bool]:
     return {(t, role): check(t, role) for t in TYPES for role in ROLES}
 
 
+# Two rows expanded by hand, to check expected_cell: (holder, registered, not registered)
+# for WE, EA, WE-RO, EA-RO, WE-AR, EA-AR
+READ_GRID = [(A, A, A), (A, C, C), (A, A, A), (A, A, C), (A, A, A), (A, A, C)]
+WRITE_GRID = [(A, C, C), (A, C, C), (A, A, C), (A, A, C), (A, A, C), (A, A, C)]
+
+
+@pytest.mark.parametrize("columns, by_hand", [(READ, READ_GRID), (WRITE, WRITE_GRID),
+                                              (ALWAYS, [(A, A, A)] * 6)])
+def test_grid_expansion(columns, by_hand):
+    expected = {(t, role): cell for t, cells in zip(TYPES, by_hand, strict=True)
+                for role, cell in zip(ROLES, cells, strict=True)}
+    assert grid(lambda t, role: expected_cell(columns, t, role)) == expected
+
+
 def unit_writes(row: Row) -> bool:
     """``writes`` as LogicalUnit._attention computes it."""
     return row.op in MEDIUM_CHANGING or row.data_out
@@ -281,11 +301,11 @@ def test_conflict_table(row):
 
 
 @pytest.mark.parametrize("row", NEEDS_CDB, ids=lambda r: r.name)
-@pytest.mark.xfail(strict=True, reason="the START / PREVENT fields are in CDB byte 4, which "
-                   "allowed() is not given")
-def test_conflict_table_needs_the_cdb(row):
+def test_conflict_table_rows_split_by_a_cdb_field(row):
     expected = grid(lambda t, role: expected_cell(row.columns, t, role))
     assert diff(expected, actual_grid(row, unit_writes(row))) == []
+    cdb = bytes((row.op, 0, 0, 0, row.sa, 0))
+    assert command_field(cdb) == row.sa
 
 
 @pytest.mark.parametrize("op", [0x35, 0x91, 0x2A, 0x42, 0x41, 0x93, 0x04])
@@ -669,7 +689,7 @@ def test_read_keys():
 
 @pytest.mark.parametrize("t", TYPES)
 def test_read_reservation(t):
-    """6.15.3 tables 203/204: no reservation: 8 bytes; else ADDITIONAL LENGTH 16, the
+    """6.15.3: no reservation: 8 bytes; else ADDITIONAL LENGTH 16, the
     holder's key (zero for All Registrants, 5.13.6.3 b)), SCOPE 0 | TYPE in byte 21."""
     record = PrRecord(generation=3, keys={0: 0xA, 1: 0xB}, type=0, holder=None)
     assert read(record, READ_RESERVATION) == bytes.fromhex("00000003 00000000")
@@ -751,7 +771,7 @@ def test_transport_id(name):
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 255),
        st.binary(min_size=3, max_size=3))
 def test_parse_out_params(key, sa_key, flags, tail):
-    """6.16.3 table 215: RESERVATION KEY, SERVICE ACTION RESERVATION KEY, 4 obsolete
+    """6.16.3 table 214: RESERVATION KEY, SERVICE ACTION RESERVATION KEY, 4 obsolete
     bytes, byte 20: SPEC_I_PT (bit 3), ALL_TG_PT (bit 2), APTPL (bit 0)."""
     data = struct.pack(">QQ4sB", key, sa_key, b"\xff" * 4, flags) + tail
     assert parse_out_params(data) == PrOutParams(key, sa_key, bool(flags & 8),

@@ -54,6 +54,7 @@ READ_CAPACITY10, SERVICE_ACTION_IN16, MAINTENANCE_IN = 0x25, 0x9E, 0xA3
 PR_IN, PR_OUT = 0x5E, 0x5F
 RESERVE6, RELEASE6, RESERVE10, RELEASE10 = 0x16, 0x17, 0x56, 0x57
 
+START_STOP_UNIT, PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1B, 0x1E
 READ_CAPACITY16 = 0x10                  # the SERVICE ACTION IN(16) service action
 RECEIVE_COPY_RESULTS, ACCESS_CONTROL_IN, ACCESS_CONTROL_OUT = 0x84, 0x86, 0x87
 SERVICE_ACTION_IN12, READ_MEDIA_SERIAL_NUMBER = 0xAB, 0x01
@@ -95,6 +96,7 @@ _WRITES = frozenset({
     0x41, 0x93, 0x42, 0x35, 0x91,           # WRITE SAME, UNMAP, SYNCHRONIZE CACHE
     0x04, 0x07, 0x3F, 0x48,                 # FORMAT UNIT, REASSIGN BLOCKS, WRITE LONG,
                                             # SANITIZE
+    START_STOP_UNIT, PREVENT_ALLOW_MEDIUM_REMOVAL,  # but for the always-allowed forms
 })
 # what an SPC-2 reservation still lets the other nexuses run (SPC-2 table 13)
 _LEGACY_ALLOWED = frozenset({INQUIRY, REQUEST_SENSE, REPORT_LUNS, RELEASE6, RELEASE10,
@@ -147,6 +149,24 @@ def parse_out_params(data: bytes) -> PrOutParams:
     return PrOutParams(key, sa_key, bool(flags & 0x08), bool(flags & 0x04), bool(flags & 1))
 
 
+def command_field(cdb: bytes) -> int:
+    """What :func:`allowed` needs of a CDB besides its opcode (its ``sa``): the service
+    action (byte 1, bits 4-0), or, for START STOP UNIT and PREVENT ALLOW MEDIUM REMOVAL,
+    byte 4 -- SBC table 13 splits their rows by START / POWER CONDITION and PREVENT."""
+    op = cdb[0]
+    if op == START_STOP_UNIT or op == PREVENT_ALLOW_MEDIUM_REMOVAL:
+        return cdb[4] if len(cdb) > 4 else 0
+    return cdb[1] & 0x1F if len(cdb) > 1 else 0
+
+
+def _always_allowed_form(op: int, field: int) -> bool:
+    """START STOP UNIT with START 1 and POWER CONDITION 0, PREVENT ALLOW MEDIUM REMOVAL
+    with PREVENT 00b: allowed whatever the reservation (SBC table 13)."""
+    if op == START_STOP_UNIT:
+        return field & 0xF1 == 0x01
+    return op == PREVENT_ALLOW_MEDIUM_REMOVAL and field & 0x03 == 0
+
+
 def allowed(record: PrRecord, nexus: int, op: int, sa: int, writes: bool) -> bool:
     """Whether ``nexus`` may run this command under the unit's reservations (SPC-4 tables
     65 and 66, SBC-3/4 table 13; SPC-2's for an SPC-2 RESERVE). ``writes``: the command
@@ -158,7 +178,7 @@ def allowed(record: PrRecord, nexus: int, op: int, sa: int, writes: bool) -> boo
     registered = nexus in record.keys
     if holds(record, nexus):
         return True
-    if op in _ALWAYS or (op, sa) in _ALWAYS_SA:
+    if op in _ALWAYS or (op, sa) in _ALWAYS_SA or _always_allowed_form(op, sa):
         return True
     if op == PR_OUT:
         # SPC-4 table 66: whatever the type, a registrant may REGISTER, RELEASE (which

@@ -38,7 +38,7 @@ from .pages import Identity, naa_locally_assigned, standard_inquiry, vpd_pages
 from .pending import Pending, Scheduler
 from .plugin import load_plugin
 from .prfile import PrFile
-from .reservations import allowed
+from .reservations import allowed, command_field
 from .sense import ScsiError, ScsiResult, check_condition, fixed_sense
 from .spec import MAX_LUN, LunSpec, LunSpecError
 from .unitstate import MAX_NEXUS, UnitState
@@ -259,9 +259,8 @@ class LogicalUnit(_Unit):
             record = self.state.load()
             counted = False
             if record.active:
-                sa = cdb[1] & 0x1F if len(cdb) > 1 else 0
                 writes = op in MEDIUM_CHANGING or total(data_out) > 0
-                if not allowed(record, nexus, op, sa, writes):
+                if not allowed(record, nexus, op, command_field(cdb), writes):
                     return ScsiResult(RESERVATION_CONFLICT)
                 counted = writes and nexus < self.nexuses
                 if counted:

@@ -256,6 +256,8 @@ class BackendServer:
         conn.settimeout(SEND_TIMEOUT)
         self.sessions += 1
         name = f"front-end #{self.sessions}"
+        if len(self.peers) > 1:     # several VMs: say which one
+            name += f" on {self.socket_path}"
         self.conn = conn
         self.reader = MessageReader(Role.BACKEND)
         self.session = Session(
