@@ -140,11 +140,12 @@ echo "WRITE-SAME-OK"
 
 # --- fio with crc32c verify on every writable LUN, one job pinned to each vCPU
 for d in $F0 $R300 $R5; do
-  fio --name=c0 --filename=$d --cpus_allowed=0 --offset=4M --size=1M \
+  # (options before the first --name are every job's; after it, only that job's)
+  fio --rw=randwrite --bs=4k --ioengine=libaio --iodepth=4 --direct=1 \
+      --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --output-format=terse \
+      --name=c0 --filename=$d --cpus_allowed=0 --offset=4M --size=1M \
       --name=c1 --filename=$d --cpus_allowed=1 --offset=5M --size=1M \
-      --rw=randwrite --bs=4k --ioengine=libaio --iodepth=4 --direct=1 \
-      --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
-      --output-format=terse >/tmp/o 2>&1 || { tail -20 /tmp/o; fail 30 "fio verify on $d"; }
+      >/tmp/o 2>&1 || { tail -20 /tmp/o; fail 30 "fio verify on $d"; }
 done
 echo "FIO-OK"
 

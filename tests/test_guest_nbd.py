@@ -36,11 +36,12 @@ D=/dev/$(ls /sys/class/scsi_disk/0:0:0:0/device/block 2>/dev/null)
 [ -b "$D" ] || fail 10 "no block device for 0:0:0:0"
 echo "SIZE $(cat /sys/block/${D#/dev/}/size)"
 
-fio --name=c0 --filename=$D --cpus_allowed=0 --offset=4M --size=2M \
+# (options before the first --name are every job's; after it, only that job's)
+fio --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --output-format=terse \
+    --name=c0 --filename=$D --cpus_allowed=0 --offset=4M --size=2M \
     --name=c1 --filename=$D --cpus_allowed=1 --offset=6M --size=2M \
-    --rw=randwrite --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
-    --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
-    --output-format=terse >/tmp/o 2>&1 || { tail -20 /tmp/o; fail 20 "fio verify"; }
+    >/tmp/o 2>&1 || { tail -20 /tmp/o; fail 20 "fio verify"; }
 echo "FIO-OK"
 echo "FIOSUM $(dd if=$D bs=64k skip=64 count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
 

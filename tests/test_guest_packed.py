@@ -40,11 +40,12 @@ for d in $A $B; do
   sg_inq $d >/tmp/o 2>&1 || { cat /tmp/o; fail 12 "sg_inq $d"; }
 done
 echo "INQ-OK"
-fio --name=a --filename=$A --cpus_allowed=0 --offset=8M --size=4M \
+# (options before the first --name are every job's; after it, only that job's)
+fio --rw=randrw --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never --output-format=terse \
+    --name=a --filename=$A --cpus_allowed=0 --offset=8M --size=4M \
     --name=b --filename=$B --cpus_allowed=1 --offset=8M --size=4M \
-    --rw=randrw --bs=4k --ioengine=libaio --iodepth=8 --direct=1 \
-    --verify=crc32c --do_verify=1 --verify_fatal=1 --eta=never \
-    --output-format=terse >/tmp/o 2>&1 || { tail -20 /tmp/o; fail 13 "fio verify"; }
+    >/tmp/o 2>&1 || { tail -20 /tmp/o; fail 13 "fio verify"; }
 echo "FIO-OK"
 """
 
