@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,67 @@ def test_png_without_matplotlib_says_how_to_get_it(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "vscsi trace --png: needs matplotlib: pip install 'vscsi[sim]'"
     assert not (tmp_path / "x.png").exists()
+
+
+# -- fio iolog ------------------------------------------------------------------------------
+
+def test_fio_iolog_of_a_real_trace(tmp_path):
+    """Reads, writes and a flush of a 4096-byte-block unit, as a real trace filter wrote
+    them, become fio's v3 lines at their arrival times; an UNMAP is left out (counted)."""
+    from vscsi.bench.trace import fio_iolog
+
+    path = tmp_path / "t.jsonl"
+    clock = ManualClock()
+    unit = LogicalUnit(RamBackend(1 << 20), block_size=4096, lun_id=3, target_id=2)
+    unit.filters.scheduler = clock
+    unit.filters.add(f"trace:file={path}")
+    unit.submit(read10(7, 2), [], [memoryview(bytearray(8192))])
+    unit.submit(write10(9, 1), [memoryview(bytearray(4096))], [])
+    unit.submit(bytes((0x35,)) + bytes(9), [], [])       # SYNCHRONIZE CACHE(10)
+    unmap = bytes((0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0))
+    unit.submit(unmap, [memoryview(bytearray(struct.pack(">HH4xQI4x", 22, 16, 1, 1)))], [])
+    unit.close()
+    records, _ = read_trace(str(path))
+    log = fio_iolog(records, "2:3", "/dev/sdb")
+    lines = log.lines
+    assert lines[:3] == ["fio version 3 iolog", "0 /dev/sdb add", "0 /dev/sdb open"]
+    times = [int(line.split()[0]) for line in lines[3:]]
+    assert times == sorted(times) and times[0] == 0
+    assert [line.split(" ", 1)[1] for line in lines[3:]] == [
+        "/dev/sdb read 28672 8192", "/dev/sdb write 36864 4096", "/dev/sdb sync",
+        "/dev/sdb close"]
+    assert (log.reads, log.writes, log.syncs) == (1, 1, 1)
+    assert log.left_out == {"UNMAP": 1}
+
+
+def test_fio_iolog_cli(tmp_path):
+    path = tmp_path / "t.jsonl"
+    record_trace(path)                  # LUN 0:0, 100 reads and 10 writes
+    out = tmp_path / "t.iolog"
+    proc = vscsi("trace", str(path), "--fio-iolog", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{out}: LUN 0:0: 100 reads, 10 writes, 0 syncs" in proc.stdout
+    lines = out.read_text().splitlines()
+    assert lines[0] == "fio version 3 iolog" and lines[1] == "0 lun-0-0 add"
+    assert lines[3].split()[1:] == ["lun-0-0", "read", str(1 * BS), str(BS)]
+    # a trace written before block_size existed: 512 assumed
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items()
+                                       if k != "block_size"}) + "\n"
+                           for line in path.read_text().splitlines()))
+    assert vscsi("trace", str(old), "--fio-iolog", str(out)).returncode == 0
+    assert out.read_text().splitlines()[3].split()[3:] == [str(BS), str(BS)]
+    # several LUNs: say which; an unknown one: one line
+    other = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in other:
+        r["lun"] = "1:0"
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in other)
+    proc = vscsi("trace", str(path), "--fio-iolog", str(out))
+    assert proc.returncode == 2 and "say which with --lun T:L" in proc.stderr
+    assert vscsi("trace", str(path), "--fio-iolog", str(out), "--lun", "1:0",
+                 "--device", "/dev/sdc").returncode == 0
+    assert out.read_text().splitlines()[1] == "0 /dev/sdc add"
+    proc = vscsi("trace", str(path), "--fio-iolog", str(out), "--lun", "9:9")
+    assert proc.returncode == 2 and "no commands of LUN 9:9" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

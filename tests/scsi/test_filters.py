@@ -361,7 +361,7 @@ def test_trace_writes_one_json_line_per_command(unit, clock, tmp_path):
     assert wr["status"] == 0 and wr["key"] is None
     assert wr["latency_us"] == pytest.approx(2000)
     assert set(r) == {"time", "queue", "lun", "op", "name", "lba", "blocks", "status",
-                      "key", "asc", "ascq", "latency_us"}
+                      "key", "asc", "ascq", "latency_us", "block_size"}
 
 
 def test_trace_bad_path_is_one_line(unit, tmp_path):

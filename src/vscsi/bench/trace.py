@@ -1,6 +1,8 @@
 """`vscsi trace FILE`: summarise a command trace written by the trace filter
 (docs/filters.md): per command the count, latency p50 / p99 / max and errors, then the
-errors by answer; `--png OUT` plots latency over time (matplotlib, imported only then)."""
+errors by answer; `--png OUT` plots latency over time (matplotlib, imported only then);
+`--fio-iolog OUT` exports one LUN's reads, writes and cache flushes as a fio iolog
+(version 3), which `fio --read_iolog` replays on any block device."""
 
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ class Record:
     status: int
     latency_us: float
     sense: tuple[int, int, int] | None
+    lun: str = ""                   # "T:L"
+    op: int | None = None
+    lba: int | None = None
+    blocks: int | None = None
+    block_size: int = 512           # traces written before the field: 512
 
 
 @dataclass
@@ -71,11 +78,74 @@ def read_trace(path: str) -> tuple[list[Record], int]:
                 key = obj.get("key")
                 sense = (int(key), int(obj["asc"]), int(obj["ascq"])) if key is not None \
                     else None
-                records.append(Record(float(obj["time"]), str(obj["name"]),
-                                      int(obj["status"]), float(obj["latency_us"]), sense))
+                records.append(Record(
+                    float(obj["time"]), str(obj["name"]), int(obj["status"]),
+                    float(obj["latency_us"]), sense, str(obj.get("lun", "")),
+                    _int_or_none(obj.get("op")), _int_or_none(obj.get("lba")),
+                    _int_or_none(obj.get("blocks")), int(obj.get("block_size", 512))))
             except (ValueError, TypeError, KeyError, AttributeError):
                 skipped += 1
     return records, skipped
+
+
+def _int_or_none(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+# -- fio iolog (version 3) ---------------------------------------------------------------
+
+READS = frozenset({0x08, 0x28, 0xA8, 0x88})
+WRITES = frozenset({0x0A, 0x2A, 0xAA, 0x8A})
+FLUSHES = frozenset({0x35, 0x91})
+
+
+@dataclass
+class Iolog:
+    lines: list[str]
+    reads: int = 0
+    writes: int = 0
+    syncs: int = 0
+    left_out: Counter[str] = field(default_factory=Counter)   # command name -> count
+
+
+def fio_iolog(records: list[Record], lun: str, device: str) -> Iolog:
+    """fio's iolog version 3 of one LUN's records (fio's HOWTO, "Trace file format"):
+    "TIME FILE ACTION [OFFSET LENGTH]", TIME in microseconds from the first command."""
+    mine = sorted((r for r in records if r.lun == lun), key=lambda r: r.time)
+    log = Iolog(["fio version 3 iolog", f"0 {device} add", f"0 {device} open"])
+    t0 = mine[0].time if mine else 0.0
+    last = 0
+    for r in mine:
+        us = max(0, round((r.time - t0) * 1e6))
+        last = max(last, us)
+        if r.op in FLUSHES:
+            log.lines.append(f"{us} {device} sync")
+            log.syncs += 1
+        elif (r.op in READS or r.op in WRITES) and r.lba is not None and r.blocks:
+            action = "read" if r.op in READS else "write"
+            log.lines.append(f"{us} {device} {action} {r.lba * r.block_size} "
+                             f"{r.blocks * r.block_size}")
+            if action == "read":
+                log.reads += 1
+            else:
+                log.writes += 1
+        else:
+            log.left_out[r.name] += 1
+    log.lines.append(f"{last} {device} close")
+    return log
+
+
+def choose_lun(records: list[Record], lun: str | None, path: str) -> str:
+    luns = sorted({r.lun for r in records if r.lun})
+    if lun is not None:
+        if lun not in luns:
+            raise TraceError(f"{path}: no commands of LUN {lun} (it has "
+                             f"{', '.join(luns) or 'none'})")
+        return lun
+    if len(luns) != 1:
+        raise TraceError(f"{path}: commands of {len(luns)} LUNs ({', '.join(luns)}): "
+                         f"say which with --lun T:L")
+    return luns[0]
 
 
 def describe_answer(record: Record) -> str:
@@ -149,6 +219,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a trace written by --filter T:L=trace:"
                                                      "file=FILE")
     parser.add_argument("--png", metavar="OUT", help="also plot latency over time to OUT")
+    parser.add_argument("--fio-iolog", metavar="OUT",
+                        help="write one LUN's reads, writes and flushes as a fio iolog "
+                             "(version 3) for fio --read_iolog")
+    parser.add_argument("--lun", metavar="T:L", help="the LUN to export (when the trace "
+                                                     "has several)")
+    parser.add_argument("--device", metavar="NAME",
+                        help="the file name in the iolog (default lun-T-L; fio's "
+                             "--replay_redirect points it at a device)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,8 +240,22 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             print(PNG_HINT, file=sys.stderr)
             return 2
+    if args.fio_iolog:
+        return export_iolog(records, args)
     print_summary(summarise(records, skipped), title=f"{args.file}: {len(records)} commands")
     if args.png:
         plot_latency(records, args.png)
         print(f"latency plot: {args.png}")
+    return 0
+
+
+def export_iolog(records: list[Record], args: argparse.Namespace) -> int:
+    lun = choose_lun(records, args.lun, args.file)
+    device = args.device or "lun-" + lun.replace(":", "-")
+    log = fio_iolog(records, lun, device)
+    with open(args.fio_iolog, "w") as f:       # OSError: one line from the CLI
+        f.write("\n".join(log.lines) + "\n")
+    left = ", ".join(f"{n} {name}" for name, n in log.left_out.most_common())
+    print(f"{args.fio_iolog}: LUN {lun}: {log.reads} reads, {log.writes} writes, "
+          f"{log.syncs} syncs" + (f"; left out: {left}" if left else ""))
     return 0

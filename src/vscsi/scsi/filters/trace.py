@@ -81,4 +81,5 @@ def trace_record(cmd: Command, result: ScsiResult, wall: float, latency: float) 
         "asc": sense[12] if sense else None,
         "ascq": sense[13] if sense else None,
         "latency_us": round(latency * 1e6, 1),
+        "block_size": cmd.block_size,
     }
