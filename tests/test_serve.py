@@ -52,6 +52,8 @@ def test_missing_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     ("0:0=nbd:http://host/d0", "expected nbd://"),
     ("0:0=nbd:nbd+unix:///d0", "socket=PATH"),
     ("0:0=nbd:nbds://host/d0", "TLS"),
+    ("0:0=nbds://host/d0", "TLS"),
+    ("0:0=nbd+unix:///d0", "socket=PATH"),
 ])
 def test_bad_nbd_uri(tmp_path, spec: str, words: str) -> None:  # type: ignore[no-untyped-def]
     proc = run_serve("--socket", str(tmp_path / "s"), "--lun", spec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 from vscsi.usage import run_command
@@ -22,7 +23,16 @@ SUBCOMMANDS = {
     "vm": ("vscsi.vm.command", "build and boot a Linux guest against a backend"),
     "trace": ("vscsi.bench.trace", "summarise a command trace (--filter T:L=trace:file=F)"),
     "rpc": ("vscsi.rpc.command", "manage a running `vscsi serve` (LUNs, stats, steering)"),
+    "top": ("vscsi.rpc.top", "live view of a running `vscsi serve` (IOPS, latency, steering)"),
 }
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's, as pip recorded it)."""
+    try:
+        return importlib.metadata.version("vscsi")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vscsi",
         description="Multiqueue virtio-scsi in Python: a vhost-user-scsi device, a steering "
                     "driver, benchmarks and a simulator.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)

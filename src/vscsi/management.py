@@ -275,7 +275,8 @@ class Management:
                            "bytes_read": counts["bytes_read"],
                            "bytes_written": counts["bytes_written"],
                            "scsi_errors": counts["errors"],
-                           "latency_us": counts["latency_us"]})
+                           "latency_us": counts["latency_us"],
+                           "latency_hist": counts["latency_hist"]})
         luns = []
         for t in sorted(port.device.targets):
             for lun in sorted(getattr(port.device.targets[t], "luns", {})):
@@ -285,16 +286,20 @@ class Management:
         return {"queues": queues, "luns": luns, "steering": self.steering(vm)}
 
     def steering(self, vm: int = 0) -> dict[str, Any]:
-        """Per target: requests per request queue and "switches while busy" (a request
-        arriving on another queue while one of that target executes); per queue: the
-        interrupts (call-eventfd writes). Of one VM (``vm``: the n-th --socket)."""
+        """Per target the device has: requests per request queue, "switches while busy" (a
+        request arriving on another queue while one of that target executes) and queue
+        "changes" (a request arriving on another queue than the target's previous one,
+        device/stats.py); per queue: the interrupts (call-eventfd writes). Of one VM
+        (``vm``: the n-th --socket)."""
         port = self._port(vm)
         per_target = port.device.stats.steering()
         interrupts = [port.server.stats.get(i, NOTIFIES) for i in
                       range(FIRST_REQUEST_QUEUE, port.server.stats.num_vqs)]
+        # the targets the device has: the guest's scan probes all 256, missing ones too
         return {
             "targets": [{"target": t, "requests": row["requests"],
-                         "switches": row["switches"]} for t, row in per_target.items()],
+                         "switches": row["switches"], "changes": row["changes"]}
+                        for t, row in per_target.items() if t in port.device.targets],
             "interrupts": interrupts,
         }
 

@@ -99,3 +99,27 @@ def test_preset_coverletter_end_to_end(tmp_path, capsys):
     for p in points:  # where the CPU time went: VCPU processes, this one, the backend
         assert len(p["cpu_s"]["vcpus"]) == 2 and p["cpu_s"]["device"] > 0
     assert (tmp_path / "coverletter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_only_luns_are_left_out_of_writing_jobs(capsys):
+    """README's own example: a read-only LUN next to writable ones; a write or verify job
+    leaves it out in one line, a read job uses it, and with only read-only LUNs a writing
+    job stops with one line (exit 2), never a traceback."""
+    with ServeProcess(["0:0=ram:1M", "1:300=ram:1M,ro,block-size=4096"], queues=2) as proc:
+        assert main(["bench", "--socket", proc.socket, "--json", "--requests", "200",
+                     "--size", "256k", "--rw", "randrw", "--verify"]) == 0
+        captured = capsys.readouterr()
+        r = json.loads(captured.out)
+        assert r["errors"] == 0 and r["verify_errors"] == 0 and r["config"]["targets"] == 1
+        assert captured.err.strip() == ("vscsi bench: read-only LUN(s) 1:300 left out of "
+                                        "this verify job")
+        assert main(["bench", "--socket", proc.socket, "--json", "--requests", "100",
+                     "--size", "256k", "--rw", "randread"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["config"]["targets"] == 2
+    with ServeProcess(["1:300=ram:1M,ro,block-size=4096"], queues=2) as proc:
+        status = main(["bench", "--socket", proc.socket, "--requests", "10", "--size",
+                       "256k", "--rw", "randwrite"])
+        err = capsys.readouterr().err
+        assert status == 2 and "every LUN is read-only (1:300)" in err
+        assert err.strip().count("\n") == 0 and "Traceback" not in err

@@ -23,6 +23,17 @@ def done(s: DeviceStats, q: int, addr: tuple[int, int], failed: bool, read: int,
     s.counters(q).done(addr[0], addr, failed, read, written, ns)
 
 
+def test_a_change_is_counted_whatever_the_device_was_doing() -> None:
+    """A target's requests one after the other, each ended before the next came (a
+    synchronous LUN): no switch ever, but a change each time the queue differs."""
+    s = DeviceStats(2)
+    s.assign(0, 0)
+    for q in (0, 0, 1, 1, 0, 1):
+        arrive(s, q, (0, 0))
+        done(s, q, (0, 0), False, 512, 0, 1_000)
+    assert s.steering()[0] == {"requests": [3, 3], "switches": [0, 0], "changes": [1, 2]}
+
+
 def test_switch_counted_only_while_another_queue_runs_the_target() -> None:
     s = DeviceStats(3)
     s.assign(0, 0)
@@ -35,8 +46,11 @@ def test_switch_counted_only_while_another_queue_runs_the_target() -> None:
     arrive(s, 2, (0, 0))            # target 0 idle everywhere now: not a switch
     done(s, 2, (0, 0), True, 0, 0, 10**16)  # ~3 hours
     steering = s.steering()
-    assert steering[0] == {"requests": [1, 1, 1], "switches": [0, 1, 0]}
-    assert steering[7] == {"requests": [0, 0, 1], "switches": [0, 0, 0]}
+    # changes: target 0 came on q0, then q1, then q2 (busy or not); target 7 once
+    assert steering[0] == {"requests": [1, 1, 1], "switches": [0, 1, 0],
+                           "changes": [0, 1, 1]}
+    assert steering[7] == {"requests": [0, 0, 1], "switches": [0, 0, 0],
+                           "changes": [0, 0, 0]}
     lun = s.lun(0, 0)
     assert lun is not None
     assert (lun["commands"], lun["bytes_read"], lun["bytes_written"], lun["errors"]) == \

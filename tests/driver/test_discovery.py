@@ -29,10 +29,11 @@ def test_discover_skips_missing_targets_and_unconnected_luns():
             return True, bytes([qual, 0, 6, 2, 91, 0, 0, 2]) + b"VSCSI   " + b"disk".ljust(16)
         if cdb[0] == 0x9E:
             return True, struct.pack(">QI", 2047, 4096) + bytes(20)
+        if cdb[0] == 0x1A:
+            return True, bytes([3, 0, 0x80, 0])    # WP
         raise AssertionError(cdb)
 
     units = discover(execute, [0, 1])
-    assert [(u.target, u.lun, u.blocks, u.block_size, u.vendor) for u in units] == [
-        (0, 0, 2048, 4096, "VSCSI")
-    ]
+    assert [(u.target, u.lun, u.blocks, u.block_size, u.vendor, u.write_protected)
+            for u in units] == [(0, 0, 2048, 4096, "VSCSI", True)]
     assert units[0].capacity == 2048 * 4096

@@ -129,6 +129,10 @@ def test_serve_option_errors_are_one_line(tmp_path: Path, argv: list[str], messa
     (["lun_resize", "0:1"], "lun_resize takes TARGET:LUN SIZE"),
     (["lun_add"], "lun_add takes one LUN spec"),
     (["lun_list", "extra"], "takes no positional arguments"),
+    (["filter_add", "1:0"], "filter_add takes TARGET:LUN SPEC"),
+    (["filter_remove", "1:0", "x"], "filter_remove takes TARGET:LUN ID"),
+    (["filter_list"], "filter_list takes TARGET:LUN"),
+    (["pr_show", "0:0", "0:1"], "pr_show takes TARGET:LUN"),
 ])
 def test_rpc_command_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     r = subprocess.run([sys.executable, "-m", "vscsi.cli", "rpc", "--socket",
@@ -156,6 +160,20 @@ def test_rpc_command_against_a_server(tmp_path: Path) -> None:
         assert '"size": 1048576' in r.stdout and r.stdout.count('"lun"') == 2
         r = cli("steering")
         assert r.returncode == 0 and "interrupts" in r.stdout
+        # the vhost-user socket's path names the management socket next to it
+        r = subprocess.run([sys.executable, "-m", "vscsi.cli", "rpc", "--socket",
+                            serve.socket, "lun_list"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and r.stdout.count('"lun"') == 2, r.stderr
+        # filters: the address first, positionally, or the long NAME=VALUE form
+        r = cli("filter_add", "0:1", "delay:read=1ms")
+        assert r.returncode == 0 and '"id": 1' in r.stdout, r.stderr
+        assert cli("filter_add", "target=0", "lun=1", "spec=hang:op=write").returncode == 0
+        r = cli("filter_list", "0:1")
+        assert "delay:read=1ms" in r.stdout and "hang:op=write" in r.stdout, r.stdout
+        assert cli("filter_remove", "0:1", "1").returncode == 0
+        assert "delay" not in cli("filter_list", "target=0", "lun=1").stdout
+        assert cli("pr_show", "0:1").returncode == 0
         assert cli("lun_remove", "0:1").returncode == 0
         r = cli("lun_remove", "0:1")
         assert r.returncode == 1 and r.stderr == "vscsi rpc: lun_remove: no LUN 0:1\n"

@@ -99,3 +99,14 @@ def test_lun_spec():
 def test_lun_spec_refused(text, message):
     with pytest.raises(LunSpecError, match=message):
         parse_lun_spec(text)
+
+
+@pytest.mark.parametrize("uri", ["nbd://localhost:10809/d0", "nbd://[::1]/e",
+                                 "nbd+unix:///d0?socket=/run/q.sock"])
+def test_an_nbd_uri_is_a_spec_of_its_own(uri: str) -> None:
+    short = parse_lun_spec(f"0:1={uri},ro")
+    assert short == parse_lun_spec(f"0:1=nbd:{uri},ro")
+    assert short.kind == "nbd" and short.arg == uri and short.read_only
+    assert str(short) == f"0:1=nbd:{uri},ro"            # written out in the long form
+    with pytest.raises(LunSpecError, match="socket=PATH"):
+        parse_lun_spec("0:0=nbd+unix:///d0")              # checked the same way

@@ -12,6 +12,7 @@ as ``runtime`` seconds allow.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -103,8 +104,24 @@ def prefill(machine: Machine, jobs: list[Job], seed: int) -> None:
                 raise RuntimeError(f"prefill of {job.target}:{job.lun} failed at offset {offset}")
 
 
+def writable_units(units: list[Unit], opts: RunOptions) -> list[Unit]:
+    """A job that writes (or verifies, which writes its pattern first) leaves read-only
+    LUNs out, saying so in one line; ValueError if nothing is left to write to."""
+    if opts.spec.rw in ("read", "randread") and not opts.verify:
+        return units
+    kept = [u for u in units if not u.write_protected]
+    left = [f"{u.target}:{u.lun}" for u in units if u.write_protected]
+    if left and not kept:
+        raise ValueError(f"every LUN is read-only ({', '.join(left)}): a --rw {opts.spec.rw}"
+                         f"{' --verify' if opts.verify else ''} job has nothing to write to")
+    if left:
+        print(f"vscsi bench: read-only LUN(s) {', '.join(left)} left out of this "
+              f"{'verify' if opts.verify else opts.spec.rw} job", file=sys.stderr)
+    return kept
+
+
 def run(machine: Machine, opts: RunOptions, vcpus: int) -> dict:
-    units = select_units(machine.discover(), opts.targets)
+    units = writable_units(select_units(machine.discover(), opts.targets), opts)
     jobs = make_jobs(units, opts, vcpus)
     if opts.verify:
         prefill(machine, jobs, opts.seed)

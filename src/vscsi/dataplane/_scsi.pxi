@@ -144,6 +144,8 @@ cdef class FastScsi:
     cdef uint64_t *u64              # the device's shared counters (device/stats.py)
     cdef long requests_base         # requests[q][t] at requests_base + t
     cdef long switch_base
+    cdef long change_base
+    cdef uint8_t *last_queue        # last_queue[t]: 1 + the queue of t's last request
     cdef uint8_t *inflight          # inflight[t * num_queues + q]
     cdef int num_queues
     cdef uint8_t *tasks             # the task table: holds, then the slots
@@ -180,6 +182,8 @@ cdef class FastScsi:
         self.u64 = <uint64_t *>_pointer(stats.u64, self.holds)
         self.requests_base = slot * MAX_TARGETS
         self.switch_base = stats.num_queues * MAX_TARGETS + slot * MAX_TARGETS
+        self.change_base = 2 * stats.num_queues * MAX_TARGETS + slot * MAX_TARGETS
+        self.last_queue = <uint8_t *>_pointer(stats.last_queue, self.holds)
         self.inflight = <uint8_t *>_pointer(stats.inflight, self.holds)
         self.tasks = <uint8_t *>_pointer(device.tasks.mem, self.holds)
         self.task_off = device.tasks.slot_offset(slot)
@@ -312,13 +316,21 @@ cdef class FastScsi:
 
     cdef bint arrive(self, int t) noexcept:
         """A request of target t arrived on this queue: requests[q][t], and with several
-        queues its in-flight byte and, if another queue runs t, a switch. Returns whether
-        it counted a switch (undo() takes it back)."""
+        queues its in-flight byte, if another queue runs t a switch, and if its last
+        request came on another queue a change. Returns whether it counted a switch
+        (undo() takes it back; not the change: the request did arrive here, and the Python
+        path, counting its arrival again, finds the last queue already this one)."""
         cdef uint8_t *row
         cdef int q
         cdef bint switched = False
+        cdef uint8_t last
         self.u64[self.requests_base + t] += 1
         if self.num_queues > 1:
+            last = self.last_queue[t]
+            if last != self.slot + 1:
+                if last:
+                    self.u64[self.change_base + t] += 1
+                self.last_queue[t] = self.slot + 1
             row = self.inflight + t * self.num_queues
             for q in range(self.num_queues):
                 if q != self.slot and row[q]:

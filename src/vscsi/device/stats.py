@@ -14,6 +14,12 @@ Tables (q: request queue, 0-based; t: target 0..255; s: a LUN's slot):
   still executing on another queue (the seed's per-target stickiness broken, as blk-mq's
   static map does), detected with an in-flight count per (t, q) (a byte: a queue may
   have several requests of t answered later);
+* ``changes[q][t]``: requests for t that arrived on q when t's previous request had
+  arrived on another queue (detected with a byte per target: the queue its last request
+  came on). Whatever the device was doing meanwhile: blk-mq's per-CPU map changes a
+  target's queue whenever another vCPU submits, however quickly each request is answered,
+  while the seed's sticky steering changes it only when the target is idle in the
+  driver -- with one vCPU per target, neither changes it at all;
 * ``luns[q][s]``: bytes read, bytes written, errors (status not GOOD or a
   transport failure) and a latency histogram: bucket i counts executions that took
   [2**(i-1), 2**i) microseconds (bucket 0: under 1 us; the last one: everything longer),
@@ -26,9 +32,10 @@ The Python path does not write the shared rows per request: it adds into its que
 :class:`QueueCounters` (plain Python lists and dicts), which the worker flushes into the
 shared rows once per pass over the ring, before it signals the driver -- so whatever the
 driver saw completed is counted when it looks. Only the in-flight bytes, which other
-queues read while the request runs, are written per request (and only with more than one
-queue: one queue has no switches). The compiled data plane (dataplane/_scsi.pxi) adds
-into the shared rows directly, per request: the same sums.
+queues read while the request runs, the last-queue byte and a change are written per
+request (and only with more than one queue: one queue has no switches and no changes).
+The compiled data plane (dataplane/_scsi.pxi) adds into the shared rows directly, per
+request: the same sums.
 """
 
 from __future__ import annotations
@@ -73,12 +80,15 @@ class DeviceStats:
         self.num_queues = num_queues
         self.lun_slots = lun_slots
         self._switch_base = num_queues * MAX_TARGETS
-        self._lun_base = 2 * num_queues * MAX_TARGETS
+        self._change_base = 2 * num_queues * MAX_TARGETS
+        self._lun_base = 3 * num_queues * MAX_TARGETS
         words = self._lun_base + num_queues * lun_slots * LUN_COLUMNS
         self._map = mmap.mmap(-1, words * 8)
         self.u64 = memoryview(self._map).cast("Q")
         # inflight[t * num_queues + q]: 1 while queue q executes a request of target t
         self.inflight = mmap.mmap(-1, MAX_TARGETS * num_queues)
+        # last_queue[t]: 1 + the queue target t's last request arrived on (0: none yet)
+        self.last_queue = mmap.mmap(-1, MAX_TARGETS)
         self._idle = bytes(num_queues)  # a target's row when no queue runs it
         self.slots: dict[tuple[int, int], int] = {}  # (target, lun) -> slot
         self._free = list(range(lun_slots - 1, -1, -1))
@@ -159,7 +169,8 @@ class DeviceStats:
         }
 
     def steering(self) -> dict[int, dict[str, list[int]]]:
-        """Per target that saw requests: requests and switches per request queue."""
+        """Per target that saw requests: requests, switches and queue changes per request
+        queue."""
         self.flush()
         out: dict[int, dict[str, list[int]]] = {}
         u64 = self.u64
@@ -168,7 +179,9 @@ class DeviceStats:
             if any(per_queue):
                 out[t] = {"requests": per_queue,
                           "switches": [u64[self._switch_base + q * MAX_TARGETS + t]
-                                       for q in range(self.num_queues)]}
+                                       for q in range(self.num_queues)],
+                          "changes": [u64[self._change_base + q * MAX_TARGETS + t]
+                                      for q in range(self.num_queues)]}
         return out
 
     def close(self) -> None:
@@ -179,6 +192,7 @@ class DeviceStats:
         except BufferError:
             pass
         self.inflight.close()
+        self.last_queue.close()
 
 
 LAST_BUCKET = BUCKETS - 1
@@ -212,7 +226,7 @@ class QueueCounters:
     """
 
     __slots__ = ("stats", "q", "u64", "rows", "touched", "multi", "inflight", "idle",
-                 "num_queues", "requests_base", "switch_base")
+                 "num_queues", "requests_base", "switch_base", "change_base", "last_queue")
 
     def __init__(self, stats: DeviceStats, q: int) -> None:
         self.stats = stats
@@ -227,6 +241,8 @@ class QueueCounters:
         self.num_queues = stats.num_queues
         self.requests_base = q * MAX_TARGETS
         self.switch_base = stats._switch_base + q * MAX_TARGETS
+        self.change_base = stats._change_base + q * MAX_TARGETS
+        self.last_queue = stats.last_queue
 
     def row(self, addr: tuple[int, int]) -> LunCounts | None:
         """The counts of LUN ``addr`` (made on first use), None if it has no slot."""
@@ -260,10 +276,16 @@ class QueueCounters:
         self.u64[self.requests_base + t] += 1
 
     def running(self, t: int) -> int:
-        """A request of target t starts on this queue: a switch if another queue runs t
-        (only called with several queues). Returns its cell in ``inflight``, which
-        :meth:`left` decrements when the request ends."""
+        """A request of target t starts on this queue: a switch if another queue runs t,
+        a change if its last request came on another queue (only called with several
+        queues). Returns its cell in ``inflight``, which :meth:`left` decrements when the
+        request ends."""
         nq = self.num_queues
+        last, me = self.last_queue[t], self.q + 1
+        if last != me:
+            if last:
+                self.u64[self.change_base + t] += 1
+            self.last_queue[t] = me
         first = t * nq
         mine = first + self.q
         inflight = self.inflight

@@ -1,4 +1,5 @@
-"""Target and LUN discovery as an initiator does it: REPORT LUNS, INQUIRY, READ CAPACITY.
+"""Target and LUN discovery as an initiator does it: REPORT LUNS, INQUIRY, READ CAPACITY,
+and MODE SENSE for write protection (as Linux sd does).
 
 Transport-agnostic: ``execute(target, lun, cdb, data_in_len) -> (ok, data)`` runs one
 command synchronously (the loopback drives its rings; the vhost-user front-end waits for
@@ -15,6 +16,9 @@ Execute = Callable[[int, int, bytes, int], tuple[bool, bytes]]
 
 REPORT_LUNS = 0xA0
 INQUIRY = 0x12
+MODE_SENSE_6 = 0x1A
+ALL_PAGES = 0x3F
+WP = 0x80               # the mode parameter header's DEVICE-SPECIFIC PARAMETER: write protected
 SERVICE_ACTION_IN_16 = 0x9E
 READ_CAPACITY_16 = 0x10
 
@@ -66,6 +70,13 @@ def inquiry(execute: Execute, target: int, lun: int) -> tuple[int, str, str] | N
     return data[0], vendor, product
 
 
+def write_protected(execute: Execute, target: int, lun: int) -> bool:
+    """The WP bit of MODE SENSE(6) (SBC-3 6.4.1); a unit that does not answer is taken as
+    writable (the write itself will say otherwise)."""
+    ok, data = execute(target, lun, bytes([MODE_SENSE_6, 0x08, ALL_PAGES, 0, 4, 0]), 4)
+    return ok and len(data) >= 3 and bool(data[2] & WP)
+
+
 def discover(execute: Execute, targets: range | list[int]) -> list[Unit]:
     """Every LUN that answers, on the given targets (a target that fails REPORT LUNS,
     as a missing one does with BAD_TARGET, is skipped)."""
@@ -81,5 +92,6 @@ def discover(execute: Execute, targets: range | list[int]) -> list[Unit]:
             cap = read_capacity(execute, target, lun)
             if cap is None:
                 continue
-            units.append(Unit(target, lun, cap[0], cap[1], inq[1], inq[2]))
+            units.append(Unit(target, lun, cap[0], cap[1], inq[1], inq[2],
+                              write_protected(execute, target, lun)))
     return units

@@ -3,14 +3,52 @@
     with Client("/run/vscsi.sock.rpc") as rpc:
         rpc.call("lun_add", spec="0:1=ram:64M")
         print(rpc.call("lun_list"))
+
+``rpc_socket_path`` turns what a user gives (the management socket, or the vhost-user
+socket next to it) into the management socket's path.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import socket
+import stat
 from typing import Any
+
+RPC_SUFFIX = ".rpc"  # vscsi serve's default --rpc: the vhost-user socket's path + this
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def rpc_socket_path(path: str) -> str:
+    """The management socket meant by ``path``: ``path + ".rpc"`` when that is a socket
+    (``path`` is then the vhost-user socket of a `vscsi serve` with the default --rpc),
+    else ``path`` itself.
+
+    Decided from the file system, without connecting: a connection to the vhost-user
+    socket is taken for a front-end's (a session is counted and torn down, or the
+    connection waits unanswered while the VM is connected), so it is never tried first.
+    FileNotFoundError when neither exists, OSError ENOTSOCK when ``path`` is no socket.
+    """
+    path = os.fspath(path)
+    if not path.endswith(RPC_SUFFIX) and _is_socket(path + RPC_SUFFIX):
+        return path + RPC_SUFFIX
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"no such socket (nor {RPC_SUFFIX} next to it)",
+                                path) from None
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.ENOTSOCK, "not a socket", path)
+    return path
 
 
 class RpcError(Exception):

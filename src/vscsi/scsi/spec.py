@@ -9,7 +9,8 @@
     0:3=file:/var/lib/images/d.img,direct,threads=32
 
 BACKEND is file:PATH, ram:SIZE, null:SIZE, nbd:URI (nbd://HOST[:PORT]/EXPORT or
-nbd+unix:///EXPORT?socket=PATH; the disk's size is the export's) or python:MODULE:CLASS
+nbd+unix:///EXPORT?socket=PATH, also without the "nbd:"; the disk's size is the export's)
+or python:MODULE:CLASS
 (a plugin, docs/plugins.md; MODULE is a dotted module name or a path to a .py file).
 Options: ro, block-size=512|4096, serial=TEXT; a file also takes direct (O_DIRECT, QEMU's
 cache=none), threads=N (0..256: helper threads per queue worker that keep N requests
@@ -44,6 +45,7 @@ AIO_MODES = ("threads", "io_uring")
 # Offsets are off_t (signed 64-bit): no LU may be larger.
 MAX_SIZE = (1 << 63) - 1
 KINDS = ("file", "ram", "null", "nbd", "python")
+NBD_URI_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")  # nbds: refused (TLS)
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 # ASCII digits only: str.isdigit() accepts "²" and other digits int() then rejects.
@@ -168,6 +170,8 @@ def _parse(text: str) -> LunSpec:
     lun = _number(l_text, "LUN", MAX_LUN)
 
     backend, *options = _split_options(rest)
+    if backend.startswith(NBD_URI_SCHEMES):
+        backend = "nbd:" + backend      # an NBD URI is a spec of its own: nbd:URI
     kind, colon, arg = backend.partition(":")
     if kind not in KINDS:
         raise LunSpecError(f"unknown backend {kind!r}: expected file:PATH, ram:SIZE, "
