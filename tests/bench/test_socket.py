@@ -82,20 +82,29 @@ def test_preset_coverletter_end_to_end(tmp_path, capsys):
     writes the table, the JSON and the plot."""
     status = main(["bench", "--preset", "coverletter", "--preset-targets", "1,2",
                    "--preset-policies", "single,percpu", "--runtime", "0.3", "--size", "1M",
-                   "--disk-size", "1M", "--out", str(tmp_path), "--json"])
+                   "--disk-size", "1M", "--out", str(tmp_path), "--json", "--rounds", "2"])
     assert status == 0
     out = json.loads(capsys.readouterr().out)
     assert [row["targets"] for row in out["table"]] == [1, 2]
-    for row in out["table"]:
-        assert row["single"] > 0 and row["percpu"] > 0
-        assert row["percpu/single"] == pytest.approx(row["percpu"] / row["single"])
+    assert out["rounds"] == 2 and len(out["load_average"]["before"]) == 3
     saved = json.loads((tmp_path / "coverletter.json").read_text())
+    assert len(saved["points"]) == 2 * 2 * 2            # rounds x targets x columns
+    for k, row in enumerate(out["table"]):
+        assert row["single"] > 0 and row["percpu"] > 0
+        for name in ("single", "percpu", "percpu/single"):
+            assert row[f"{name}_min"] <= row[name] <= row[f"{name}_max"]
+        # a ratio is taken within a round: the median (here the mean) of the two rounds'
+        single, percpu = ([p["mbps"] for p in saved["points"] if p["config"]["targets"] == k + 1
+                           and p["config"]["policy"] == name] for name in ("single", "percpu"))
+        assert row["percpu/single"] == pytest.approx(
+            (percpu[0] / single[0] + percpu[1] / single[1]) / 2)
     points = saved["points"]
     assert [(p["config"]["policy"], p["config"]["targets"]) for p in points] == [
-        ("single", 1), ("percpu", 1), ("single", 2), ("percpu", 2)]
+        ("single", 1), ("single", 1), ("percpu", 1), ("percpu", 1),
+        ("single", 2), ("single", 2), ("percpu", 2), ("percpu", 2)]
     assert all(p["config"]["rw"] == "read" and p["config"]["bsrange"] == [4096, 65536]
                and p["config"]["iodepth"] == 4 and p["errors"] == 0 for p in points)
-    assert points[0]["config"]["queues"] == 1 and points[1]["config"]["queues"] == 2
+    assert points[0]["config"]["queues"] == 1 and points[2]["config"]["queues"] == 2
     for p in points:  # where the CPU time went: VCPU processes, this one, the backend
         assert len(p["cpu_s"]["vcpus"]) == 2 and p["cpu_s"]["device"] > 0
     assert (tmp_path / "coverletter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -49,6 +49,25 @@ def test_preset_coverletter_writes_table_and_plot(tmp_path, capsys):
                    "--no-pertarget", "--plot", str(plot))
     assert [r["targets"] for r in out["rows"]] == [1, 2, 4, 8, 16, 24, 32]
     assert plot.stat().st_size > 1000
+    # three seeds by default: medians with their min-max where the seeds differ
+    assert out["rounds"] == 3 and out["seeds"] == [1, 2, 3]
+    spread = [r for r in out["rows"] if "model_ratio4_min" in r]
+    assert spread, out["rows"]
+    for r in spread:
+        assert r["model_ratio4_min"] <= r["model_ratio4"] <= r["model_ratio4_max"]
+    assert all("model_ratio4_min" not in r for r in run_json(
+        capsys, "--preset", "coverletter", "--requests", "300", "--workers", "1",
+        "--no-pertarget", "--plot", str(plot), "--rounds", "1")["rows"])
+
+
+def test_combine_rounds():
+    from vscsi.sim.presets import combine_rounds
+
+    rounds = [[{"targets": 1, "x": 1.0, "name": "vcpu0 0.9", "pub": 5}],
+              [{"targets": 1, "x": 3.0, "name": "host 1.00", "pub": 5}],
+              [{"targets": 1, "x": 2.0, "name": "vcpu1 0.8", "pub": 5}]]
+    assert combine_rounds(rounds) == [{"targets": 1, "x": 2.0, "x_min": 1.0, "x_max": 3.0,
+                                       "name": "vcpu0 0.9", "pub": 5}]
 
 
 def test_sweep_json(capsys):

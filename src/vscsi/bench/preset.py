@@ -6,9 +6,12 @@ bsrange=4k-64k, iodepth=4, one job per target, one LUN per target, disks on tmpf
 in the README). Here each point runs the
 SMP driver (one VCPU process per CPU, ``--vcpus``) over a ``vscsi serve`` this command
 starts with RAM targets (or the backend at ``--socket``), for each policy column; the
-first column is the baseline each other column's ratio divides by. Output: the table
-(MB/s per column, ratio per row), ``coverletter.json`` (every point's full bench JSON)
-and ``coverletter.png`` in ``--out``.
+first column is the baseline each other column's ratio divides by. ``--rounds N`` runs
+every point N times, round after round, the columns interleaved within each (so a slow
+moment of the machine falls on every column alike); a ratio is taken within a round, and
+the table gives the median over rounds with the min-max, the plot error bars. Output: the
+table, ``coverletter.json`` (every round's full bench JSON, the load average before and
+after) and ``coverletter.png`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import sys
 from collections.abc import Iterator
 
@@ -53,6 +57,8 @@ def coverletter(args: argparse.Namespace) -> int:
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r} in --preset-policies")
+    if args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
     runtime = args.runtime or (None if args.requests else DEFAULT_RUNTIME)
     spec = JobSpec.from_options(JOB["rw"], None, JOB["bsrange"], JOB["iodepth"], args.size)
     os.makedirs(args.out, exist_ok=True)
@@ -61,34 +67,41 @@ def coverletter(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     err = Console(stderr=True)
-    points: dict[tuple[str, int], dict] = {}
+    points: dict[tuple[str, int], list[dict]] = {(p, n): [] for n in targets for p in policies}
+    load_before = os.getloadavg()
     with backend(args, targets[-1]) as (path, serve):
         # auto_refresh off: rich's refresh thread must not exist when VCPUs are forked
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       console=err, auto_refresh=False) as progress:
-            bar = progress.add_task("coverletter", total=len(targets) * len(policies))
-            for n in targets:
-                for policy in policies:
-                    progress.update(bar, description=f"{policy:>9} · {n:>2} targets")
-                    progress.refresh()
-                    points[policy, n] = run_point(args, path, serve, policy, n, spec, runtime)
-                    progress.advance(bar)
-                    progress.refresh()
+            bar = progress.add_task("coverletter",
+                                    total=args.rounds * len(targets) * len(policies))
+            for r in range(args.rounds):
+                for n in targets:
+                    for policy in policies:
+                        progress.update(bar, description=f"round {r + 1}/{args.rounds} · "
+                                                         f"{policy:>9} · {n:>2} targets")
+                        progress.refresh()
+                        points[policy, n].append(
+                            run_point(args, path, serve, policy, n, spec, runtime))
+                        progress.advance(bar)
+                        progress.refresh()
+    load = {"before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()]}
     table = make_table(points, targets, policies)
     plot = os.path.join(args.out, "coverletter.png")
-    write_plot(plot, table, policies, args.vcpus)
-    out = {"job": JOB, "vcpus": args.vcpus, "runtime_s": runtime, "columns": policies,
-           "table": table, "plot": plot,
-           "points": [points[p, n] for n in targets for p in policies]}
+    write_plot(plot, table, policies, args.vcpus, args.rounds)
+    out = {"job": JOB, "vcpus": args.vcpus, "runtime_s": runtime, "rounds": args.rounds,
+           "load_average": load, "columns": policies, "table": table, "plot": plot,
+           "points": [point for n in targets for p in policies for point in points[p, n]]}
     with open(os.path.join(args.out, "coverletter.json"), "w") as f:
         json.dump(out, f, indent=2)
     if args.json:
         json.dump({k: v for k, v in out.items() if k != "points"}, sys.stdout, indent=2)
         print()
     else:
-        print_table(table, policies, args.vcpus)
+        print_table(table, policies, args.vcpus, args.rounds, load)
         print(f"plot: {plot}")
-    bad = sum(p["errors"] + p["verify_errors"] for p in points.values())
+    bad = sum(p["errors"] + p["verify_errors"] for ps in points.values() for p in ps)
     return 1 if bad else 0
 
 
@@ -119,41 +132,59 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def make_table(points: dict[tuple[str, int], dict], targets: list[int],
+def make_table(points: dict[tuple[str, int], list[dict]], targets: list[int],
                policies: list[str]) -> list[dict]:
-    """Rows: targets, MB/s per policy, and each policy's ratio to the first."""
+    """Rows: targets, the median MB/s per policy over the rounds (and ``P_min``,
+    ``P_max``), and each policy's ratio to the first, taken within each round: median
+    (``P/BASE``), min and max (``P/BASE_min``, ``P/BASE_max``)."""
     rows = []
     base = policies[0]
     for n in targets:
         row: dict[str, object] = {"targets": n}
         for p in policies:
-            row[p] = points[p, n]["mbps"]
+            row.update(_spread(p, [point["mbps"] for point in points[p, n]]))
         for p in policies[1:]:
-            row[f"{p}/{base}"] = points[p, n]["mbps"] / max(points[base, n]["mbps"], 1e-9)
+            ratios = [point["mbps"] / max(b["mbps"], 1e-9)
+                      for point, b in zip(points[p, n], points[base, n], strict=True)]
+            row.update(_spread(f"{p}/{base}", ratios))
         rows.append(row)
     return rows
 
 
-def print_table(table: list[dict], policies: list[str], vcpus: int) -> None:
-    """In the shape of the cover letter's table: MB/s per column, multi/single per row."""
+def _spread(name: str, values: list[float]) -> dict[str, float]:
+    return {name: statistics.median(values), f"{name}_min": min(values),
+            f"{name}_max": max(values)}
+
+
+def print_table(table: list[dict], policies: list[str], vcpus: int, rounds: int = 1,
+                load: dict | None = None) -> None:
+    """In the shape of the cover letter's table: MB/s per column, multi/single per row;
+    medians over the rounds, the min-max under each."""
     from rich.console import Console
     from rich.table import Table
 
     base = policies[0]
+    caption = f"median of {rounds} round(s), min-max below it"
+    if load:
+        caption += f"; load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after"
     t = Table(title=f"coverletter · fio rw=read bsrange=4k-64k iodepth=4, one job per target"
-                    f" · {vcpus} VCPUs · MB/s")
+                    f" · {vcpus} VCPUs · MB/s", caption=caption)
     t.add_column("targets", justify="right")
     for p in policies:
         t.add_column(p, justify="right")
     for p in policies[1:]:
         t.add_column(f"{p}/{base}", justify="right")
     for row in table:
-        t.add_row(str(row["targets"]), *(f"{row[p]:.0f}" for p in policies),
-                  *(f"{row[f'{p}/{base}']:.2f}" for p in policies[1:]))
+        t.add_row(str(row["targets"]),
+                  *(f"{row[p]:.0f}\n[dim]{row[p + '_min']:.0f}-{row[p + '_max']:.0f}[/dim]"
+                    for p in policies),
+                  *(f"{row[r]:.2f}\n[dim]{row[r + '_min']:.2f}-{row[r + '_max']:.2f}[/dim]"
+                    for r in (f"{p}/{base}" for p in policies[1:])))
     Console(width=max(100, Console().width)).print(t)
 
 
-def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int) -> None:
+def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int,
+               rounds: int = 1) -> None:
     matplotlib = import_extra("sim", "matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,16 +193,23 @@ def write_plot(path: str, table: list[dict], policies: list[str], vcpus: int) ->
     fig, (ax, ratio) = plt.subplots(2, 1, figsize=(7, 7), sharex=True,
                                     gridspec_kw={"height_ratios": [2, 1]})
     color = {p: f"C{i}" for i, p in enumerate(policies)}  # a policy keeps its colour
+    def bars(name: str) -> list[list[float]]:    # min-max around the median
+        return [[row[name] - row[name + "_min"] for row in table],
+                [row[name + "_max"] - row[name] for row in table]]
+
     for p in policies:
-        ax.plot(xs, [row[p] for row in table], marker="o", label=p, color=color[p])
+        ax.errorbar(xs, [row[p] for row in table], yerr=bars(p), marker="o", capsize=3,
+                    label=p, color=color[p])
     ax.set_ylabel("MB/s (overall)")
-    ax.set_title(f"vscsi coverletter: rw=read 4k-64k iodepth=4, {vcpus} VCPUs")
+    ax.set_title(f"vscsi coverletter: rw=read 4k-64k iodepth=4, {vcpus} VCPUs\n"
+                 f"median of {rounds} round(s), bars min-max")
     ax.legend()
     ax.grid(alpha=0.3)
     base = policies[0]
     for p in policies[1:]:
-        ratio.plot(xs, [row[f"{p}/{base}"] for row in table], marker="o", label=f"{p}/{base}",
-                   color=color[p])
+        name = f"{p}/{base}"
+        ratio.errorbar(xs, [row[name] for row in table], yerr=bars(name), marker="o",
+                       capsize=3, label=name, color=color[p])
     ratio.axhline(1.0, color="grey", linewidth=0.8)
     ratio.set_xlabel("targets")
     ratio.set_ylabel(f"ratio to {base}")

@@ -63,6 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     x.add_argument("--preset", choices=("coverletter", "hint-delay"), default=None)
     x.add_argument("--plot", default=None, metavar="PATH",
                    help="PNG for a preset (default out/simulate-<preset>.png)")
+    x.add_argument("--rounds", type=int, default=3, metavar="N",
+                   help="a preset's runs with N seeds (--seed, --seed+1, ...): the table "
+                        "and plot show medians with min-max (default 3)")
     x.add_argument("--no-pertarget", dest="pertarget", action="store_false",
                    help="coverletter: leave out the pertarget columns")
     x.add_argument("--sweep", action="store_true",
@@ -217,27 +220,42 @@ def _params_doc(args: argparse.Namespace) -> int:
 
 
 def _preset(args: argparse.Namespace, params: SimParams) -> int:
+    """The preset once per seed (``--rounds``), every round's rows combined into medians
+    with min-max (presets.combine_rounds)."""
+    if args.rounds < 1:
+        raise ValueError("--rounds must be at least 1")
     plot = args.plot or f"out/simulate-{args.preset}.png"
-    if args.preset == "coverletter":
-        preset = presets.coverletter(params, requests=args.requests or 10000, seed=args.seed,
-                                     pertarget=args.pertarget,
-                                     hint_delay_ms=_one(args.hint_delay, float, "--hint-delay"))
-    else:
-        preset = presets.hint_delay(params, runtime_s=args.runtime or 0.3, seed=args.seed)
-    with progress_bar(len(preset.points), f"{preset.name}: {len(preset.points)} runs",
+
+    def build(seed: int) -> presets.Preset:
+        if args.preset == "coverletter":
+            return presets.coverletter(
+                params, requests=args.requests or 10000, seed=seed, pertarget=args.pertarget,
+                hint_delay_ms=_one(args.hint_delay, float, "--hint-delay"))
+        return presets.hint_delay(params, runtime_s=args.runtime or 0.3, seed=seed)
+
+    rounds = [build(args.seed + r) for r in range(args.rounds)]
+    points = [point for preset in rounds for point in preset.points]
+    name = rounds[0].name
+    with progress_bar(len(points), f"{name}: {len(points)} runs ({args.rounds} seeds)",
                       sys.stderr.isatty() or not args.json) as bar:
-        results = run_points(preset.points, workers=args.workers, scheduler=args.scheduler,
+        results = run_points(points, workers=args.workers, scheduler=args.scheduler,
                              progress=bar)
-    if preset.name == "coverletter":
-        rows = presets.coverletter_rows(preset, results)
+    per_round = []
+    for r, preset in enumerate(rounds):
+        mine = results[r * len(preset.points):(r + 1) * len(preset.points)]
+        per_round.append(presets.coverletter_rows(preset, mine) if name == "coverletter"
+                         else presets.hint_delay_rows(preset, mine))
+    rows = presets.combine_rounds(per_round)
+    if name == "coverletter":
         path = report.plot_coverletter(rows, plot)
         table = report.coverletter_table(rows)
     else:
-        rows = presets.hint_delay_rows(preset, results)
         path = report.plot_hint_delay(rows, plot)
         table = report.hint_delay_table(rows)
     if args.json:
-        _dump({"preset": preset.name, "rows": rows, "plot": str(path), "params": params.to_dict()})
+        _dump({"preset": name, "rounds": args.rounds, "seeds": [args.seed + r for r in
+                                                               range(args.rounds)],
+               "rows": rows, "plot": str(path), "params": params.to_dict()})
     else:
         _print(table)
         print(f"plot: {path}")

@@ -14,6 +14,7 @@ points locally or on Dask and the tests can check the rows of a small version.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,3 +137,22 @@ def hint_delay_rows(preset: Preset, results: list[dict[str, Any]]) -> list[dict[
             "hints_applied": r["model"]["balancer_applied"],
         })
     return rows
+
+
+def combine_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rows of several rounds (the same preset, other seeds) as one: a number that varies
+    becomes its median, with ``KEY_min`` and ``KEY_max``; what does not vary (targets,
+    published figures) and what is not a number (a bottleneck's name: the first round's)
+    stays as it is."""
+    out = []
+    for rows in zip(*rounds, strict=True):
+        row: dict[str, Any] = dict(rows[0])
+        for key, first in rows[0].items():
+            values = [r[key] for r in rows]
+            if isinstance(first, bool) or not isinstance(first, (int, float)):
+                continue
+            if len(set(values)) > 1:
+                row[key] = statistics.median(values)
+                row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+        out.append(row)
+    return out

@@ -49,6 +49,23 @@ def run_tables(r: dict[str, Any]) -> list[Table]:
     return [head, cpus, queues]
 
 
+def _spread(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    """A median over rounds with its min-max under it (presets.combine_rounds), or the
+    one value."""
+    text = f"{row[key]:.{digits}f}"
+    if f"{key}_min" in row:
+        text += f"\n[dim]{row[key + '_min']:.{digits}f}-{row[key + '_max']:.{digits}f}[/dim]"
+    return text
+
+
+def _bars(rows: list[dict[str, Any]], key: str) -> list[list[float]] | None:
+    """Error bars (min-max around the median) of ``key``, if the rows have a spread."""
+    if not any(f"{key}_min" in r for r in rows):
+        return None
+    return [[r[key] - r.get(f"{key}_min", r[key]) for r in rows],
+            [r.get(f"{key}_max", r[key]) - r[key] for r in rows]]
+
+
 def coverletter_table(rows: list[dict[str, Any]]) -> Table:
     pt = "model_pertarget4" in rows[0]
     t = Table(title="coverletter: MB/s, rw=read bsrange=4k-64k iodepth=4, one job per target "
@@ -70,8 +87,8 @@ def coverletter_table(rows: list[dict[str, Any]]) -> Table:
         cells += [_f(row[k]) for k in ("model_single", "model_percpu4", "model_percpu8")]
         if pt:
             cells += [_f(row["model_pertarget4"]), _f(row["model_pertarget8"])]
-        cells += [f"{row.get('pub_ratio4', float('nan')):.2f}", f"{row['model_ratio4']:.2f}",
-                  f"{row.get('pub_ratio8', float('nan')):.2f}", f"{row['model_ratio8']:.2f}",
+        cells += [f"{row.get('pub_ratio4', float('nan')):.2f}", _spread(row, "model_ratio4"),
+                  f"{row.get('pub_ratio8', float('nan')):.2f}", _spread(row, "model_ratio8"),
                   row["single_bottleneck"], row["percpu4_bottleneck"]]
         t.add_row(*cells)
     return t
@@ -99,10 +116,11 @@ def hint_delay_table(rows: list[dict[str, Any]]) -> Table:
                 "hints applied"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(f"{r['hint_delay_ms']:g}", f"{r['pertarget_locality']:.3f}",
+        t.add_row(f"{r['hint_delay_ms']:g}", _spread(r, "pertarget_locality", 3),
                   _f(r["pertarget_iops"]), _f(r["pertarget_lat_mean"], 1),
-                  f"{r['percpu_locality']:.3f}", _f(r["percpu_iops"]), _f(r["percpu_lat_mean"], 1),
-                  f"{r['iops_ratio']:.3f}", str(r["hints_applied"]))
+                  _spread(r, "percpu_locality", 3), _f(r["percpu_iops"]),
+                  _f(r["percpu_lat_mean"], 1), _spread(r, "iops_ratio", 3),
+                  _f(r["hints_applied"]))
     return t
 
 
@@ -141,7 +159,8 @@ def plot_coverletter(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     for key, label, color in (("single", "single", "tab:gray"), ("percpu4", "multiqueue 4 VCPUs",
                               "tab:blue"), ("percpu8", "multiqueue 8 VCPUs", "tab:orange")):
-        ax1.plot(xs, [r[f"model_{key}"] for r in rows], "o-", color=color, label=f"model {label}")
+        ax1.errorbar(xs, [r[f"model_{key}"] for r in rows], yerr=_bars(rows, f"model_{key}"),
+                     fmt="o-", capsize=3, color=color, label=f"model {label}")
         if "pub_single" in rows[0]:
             ax1.plot(xs, [r[f"pub_{key}"] for r in rows], "s--", color=color, alpha=0.6,
                      label=f"2012 {label}")
@@ -152,8 +171,9 @@ def plot_coverletter(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax1.set_xticks(xs, [str(x) for x in xs])
     ax1.legend(fontsize=7)
     for n, color in ((4, "tab:blue"), (8, "tab:orange")):
-        ax2.plot(xs, [r[f"model_ratio{n}"] for r in rows], "o-", color=color,
-                 label=f"model {n} VCPUs")
+        ax2.errorbar(xs, [r[f"model_ratio{n}"] for r in rows],
+                     yerr=_bars(rows, f"model_ratio{n}"), fmt="o-", capsize=3, color=color,
+                     label=f"model {n} VCPUs")
         if "pub_ratio4" in rows[0]:
             ax2.plot(xs, [r[f"pub_ratio{n}"] for r in rows], "s--", color=color, alpha=0.6,
                      label=f"2012 {n} VCPUs")
@@ -176,13 +196,18 @@ def plot_hint_delay(rows: list[dict[str, Any]], path: str | Path) -> Path:
     nonzero = [r["hint_delay_ms"] for r in rows if r["hint_delay_ms"] > 0] or [1.0]
     xs = [r["hint_delay_ms"] or min(nonzero) / 10 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    ax1.plot(xs, [r["pertarget_locality"] for r in rows], "o-", label="pertarget + balancer")
-    ax1.plot(xs, [r["percpu_locality"] for r in rows], "--", label="percpu")
+    ax1.errorbar(xs, [r["pertarget_locality"] for r in rows],
+                 yerr=_bars(rows, "pertarget_locality"), fmt="o-", capsize=3,
+                 label="pertarget + balancer")
+    ax1.errorbar(xs, [r["percpu_locality"] for r in rows], yerr=_bars(rows, "percpu_locality"),
+                 fmt="--", capsize=3, label="percpu")
     ax1.set(xscale="log", xlabel="hint delay (ms; leftmost point = 0)", ylabel="locality",
             ylim=(0, 1.05), title="completions on the submitting CPU")
     ax1.legend()
-    ax2.plot(xs, [r["pertarget_iops"] for r in rows], "o-", label="pertarget + balancer")
-    ax2.plot(xs, [r["percpu_iops"] for r in rows], "--", label="percpu")
+    ax2.errorbar(xs, [r["pertarget_iops"] for r in rows], yerr=_bars(rows, "pertarget_iops"),
+                 fmt="o-", capsize=3, label="pertarget + balancer")
+    ax2.errorbar(xs, [r["percpu_iops"] for r in rows], yerr=_bars(rows, "percpu_iops"),
+                 fmt="--", capsize=3, label="percpu")
     ax2.set(xscale="log", xlabel="hint delay (ms; leftmost point = 0)", ylabel="IOPS",
             title="throughput")
     ax2.legend()
