@@ -81,9 +81,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                         help="columns: the first is the baseline the ratios divide by")
     preset.add_argument("--out", default=".", metavar="DIR",
                         help="where the preset writes coverletter.png and coverletter.json")
-    preset.add_argument("--rounds", type=int, default=3, metavar="N",
+    preset.add_argument("--rounds", type=int, default=5, metavar="N",
                         help="rounds of every point, the columns interleaved within each; "
-                             "the table shows medians with min-max (default 3)")
+                             "the table shows medians with min-max (default 5: two runs "
+                             "in a row then agree within their spread here, 3 did not)")
 
 
 def lun_specs(args: argparse.Namespace) -> list[LunSpec]:
