@@ -41,7 +41,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from vscsi.bench.storage_daemon import StorageDaemon, VhostUserBlkDaemon
-from vscsi.device.stats import bucket_bounds_us
+from vscsi.metrics import bucket_bounds_us
 from vscsi.rpc.client import Client, RpcError
 from vscsi.testing.serve import ServeProcess
 from vscsi.vm import GuestOptions, build_guest, run_guest

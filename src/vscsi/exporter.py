@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from vscsi.device.stats import BUCKETS, bucket_bounds_us
+from vscsi.device.stats import BUCKETS
+from vscsi.metrics import bucket_bounds_us
 
 if TYPE_CHECKING:
     from vscsi.management import Management

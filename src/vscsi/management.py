@@ -32,7 +32,12 @@ from vscsi.scsi import LogicalUnit, LunSpec, open_unit, parse_lun_spec, parse_si
 from vscsi.scsi.backends import FileBackend, NullBackend, RamBackend
 from vscsi.scsi.filters import parse_filter
 from vscsi.scsi.prfile import PrFile
-from vscsi.scsi.reservations import TYPE_NAMES, transport_id
+from vscsi.scsi.reservations import (
+    ALL_REGISTRANTS_TYPES,
+    TYPE_NAMES,
+    Reservations,
+    transport_id,
+)
 from vscsi.scsi.spec import MAX_SIZE
 from vscsi.scsi.unitstate import PrRecord
 from vscsi.vhost_user import BackendServer
@@ -332,13 +337,11 @@ class Management:
         with unit.state.locked():
             record = unit.state.load()
             was = _describe(record, [p.initiator for p in self.ports])
-            for nexus in record.keys:
-                unit.state.add_unit_attention(nexus, (0x2A, 0x03))
-            cleared = dataclasses.replace(record, keys={}, type=0, holder=None, aptpl=False,
-                                          legacy=None, generation=record.generation + 1)
-            unit.state.store(cleared)
+            Reservations(record, unit.transport_ids,
+                         unit.state.add_unit_attention).clear_by_administrator()
+            unit.state.store(record)
             if unit.pr_store is not None:
-                unit.pr_store.save(cleared, unit.transport_ids)
+                unit.pr_store.save(record, unit.transport_ids)
         log.info("rpc: cleared the reservations of LUN %d:%d (were %s)", target, lun, was)
         return {"target": target, "lun": lun, "cleared": was}
 
@@ -368,7 +371,7 @@ def _describe(record: PrRecord, initiators: Sequence[str]) -> dict[str, Any]:
         return {"vm": nexus, "initiator": initiators[nexus] if nexus < len(initiators) else ""}
 
     holder = None
-    if record.type in (7, 8):
+    if record.type in ALL_REGISTRANTS_TYPES:
         holder = "all registrants"
     elif record.type:
         holder = vm(record.holder)

@@ -9,7 +9,8 @@ import os
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vscsi.device.stats import BUCKETS, DeviceStats, bucket_bounds_us, percentile_us
+from vscsi.device.stats import BUCKETS, DeviceStats
+from vscsi.metrics import bucket_bounds_us, percentile_us
 
 
 def arrive(s: DeviceStats, q: int, addr: tuple[int, int]) -> None:

@@ -43,36 +43,15 @@ from __future__ import annotations
 import mmap
 from typing import Any
 
+from vscsi.metrics import LATENCY_BUCKETS, percentile_us
+
 MAX_TARGETS = 256
 DEFAULT_LUN_SLOTS = 256
-BUCKETS = 32
+BUCKETS = LATENCY_BUCKETS
 # Columns of a LUN row (commands: the sum of the histogram; failures: commands whose
 # status was not GOOD, or that failed in transport).
 READ_BYTES, WRITE_BYTES, FAILURES, HIST = 0, 1, 2, 3
 LUN_COLUMNS = HIST + BUCKETS
-
-
-def bucket_bounds_us(index: int) -> tuple[float, float]:
-    """[low, high) microseconds of histogram bucket ``index``."""
-    low = 0.0 if index == 0 else float(1 << (index - 1))
-    high = float("inf") if index == BUCKETS - 1 else float(1 << index)
-    return low, high
-
-
-def percentile_us(hist: list[int], fraction: float) -> float | None:
-    """The upper bound (us) of the bucket holding the ``fraction`` quantile; None if empty.
-    The last bucket has no upper bound: its lower one is returned."""
-    count = sum(hist)
-    if not count:
-        return None
-    rank = fraction * count
-    seen = 0
-    for index, n in enumerate(hist):
-        seen += n
-        if seen >= rank and n:
-            low, high = bucket_bounds_us(index)
-            return high if high != float("inf") else low
-    return None
 
 
 class DeviceStats:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from vscsi.metrics import percentile_us
 from vscsi.usage import UsageError
 
 from .client import Client, RpcError, rpc_socket_path
@@ -74,28 +75,6 @@ def hist_delta(cur: Sequence[int], prev: Sequence[int] | None) -> list[int]:
                                                                            strict=True)):
         return list(cur)
     return [c - p for c, p in zip(cur, prev, strict=True)]
-
-
-def percentile_us(hist: Sequence[int], fraction: float) -> float | None:
-    """The ``fraction`` quantile (µs) of a latency histogram as ``stats`` serves it
-    (``latency_hist``: bucket i counts commands that took [2**(i-1), 2**i) µs, bucket 0
-    under 1 µs, the last one everything longer): the upper bound of the bucket holding
-    it (the last bucket's lower one), None if the histogram is empty. The same answer as
-    the serve's own percentiles (vscsi.device.stats, a layer this client does not
-    import; a test keeps the two in step)."""
-    count = sum(hist)
-    if not count:
-        return None
-    rank = fraction * count
-    seen = 0
-    last = len(hist) - 1
-    for index, n in enumerate(hist):
-        seen += n
-        if seen >= rank and n:
-            if index == last:
-                return float(1 << (index - 1)) if index else 0.0
-            return float(1 << index)
-    return None
 
 
 def percentiles(hist: Sequence[int]) -> dict[str, float | None]:

@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .reservations import ALL_REGISTRANTS_TYPES
 from .unitstate import PrRecord
 
 log = logging.getLogger("vscsi.scsi")
@@ -77,9 +78,9 @@ class PrFile:
             log.warning("%s: %d registration(s) of initiators not served now dropped",
                         self.path, len(lost))
         holder = number.get(holder_name) if holder_name else None
-        if holder is None and type_ not in (7, 8):
+        if holder is None and type_ not in ALL_REGISTRANTS_TYPES:
             type_ = 0                   # its holder is gone: so is the reservation
-        if type_ in (7, 8) and not keys:
+        if type_ in ALL_REGISTRANTS_TYPES and not keys:
             type_ = 0
         return PrRecord(generation=generation, keys=keys, type=type_, holder=holder,
                         aptpl=True)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from .unitstate import PrRecord
 
 __all__ = [
-    "ALL_TYPES", "PrOutParams", "Reservations", "allowed", "parse_out_params",
+    "ALL_REGISTRANTS_TYPES", "ALL_TYPES", "PrOutParams", "Reservations", "allowed",
+    "parse_out_params",
 ]
 
 # reservation types (SPC-4 table 176)
@@ -33,7 +34,7 @@ ALL_TYPES = (WRITE_EXCLUSIVE, EXCLUSIVE_ACCESS, WE_REGISTRANTS_ONLY, EA_REGISTRA
 _WRITE_EXCLUSIVE_TYPES = (WRITE_EXCLUSIVE, WE_REGISTRANTS_ONLY, WE_ALL_REGISTRANTS)
 _REGISTRANTS_TYPES = (WE_REGISTRANTS_ONLY, EA_REGISTRANTS_ONLY,
                       WE_ALL_REGISTRANTS, EA_ALL_REGISTRANTS)
-_ALL_REGISTRANTS_TYPES = (WE_ALL_REGISTRANTS, EA_ALL_REGISTRANTS)
+ALL_REGISTRANTS_TYPES = (WE_ALL_REGISTRANTS, EA_ALL_REGISTRANTS)
 
 # PERSISTENT RESERVE OUT service actions (SPC-4 table 178)
 REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT = 0, 1, 2, 3, 4, 5
@@ -207,7 +208,7 @@ def holds(record: PrRecord, nexus: int) -> bool:
     Registrants types)."""
     if record.type == 0:
         return False
-    if record.type in _ALL_REGISTRANTS_TYPES:
+    if record.type in ALL_REGISTRANTS_TYPES:
         return nexus in record.keys
     return record.holder == nexus
 
@@ -290,7 +291,7 @@ class Reservations:
         del r.keys[nexus]
         if not held:
             return
-        if r.type in _ALL_REGISTRANTS_TYPES and r.keys:
+        if r.type in ALL_REGISTRANTS_TYPES and r.keys:
             if r.holder == nexus:
                 r.holder = None             # (no one in particular holds it: every
             return                          # registrant does, the others still)
@@ -324,7 +325,13 @@ class Reservations:
                 if other != nexus:
                     self.attention(other, RESERVATIONS_RELEASED)
 
-    def _clear(self, nexus: int) -> None:
+    def clear_by_administrator(self) -> None:
+        """What `vscsi rpc ... pr_clear` does: a CLEAR from no nexus (every registrant is
+        told RESERVATIONS PREEMPTED), and an SPC-2 reservation released too."""
+        self._clear(None)
+        self.r.legacy = None
+
+    def _clear(self, nexus: int | None) -> None:
         r = self.r
         for other in r.keys:
             if other != nexus:
@@ -340,7 +347,7 @@ class Reservations:
         the victim key go; if the reservation was the victim's (or ``victim`` is 0 under an
         All Registrants reservation), the preempting nexus takes it with the CDB's type."""
         r = self.r
-        if r.type in _ALL_REGISTRANTS_TYPES and victim == 0:
+        if r.type in ALL_REGISTRANTS_TYPES and victim == 0:
             takes_over = True
             gone = [n for n in r.keys if n != nexus]
         else:
@@ -349,7 +356,7 @@ class Reservations:
             gone = [n for n, k in r.keys.items() if k == victim]
             if not gone:
                 raise conflict()
-            takes_over = (r.type != 0 and r.type not in _ALL_REGISTRANTS_TYPES
+            takes_over = (r.type != 0 and r.type not in ALL_REGISTRANTS_TYPES
                           and r.holder in gone)
         if takes_over and (type_ not in ALL_TYPES or scope != 0):
             raise bad_cdb(2)
@@ -380,9 +387,9 @@ class Reservations:
                 self.preempted.append(n)
         if r.holder is not None and r.holder not in r.keys:
             r.holder = None
-            if r.type not in _ALL_REGISTRANTS_TYPES:
+            if r.type not in ALL_REGISTRANTS_TYPES:
                 r.type = 0
-        if r.type in _ALL_REGISTRANTS_TYPES and not r.keys:
+        if r.type in ALL_REGISTRANTS_TYPES and not r.keys:
             r.type, r.holder = 0, None      # the last registrant went (table 71)
 
     # -- PERSISTENT RESERVE IN -----------------------------------------------------------
@@ -398,7 +405,7 @@ class Reservations:
         if sa == READ_RESERVATION:
             if r.type == 0:
                 return struct.pack(">II", gen, 0)
-            key = 0 if r.type in _ALL_REGISTRANTS_TYPES else r.keys.get(r.holder or 0, 0)
+            key = 0 if r.type in ALL_REGISTRANTS_TYPES else r.keys.get(r.holder or 0, 0)
             return struct.pack(">IIQIBBH", gen, 16, key, 0, 0, r.type & 0x0F, 0)
         if sa == REPORT_CAPABILITIES:
             # CRH=1 (SPC-2 RESERVE/RELEASE next to PRs, SPC-4 5.13.3), ATP_C=1, PTPL_C;

@@ -69,7 +69,31 @@ class Chain:
     writable: list[memoryview]  # device -> driver buffers, in order
 
 
-class DeviceRing:
+class RingLogging:
+    """The dirty log of a device ring, split or packed (live migration: vhost-user LOG_ALL
+    and VHOST_VRING_F_LOG). ``data``: each chain's writable bytes up to the length its
+    fill reports; ``used``: what the ring writes to tell the driver a chain is done (the
+    used elements and idx of a split ring, the used descriptors of a packed one). The
+    event-suppression fields are not logged: whoever serves the ring next writes them
+    again before it trusts them."""
+
+    _log: DirtyLog | None
+    _log_data: bool
+    _log_used: bool
+
+    def set_log(self, log: DirtyLog | None, *, data: bool = False,
+                used: bool = False) -> None:
+        self._log = log if log is not None and (data or used) else None
+        self._log_data = data
+        self._log_used = used
+
+    @property
+    def logging(self) -> tuple[bool, bool]:
+        """What set_log asked for: (data, used)."""
+        return self._log_data, self._log_used
+
+
+class DeviceRing(RingLogging):
     """The device side of one split virtqueue.
 
     ``event_idx``: VIRTIO_RING_F_EVENT_IDX was negotiated. ``last_avail_idx``: where to
@@ -136,21 +160,6 @@ class DeviceRing:
     def resubmitting(self) -> int:
         """Heads from the in-flight region still to be run again."""
         return len(self._resubmit)
-
-    def set_log(self, log: DirtyLog | None, *, data: bool = False,
-                used: bool = False) -> None:
-        """Log what we write for live migration (vhost-user LOG_ALL and VHOST_VRING_F_LOG):
-        ``data``: each chain's writable bytes up to the length its fill reports; ``used``:
-        the used elements and the used idx. The event-suppression fields are not logged:
-        whoever serves the ring next writes them again before it trusts them."""
-        self._log = log if log is not None and (data or used) else None
-        self._log_data = data
-        self._log_used = used
-
-    @property
-    def logging(self) -> tuple[bool, bool]:
-        """What set_log asked for: (data, used)."""
-        return self._log_data, self._log_used
 
     def remap(self, mem: GuestMemory) -> None:
         """Use a new memory table (vhost-user SET_MEM_TABLE); the ring stays where it is

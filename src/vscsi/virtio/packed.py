@@ -36,8 +36,13 @@ import struct
 from collections.abc import Callable, Sequence
 
 from vscsi.memory import GuestMemory, GuestMemoryError
-from vscsi.memory.dirtylog import DirtyLog
-from vscsi.virtio.device import DEFAULT_MAX_INDIRECT, Chain, log_writes, serve_chains
+from vscsi.virtio.device import (
+    DEFAULT_MAX_INDIRECT,
+    Chain,
+    RingLogging,
+    log_writes,
+    serve_chains,
+)
 from vscsi.virtio.features import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -142,7 +147,7 @@ def _wants_event(flags: int, off_wrap: int, wrap: int, size: int, new: int, move
     return need_event(event & 0xFFFF, new, (new - moved) & 0xFFFF)
 
 
-class PackedDeviceRing:
+class PackedDeviceRing(RingLogging):
     """The device side of one packed virtqueue; the interface of
     :class:`~vscsi.virtio.DeviceRing` with buffer IDs for heads.
 
@@ -182,7 +187,7 @@ class PackedDeviceRing:
         self._signalled_valid = last_avail_idx == PACKED_INITIAL_STATE
         self._notify = True
         # Buffer ID -> its writable descriptors (guest-physical), kept while in flight
-        # for the dirty log (DeviceRing.set_log)
+        # for the dirty log (RingLogging)
         self._writable_at: list[list[tuple[int, int]] | None] = [None] * size
         self.set_log(None)
         self.remap(mem)
@@ -210,19 +215,6 @@ class PackedDeviceRing:
     def resubmitting(self) -> int:
         """Chains from the in-flight region still to be run again."""
         return len(self._resubmit)
-
-    def set_log(self, log: DirtyLog | None, *, data: bool = False,
-                used: bool = False) -> None:
-        """Log what we write for live migration, as DeviceRing.set_log; ``used``: the used
-        descriptors we write into the descriptor ring."""
-        self._log = log if log is not None and (data or used) else None
-        self._log_data = data
-        self._log_used = used
-
-    @property
-    def logging(self) -> tuple[bool, bool]:
-        """What set_log asked for: (data, used)."""
-        return self._log_data, self._log_used
 
     def _slot_flags(self, slot: int) -> int:
         return _unpack_u16(self._desc, slot * DESC_SIZE + _FLAGS_OFF)[0]

@@ -21,7 +21,6 @@ from ..constants import ILLEGAL_REQUEST, RESERVATION_CONFLICT
 from ..reservations import (
     READ_FULL_STATUS,
     REGISTER_AND_IGNORE,
-    REPORT_CAPABILITIES,
     PrError,
     Reservations,
     parse_out_params,
@@ -121,7 +120,6 @@ for _sa in range(READ_FULL_STATUS + 1):
     command(0x5E, "PERSISTENT RESERVE IN", _PR_IN, sa=_sa)(persistent_reserve_in)
 for _sa in range(REGISTER_AND_IGNORE + 1):
     command(0x5F, "PERSISTENT RESERVE OUT", _PR_OUT, sa=_sa)(persistent_reserve_out)
-assert REPORT_CAPABILITIES < READ_FULL_STATUS
 
 
 # -- SPC-2 RESERVE / RELEASE ----------------------------------------------------------------
