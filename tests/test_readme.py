@@ -28,8 +28,8 @@ def test_the_blocks_a_user_runs_in_order() -> None:
     # every serve command goes to the background (start_serve), wherever it starts a line
     body = bash[len(run_readme.PRELUDE):]
     assert not re.search(r"^\s*vscsi serve\b", body, re.M)
-    assert len(re.findall(r"^\s*start_serve\b", body, re.M)) == 3
+    assert len(re.findall(r"^\s*start_serve\b", body, re.M)) == 5
     used = set(re.findall(r"^\s*vscsi (\w+)", "\n".join(b for _, b in
                                                       run_readme.runnable(text)), re.M))
     assert used <= set(SUBCOMMANDS), used - set(SUBCOMMANDS)
-    assert {"serve", "rpc", "bench", "vm"} <= used
+    assert {"serve", "rpc", "bench", "vm", "replay", "trace"} <= used

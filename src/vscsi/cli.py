@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "simulate": ("vscsi.sim.command", "discrete-event model of the steering policies"),
     "vm": ("vscsi.vm.command", "build and boot a Linux guest against a backend"),
     "trace": ("vscsi.bench.trace", "summarise a command trace (--filter T:L=trace:file=F)"),
+    "replay": ("vscsi.bench.replay", "replay a recorded trace against a vhost-user-scsi "
+                                     "backend"),
     "rpc": ("vscsi.rpc.command", "manage a running `vscsi serve` (LUNs, stats, steering)"),
     "top": ("vscsi.rpc.top", "live view of a running `vscsi serve` (IOPS, latency, steering)"),
 }

@@ -139,3 +139,29 @@ def test_user_errors_are_one_line(capsys, args, needle):
     err = capsys.readouterr().err
     assert status == 2
     assert needle in err and err.count("\n") == 1
+
+
+def test_a_task_that_says_later_is_asked_again_at_that_time():
+    """The Task protocol's Later (an open-loop replay's pacing): the slot stays free, the
+    task is asked again once the time has come, and the run ends only when it says None."""
+    import time
+
+    from vscsi.bench.replay import LunMap, ReplayTask, plan
+    from vscsi.bench.trace import Record
+    from vscsi.testing.cdb import read10
+
+    machine = Loopback([parse_lun_spec("0:0=ram:1M")], policy="percpu", queues=1, vcpus=1)
+    try:
+        units = {(u.target, u.lun): u for u in machine.discover()}
+        records = [Record(10 + t, "READ(10)", 0, 5.0, None, "0:0", 0x28, i, 1, 512, 0, i,
+                          None, read10(i, 1)) for i, t in enumerate((0, 0.03, 0.06))]
+        task = ReplayTask(plan(records, units, LunMap()).streams[0], speed=1.0, depth=4)
+        t0 = time.monotonic()
+        outcome = machine.run_tasks([task], [0])
+    finally:
+        machine.close()
+    sent = sorted(outcome.results.details, key=lambda s: s.due)
+    assert outcome.results.completed == 3 and outcome.results.errors == 0
+    assert [round(s.due, 3) for s in sent] == [0, 0.03, 0.06]
+    assert all(s.sent >= s.due for s in sent)                # never early
+    assert time.monotonic() - t0 >= 0.06

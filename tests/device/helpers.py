@@ -54,7 +54,7 @@ class FakeTarget:
         self.later: dict[int, list[Pending]] = {}
 
     def submit(self, lun: int, cdb: bytes, data_out: list[memoryview],
-               data_in: list[memoryview], queue: int = 0, nexus: int = 0
+               data_in: list[memoryview], queue: int = 0, nexus: int = 0, tag: int = 0
                ) -> FakeResult | Pending:
         """What the device calls: ``later[lun]`` (a list of Pendings to hand out), else
         execute() at once."""

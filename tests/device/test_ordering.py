@@ -40,7 +40,8 @@ class HoldingTarget:
     held: dict[int, Pending] = field(default_factory=dict)      # command id -> its Pending
     on_start: object = None                                     # (command) -> None
 
-    def submit(self, lun: int, cdb: bytes, data_out, data_in, queue: int = 0, nexus: int = 0):  # type: ignore[no-untyped-def]
+    def submit(self, lun: int, cdb: bytes, data_out, data_in, queue: int = 0,  # type: ignore[no-untyped-def]
+               nexus: int = 0, tag: int = 0):
         command = int.from_bytes(cdb[1:5], "big")
         pending = Pending()
         self.held[command] = pending

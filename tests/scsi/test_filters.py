@@ -32,12 +32,13 @@ from .helpers import (
 BS = 512
 
 
-def submit(unit, cdb: bytes, *, out: bytes = b"", in_len: int = 0, queue: int = 0):
+def submit(unit, cdb: bytes, *, out: bytes = b"", in_len: int = 0, queue: int = 0,
+           tag: int = 0):
     """Submit through the unit's filters; returns (result or Pending, data-in buffer)."""
     inbuf = bytearray(in_len)
     dout = [memoryview(bytearray(out))] if out else []
     din = [memoryview(inbuf)] if in_len else []
-    return unit.submit(bytes(cdb), dout, din, queue), inbuf
+    return unit.submit(bytes(cdb), dout, din, queue, tag=tag), inbuf
 
 
 def done(result) -> ScsiResult:
@@ -361,7 +362,29 @@ def test_trace_writes_one_json_line_per_command(unit, clock, tmp_path):
     assert wr["status"] == 0 and wr["key"] is None
     assert wr["latency_us"] == pytest.approx(2000)
     assert set(r) == {"time", "queue", "lun", "op", "name", "lba", "blocks", "status",
-                      "key", "asc", "ascq", "latency_us", "block_size"}
+                      "key", "asc", "ascq", "latency_us", "block_size", "seq", "tag", "cdb"}
+    assert bytes.fromhex(wr["cdb"]) == write10(9, 4) and wr["tag"] == 0
+
+
+def test_trace_keeps_what_a_replay_needs(unit, clock, tmp_path):
+    """Per queue an arrival count, the tag, the CDB, and an UNMAP's ranges (its data-out
+    is gone once it is answered)."""
+    path = tmp_path / "trace.jsonl"
+    unit.filters.add(f"trace:file={path}")
+    unit.filters.add("delay:read=1ms")
+    submit(unit, read10(1, 1), in_len=BS, queue=1, tag=11)      # answered last
+    submit(unit, write10(2, 1), out=bytes(BS), queue=1, tag=12)
+    submit(unit, write10(3, 1), out=bytes(BS), queue=0, tag=13)
+    cdb, params = unmap_cmd((5, 2), (40, 8))
+    submit(unit, cdb, out=params, queue=1, tag=14)
+    clock.advance(0.001)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    by_tag = {r["tag"]: r for r in lines}
+    assert [r["tag"] for r in lines] == [12, 13, 14, 11]          # completion order
+    assert [(by_tag[t]["queue"], by_tag[t]["seq"]) for t in (11, 12, 13, 14)] == \
+        [(1, 0), (1, 1), (0, 0), (1, 2)]
+    assert by_tag[14]["ranges"] == [[5, 2], [40, 8]] and by_tag[14]["name"] == "UNMAP"
+    assert "ranges" not in by_tag[12]
 
 
 def test_trace_bad_path_is_one_line(unit, tmp_path):

@@ -10,6 +10,7 @@ then each queue that signalled runs its interrupt handler on the CPU its affinit
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from vscsi.driver.discovery import Unit, discover
 from vscsi.driver.initiator import Completion, FifoChecker, Initiator, Request
 from vscsi.driver.steering import make_policy
 from vscsi.driver.targets import LocalTargetBook
-from vscsi.driver.tasks import RunOutcome, Task, TaskResults
+from vscsi.driver.tasks import Later, RunOutcome, Task, TaskResults
 from vscsi.memory import Allocator, GuestMemory
 from vscsi.scsi import LunSpec, build_targets
 from vscsi.virtio import (
@@ -114,20 +115,27 @@ class Loopback:
         for task in tasks:
             task.start(start)
         while True:
+            due = math.inf          # the earliest time a task said Later to
             for i, task in enumerate(tasks):
                 slots = free[i]
                 while slots and not exhausted[i]:
                     req = slots.pop()
                     cmd = task.next_command(req.index, ini.data_view(req))
-                    if cmd is None:
+                    if cmd is None or isinstance(cmd, Later):
                         slots.append(req)
-                        exhausted[i] = True
+                        if cmd is None:
+                            exhausted[i] = True
+                        else:
+                            due = min(due, cmd.at)
                         break
                     ini.submit(req, cpus[i], cmd.target, cmd.lun, cmd.cdb, write=cmd.write,
                                nbytes=cmd.nbytes)
                     in_flight += 1
             if not in_flight:
-                break
+                if due == math.inf:
+                    break
+                time.sleep(max(0.0, due - time.monotonic()))   # nothing to do until then
+                continue
             done = self.service()
             if not done:
                 raise StallError(f"{in_flight} requests in flight and none completed")

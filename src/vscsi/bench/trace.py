@@ -37,6 +37,19 @@ class Record:
     lba: int | None = None
     blocks: int | None = None
     block_size: int = 512           # traces written before the field: 512
+    queue: int = 0
+    seq: int = 0                    # arrival order on its queue (ties of `time`)
+    tag: int | None = None
+    cdb: bytes | None = None        # traces written before the field: None
+    ranges: list[tuple[int, int]] | None = None    # an UNMAP's (LBA, blocks)
+    line: int = 0                   # where it is in its file (1-based)
+
+
+#: the fields a trace line may have (docs/filters.md); older traces lack the later ones
+FIELDS = frozenset({"time", "queue", "lun", "op", "name", "lba", "blocks", "status", "key",
+                    "asc", "ascq", "latency_us", "block_size", "seq", "tag", "cdb",
+                    "ranges"})
+REQUIRED = ("time", "name", "status", "latency_us")
 
 
 @dataclass
@@ -64,28 +77,68 @@ class Summary:
     skipped: int
 
 
+def parse_record(text: str, line: int = 0, *, strict: bool = False) -> Record:
+    """One trace line as a Record; ValueError saying what is wrong with it. ``strict``
+    (a replay) also refuses fields this version does not know."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ValueError("not a JSON object (a truncated line?)") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(obj) - FIELDS)
+    if strict and unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+    try:
+        key = obj.get("key")
+        sense = (int(key), int(obj["asc"]), int(obj["ascq"])) if key is not None else None
+        cdb = obj.get("cdb")
+        ranges = obj.get("ranges")
+        return Record(
+            float(obj["time"]), str(obj["name"]), int(obj["status"]),
+            float(obj["latency_us"]), sense, str(obj.get("lun", "")),
+            _int_or_none(obj.get("op")), _int_or_none(obj.get("lba")),
+            _int_or_none(obj.get("blocks")), int(obj.get("block_size", 512)),
+            int(obj.get("queue", 0)), int(obj.get("seq", 0)), _int_or_none(obj.get("tag")),
+            None if cdb is None else bytes.fromhex(cdb),
+            None if ranges is None else [(int(a), int(b)) for a, b in ranges], line)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"bad value ({e})") from None
+
+
 def read_trace(path: str) -> tuple[list[Record], int]:
     """The records of a trace file, and how many lines were not records (skipped: a
     trace being written may end in a partial line)."""
     records: list[Record] = []
     skipped = 0
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-                key = obj.get("key")
-                sense = (int(key), int(obj["asc"]), int(obj["ascq"])) if key is not None \
-                    else None
-                records.append(Record(
-                    float(obj["time"]), str(obj["name"]), int(obj["status"]),
-                    float(obj["latency_us"]), sense, str(obj.get("lun", "")),
-                    _int_or_none(obj.get("op")), _int_or_none(obj.get("lba")),
-                    _int_or_none(obj.get("blocks")), int(obj.get("block_size", 512))))
-            except (ValueError, TypeError, KeyError, AttributeError):
+                records.append(parse_record(line, n))
+            except ValueError:
                 skipped += 1
     return records, skipped
+
+
+def load_trace(path: str) -> list[Record]:
+    """Every record of a trace file, or TraceError naming the first bad line."""
+    records: list[Record] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(parse_record(line, n, strict=True))
+            except ValueError as e:
+                raise TraceError(f"{path}:{n}: {e}") from None
+    if not records:
+        raise TraceError(f"{path}: no trace records")
+    return records
 
 
 def _int_or_none(value: object) -> int | None:

@@ -244,7 +244,7 @@ class RequestQueues:
         started = _now_ns()
         try:
             result = target.submit(lun, request.cdb, request.data_out, request.data_in, slot,
-                                   self.nexus)
+                                   self.nexus, request.tag)
         except Exception:
             # A bug or an unexpected I/O error in the target must fail the request, not
             # the queue worker.

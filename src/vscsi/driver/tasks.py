@@ -27,6 +27,14 @@ class Command(NamedTuple):
     nbytes: int
 
 
+class Later(NamedTuple):
+    """A task's answer when its next command is not due yet: ask again at ``at``
+    (time.monotonic), or when a completion arrives, whichever comes first (an open-loop
+    replay paces its commands with it)."""
+
+    at: float
+
+
 @dataclass
 class TaskResults:
     """What tasks observed; merged over tasks and CPUs."""
@@ -36,6 +44,7 @@ class TaskResults:
     nbytes: int = 0
     verify_errors: int = 0
     latencies: list[float] = field(default_factory=list)
+    details: list[object] = field(default_factory=list)  # per command, the task's own kind
 
     def merge(self, other: TaskResults) -> None:
         self.completed += other.completed
@@ -43,6 +52,7 @@ class TaskResults:
         self.nbytes += other.nbytes
         self.verify_errors += other.verify_errors
         self.latencies.extend(other.latencies)
+        self.details.extend(other.details)
 
 
 class Task(Protocol):
@@ -53,9 +63,10 @@ class Task(Protocol):
         """The run starts (``now``, time.monotonic): every task of a run gets the same."""
         ...
 
-    def next_command(self, slot: int, data: memoryview) -> Command | None:
-        """The next command for ``slot`` (its data buffer is ``data``), or None when the
-        task has nothing more to submit (budget spent, deadline passed)."""
+    def next_command(self, slot: int, data: memoryview) -> Command | Later | None:
+        """The next command for ``slot`` (its data buffer is ``data``); Later when it is
+        not due yet (the slot stays free); None when the task has nothing more to submit
+        (budget spent, deadline passed)."""
         ...
 
     def completed(self, slot: int, c: Completion, data: memoryview) -> None:

@@ -325,11 +325,13 @@ class LogicalUnit(_Unit):
             setter(scheduler)
 
     def submit(self, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0,
-               nexus: int = 0) -> ScsiResult | Pending:
-        """execute() behind the unit's filters: the result may come later (a Pending)."""
+               nexus: int = 0, tag: int = 0) -> ScsiResult | Pending:
+        """execute() behind the unit's filters: the result may come later (a Pending).
+        ``queue`` and ``tag`` (the initiator's task tag) are what filters see of the
+        transport."""
         if not self.filters:
             return self.execute(cdb, data_out, data_in, nexus)
-        return self.filters.submit(cdb, data_out, data_in, queue, nexus)
+        return self.filters.submit(cdb, data_out, data_in, queue, nexus, tag)
 
     def _execute_command(self, cmd: Command) -> ScsiResult | Pending:
         return self.execute(cmd.cdb, cmd.data_out, cmd.data_in, cmd.nexus)
@@ -383,12 +385,12 @@ class ScsiTarget:
         return self._missing.execute(cdb, data_out, data_in, nexus)
 
     def submit(self, lun: int, cdb: bytes, data_out: Views, data_in: Views, queue: int = 0,
-               nexus: int = 0) -> ScsiResult | Pending:
+               nexus: int = 0, tag: int = 0) -> ScsiResult | Pending:
         """execute() through the unit's filter stack (see LogicalUnit.submit)."""
         unit = self.luns.get(lun)
         if unit is None:
             return self._missing.execute(cdb, data_out, data_in, nexus)
-        return unit.submit(cdb, data_out, data_in, queue, nexus)
+        return unit.submit(cdb, data_out, data_in, queue, nexus, tag)
 
     def lun_reset(self, lun: int) -> None:
         """LOGICAL UNIT RESET of one LUN (a missing LUN has nothing to reset)."""

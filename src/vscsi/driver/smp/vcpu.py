@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from vscsi.driver.initiator import Completion, Initiator, InitiatorStats
 from vscsi.driver.smp.shm import Control, SharedInterrupts
-from vscsi.driver.tasks import Task, TaskResults
+from vscsi.driver.tasks import Later, Task, TaskResults
 
 IPI = struct.Struct("<II")  # slot, the CPU whose interrupt completed it
 IPI_WRITE = select.PIPE_BUF // IPI.size * IPI.size  # bytes per atomic pipe write
@@ -63,6 +63,7 @@ SWITCH_INTERVAL = 0.0005  # GIL hand-over: an interrupt should not wait 5 ms for
 # (a kick per request) and a burst published only at its end.
 PUBLISH_EVERY = 8
 REKICK_AFTER = 0.05  # seconds a task waits for a completion before kicking its queues again
+IDLE_BEAT = 1.0  # a task waiting for its next command's time reports life this often
 
 # A task's inbox: batches of its completions, one per interrupt (or IPI) that had any
 Inbox = queue.SimpleQueue[list[Completion]]
@@ -336,13 +337,17 @@ class Vcpu:
         migrate_p = 0.0 if w.pin else 1.0 / max(w.migrate_every, 1)
         while True:
             burst = 0
+            due: float | None = None        # the task said Later: its next command's time
             while ts.free and not ts.exhausted:
                 slot = ts.free.pop()
                 req = ini.requests[slot]
                 cmd = ts.task.next_command(slot, ini.data_view(req))
-                if cmd is None:
+                if cmd is None or isinstance(cmd, Later):
                     ts.free.append(slot)
-                    ts.exhausted = True
+                    if cmd is None:
+                        ts.exhausted = True
+                    else:
+                        due = cmd.at
                     break
                 ini.submit(req, self.index, cmd.target, cmd.lun, cmd.cdb,
                            write=cmd.write, nbytes=cmd.nbytes)
@@ -351,7 +356,7 @@ class Vcpu:
                 if burst % PUBLISH_EVERY == 1:
                     self._publish()
             self._publish()
-            if not ts.in_flight:
+            if not ts.in_flight and due is None:
                 self._finish(ts)
                 return
             # A task moves when it sleeps on I/O, as Linux picks a CPU for a task waking
@@ -359,7 +364,15 @@ class Vcpu:
             if migrate_p and ts.rng.random() < migrate_p:
                 self._migrate(ts)
                 return
-            self._consume(ts, self._wait(inbox))
+            if due is not None:
+                batch = self._wait_until(inbox, due, ts.in_flight)
+                if not batch:
+                    if not ts.in_flight:    # idle by design: a sign of life for the watchdog
+                        w.control.progress[self.index] += 1
+                    continue
+            else:
+                batch = self._wait(inbox)
+            self._consume(ts, batch)
             while True:
                 try:
                     batch = inbox.get_nowait()
@@ -380,9 +393,25 @@ class Vcpu:
             try:
                 return inbox.get(timeout=REKICK_AFTER)
             except queue.Empty:
-                self.counters["rekicks"] += 1
-                for fd in self.w.kick_fds:
-                    os.eventfd_write(fd, 1)
+                self._rekick()
+
+    def _wait_until(self, inbox: Inbox, due: float, in_flight: int) -> list[Completion]:
+        """The task's next batch of completions if one comes before ``due`` (within
+        IDLE_BEAT), else []. With requests in flight it kicks again as _wait does."""
+        timeout = min(IDLE_BEAT, max(0.0, due - time.monotonic()))
+        if in_flight:
+            timeout = min(timeout, REKICK_AFTER)
+        try:
+            return inbox.get(timeout=timeout)
+        except queue.Empty:
+            if in_flight and time.monotonic() < due:
+                self._rekick()
+            return []
+
+    def _rekick(self) -> None:
+        self.counters["rekicks"] += 1
+        for fd in self.w.kick_fds:
+            os.eventfd_write(fd, 1)
 
     def _consume(self, ts: TaskState, batch: list[Completion]) -> None:
         completed, data_view, free = ts.task.completed, self.ini.data_view, ts.free

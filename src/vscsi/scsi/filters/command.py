@@ -60,6 +60,8 @@ class Command:
     scheduler: Scheduler | None = None
     #: the I_T nexus (the VM) it came from (reservations tell them apart)
     nexus: int = 0
+    #: the initiator's task tag (virtio-scsi's request id)
+    tag: int = 0
 
     @property
     def opcode(self) -> int:

@@ -93,10 +93,10 @@ class FilterStack:
     # -- the request path -------------------------------------------------------------------
 
     def submit(self, cdb: bytes, data_out: list[memoryview], data_in: list[memoryview],
-               queue: int = 0, nexus: int = 0) -> ScsiResult | Pending:
+               queue: int = 0, nexus: int = 0, tag: int = 0) -> ScsiResult | Pending:
         """Run one command through every filter, then the unit."""
         cmd = Command(cdb, data_out, data_in, self.target, self.lun, queue,
-                      self.block_size, self.scheduler, nexus)
+                      self.block_size, self.scheduler, nexus, tag)
         return self._run(self._filters, 0, cmd)
 
     def _run(self, filters: tuple[tuple[int, Filter], ...], index: int,

@@ -3,6 +3,10 @@
 The file is opened when the filter joins a stack (a bad path fails `vscsi serve` at start
 or the RPC call), in append mode and line-buffered: each line is one write(2) to an
 O_APPEND file, so the forked queue workers sharing it never interleave within a line.
+Lines are written when a command is answered, so the file is in completion order; a
+command's place in its queue's arrival order is (``time``, ``seq``): ``seq`` counts the
+commands that arrived on that queue in this worker, and breaks ties within a
+microsecond. With the CDB (and an UNMAP's ranges) a line holds all a replay needs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from ..constants import CHECK_CONDITION
 from ..pending import Pending
 from ..sense import ScsiResult
 from .base import Filter, after
-from .command import OP_NAMES, Command, Stage, lba_range
+from .command import OP_NAMES, Command, Stage, lba_range, op_class, unmap_ranges
 from .spec import FilterSpec, FilterSpecError
 
 log = logging.getLogger("vscsi.scsi.filters")
@@ -29,6 +33,7 @@ class TraceFilter(Filter):
         super().__init__(spec)
         self.path = spec.get("file") or ""
         self.file: TextIO | None = None
+        self.arrivals: dict[int, int] = {}      # queue -> commands that arrived on it
 
     def open(self) -> None:
         try:
@@ -41,20 +46,25 @@ class TraceFilter(Filter):
         clock = cmd.scheduler.time if cmd.scheduler is not None else time.monotonic
         wall = time.time()
         start = clock()
+        seq = self.arrivals.get(cmd.queue, 0)
+        self.arrivals[cmd.queue] = seq + 1
+        # an UNMAP's ranges are in its data-out, readable only until it is answered
+        ranges = unmap_ranges(cmd.data_out) if op_class(cmd.cdb) == "unmap" else None
 
         def record(result: ScsiResult) -> ScsiResult:
             try:
-                self.write(cmd, result, wall, clock() - start)
+                self.write(cmd, result, wall, clock() - start, seq, ranges)
             except (OSError, ValueError) as e:    # a full disk must not fail the command
                 log.warning("trace %s: %s", self.path, e)
             return result
 
         return after(next_stage(cmd), record)
 
-    def write(self, cmd: Command, result: ScsiResult, wall: float, latency: float) -> None:
+    def write(self, cmd: Command, result: ScsiResult, wall: float, latency: float,
+              seq: int = 0, ranges: list[tuple[int, int]] | None = None) -> None:
         if self.file is None:       # removed while this command was in flight
             return
-        self.file.write(json.dumps(trace_record(cmd, result, wall, latency),
+        self.file.write(json.dumps(trace_record(cmd, result, wall, latency, seq, ranges),
                                    separators=(",", ":")) + "\n")
 
     def close(self) -> None:
@@ -63,7 +73,9 @@ class TraceFilter(Filter):
             self.file = None
 
 
-def trace_record(cmd: Command, result: ScsiResult, wall: float, latency: float) -> dict:
+def trace_record(cmd: Command, result: ScsiResult, wall: float, latency: float,
+                 seq: int = 0, ranges: list[tuple[int, int]] | None = None) -> dict:
+    """One trace line's fields (docs/filters.md)."""
     op = cmd.opcode
     r = lba_range(cmd.cdb)
     sense = result.sense if result.status == CHECK_CONDITION and len(result.sense) >= 14 \
@@ -82,4 +94,8 @@ def trace_record(cmd: Command, result: ScsiResult, wall: float, latency: float) 
         "ascq": sense[13] if sense else None,
         "latency_us": round(latency * 1e6, 1),
         "block_size": cmd.block_size,
+        "seq": seq,
+        "tag": cmd.tag,
+        "cdb": bytes(cmd.cdb).hex(),
+        **({"ranges": [list(r) for r in ranges]} if ranges is not None else {}),
     }
