@@ -50,3 +50,16 @@ def test_bad_filter(tmp_path, filt: str, words: str) -> None:  # type: ignore[no
     assert proc.returncode == 2
     assert words in one_line_error(proc)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("4,x", "want COUNT,US"),
+    ("4,200,16", "want COUNT,US"),
+    ("0,200", "COUNT must be >= 1"),
+    ("4,-5", "US 0..10000000"),
+])
+def test_bad_coalesce(tmp_path, value: str, words: str) -> None:  # type: ignore[no-untyped-def]
+    proc = run_serve("--socket", str(tmp_path / "s"), "--lun", "0:0=ram:1M",
+                     "--coalesce", value)
+    assert proc.returncode == 2
+    assert words in one_line_error(proc)
