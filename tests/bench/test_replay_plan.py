@@ -202,20 +202,69 @@ def test_the_machine_fits_the_trace():
     assert (cfg.vcpus, cfg.queues) == (3, 1)
 
 
-def sent(write: bool, lba: int, blocks: int, *, ok: bool = True, name: str = "WRITE(10)",
-         fill: str = "pattern", ranges=()) -> Sent:
-    return Sent(0, name, 0, 0, 0, ok, 0, True, write, 0, 0, lba, blocks, ranges, fill)
+def sent(op: int, lba: int, blocks: int, *, ok: bool = True, ranges=()) -> Sent:
+    write = op not in (K.READ_10,)
+    fill = {K.UNMAP: "unmap", K.WRITE_SAME_10: "zero", K.READ_10: ""}.get(op, "pattern")
+    return Sent(0, "", op, 0, 0, 0, ok, 0, True, write, 0, 0, lba, blocks, ranges, fill)
 
 
 def test_verify_reads_what_writes_left_and_nothing_else_touched():
     out = written_last([
-        sent(True, 0, 10), sent(True, 5, 10),                   # 0..15
-        sent(False, 0, 100, name="READ(10)", fill=""),          # reads change nothing
-        sent(True, 3, 2, name="WRITE SAME(10)"),                # 3..5: not the pattern
-        sent(True, 0, 0, name="UNMAP", fill="unmap", ranges=((12, 2),)),
-        sent(True, 30, 4), sent(True, 32, 4, ok=False),         # a failed write: unknown
+        sent(K.WRITE_10, 0, 10), sent(K.WRITE_16, 5, 10),       # 0..15
+        sent(K.READ_10, 0, 100),                                # reads change nothing
+        sent(K.WRITE_SAME_10, 3, 2),                            # 3..5: zeros, not the pattern
+        sent(K.UNMAP, 0, 0, ranges=((12, 2),)),
+        sent(K.WRITE_10, 30, 4), sent(K.WRITE_10, 32, 4, ok=False),   # a failed write
     ])
     assert out == {(0, 0): [(0, 3), (5, 12), (14, 15), (30, 32)]}
+
+
+def write_same16(lba: int, blocks: int, flags: int) -> bytes:
+    return struct.pack(">BBQIBB", K.WRITE_SAME_16, flags, lba, blocks, 0, 0)
+
+
+@pytest.mark.parametrize("cdb, expect", [
+    (bytes([K.READ_6, 0, 0, 5, 0, 0]), dict(lba=5, blocks=256, nbytes=256 * 512, write=False)),
+    (struct.pack(">BBIBHB", K.WRITE_SAME_10, 0x08, 10, 0, 100, 0),          # UNMAP bit
+     dict(lba=10, blocks=100, nbytes=512, write=True, fill="zero")),
+    (write_same16(0, 900, 0x01), dict(blocks=900, nbytes=0, write=True, fill="")),  # NDOB
+    (struct.pack(">BBIBHB", K.VERIFY_10, 0, 7, 0, 8, 0), dict(blocks=8, nbytes=0, write=False)),
+    (struct.pack(">BBIBHB", K.SYNCHRONIZE_CACHE_10, 0, 990, 0, 0, 0),       # to the end
+     dict(lba=990, blocks=10, nbytes=0)),
+    (struct.pack(">BBQIBB", K.SERVICE_ACTION_IN_16, 0x10, 0, 32, 0, 0),     # READ CAP(16)
+     dict(nbytes=32, write=False)),
+    (inquiry(0xFFFF), dict(nbytes=0xFFFF)),
+    (struct.pack(">B5xIxx", K.REPORT_LUNS, 1 << 20), dict(nbytes=64 << 10)),
+])
+def test_what_each_command_becomes(cdb, expect):
+    (step,) = plan([rec(0, cdb)], UNITS, LunMap()).streams[0]
+    for key, want in expect.items():
+        assert getattr(step, key) == want, key
+    if cdb[0] == K.REPORT_LUNS:                # the cut allocation length is in the CDB
+        assert step.cdb == cdb[:6] + (64 << 10).to_bytes(4, "big") + cdb[10:]
+
+
+@pytest.mark.parametrize("cdb", [
+    struct.pack(">BBIBHB", K.VERIFY_10, 0x02, 7, 0, 8, 0),       # BYTCHK 1: data-out
+    struct.pack(">BBQIBB", K.SERVICE_ACTION_IN_16, 0x13, 0, 32, 0, 0),   # not a read
+    bytes([0x85]) + bytes(15),                                   # ATA PASS-THROUGH
+    bytes([K.MODE_SELECT_10]) + bytes(9),
+])
+def test_commands_that_change_state_or_are_unknown_are_left_out(cdb):
+    p = plan([rec(0, read10(0, 1)), rec(1, cdb)], UNITS, LunMap())
+    assert p.steps == 1 and sum(p.left_out.values()) == 1
+
+
+def test_an_old_trace_replays_reads_writes_and_flushes():
+    old = [Record(1.0, "WRITE(10)", 0, 5.0, None, "0:0", K.WRITE_10, 8, 2),
+           Record(1.1, "SYNCHRONIZE CACHE(10)", 0, 5.0, None, "0:0",
+                  K.SYNCHRONIZE_CACHE_10, 0, None),      # 0 blocks: written as null
+           Record(1.2, "INQUIRY", 0, 5.0, None, "0:0", K.INQUIRY)]
+    p = plan(old, UNITS, LunMap())
+    w, f = p.streams[0]
+    assert (w.cdb[0], w.lba, w.blocks, w.write) == (K.WRITE_16, 8, 2, True)
+    assert (f.cdb[0], f.lba, f.blocks) == (K.SYNCHRONIZE_CACHE_16, 0, 1000)
+    assert p.left_out == {"INQUIRY": 1}
 
 
 extents = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)).map(

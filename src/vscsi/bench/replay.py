@@ -36,16 +36,19 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from vscsi.bench.jobs import POISON, make_pattern
+from vscsi.bench.jobs import make_pattern
 from vscsi.bench.trace import FLUSHES, PNG_HINT, READS, WRITES, Record, TraceError, load_trace
 from vscsi.driver.discovery import Unit
-from vscsi.driver.initiator import Completion
-from vscsi.driver.smp import SmpConfig, SmpMachine
+from vscsi.driver.initiator import Completion, rw16_cdb
+from vscsi.driver.smp import SmpConfig, SmpMachine, StallError
+from vscsi.driver.smp.machine import SYNC_BUFFER
 from vscsi.driver.steering import POLICIES
 from vscsi.driver.tasks import Command, Later, TaskResults
 from vscsi.metrics import percentile
 from vscsi.scsi import constants as K
 from vscsi.scsi.filters.command import TO_END, lba_range, op_class
+from vscsi.scsi.reservations import LOG_SENSE, PR_IN
+from vscsi.scsi.spec import MAX_LUN, MAX_TARGET
 
 WRITE_SAMES = frozenset({K.WRITE_SAME_10, K.WRITE_SAME_16})
 VERIFIES = frozenset({K.VERIFY_10, K.VERIFY_16})
@@ -55,12 +58,13 @@ ONLY_READ: dict[int, tuple[int, int] | None] = {
     K.TEST_UNIT_READY: None, K.REQUEST_SENSE: (4, 1), K.INQUIRY: (3, 2),
     K.MODE_SENSE_6: (4, 1), K.MODE_SENSE_10: (7, 2), K.READ_CAPACITY_10: None,
     K.SERVICE_ACTION_IN_16: (10, 4), K.REPORT_LUNS: (6, 4), K.MAINTENANCE_IN: (6, 4),
-    0x4D: (7, 2),                       # LOG SENSE
-    0x5E: (7, 2),                       # PERSISTENT RESERVE IN
+    LOG_SENSE: (7, 2), PR_IN: (7, 2),
 }
 # SERVICE ACTION IN(16)'s actions that only read: READ CAPACITY(16), GET LBA STATUS
 _SAI_READS = frozenset({0x10, 0x12})
-MAX_DATA_IN = 64 << 10          # a recorded allocation length above this gets this much
+MAX_DATA_IN = 64 << 10          # a recorded allocation length above this is cut to this
+MAX_RECORDED_TRANSFER = 32 << 20  # guest memory is sized for at most this per command
+                                  # (a larger one is refused by the backend's max_sectors)
 MAX_DEPTH = 128                 # request slots of one stream
 SECTOR = 512
 START_LEAD = 0.2                # seconds from the run's start to the first command
@@ -95,7 +99,7 @@ def _lun(text: str, context: str) -> tuple[int, int]:
         target, number = int(t), int(lun)
     except ValueError:
         raise ValueError(f"--lun-map {context!r}: {text!r} is not TARGET:LUN") from None
-    if not (0 <= target < 256 and 0 <= number < 16384):
+    if not (0 <= target <= MAX_TARGET and 0 <= number <= MAX_LUN):
         raise ValueError(f"--lun-map {context!r}: {text!r} is out of range")
     return target, number
 
@@ -118,7 +122,8 @@ class Step:
     cdb: bytes
     write: bool                 # data-out (else data-in, or none)
     nbytes: int
-    fill: str                   # data-out: "pattern" (LBA), "unmap" (ranges), "" (none)
+    fill: str                   # data-out: "pattern" (by LBA), "zero" (one zero block: a
+                                # WRITE SAME), "unmap" (its ranges), "" (none)
     lba: int = 0
     blocks: int = 0
     ranges: tuple[tuple[int, int], ...] = ()
@@ -173,6 +178,8 @@ def to_step(r: Record, offset: float, units: dict[tuple[int, int], Unit], lun_ma
     kind = _kind(cdb)
     if kind is None or (kind == "unmap" and r.ranges is None):
         return None
+    if not r.lun:
+        raise TraceError(f"{where}: {r.name} without a \"lun\"")
     addr = lun_map(r.lun)
     unit = units.get(addr)
     if unit is None:
@@ -202,11 +209,14 @@ def to_step(r: Record, offset: float, units: dict[tuple[int, int], Unit], lun_ma
             blocks = unit.blocks - lba
         else:
             _check_end(where, r.name, lba, blocks, unit)
-        nbytes = {"read": blocks, "write": blocks, "write same": 1}.get(kind, 0) \
-            * unit.block_size
-        return Step(**base, cdb=cdb, write=kind in ("write", "write same"), nbytes=nbytes,
-                    fill="pattern" if kind in ("write", "write same") else "", lba=lba,
-                    blocks=blocks)
+        if kind == "write same":
+            # Linux sends WRITE SAME to zero or discard: one zero block (none with NDOB)
+            ndob = op == K.WRITE_SAME_16 and bool(cdb[1] & 0x01)
+            return Step(**base, cdb=cdb, write=True, nbytes=0 if ndob else unit.block_size,
+                        fill="" if ndob else "zero", lba=lba, blocks=blocks)
+        nbytes = blocks * unit.block_size if kind in ("read", "write") else 0
+        return Step(**base, cdb=cdb, write=kind == "write", nbytes=nbytes,
+                    fill="pattern" if kind == "write" else "", lba=lba, blocks=blocks)
     spec = ONLY_READ[op]
     nbytes = 8 if op == K.READ_CAPACITY_10 else 0
     if spec is not None:
@@ -214,6 +224,8 @@ def to_step(r: Record, offset: float, units: dict[tuple[int, int], Unit], lun_ma
         if len(cdb) < at + width:
             return None
         nbytes = min(MAX_DATA_IN, int.from_bytes(cdb[at:at + width], "big"))
+        # the CDB asks for what the buffer holds (a cut allocation length is cut in it too)
+        cdb = cdb[:at] + nbytes.to_bytes(width, "big") + cdb[at + width:]
     return Step(**base, cdb=cdb, write=False, nbytes=nbytes, fill="")
 
 
@@ -235,22 +247,21 @@ def _kind(cdb: bytes) -> str | None:
 
 def legacy_cdb(r: Record) -> bytes | None:
     """A trace written before CDBs were recorded: READ/WRITE/SYNCHRONIZE CACHE(16) from
-    the opcode's class, the LBA and the blocks; nothing for the rest."""
-    if r.op is None or r.lba is None or r.blocks is None:
-        return None
-    if r.op in READS | WRITES:
-        op = K.WRITE_16 if r.op in WRITES else K.READ_16
-    elif r.op in FLUSHES:
-        op = K.SYNCHRONIZE_CACHE_16
-    else:
-        return None
-    return struct.pack(">BBQIBB", op, 0, r.lba, r.blocks, 0, 0)
+    the opcode's class, the LBA and the blocks (a flush without them: the whole medium,
+    as Linux sends it); nothing for the rest."""
+    if r.op in FLUSHES:
+        return struct.pack(">BBQIBB", K.SYNCHRONIZE_CACHE_16, 0, r.lba or 0, r.blocks or 0,
+                           0, 0)
+    if r.op in READS | WRITES and r.lba is not None and r.blocks is not None:
+        return rw16_cdb(r.op in WRITES, r.lba, r.blocks)
+    return None
 
 
 def _check_end(where: str, name: str, lba: int, blocks: int, unit: Unit) -> None:
     if lba + blocks > unit.blocks or lba >= unit.blocks:
-        raise TraceError(f"{where}: {name} of blocks {lba}..{lba + blocks - 1} is past the "
-                         f"end of LUN {unit.target}:{unit.lun} ({unit.blocks} blocks)")
+        what = f"blocks {lba}..{lba + blocks - 1}" if blocks else f"LBA {lba}"
+        raise TraceError(f"{where}: {name} of {what} is past the end of LUN "
+                         f"{unit.target}:{unit.lun} ({unit.blocks} blocks)")
 
 
 def unmap_parameters(ranges: Iterable[tuple[int, int]]) -> bytes:
@@ -281,6 +292,7 @@ class Sent:
 
     line: int
     name: str
+    op: int
     due: float              # seconds from the run's start it was due (open loop)
     sent: float             # seconds from the run's start it went out
     latency_us: float
@@ -333,7 +345,7 @@ class ReplayTask:
             return Later(due)
         self.next += 1
         fill(step, data, self.seed)
-        self.pending[slot] = (step, due, now)
+        self.pending[slot] = (step, due, self.clock())     # sent: after the data is built
         return Command(step.target, step.lun, step.cdb, step.write, step.nbytes)
 
     def completed(self, slot: int, c: Completion, data: memoryview) -> None:
@@ -346,7 +358,8 @@ class ReplayTask:
             r.nbytes += step.nbytes
         else:
             r.errors += 1
-        r.details.append(Sent(step.line, step.name, due - self.started, sent - self.started,
+        r.details.append(Sent(step.line, step.name, step.cdb[0], due - self.started,
+                              sent - self.started,
                               (now - sent) * 1e6, c.ok, step.recorded_us,
                               step.recorded_status == 0, step.write, step.target, step.lun,
                               step.lba, step.blocks, step.ranges, step.fill))
@@ -357,14 +370,15 @@ class ReplayTask:
 
 
 def fill(step: Step, data: memoryview, seed: int) -> None:
-    """A step's data-out (the deterministic pattern, an UNMAP's list) or poisoned data-in."""
+    """A step's data-out: the deterministic pattern, a zero block, an UNMAP's list. (A
+    read's buffer is left as it is: nothing checks what a replay reads.)"""
     if step.fill == "pattern":
         data[:step.nbytes] = make_pattern(step.target, step.lun, seed,
                                           step.lba * step.block_size, step.nbytes)
+    elif step.fill == "zero":
+        data[:step.nbytes] = bytes(step.nbytes)
     elif step.fill == "unmap":
         data[:step.nbytes] = unmap_parameters(step.ranges)
-    elif step.nbytes:
-        data[:step.nbytes] = bytes([POISON]) * step.nbytes
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -410,8 +424,9 @@ def machine_config(records: list[Record], opts: Options) -> SmpConfig:
         vcpus = opts.vcpus or nq
         policy = opts.policy
     depth = recorded_depth(records)
-    largest = max([(r.blocks or 0) * r.block_size for r in records
-                   if r.op in READS | WRITES and r.blocks is not None] + [MAX_DATA_IN])
+    largest = min(MAX_RECORDED_TRANSFER, max(
+        [(r.blocks or 0) * r.block_size for r in records
+         if r.op in READS | WRITES and r.blocks is not None] + [MAX_DATA_IN]))
     slots = sum(stream_depth(d, opts.speed) for d in depth.values()) * largest
     memory = max(256 << 20, (slots + (64 << 20) + (1 << 20) - 1) >> 20 << 20)
     return SmpConfig(vcpus=vcpus, queues=nq, policy=policy, seed=opts.seed,
@@ -472,17 +487,19 @@ def merged(extents: Iterable[Extent]) -> list[Extent]:
 
 
 def subtract(keep: list[Extent], drop: list[Extent]) -> list[Extent]:
-    """``keep`` minus ``drop`` (both merged)."""
+    """``keep`` minus ``drop`` (both merged: sorted, apart), in one walk of each."""
     out: list[Extent] = []
+    i = 0
     for a, b in keep:
-        for c, d in drop:
-            if d <= a or c >= b:
-                continue
+        while i < len(drop) and drop[i][1] <= a:     # drops wholly before this extent
+            i += 1
+        j = i
+        while j < len(drop) and drop[j][0] < b:      # drops that overlap it
+            c, d = drop[j]
             if c > a:
                 out.append((a, c))
             a = max(a, d)
-            if a >= b:
-                break
+            j += 1
         if a < b:
             out.append((a, b))
     return out
@@ -495,9 +512,9 @@ def written_last(sent: list[Sent]) -> dict[tuple[int, int], list[Extent]]:
     other: dict[tuple[int, int], list[Extent]] = defaultdict(list)
     for s in sent:
         addr = (s.target, s.lun)
-        if s.fill == "unmap":
+        if s.op == K.UNMAP:
             other[addr] += [(lba, lba + n) for lba, n in s.ranges]
-        elif s.write and s.name.startswith("WRITE SAME"):
+        elif s.op in WRITE_SAMES:
             other[addr].append((s.lba, s.lba + s.blocks))
         elif s.write:
             (wrote if s.ok else other)[addr].append((s.lba, s.lba + s.blocks))
@@ -508,13 +525,10 @@ def written_last(sent: list[Sent]) -> dict[tuple[int, int], list[Extent]]:
 def verify(machine: SmpMachine, sent: list[Sent], units: dict[tuple[int, int], Unit],
            seed: int) -> dict[str, int]:
     """Read back what the replay wrote last; blocks checked and blocks that differ."""
-    from vscsi.driver.initiator import rw16_cdb
-    from vscsi.driver.smp.machine import SYNC_BUFFER
-
     checked = bad = 0
     for (target, lun), extents in sorted(written_last(sent).items()):
         bs = units[(target, lun)].block_size
-        chunk = max(1, SYNC_BUFFER // bs)
+        chunk = max(1, min(SYNC_BUFFER, machine.neg.max_transfer) // bs)
         for first, end in extents:
             for lba in range(first, end, chunk):
                 n = min(chunk, end - lba)
@@ -679,7 +693,11 @@ def run(args: argparse.Namespace) -> int:
                    args.verify, args.packed)
     lun_map = LunMap.parse(args.lun_map)
     records = load_trace(args.trace)        # TraceError (a ValueError): one line, by line
-    done = replay(records, args.socket, lun_map, opts, args.trace)
+    try:
+        done = replay(records, args.socket, lun_map, opts, args.trace)
+    except StallError as exc:               # the backend stopped answering
+        print(f"vscsi replay: {str(exc).partition(';')[0]}", file=sys.stderr)
+        return 1
     rep = report(done, args.trace, opts)
     print_report(rep)
     if args.json:

@@ -283,7 +283,10 @@ class _Run:
                 self._ring()
             self._check_children()
             progress = sum(control.progress)
-            if progress != last:
+            # A stall is requests in flight and none completing: with nothing in flight
+            # (tasks waiting for their next command's time: a replay's idle gap) the
+            # clock does not run.
+            if progress != last or not self._in_flight():
                 last, last_change = progress, now
             elif now - last_change > STALL_TIMEOUT:
                 raise StallError(f"no completion for {STALL_TIMEOUT:.0f} s; "
@@ -294,6 +297,12 @@ class _Run:
         self._ring()
         reports = self._collect()
         return self._outcome(reports, finished - started)
+
+    def _in_flight(self) -> int:
+        """Requests in flight now: the targets' shared ``reqs`` (read without their lock:
+        a watchdog's glance)."""
+        table = self.m.table
+        return sum(table.in_flight(t) for t in range(table.num_targets))
 
     # -- the balancer (irqbalance) ----------------------------------------------------------
 

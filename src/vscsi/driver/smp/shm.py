@@ -213,7 +213,7 @@ class Control:
 
     def __init__(self, vcpus: int, arena: Arena) -> None:
         self.flags = arena.array("q", 4)  # go, stop, ready, tasks_done
-        self.progress = arena.array("q", vcpus)  # completions consumed (and idle waits), per VCPU
+        self.progress = arena.array("q", vcpus)  # completions consumed, per VCPU (own slot)
         self.finished_at = arena.array("d", vcpus)  # last task end, per VCPU (monotonic)
         self.started_at = arena.array("d", 1)  # the run's start, written before GO
         self.lock = new_lock()

@@ -63,7 +63,6 @@ SWITCH_INTERVAL = 0.0005  # GIL hand-over: an interrupt should not wait 5 ms for
 # (a kick per request) and a burst published only at its end.
 PUBLISH_EVERY = 8
 REKICK_AFTER = 0.05  # seconds a task waits for a completion before kicking its queues again
-IDLE_BEAT = 1.0  # a task waiting for its next command's time reports life this often
 
 # A task's inbox: batches of its completions, one per interrupt (or IPI) that had any
 Inbox = queue.SimpleQueue[list[Completion]]
@@ -367,8 +366,6 @@ class Vcpu:
             if due is not None:
                 batch = self._wait_until(inbox, due, ts.in_flight)
                 if not batch:
-                    if not ts.in_flight:    # idle by design: a sign of life for the watchdog
-                        w.control.progress[self.index] += 1
                     continue
             else:
                 batch = self._wait(inbox)
@@ -396,9 +393,9 @@ class Vcpu:
                 self._rekick()
 
     def _wait_until(self, inbox: Inbox, due: float, in_flight: int) -> list[Completion]:
-        """The task's next batch of completions if one comes before ``due`` (within
-        IDLE_BEAT), else []. With requests in flight it kicks again as _wait does."""
-        timeout = min(IDLE_BEAT, max(0.0, due - time.monotonic()))
+        """The task's next batch of completions if one comes before ``due``, else []. With
+        requests in flight it kicks again as _wait does (and a new submission kicks)."""
+        timeout = max(0.0, due - time.monotonic())
         if in_flight:
             timeout = min(timeout, REKICK_AFTER)
         try:

@@ -6,7 +6,8 @@ O_APPEND file, so the forked queue workers sharing it never interleave within a 
 Lines are written when a command is answered, so the file is in completion order; a
 command's place in its queue's arrival order is (``time``, ``seq``): ``seq`` counts the
 commands that arrived on that queue in this worker, and breaks ties within a
-microsecond. With the CDB (and an UNMAP's ranges) a line holds all a replay needs.
+microsecond (it counts per LUN and queue: each LUN has its own filter). With the CDB (and
+an UNMAP's ranges) a line holds all a replay needs.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import logging
 import time
 from typing import TextIO
 
-from ..constants import CHECK_CONDITION
+from ..cdb import cdb_length
+from ..constants import CHECK_CONDITION, UNMAP
 from ..pending import Pending
 from ..sense import ScsiResult
 from .base import Filter, after
-from .command import OP_NAMES, Command, Stage, lba_range, op_class, unmap_ranges
+from .command import OP_NAMES, Command, Stage, lba_range, unmap_ranges
 from .spec import FilterSpec, FilterSpecError
 
 log = logging.getLogger("vscsi.scsi.filters")
@@ -49,7 +51,7 @@ class TraceFilter(Filter):
         seq = self.arrivals.get(cmd.queue, 0)
         self.arrivals[cmd.queue] = seq + 1
         # an UNMAP's ranges are in its data-out, readable only until it is answered
-        ranges = unmap_ranges(cmd.data_out) if op_class(cmd.cdb) == "unmap" else None
+        ranges = unmap_ranges(cmd.data_out) if cmd.opcode == UNMAP else None
 
         def record(result: ScsiResult) -> ScsiResult:
             try:
@@ -96,6 +98,7 @@ def trace_record(cmd: Command, result: ScsiResult, wall: float, latency: float,
         "block_size": cmd.block_size,
         "seq": seq,
         "tag": cmd.tag,
-        "cdb": bytes(cmd.cdb).hex(),
+        # the CDB as long as its opcode says (the transport pads it to its cdb_size)
+        "cdb": bytes(cmd.cdb[:cdb_length(op) or len(cmd.cdb)]).hex(),
         **({"ranges": [list(r) for r in ranges]} if ranges is not None else {}),
     }
