@@ -72,7 +72,7 @@ def test_metrics_agree_with_stats(tmp_path: Path) -> None:
         assert isinstance(stats, dict)
         luns = {(u["target"], u["lun"]): u for u in stats["luns"]}
         for (t, lun), row in luns.items():
-            labels = {"target": str(t), "lun": str(lun)}
+            labels = {"vm": "0", "target": str(t), "lun": str(lun)}
             assert sample(text, "vscsi_lun_commands_total", **labels) == row["commands"]
             assert sample(text, "vscsi_lun_read_bytes_total", **labels) == row["bytes_read"]
             assert sample(text, "vscsi_lun_written_bytes_total", **labels) == \
@@ -83,18 +83,57 @@ def test_metrics_agree_with_stats(tmp_path: Path) -> None:
         assert luns[(0, 0)]["commands"] == 6 and luns[(0, 0)]["bytes_written"] == 6 * 1024
         assert luns[(2, 3)]["bytes_read"] == 4096
         for q in stats["queues"]:
-            assert sample(text, "vscsi_queue_requests_total", queue=str(q["queue"])) == \
-                q["requests"]
-            assert sample(text, "vscsi_queue_interrupts_total", queue=str(q["queue"])) == \
-                q["interrupts"]
-            assert sample(text, "vscsi_queue_written_bytes_total", queue=str(q["queue"])) == \
+            labels = {"vm": "0", "queue": str(q["queue"])}
+            assert sample(text, "vscsi_queue_requests_total", **labels) == q["requests"]
+            assert sample(text, "vscsi_queue_interrupts_total", **labels) == q["interrupts"]
+            assert sample(text, "vscsi_queue_written_bytes_total", **labels) == \
                 q["bytes_written"]
-        assert sample(text, "vscsi_target_queue_requests_total", target="0", queue="0") == 3
-        assert sample(text, "vscsi_target_queue_requests_total", target="2", queue="1") == 1
+        assert sample(text, "vscsi_target_queue_requests_total", vm="0", target="0",
+                      queue="0") == 3
+        assert sample(text, "vscsi_target_queue_requests_total", vm="0", target="2",
+                      queue="1") == 1
         assert sample(text, "vscsi_lun_size_bytes", target="2", lun="3") == 1 << 20
         assert serve.stop() == 0, serve.output()
     finally:
         serve.kill()
+
+
+def test_metrics_of_every_vm(tmp_path: Path) -> None:
+    """Two VMs on one serve (--socket twice): each VM's counters under its own vm label,
+    equal to `stats vm=N`; the shared LUN's size once."""
+    pytest.importorskip("prometheus_client")
+    from tests.vhost_user.rig import TestGuest
+
+    port = free_port()
+    second = str(tmp_path / "b.sock")
+    with ServeProcess(["0:0=ram:1M"], directory=str(tmp_path), queues=1,
+                      extra=["--socket", second, "--metrics", f"127.0.0.1:{port}"]) as serve:
+        guests = [TestGuest.connect(path) for path in (serve.socket, second)]
+        try:
+            for vm, g in enumerate(guests):
+                g.negotiate()
+                g.start_queue(2)
+                for i in range(3 + 4 * vm):                  # VM 0: 3 writes, VM 1: 7
+                    assert g.command(2, 0, 0, write10(i, 1), data_out=bytes([vm]) * 512
+                                     ).status == 0
+            text = scrape(port)
+            for vm in (0, 1):
+                stats = rpc(serve, "stats", vm=vm)
+                assert isinstance(stats, dict)
+                (lun,) = stats["luns"]
+                assert lun["commands"] >= 3 + 4 * vm
+                assert sample(text, "vscsi_lun_commands_total", vm=str(vm), target="0",
+                              lun="0") == lun["commands"]
+                assert sample(text, "vscsi_lun_written_bytes_total", vm=str(vm), target="0",
+                              lun="0") == (3 + 4 * vm) * 512 == lun["bytes_written"]
+                (q,) = stats["queues"]
+                assert sample(text, "vscsi_queue_requests_total", vm=str(vm),
+                              queue=str(q["queue"])) == q["requests"]
+            assert text.count("vscsi_lun_size_bytes{") == 1
+            assert sample(text, "vscsi_lun_size_bytes", target="0", lun="0") == 1 << 20
+        finally:
+            for g in guests:
+                g.close()
 
 
 def test_metrics_without_prometheus_client_is_one_line(tmp_path: Path) -> None:
