@@ -39,27 +39,18 @@ def test_bad_plugin(tmp_path, lun: str, words: str) -> None:  # type: ignore[no-
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("filt, words", [
-    ("0:0=error:lba=9-1", "FIRST <= LAST"),
-    ("0:0=delay:read=5", "bad duration"),
-    ("0:1=error", "there is no LUN 0:1"),
-    ("0:0=trace:file=/nonexistent-dir/t.jsonl", "cannot open"),
+@pytest.mark.parametrize("option, value, words", [
+    ("--filter", "0:0=error:lba=9-1", "FIRST <= LAST"),
+    ("--filter", "0:0=delay:read=5", "bad duration"),
+    ("--filter", "0:1=error", "there is no LUN 0:1"),
+    ("--filter", "0:0=trace:file=/nonexistent-dir/t.jsonl", "cannot open"),
+    ("--coalesce", "4,x", "want COUNT,US"),
+    ("--coalesce", "4,200,16", "want COUNT,US"),
+    ("--coalesce", "0,200", "COUNT must be >= 1"),
+    ("--coalesce", "4,-5", "US 0..10000000"),
 ])
-def test_bad_filter(tmp_path, filt: str, words: str) -> None:  # type: ignore[no-untyped-def]
-    proc = run_serve("--socket", str(tmp_path / "s"), "--lun", "0:0=ram:1M", "--filter", filt)
+def test_bad_filter_or_coalesce(tmp_path, option: str, value: str, words: str) -> None:  # type: ignore[no-untyped-def]
+    proc = run_serve("--socket", str(tmp_path / "s"), "--lun", "0:0=ram:1M", option, value)
     assert proc.returncode == 2
     assert words in one_line_error(proc)
     assert not (tmp_path / "s").exists()
-
-
-@pytest.mark.parametrize("value, words", [
-    ("4,x", "want COUNT,US"),
-    ("4,200,16", "want COUNT,US"),
-    ("0,200", "COUNT must be >= 1"),
-    ("4,-5", "US 0..10000000"),
-])
-def test_bad_coalesce(tmp_path, value: str, words: str) -> None:  # type: ignore[no-untyped-def]
-    proc = run_serve("--socket", str(tmp_path / "s"), "--lun", "0:0=ram:1M",
-                     "--coalesce", value)
-    assert proc.returncode == 2
-    assert words in one_line_error(proc)

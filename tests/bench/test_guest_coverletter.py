@@ -5,7 +5,6 @@ hand-made rounds, the model comparison, a saved run reloaded, and argument error
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "guest_coverletter.py"
-spec = importlib.util.spec_from_file_location("guest_coverletter", SCRIPT)
-assert spec is not None and spec.loader is not None
-gcl = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = gcl  # dataclasses look their module up there
-spec.loader.exec_module(gcl)
+from tests.bench import scripts
+
+gcl = scripts.load("guest_coverletter")
+SCRIPT = scripts.BENCH / "guest_coverletter.py"
 
 
 # -- the guest's side

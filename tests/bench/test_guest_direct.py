@@ -4,22 +4,17 @@ a latency histogram, and the histogram read over a real `vscsi serve`'s RPC sock
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench import scripts
 from vscsi.device.stats import BUCKETS
 from vscsi.testing.serve import ServeProcess
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "guest_direct.py"
-spec = importlib.util.spec_from_file_location("guest_direct", SCRIPT)
-assert spec is not None and spec.loader is not None
-gd = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = gd
-spec.loader.exec_module(gd)
+gd = scripts.load("guest_direct")
 
 
 def test_results_read_bandwidth_and_latency_and_stop_on_a_failed_job() -> None:

@@ -4,20 +4,14 @@ read from the streamed guest output, backend specs, medians and ratios over roun
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "guest_vs_qemu.py"
-spec = importlib.util.spec_from_file_location("guest_vs_qemu", SCRIPT)
-assert spec is not None and spec.loader is not None
-gvq = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = gvq  # dataclasses look their module up there
-spec.loader.exec_module(gvq)
+from tests.bench import scripts
+
+gvq = scripts.load("guest_vs_qemu")
 
 
 def test_parse_fio_result_lines() -> None:

@@ -161,8 +161,8 @@ def test_a_task_that_says_later_is_asked_again_at_that_time():
         outcome = machine.run_tasks([paced, busy], [0, 0])
     finally:
         machine.close()
-    sent = sorted((s for s in outcome.results.details), key=lambda s: s.due)
-    assert [s.line for s in sent] == [0, 0, 0] and len(sent) == 3
+    sent = sorted(outcome.results.details, key=lambda s: s.sent)
+    assert [s.step.lba for s in sent] == [0, 1, 2]      # each paced command, in order
     assert outcome.results.errors == 0
     assert outcome.results.completed > 3 + 100          # the busy task ran meanwhile
     assert outcome.elapsed >= START_LEAD + 0.06         # the loop waited for the last one

@@ -18,6 +18,7 @@ from vscsi.bench.replay import (
     Options,
     ReplayTask,
     Sent,
+    Step,
     arrival_order,
     machine_config,
     merged,
@@ -100,6 +101,7 @@ def test_the_lun_map_sends_a_lun_elsewhere():
     (rec(0, read10(0, 1), lun="3:0", line=6), [], r"t:6: .*512-byte blocks, 3:0 has 4096"),
     (rec(0, unmap10(), line=7, ranges=[(0, 1), (63, 2)], lun="1:0"), [],
      r"t:7: UNMAP of blocks 63..64 is past the end"),
+    (rec(0, read10(0, 1), lun="", line=8), [], r"t:8: READ\(10\): bad address ''"),
 ])
 def test_what_a_lun_cannot_take_is_refused_by_line(record, lun_map, message):
     with pytest.raises(TraceError, match=message):
@@ -162,7 +164,7 @@ def test_open_loop_sends_each_command_at_its_time_over_the_speed():
     task.completed(3, done(), data)
     r = task.take_results()
     assert (r.completed, r.errors, r.nbytes) == (4, 1, 3 * 512)
-    sent = {s.lba: s for s in r.details}
+    sent = {s.step.lba: s for s in r.details}
     assert [round(sent[i].due, 6) for i in range(4)] == [0, 0.005, 0.005, 0.015]
     assert [round(sent[i].sent, 6) for i in range(4)] == [0, 0.006, 0.006, 0.020]
     assert sent[1].latency_us == pytest.approx(1000) and sent[3].latency_us == pytest.approx(1000)
@@ -205,7 +207,8 @@ def test_the_machine_fits_the_trace():
 def sent(op: int, lba: int, blocks: int, *, ok: bool = True, ranges=()) -> Sent:
     write = op not in (K.READ_10,)
     fill = {K.UNMAP: "unmap", K.WRITE_SAME_10: "zero", K.READ_10: ""}.get(op, "pattern")
-    return Sent(0, "", op, 0, 0, 0, ok, 0, True, write, 0, 0, lba, blocks, ranges, fill)
+    step = Step(0, 0.0, "", 0, 0, bytes([op]), write, 0, fill, lba, blocks, ranges)
+    return Sent(step, 0, 0, 0, ok)
 
 
 def test_verify_reads_what_writes_left_and_nothing_else_touched():

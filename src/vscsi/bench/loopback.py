@@ -122,11 +122,9 @@ class Loopback:
                     req = slots.pop()
                     cmd = task.next_command(req.index, ini.data_view(req))
                     if cmd is None or isinstance(cmd, Later):
-                        slots.append(req)
-                        if cmd is None:
-                            exhausted[i] = True
-                        else:
-                            due = min(due, cmd.at)
+                        slots.append(req)           # unused: free again
+                        exhausted[i] = cmd is None
+                        due = due if cmd is None else min(due, cmd.at)
                         break
                     ini.submit(req, cpus[i], cmd.target, cmd.lun, cmd.cdb, write=cmd.write,
                                nbytes=cmd.nbytes)

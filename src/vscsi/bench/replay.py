@@ -48,7 +48,7 @@ from vscsi.metrics import percentile
 from vscsi.scsi import constants as K
 from vscsi.scsi.filters.command import TO_END, lba_range, op_class
 from vscsi.scsi.reservations import LOG_SENSE, PR_IN
-from vscsi.scsi.spec import MAX_LUN, MAX_TARGET
+from vscsi.scsi.spec import LunSpecError, parse_address
 
 WRITE_SAMES = frozenset({K.WRITE_SAME_10, K.WRITE_SAME_16})
 VERIFIES = frozenset({K.VERIFY_10, K.VERIFY_16})
@@ -82,26 +82,17 @@ class LunMap:
         for item in items:
             for part in item.split(","):
                 src, sep, dst = part.partition("=")
-                if not sep:
-                    raise ValueError(f"--lun-map {part!r}: expected T:L=T:L, e.g. 0:0=1:0")
-                pairs[str_lun(_lun(src, part))] = _lun(dst, part)
+                try:
+                    if not sep:
+                        raise LunSpecError("expected T:L=T:L, e.g. 0:0=1:0")
+                    pairs[str_lun(parse_address(src.strip()))] = parse_address(dst.strip())
+                except LunSpecError as e:
+                    raise ValueError(f"--lun-map {part!r}: {e}") from None
         return cls(pairs)
 
     def __call__(self, recorded: str) -> tuple[int, int]:
-        return self.pairs.get(recorded) or _lun(recorded, recorded)
-
-
-def _lun(text: str, context: str) -> tuple[int, int]:
-    t, sep, lun = text.strip().partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        target, number = int(t), int(lun)
-    except ValueError:
-        raise ValueError(f"--lun-map {context!r}: {text!r} is not TARGET:LUN") from None
-    if not (0 <= target <= MAX_TARGET and 0 <= number <= MAX_LUN):
-        raise ValueError(f"--lun-map {context!r}: {text!r} is out of range")
-    return target, number
+        """The backend's address for a recorded "T:L" (a trace's, already checked)."""
+        return self.pairs.get(recorded) or parse_address(recorded)
 
 
 def str_lun(addr: tuple[int, int]) -> str:
@@ -178,15 +169,15 @@ def to_step(r: Record, offset: float, units: dict[tuple[int, int], Unit], lun_ma
     kind = _kind(cdb)
     if kind is None or (kind == "unmap" and r.ranges is None):
         return None
-    if not r.lun:
-        raise TraceError(f"{where}: {r.name} without a \"lun\"")
-    addr = lun_map(r.lun)
+    try:
+        addr = lun_map(r.lun)
+    except LunSpecError as e:                   # a missing or malformed "lun"
+        raise TraceError(f"{where}: {r.name}: {e}") from None
     unit = units.get(addr)
     if unit is None:
         raise TraceError(f"{where}: {r.name} for LUN {r.lun}: the backend has no LUN "
                          f"{str_lun(addr)} (map it with --lun-map {r.lun}=T:L)")
-    if kind in ("read", "write", "write same", "flush", "verify", "unmap") \
-            and unit.block_size != r.block_size:
+    if kind != "only read" and unit.block_size != r.block_size:     # LBAs mean blocks
         raise TraceError(f"{where}: LUN {r.lun} had {r.block_size}-byte blocks, "
                          f"{str_lun(addr)} has {unit.block_size}")
     if kind in ("write", "write same", "unmap") and unit.write_protected:
@@ -202,7 +193,7 @@ def to_step(r: Record, offset: float, units: dict[tuple[int, int], Unit], lun_ma
         cdb = cdb[:7] + struct.pack(">H", len(params)) + cdb[9:10]
         return Step(**base, cdb=cdb, write=True, nbytes=len(params), fill="unmap",
                     ranges=ranges)
-    if kind in ("read", "write", "write same", "flush", "verify"):
+    if kind != "only read":
         lba, blocks = lba_range(cdb) or (0, 0)
         if blocks == TO_END:
             _check_end(where, r.name, lba, 0, unit)
@@ -277,7 +268,7 @@ def recorded_depth(records: list[Record]) -> dict[int, int]:
     depth = {}
     for q, evs in events.items():
         now = most = 0
-        for _, delta in sorted(evs, key=lambda e: (e[0], e[1])):   # answers first on ties
+        for _, delta in sorted(evs):        # on a tie the answer (-1) first
             now += delta
             most = max(most, now)
         depth[q] = max(1, most)
@@ -290,22 +281,11 @@ def recorded_depth(records: list[Record]) -> dict[int, int]:
 class Sent:
     """What the replay saw of one command: kept in TaskResults.details."""
 
-    line: int
-    name: str
-    op: int
+    step: Step
     due: float              # seconds from the run's start it was due (open loop)
     sent: float             # seconds from the run's start it went out
     latency_us: float
     ok: bool
-    recorded_us: float
-    recorded_ok: bool
-    write: bool
-    target: int
-    lun: int
-    lba: int
-    blocks: int
-    ranges: tuple[tuple[int, int], ...]
-    fill: str
 
 
 class ReplayTask:
@@ -358,11 +338,8 @@ class ReplayTask:
             r.nbytes += step.nbytes
         else:
             r.errors += 1
-        r.details.append(Sent(step.line, step.name, step.cdb[0], due - self.started,
-                              sent - self.started,
-                              (now - sent) * 1e6, c.ok, step.recorded_us,
-                              step.recorded_status == 0, step.write, step.target, step.lun,
-                              step.lba, step.blocks, step.ranges, step.fill))
+        r.details.append(Sent(step, due - self.started, sent - self.started,
+                              (now - sent) * 1e6, c.ok))
 
     def take_results(self) -> TaskResults:
         out, self.results = self.results, TaskResults()
@@ -442,7 +419,6 @@ def stream_cpu(queue: int, index: int, vcpus: int, opts: Options) -> int:
 class Replayed:
     plan: Plan
     sent: list[Sent]
-    elapsed: float
     config: dict[str, object]
     verify: dict[str, int] | None = None
 
@@ -463,7 +439,7 @@ def replay(records: list[Record], socket_path: str, lun_map: LunMap, opts: Optio
         cpus = [stream_cpu(q, i, cfg.vcpus, opts) for i, q in enumerate(p.streams)]
         outcome = machine.run_tasks(tasks, cpus)
         sent = [d for d in outcome.results.details if isinstance(d, Sent)]
-        done = Replayed(p, sent, outcome.elapsed, machine.describe())
+        done = Replayed(p, sent, machine.describe())
         if opts.verify:
             done.verify = verify(machine, sent, units, opts.seed)
         return done
@@ -511,13 +487,14 @@ def written_last(sent: list[Sent]) -> dict[tuple[int, int], list[Extent]]:
     wrote: dict[tuple[int, int], list[Extent]] = defaultdict(list)
     other: dict[tuple[int, int], list[Extent]] = defaultdict(list)
     for s in sent:
-        addr = (s.target, s.lun)
-        if s.op == K.UNMAP:
-            other[addr] += [(lba, lba + n) for lba, n in s.ranges]
-        elif s.op in WRITE_SAMES:
-            other[addr].append((s.lba, s.lba + s.blocks))
-        elif s.write:
-            (wrote if s.ok else other)[addr].append((s.lba, s.lba + s.blocks))
+        step = s.step
+        addr, op = (step.target, step.lun), step.cdb[0]
+        if op == K.UNMAP:
+            other[addr] += [(lba, lba + n) for lba, n in step.ranges]
+        elif op in WRITE_SAMES:
+            other[addr].append((step.lba, step.lba + step.blocks))
+        elif step.write:
+            (wrote if s.ok else other)[addr].append((step.lba, step.lba + step.blocks))
     return {addr: subtract(merged(ext), merged(other.get(addr, [])))
             for addr, ext in wrote.items()}
 
@@ -555,13 +532,13 @@ def report(done: Replayed, trace_path: str, opts: Options) -> dict:
     """The replay's JSON (docs/replay.md)."""
     by_kind: dict[str, list[Sent]] = defaultdict(list)
     for s in done.sent:
-        by_kind[s.name].append(s)
+        by_kind[s.step.name].append(s)
     kinds = {}
     for name, sent in sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         kinds[name] = {
             "count": len(sent),
-            "recorded": {**_spread([s.recorded_us for s in sent]),
-                         "errors": sum(not s.recorded_ok for s in sent)},
+            "recorded": {**_spread([s.step.recorded_us for s in sent]),
+                         "errors": sum(s.step.recorded_status != 0 for s in sent)},
             "replayed": {**_spread([s.latency_us for s in sent]),
                          "errors": sum(not s.ok for s in sent)},
         }
@@ -623,7 +600,7 @@ def plot(done: Replayed, out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (lat, rate) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, values in (("recorded", [s.recorded_us for s in done.sent]),
+    for label, values in (("recorded", [s.step.recorded_us for s in done.sent]),
                           ("replayed", [s.latency_us for s in done.sent])):
         ordered = sorted(max(v, 0.1) for v in values)
         lat.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)

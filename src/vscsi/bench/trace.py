@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 PNG_HINT = "vscsi trace --png: needs matplotlib: pip install 'vscsi[sim]'"
@@ -109,33 +110,35 @@ def parse_record(text: str, line: int = 0, *, strict: bool = False) -> Record:
         raise ValueError(f"bad value ({e})") from None
 
 
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """A trace file's non-blank lines with their numbers (1-based)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield n, line
+
+
 def read_trace(path: str) -> tuple[list[Record], int]:
     """The records of a trace file, and how many lines were not records (skipped: a
     trace being written may end in a partial line)."""
     records: list[Record] = []
     skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(parse_record(line, n))
-            except ValueError:
-                skipped += 1
+    for n, line in _lines(path):
+        try:
+            records.append(parse_record(line, n))
+        except ValueError:
+            skipped += 1
     return records, skipped
 
 
 def load_trace(path: str) -> list[Record]:
     """Every record of a trace file, or TraceError naming the first bad line."""
     records: list[Record] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(parse_record(line, n, strict=True))
-            except ValueError as e:
-                raise TraceError(f"{path}:{n}: {e}") from None
+    for n, line in _lines(path):
+        try:
+            records.append(parse_record(line, n, strict=True))
+        except ValueError as e:
+            raise TraceError(f"{path}:{n}: {e}") from None
     if not records:
         raise TraceError(f"{path}: no trace records")
     return records

@@ -159,15 +159,19 @@ def parse_lun_spec(text: str) -> LunSpec:
         raise LunSpecError(f"LUN spec {text!r}: {e}") from None
 
 
+def parse_address(addr: str) -> tuple[int, int]:
+    """TARGET:LUN (a spec's, a filter's, a replay's LUN map); LunSpecError, one line."""
+    t_text, colon, l_text = addr.partition(":")
+    if not colon:
+        raise LunSpecError(f"bad address {addr!r}: expected TARGET:LUN")
+    return _number(t_text, "target", MAX_TARGET), _number(l_text, "LUN", MAX_LUN)
+
+
 def _parse(text: str) -> LunSpec:
     addr, eq, rest = text.partition("=")
     if not eq:
         raise LunSpecError("expected TARGET:LUN=BACKEND, e.g. 0:0=file:disk.img")
-    t_text, colon, l_text = addr.partition(":")
-    if not colon:
-        raise LunSpecError(f"bad address {addr!r}: expected TARGET:LUN")
-    target = _number(t_text, "target", MAX_TARGET)
-    lun = _number(l_text, "LUN", MAX_LUN)
+    target, lun = parse_address(addr)
 
     backend, *options = _split_options(rest)
     if backend.startswith(NBD_URI_SCHEMES):

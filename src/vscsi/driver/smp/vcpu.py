@@ -342,11 +342,9 @@ class Vcpu:
                 req = ini.requests[slot]
                 cmd = ts.task.next_command(slot, ini.data_view(req))
                 if cmd is None or isinstance(cmd, Later):
-                    ts.free.append(slot)
-                    if cmd is None:
-                        ts.exhausted = True
-                    else:
-                        due = cmd.at
+                    ts.free.append(slot)            # unused: free again
+                    ts.exhausted = cmd is None
+                    due = None if cmd is None else cmd.at
                     break
                 ini.submit(req, self.index, cmd.target, cmd.lun, cmd.cdb,
                            write=cmd.write, nbytes=cmd.nbytes)

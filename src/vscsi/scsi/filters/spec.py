@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ..constants import HARDWARE_ERROR
-from ..spec import MAX_LUN, MAX_TARGET, LunSpecError, _escape, _number, _split_options, parse_size
+from ..spec import LunSpecError, _escape, _split_options, parse_address, parse_size
 from .command import OP_CLASSES
 
 KINDS = ("error", "delay", "hang", "rate", "trace")
@@ -231,11 +231,7 @@ def parse_filter_arg(text: str) -> FilterArg:
     try:
         if not eq:
             raise FilterSpecError("expected TARGET:LUN=FILTER, e.g. 0:0=delay:read=2ms")
-        t_text, colon, l_text = addr.partition(":")
-        if not colon:
-            raise FilterSpecError(f"bad address {addr!r}: expected TARGET:LUN")
-        target = _number(t_text, "target", MAX_TARGET)
-        lun = _number(l_text, "LUN", MAX_LUN)
+        target, lun = parse_address(addr)
     except LunSpecError as e:
         raise FilterSpecError(f"filter {text!r}: {e}") from None
     return FilterArg(target, lun, parse_filter(rest))
