@@ -40,6 +40,9 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import guest_vs_qemu as gvq  # noqa: E402  (the guest's counters: interrupts, CPU ticks)
+
 from vscsi.bench.storage_daemon import StorageDaemon, VhostUserBlkDaemon
 from vscsi.metrics import bucket_bounds_us
 from vscsi.rpc.client import Client, RpcError
@@ -59,12 +62,19 @@ while [ -z "$(disk)" ]; do
   sleep 1; waited=$((waited + 1))
 done
 D=$(disk)
+""" + gvq.GUEST_COUNTERS + r"""
 run() { name=$1; shift
+  irq0=$(irqs)
+  ticks0=$(ticks)
   fio --filename=$D --direct=1 --ioengine=libaio --time_based=1 --runtime=RUNTIME \
       --group_reporting --eta=never --output-format=terse --terse-version=3 "$@" >/tmp/o 2>&1
+  irq=$(( $(irqs) - irq0 ))
+  ticks=$(echo "$ticks0 $(ticks)" | awk '{ print $3 - $1, $4 - $2 }')
   # terse v3: field 5 is the error, 7 the bandwidth in KiB/s, 8 the IOPS, 40 the mean
-  # read latency (submission to completion) in microseconds
-  awk -F';' -v n=$name '{printf "RESULT %s %s %s %s %s\n", n, $5, $7, $8, $40}' /tmp/o |
+  # read latency (submission to completion) in microseconds, 9 the runtime in ms; then
+  # the guest's interrupts and CPU ticks (busy, all) meanwhile (guest_vs_qemu.py)
+  awk -F';' -v n=$name -v counted="$irq $ticks" \
+    '{printf "RESULT %s %s %s %s %s %s %s\n", n, $5, $7, $8, $40, $9, counted}' /tmp/o |
     tail -1
 }
 """
@@ -77,16 +87,21 @@ JOBS = {
 }
 
 
-def results(backend: str, output: str) -> dict[str, tuple[float, float]]:
-    """(MB/s, mean latency in us) per job; a job fio failed (or a guest that found no
-    disk) ends the bench."""
+def results(backend: str, output: str) -> dict[str, tuple[float, float, float, float]]:
+    """(MB/s, mean latency in us, guest interrupts per request, guest CPU in us per
+    request) per job; a job fio failed (or a guest that found no disk) ends the bench."""
     out = {}
     for line in output.splitlines():
         if line.startswith("RESULT "):
-            _, name, error, kib_s, _iops, lat_us = line.split()[:6]
+            _, name, error, kib_s, iops, lat_us, runtime_ms, irqs, busy, total = \
+                line.split()[:10]
             if error != "0":
                 raise SystemExit(f"{backend}: fio job {name} failed (error {error})")
-            out[name] = (float(kib_s) / 1024, float(lat_us))
+            requests = float(iops) * int(runtime_ms) / 1000
+            out[name] = (float(kib_s) / 1024, float(lat_us),
+                         int(irqs) / requests if requests else 0.0,
+                         (int(busy) / int(total) * VCPUS * 1e6 / float(iops)
+                          if int(total) and float(iops) else 0.0))
     if not out:
         raise SystemExit(f"{backend}: no results; the guest said:\n{output[-2000:]}")
     return out
@@ -115,6 +130,9 @@ def hist_mean_us(hist: list[int]) -> float:
     return acc / total if total else 0.0
 
 
+VCPUS = 2                               # the guest's
+
+
 def one_round(name: str, image: Path, script: str, path: str, variant: str,
               serve_args: list[str]) -> tuple[str, list[int] | None]:
     """Boot the guest once against backend ``name`` (BACKENDS, or vscsi[-nbd]:ARGS);
@@ -123,14 +141,14 @@ def one_round(name: str, image: Path, script: str, path: str, variant: str,
     serve_args = serve_args + shlex.split(extra)
     with ExitStack() as stack:
         if backend == "qemu":
-            options = GuestOptions(vcpus=2, queues=2, qemu_disks=[path], qemu_queues=2,
+            options = GuestOptions(vcpus=VCPUS, queues=2, qemu_disks=[path], qemu_queues=2,
                                    qemu_direct=True, timeout=600)
         elif backend == "qsd":
             workdir = Path(tempfile.mkdtemp(prefix="vscsi-gd-qsd-"))
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
             qsd = stack.enter_context(VhostUserBlkDaemon([path], workdir, queues=2,
                                                          direct=True))
-            options = GuestOptions(vcpus=2, queues=2, timeout=600, env={"DISK_KIND": "blk"},
+            options = GuestOptions(vcpus=VCPUS, queues=2, timeout=600, env={"DISK_KIND": "blk"},
                                    vhost_user_blk_sockets=qsd.sockets)
         else:
             lun = f"file:{path},{variant}"
@@ -142,7 +160,7 @@ def one_round(name: str, image: Path, script: str, path: str, variant: str,
                 lun = f"nbd:{nbd.uri}"
             serve = stack.enter_context(ServeProcess([f"0:0={lun}"], queues=2,
                                                      extra=serve_args))
-            options = GuestOptions(vcpus=2, queues=2, timeout=600,
+            options = GuestOptions(vcpus=VCPUS, queues=2, timeout=600,
                                    vhost_user_socket=serve.socket)
             output = run_guest(image, script, options).output
             return output, backend_latency(serve.socket + ".rpc")
@@ -188,14 +206,18 @@ def main() -> None:
     script = SCRIPT.replace("RUNTIME", str(a.runtime)) + "\n".join(JOBS[j] for j in jobs)
     got: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
     latency: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
+    irqs: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
+    guest_cpu: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
     inside: dict[str, list[float]] = {b: [] for b in backends}
     for rnd in range(a.rounds):
         for backend in backends:
             output, hist = one_round(backend, image, script, a.file, a.variant,
                                      a.serve_args.split())
-            for k, (mb_s, lat_us) in results(backend, output).items():
+            for k, (mb_s, lat_us, irq, cpu) in results(backend, output).items():
                 got[backend].setdefault(k, []).append(mb_s)
                 latency[backend].setdefault(k, []).append(lat_us)
+                irqs[backend].setdefault(k, []).append(irq)
+                guest_cpu[backend].setdefault(k, []).append(cpu)
             if hist:
                 inside[backend].append(hist_mean_us(hist))
         print(f"round {rnd + 1}: {got}", file=sys.stderr)
@@ -212,6 +234,11 @@ def main() -> None:
         print(f"{job} mean latency in the guest (fio, us): " + "; ".join(
             f"{b} {statistics.median(latency[b][job]):.0f}" for b in backends
             if latency[b].get(job)))
+        print(f"{job} guest interrupts per request: " + "; ".join(
+            f"{b} {statistics.median(irqs[b][job]):.2f}" for b in backends if irqs[b].get(job)))
+        print(f"{job} guest CPU per request (us, all vCPUs' busy time): " + "; ".join(
+            f"{b} {statistics.median(guest_cpu[b][job]):.0f}" for b in backends
+            if guest_cpu[b].get(job)))
     for backend in backends:
         if inside[backend]:
             print(f"{backend}: mean time a command spent in the backend (its LUN's latency "

@@ -99,10 +99,22 @@ SCALING_JOB = "seq-4t"
 # The guest maps target n to its disk: for SCSI (vscsi, QEMU's device) the by-hctl link
 # /init made, for vhost-user-blk (qsd) the /dev/vd* whose PCI slot is 6 + n (the runner
 # puts export n there). One line per job: "JOB-START name", then "RESULT name error
-# read_kib bw_kib iops runtime_ms irqs" (fio terse v3: field 5 is the error, 6 the KiB
-# read, 7 the bandwidth in KiB/s, 8 the IOPS, 9 the runtime in ms; irqs: the interrupts
-# the disks' request queues raised in the guest meanwhile, from /proc/interrupts: virtio-scsi
-# names its vectors virtioN-request, virtio-blk virtioN-req.K).
+# read_kib bw_kib iops runtime_ms irqs busy total" (fio terse v3: field 5 is the error, 6
+# the KiB read, 7 the bandwidth in KiB/s, 8 the IOPS, 9 the runtime in ms; irqs: the
+# interrupts the disks' request queues raised in the guest meanwhile, from /proc/interrupts:
+# virtio-scsi names its vectors virtioN-request, virtio-blk virtioN-req.K; busy and total:
+# the guest's CPU time meanwhile from /proc/stat, all but idle and iowait, and all, in
+# ticks: with the vCPUs always busy under TCG, the guest's CPU per request is what bounds
+# its throughput).
+GUEST_COUNTERS = r"""
+irqs() {  # interrupts of every request queue so far, summed over the CPUs
+  awk '$NF ~ /^virtio[0-9]+-req/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i }
+       END { print s + 0 }' /proc/interrupts
+}
+ticks() {  # the guest's CPU ticks so far over all CPUs: busy, and all
+  awk '$1 == "cpu" { busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6 }' /proc/stat
+}
+"""
 GUEST_SCRIPT = r"""
 disk() {
   if [ "$DISK_KIND" = blk ]; then
@@ -134,10 +146,7 @@ while [ $n -lt NTARGETS ]; do
   [ "$got" = "$want" ] || { echo "WRONG DISK target $n is $d: $got sectors, not $want"; exit 3; }
   n=$((n + 1))
 done
-irqs() {  # interrupts of every request queue so far, summed over the CPUs
-  awk '$NF ~ /^virtio[0-9]+-req/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i }
-       END { print s + 0 }' /proc/interrupts
-}
+""" + GUEST_COUNTERS + r"""
 run() {  # name, targets (comma-separated), fio args...
   name=$1; targets=$2; shift 2
   jobs=""
@@ -150,24 +159,26 @@ run() {  # name, targets (comma-separated), fio args...
   # an empty line so the host sees it when it is printed
   printf 'JOB-START %s\n\n' "$name"
   irq0=$(irqs)
+  ticks0=$(ticks)
   fio --eta=never --output-format=terse --terse-version=3 --group_reporting \
       --direct=1 --ioengine=libaio --time_based=1 --runtime=RUNTIME --ramp_time=RAMP \
       "$@" $jobs > /tmp/fio.out 2>/tmp/fio.err
   rc=$?
   irq=$(( $(irqs) - irq0 ))
+  ticks=$(echo "$ticks0 $(ticks)" | awk '{ print $3 - $1, $4 - $2 }')
   line=$(tail -1 /tmp/fio.out)
-  echo "$line" | awk -F';' -v n="$name" -v rc=$rc -v irq=$irq \
+  echo "$line" | awk -F';' -v n="$name" -v rc=$rc -v irq="$irq $ticks" \
     '{printf "RESULT %s %s %s %s %s %s %s\n\n", n, ($5 == "" ? rc : $5), $6, $7, $8, $9, irq}'
   [ $rc = 0 ] || head -5 /tmp/fio.err
 }
 idle() {  # the guest does nothing for RUNTIME seconds
   printf 'JOB-START idle\n\n'
   sleep RUNTIME
-  printf 'RESULT idle 0 0 0 0 %d 0\n\n' $((RUNTIME * 1000))
+  printf 'RESULT idle 0 0 0 0 %d 0 0 0\n\n' $((RUNTIME * 1000))
 }
 """
 
-RESULT = re.compile(r"^RESULT (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\s*$", re.M)
+RESULT = re.compile(r"^RESULT (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\s*$", re.M)
 
 
 def guest_script(queues: int, runtime: int, ramp: int) -> str:
@@ -193,16 +204,22 @@ def jobs_for(queues: int) -> list[Job]:
 
 def parse(output: str) -> dict[str, dict]:
     jobs: dict[str, dict] = {}
-    for name, err, _kib, bw, iops, runtime_ms, irqs in RESULT.findall(output):
+    for name, err, _kib, bw, iops, runtime_ms, irqs, busy, total in RESULT.findall(output):
         try:
             requests = round(float(iops) * int(runtime_ms) / 1000)
             jobs[name] = {"error": int(err), "mb_s": int(bw) * 1024 / 1e6,
                           "iops": float(iops), "requests": requests,
                           "runtime_s": int(runtime_ms) / 1000,
-                          "irqs_per_req": int(irqs) / requests if requests else None}
+                          "irqs_per_req": int(irqs) / requests if requests else None,
+                          # the ticks span fio's ramp too: busy share times vCPUs per IOPS
+                          "guest_cpu_us_per_req": (int(busy) / int(total) * VCPUS * 1e6
+                                                   / float(iops) if int(total) and float(iops)
+                                                   else None),
+                          "guest_busy_pct": 100 * int(busy) / int(total) if int(total) else None}
         except ValueError:
             jobs[name] = {"error": err, "mb_s": None, "iops": None, "requests": None,
-                          "irqs_per_req": None}
+                          "irqs_per_req": None, "guest_cpu_us_per_req": None,
+                          "guest_busy_pct": None}
     return jobs
 
 
@@ -477,6 +494,9 @@ def summarise_rounds(configs: list[dict], backends: list[Backend],
                     "sys_us_per_req": median([r.get("sys_us_per_req") for r in runs]),
                     "wakeups_per_req": median([r.get("wakeups_per_req") for r in runs]),
                     "irqs_per_req": median([r.get("irqs_per_req") for r in runs]),
+                    "guest_cpu_us_per_req": median([r.get("guest_cpu_us_per_req")
+                                                    for r in runs]),
+                    "guest_busy_pct": median([r.get("guest_busy_pct") for r in runs]),
                     "rounds_mb_s": [None if r.get("mb_s") is None else round(r["mb_s"], 1)
                                     for r in runs],
                 }
@@ -520,7 +540,7 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
     for b in backends:
         t.add_column(f"{b.name}\nMB/s" + ("\nCPU µs/req\n(system)\nwake-ups/req"
                                            if b.kind in ("ours", "qsd") else "")
-                     + "\nguest irq/req", justify="right")
+                     + "\nguest irq/req\nguest CPU µs/req\n(guest busy)", justify="right")
     for row in rows:
         cells = []
         for b in backends:
@@ -533,6 +553,8 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
                 cell += "\n" + _num(m.get("sys_us_per_req"), "({:.1f})")
                 cell += "\n" + _num(m.get("wakeups_per_req"), "{:.2f} wake")
             cell += "\n" + _num(m.get("irqs_per_req"), "{:.2f} irq")
+            cell += "\n" + _num(m.get("guest_cpu_us_per_req"), "{:.0f} µs")
+            cell += "\n" + _num(m.get("guest_busy_pct"), "({:.0f}%)")
             cells.append(cell)
         t.add_row(row["job"], str(row["queues"]), *cells)
     console.print(t)

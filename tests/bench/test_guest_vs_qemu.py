@@ -15,12 +15,14 @@ gvq = scripts.load("guest_vs_qemu")
 
 
 def test_parse_fio_result_lines() -> None:
-    out = ("JOB-START seq-4t\n\nRESULT seq-4t 0 400000 100000 2500.5 4000 5001\n\n"
-           "RESULT null-4k 5 0 0 0 0 0\nRESULT bad x y z w v u\n")
+    out = ("JOB-START seq-4t\n\nRESULT seq-4t 0 400000 100000 2500.5 4000 5001 760 800\n\n"
+           "RESULT null-4k 5 0 0 0 0 0 0 0\nRESULT bad x y z w v u t s\n")
     jobs = gvq.parse(out)
     assert jobs["seq-4t"] == {"error": 0, "mb_s": 100000 * 1024 / 1e6, "iops": 2500.5,
                               "requests": 10002, "runtime_s": 4.0,
-                              "irqs_per_req": 5001 / 10002}
+                              "irqs_per_req": 5001 / 10002,
+                              "guest_cpu_us_per_req": 0.95 * gvq.VCPUS * 1e6 / 2500.5,
+                              "guest_busy_pct": 95.0}
     assert jobs["null-4k"]["error"] == 5
     assert jobs["bad"]["mb_s"] is None
 

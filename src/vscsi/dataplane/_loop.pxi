@@ -52,6 +52,7 @@ cdef class Loop:
     cdef int uring_slot
     cdef bint polling
     cdef double python_due          # when the Python loop's next timer is due (-1: none)
+    cdef double poll_interval       # how often a ring without a kick fd is looked at
 
     def __cinit__(self, CompiledServing serving, worker):
         self.serving = serving
@@ -60,6 +61,7 @@ cdef class Loop:
         self.timers, self.before_wait = self.loop.pending
         self.generation = None
         self.polling = worker.poll.max_window > 0
+        self.poll_interval = worker.POLL_INTERVAL
 
     cdef int rebuild(self) except -1:
         """The rings and the fds to wait on, after rings came or went. A kick already
@@ -117,9 +119,7 @@ cdef class Loop:
         cdef double due
         self.python_due = -1.0
         if self.timed:
-            t = self.worker.timeout(asleep_since)
-            if t is not None:
-                left = t
+            left = self.timeout(asleep_since)
         if self.timers:
             deadline = self.loop.next_deadline()
             if deadline is not None:
@@ -129,6 +129,24 @@ cdef class Loop:
                     due = 0
                 if left < 0 or due < left:
                     left = due
+        return left
+
+    cdef double timeout(self, double now) noexcept:
+        """Worker.timeout: until the next held interrupt is due, or the poll interval of
+        a ring without a kick fd; -1: until something happens."""
+        cdef double left = -1.0
+        cdef double due
+        cdef CompiledServed s
+        cdef int i
+        for i in range(self.nserved):
+            s = <CompiledServed>self.served[i]
+            due = s.coalescer.deadline_c()
+            if due >= 0:
+                due = due - now if due > now else 0.0
+                if left < 0 or due < left:
+                    left = due
+            if self.kickless[i] and (left < 0 or self.poll_interval < left):
+                left = self.poll_interval
         return left
 
     cdef int sleep(self, double seconds) noexcept nogil:

@@ -9,6 +9,7 @@ The rooms, in request order (each an include, read top to bottom):
 * _split.pxi    the device side of a split virtqueue (+ in-flight tracking)
 * _packed.pxi   the device side of a packed virtqueue (+ in-flight tracking)
 * _scsi.pxi     one request: virtio-scsi headers, the LUN, READ / WRITE, counters
+* _pacing.pxi   when to signal: the interrupt coalescer
 * _served.pxi   a worker's rings: drain, pace, signal, the io_uring, the TMFs' view
 * _loop.pxi     the worker's loop
 
@@ -24,5 +25,6 @@ include "_ring.pxi"
 include "_split.pxi"
 include "_packed.pxi"
 include "_scsi.pxi"
+include "_pacing.pxi"
 include "_served.pxi"
 include "_loop.pxi"

@@ -131,7 +131,7 @@ cdef class CompiledServed:
     cdef public object row
     cdef uint64_t *crow
     cdef Held row_hold
-    cdef public object coalescer
+    cdef readonly CompiledCoalescer coalescer
     cdef bint coalescing                # coalescer.active (fixed for the served's life)
     cdef public long completed          # answered later since the last publish
     cdef public bint stopping
@@ -159,8 +159,8 @@ cdef class CompiledServed:
         self.row = row
         self.row_hold = Held(row)
         self.crow = <uint64_t *>self.row_hold.ptr()
-        self.coalescer = coalescer
-        self.coalescing = coalescer.active
+        self.coalescer = CompiledCoalescer(coalescer.count, coalescer.delay)
+        self.coalescing = self.coalescer.active_c()
         self.uring = uring
         self.waiters = {}
         self.tables = {}
