@@ -39,9 +39,10 @@ def test_guest_script_has_every_target_as_a_file_and_one_run_per_count() -> None
 
 def test_parse_jobs_reads_each_target_count() -> None:
     out = ("vscsi-init: noise\nJOB-START t1\n\n"
-           "RESULT t1 0 2000000 500000 12345.5 4000 6000\n\n"
-           "JOB-START t16\n\nRESULT t16 0 4000000 1000000 20000 4000 9000\n\n"
-           "RESULT t4 5 0 0 0 0 0\nRESULT seq-4t 0 1 1 1 1 1\nRESULT tx 0 1 1 1 1 1\n")
+           "RESULT t1 0 2000000 500000 12345.5 4000 6000 700 800\n\n"
+           "JOB-START t16\n\nRESULT t16 0 4000000 1000000 20000 4000 9000 780 800\n\n"
+           "RESULT t4 5 0 0 0 0 0 0 0\nRESULT seq-4t 0 1 1 1 1 1 1 1\n"
+           "RESULT tx 0 1 1 1 1 1 1 1\n")
     jobs = gcl.parse_jobs(out)
     assert sorted(jobs) == [1, 4, 16]
     assert jobs[1]["mb_s"] == pytest.approx(500000 * 1024 / 1e6)
