@@ -50,6 +50,7 @@ from vscsi.testing.serve import ServeProcess
 from vscsi.vm import GuestOptions, build_guest, run_guest
 
 BACKENDS = ("vscsi", "qemu", "qsd", "vscsi-nbd")
+VCPUS = 2                               # the guest's
 
 SCRIPT = r"""
 disk() {
@@ -87,9 +88,10 @@ JOBS = {
 }
 
 
-def results(backend: str, output: str) -> dict[str, tuple[float, float, float, float]]:
-    """(MB/s, mean latency in us, guest interrupts per request, guest CPU in us per
-    request) per job; a job fio failed (or a guest that found no disk) ends the bench."""
+def results(backend: str, output: str) -> dict[str, dict[str, float | None]]:
+    """Per job: mb_s, lat_us (fio's mean latency) and what the guest paid per request
+    (guest_vs_qemu.guest_cost); a job fio failed (or a guest that found no disk) ends
+    the bench."""
     out = {}
     for line in output.splitlines():
         if line.startswith("RESULT "):
@@ -98,10 +100,9 @@ def results(backend: str, output: str) -> dict[str, tuple[float, float, float, f
             if error != "0":
                 raise SystemExit(f"{backend}: fio job {name} failed (error {error})")
             requests = float(iops) * int(runtime_ms) / 1000
-            out[name] = (float(kib_s) / 1024, float(lat_us),
-                         int(irqs) / requests if requests else 0.0,
-                         (int(busy) / int(total) * VCPUS * 1e6 / float(iops)
-                          if int(total) and float(iops) else 0.0))
+            out[name] = {"mb_s": float(kib_s) / 1024, "lat_us": float(lat_us),
+                         **gvq.guest_cost(float(iops), requests, int(irqs), int(busy),
+                                          int(total), VCPUS)}
     if not out:
         raise SystemExit(f"{backend}: no results; the guest said:\n{output[-2000:]}")
     return out
@@ -128,9 +129,6 @@ def hist_mean_us(hist: list[int]) -> float:
         low, high = bucket_bounds_us(index)
         acc += n * (low if high == float("inf") else (low + high) / 2)
     return acc / total if total else 0.0
-
-
-VCPUS = 2                               # the guest's
 
 
 def one_round(name: str, image: Path, script: str, path: str, variant: str,
@@ -204,41 +202,40 @@ def main() -> None:
                 f.write(chunk)
     image = build_guest(extra_modules=["virtio_blk"] if "qsd" in backends else ())
     script = SCRIPT.replace("RUNTIME", str(a.runtime)) + "\n".join(JOBS[j] for j in jobs)
-    got: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
-    latency: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
-    irqs: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
-    guest_cpu: dict[str, dict[str, list[float]]] = {b: {} for b in backends}
+    # backend -> job -> that job's results (results()), one per round
+    runs: dict[str, dict[str, list[dict]]] = {b: {} for b in backends}
     inside: dict[str, list[float]] = {b: [] for b in backends}
+
+    def rounds(backend: str, job: str, key: str) -> list[float]:
+        return [r[key] for r in runs[backend].get(job, []) if r[key] is not None]
+
     for rnd in range(a.rounds):
         for backend in backends:
             output, hist = one_round(backend, image, script, a.file, a.variant,
                                      a.serve_args.split())
-            for k, (mb_s, lat_us, irq, cpu) in results(backend, output).items():
-                got[backend].setdefault(k, []).append(mb_s)
-                latency[backend].setdefault(k, []).append(lat_us)
-                irqs[backend].setdefault(k, []).append(irq)
-                guest_cpu[backend].setdefault(k, []).append(cpu)
+            for job, result in results(backend, output).items():
+                runs[backend].setdefault(job, []).append(result)
             if hist:
                 inside[backend].append(hist_mean_us(hist))
-        print(f"round {rnd + 1}: {got}", file=sys.stderr)
-    anchor = "qemu" if "qemu" in got else backends[0]
+        print(f"round {rnd + 1}: " + str({b: {j: rounds(b, j, "mb_s") for j in jobs}
+                                          for b in backends}), file=sys.stderr)
+    anchor = "qemu" if "qemu" in backends else backends[0]
     for job in jobs:
-        ref = statistics.median(got[anchor].get(job, [0.0]))
+        ref = statistics.median(rounds(anchor, job, "mb_s") or [0.0])
         cells = []
         for backend in backends:
-            runs = got[backend].get(job, [])
-            med = statistics.median(runs) if runs else 0.0
+            mb_s = rounds(backend, job, "mb_s")
+            med = statistics.median(mb_s) if mb_s else 0.0
             ratio = f" ({med / ref:.2f}x {anchor})" if ref and backend != anchor else ""
-            cells.append(f"{backend} {med:.1f}{ratio} {[round(r, 1) for r in runs]}")
+            cells.append(f"{backend} {med:.1f}{ratio} {[round(r, 1) for r in mb_s]}")
         print(f"{job} MB/s: " + "; ".join(cells))
-        print(f"{job} mean latency in the guest (fio, us): " + "; ".join(
-            f"{b} {statistics.median(latency[b][job]):.0f}" for b in backends
-            if latency[b].get(job)))
-        print(f"{job} guest interrupts per request: " + "; ".join(
-            f"{b} {statistics.median(irqs[b][job]):.2f}" for b in backends if irqs[b].get(job)))
-        print(f"{job} guest CPU per request (us, all vCPUs' busy time): " + "; ".join(
-            f"{b} {statistics.median(guest_cpu[b][job]):.0f}" for b in backends
-            if guest_cpu[b].get(job)))
+        for key, what, fmt in (("lat_us", "mean latency in the guest (fio, us)", "{:.0f}"),
+                               ("irqs_per_req", "guest interrupts per request", "{:.2f}"),
+                               ("guest_cpu_us_per_req",
+                                "guest CPU per request (us, all vCPUs' busy time)", "{:.0f}")):
+            print(f"{job} {what}: " + "; ".join(
+                f"{b} {fmt.format(statistics.median(rounds(b, job, key)))}"
+                for b in backends if rounds(b, job, key)))
     for backend in backends:
         if inside[backend]:
             print(f"{backend}: mean time a command spent in the backend (its LUN's latency "

@@ -202,6 +202,16 @@ def jobs_for(queues: int) -> list[Job]:
     return [j for j in JOBS if j.queue_counts is None or queues in j.queue_counts]
 
 
+def guest_cost(iops: float, requests: float, irqs: int, busy: int, total: int,
+               vcpus: int = VCPUS) -> dict[str, float | None]:
+    """What the guest paid per request, from GUEST_COUNTERS' readings around a job: its
+    interrupts, its CPU (the ticks span fio's ramp too, so the busy share times the
+    vCPUs over the IOPS) and how busy it was."""
+    return {"irqs_per_req": irqs / requests if requests else None,
+            "guest_cpu_us_per_req": busy / total * vcpus * 1e6 / iops if total and iops else None,
+            "guest_busy_pct": 100 * busy / total if total else None}
+
+
 def parse(output: str) -> dict[str, dict]:
     jobs: dict[str, dict] = {}
     for name, err, _kib, bw, iops, runtime_ms, irqs, busy, total in RESULT.findall(output):
@@ -210,12 +220,7 @@ def parse(output: str) -> dict[str, dict]:
             jobs[name] = {"error": int(err), "mb_s": int(bw) * 1024 / 1e6,
                           "iops": float(iops), "requests": requests,
                           "runtime_s": int(runtime_ms) / 1000,
-                          "irqs_per_req": int(irqs) / requests if requests else None,
-                          # the ticks span fio's ramp too: busy share times vCPUs per IOPS
-                          "guest_cpu_us_per_req": (int(busy) / int(total) * VCPUS * 1e6
-                                                   / float(iops) if int(total) and float(iops)
-                                                   else None),
-                          "guest_busy_pct": 100 * int(busy) / int(total) if int(total) else None}
+                          **guest_cost(float(iops), requests, int(irqs), int(busy), int(total))}
         except ValueError:
             jobs[name] = {"error": err, "mb_s": None, "iops": None, "requests": None,
                           "irqs_per_req": None, "guest_cpu_us_per_req": None,

@@ -19,8 +19,10 @@ gd = scripts.load("guest_direct")
 
 def test_results_read_bandwidth_latency_interrupts_and_stop_on_a_failed_job() -> None:
     out = "boot...\nRESULT randread-4k-d32 0 51200 12800 2480.5 6000 19200 1200 1300\nnoise\n"
-    assert gd.results("vscsi", out) == {
-        "randread-4k-d32": (50.0, 2480.5, 0.25, 1200 / 1300 * 2 * 1e6 / 12800)}
+    assert gd.results("vscsi", out) == {"randread-4k-d32": {
+        "mb_s": 50.0, "lat_us": 2480.5, "irqs_per_req": 0.25,
+        "guest_cpu_us_per_req": 1200 / 1300 * 2 * 1e6 / 12800,
+        "guest_busy_pct": 100 * 1200 / 1300}}
     with pytest.raises(SystemExit, match="failed \\(error 5\\)"):
         gd.results("vscsi", "RESULT seed-job 5 0 0 0 0 0 0 0\n")
     with pytest.raises(SystemExit, match="no results"):

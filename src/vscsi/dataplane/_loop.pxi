@@ -2,8 +2,12 @@
 # C -- poll the kick eventfds, the io_uring's and the Python loop's epoll fd; serve, poll
 # on, publish, signal.
 
+from vscsi.vhost_user.worker import POLL_INTERVAL
+
 cdef enum:
     MAX_RINGS = 256     # rings one worker serves (a device has at most 256 queues here)
+
+cdef double POLL_INTERVAL_S = POLL_INTERVAL  # how often a ring without a kick fd is looked at
 
 
 cdef extern from *:
@@ -52,7 +56,6 @@ cdef class Loop:
     cdef int uring_slot
     cdef bint polling
     cdef double python_due          # when the Python loop's next timer is due (-1: none)
-    cdef double poll_interval       # how often a ring without a kick fd is looked at
 
     def __cinit__(self, CompiledServing serving, worker):
         self.serving = serving
@@ -61,7 +64,6 @@ cdef class Loop:
         self.timers, self.before_wait = self.loop.pending
         self.generation = None
         self.polling = worker.poll.max_window > 0
-        self.poll_interval = worker.POLL_INTERVAL
 
     cdef int rebuild(self) except -1:
         """The rings and the fds to wait on, after rings came or went. A kick already
@@ -145,8 +147,8 @@ cdef class Loop:
                 due = due - now if due > now else 0.0
                 if left < 0 or due < left:
                     left = due
-            if self.kickless[i] and (left < 0 or self.poll_interval < left):
-                left = self.poll_interval
+            if self.kickless[i] and (left < 0 or POLL_INTERVAL_S < left):
+                left = POLL_INTERVAL_S
         return left
 
     cdef int sleep(self, double seconds) noexcept nogil:

@@ -203,8 +203,6 @@ class Worker:
     forked process). Its event loop (loop.py) is also the Scheduler the device's units
     use to answer requests later."""
 
-    POLL_INTERVAL = POLL_INTERVAL  # (the compiled loop reads it here)
-
     def __init__(self, mem: GuestMemory, ctl: socket.socket, device: VirtioDevice,
                  stats: st.QueueStats, pacing: Pacing,
                  inflight: memoryview | None = None,
