@@ -1,23 +1,49 @@
 """What a replay's test checks, given the recorded trace and the trace the replayed
 backend wrote: the same commands (operation, LBA, blocks) in the same order per queue,
-and how far the arrival times differ."""
+and how far the arrival times differ; and how late the host wakes a sleeper meanwhile,
+which says whether the arrival times can be judged at all."""
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 
 from vscsi.bench.replay import arrival_order
 from vscsi.bench.trace import Record, read_trace
+
+
+def percentile(ordered: list[float], pct: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
 @dataclass
 class Match:
     per_queue: dict[int, int]            # queue -> commands matched
     arrival_ms: list[float]              # |recorded - replayed| offsets, sorted
+    # (recorded time, |recorded - replayed| in ms) of each command, in recorded order
+    by_time: list[tuple[float, float]] = field(default_factory=list)
 
     def p(self, pct: float) -> float:
-        return self.arrival_ms[min(len(self.arrival_ms) - 1, int(len(self.arrival_ms) * pct / 100))]
+        return percentile(self.arrival_ms, pct)
+
+    def describe(self) -> str:
+        return (f"p50 {self.p(50):.3f} ms, p99 {self.p(99):.3f} ms, max "
+                f"{self.arrival_ms[-1]:.3f} ms over {len(self.arrival_ms)} commands")
+
+    def after_idle(self, gap: float = 1.0, within: float = 0.05) -> tuple[list[float], list[float]]:
+        """The arrival errors (sorted) of the commands recorded ``within`` seconds after
+        the trace was idle ``gap`` seconds or more, and of the others: how much of the
+        tail a host's cold start makes."""
+        cold, warm = [], []
+        woke = last = None
+        for t, err in self.by_time:
+            if last is None or t - last >= gap:
+                woke = t
+            (cold if t - woke < within else warm).append(err)
+            last = t
+        return sorted(cold), sorted(warm)
 
 
 def streams(path: str, keep=lambda r: True) -> dict[int, list[Record]]:
@@ -51,4 +77,37 @@ def match(recorded: str, replayed: str, keep=lambda r: True) -> Match:
         pairs += zip(want, got[start:start + len(w)], strict=True)
         per_queue[q] = len(w)
     shift = statistics.median(b.time - a.time for a, b in pairs)
-    return Match(per_queue, sorted(abs(b.time - a.time - shift) * 1e3 for a, b in pairs))
+    by_time = sorted((a.time, abs(b.time - a.time - shift) * 1e3) for a, b in pairs)
+    return Match(per_queue, sorted(e for _, e in by_time), by_time)
+
+
+@dataclass
+class HostWakeups:
+    """While in its ``with``, a thread sleeps ``period`` seconds at a time and counts how
+    late the host woke it (cyclictest's measure, in a test's terms). A replay sent on time
+    needs two such wake-ups per command (the replay's, the backend's); a host that makes
+    every sleeper late by milliseconds makes any replay late with it, so the arrival
+    times of that run say nothing about the replay."""
+
+    period: float = 0.002
+    late_ms: list[float] = field(default_factory=list)
+
+    def __enter__(self) -> HostWakeups:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sleep, daemon=True, name="wakeups")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.late_ms.sort()
+
+    def _sleep(self) -> None:
+        while not self._stop.is_set():
+            before = time.monotonic()
+            time.sleep(self.period)
+            self.late_ms.append((time.monotonic() - before - self.period) * 1e3)
+
+    def p(self, pct: float) -> float:
+        return percentile(self.late_ms, pct)

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from vscsi.dataplane import compiled
+from vscsi.scsi.filters.command import lba_range
 
 from .worlds import (
     DISK,
@@ -41,6 +42,12 @@ pytestmark = pytest.mark.skipif(compiled is None, reason="the compiled data plan
 READS = (0x08, 0x28, 0xA8, 0x88)
 WRITES = (0x0A, 0x2A, 0xAA, 0x8A)
 OTHERS = (0x00, 0x12, 0x25, 0x35, 0x2F, 0x9E, 0x41)
+WRITING = (*WRITES, 0x41)
+# The LUN whose requests of one batch are in flight together (io_uring): two SIMPLE ones
+# that overlap, one of them writing, may land in either order -- SAM-5 leaves SIMPLE
+# tasks unordered, and Linux never sends such a pair -- so the two worlds' disks, or the
+# data read, may rightly differ (seen: WRITE(6) and WRITE(10) of LBA 0x96 in one batch).
+IN_FLIGHT_TOGETHER = {(4, 0)}
 
 
 def block_size(target: int, lun: int) -> int:
@@ -139,6 +146,22 @@ def common_requests(draw: st.DrawFn) -> Request:
                    "linux", seed, draw(st.sampled_from([0] * 8 + [1])))
 
 
+def unordered_overlap(batch: list[Request]) -> bool:
+    """Two SIMPLE requests of the batch on an io_uring LUN overlap, one of them writing."""
+    seen: list[tuple[int, int, bool]] = []
+    for req in batch:
+        extent = lba_range(req.cdb)
+        if (req.target, req.lun) not in IN_FLIGHT_TOGETHER or req.task_attr == 1 \
+                or extent is None:
+            continue
+        lba, blocks = extent
+        writes = req.cdb[0] in WRITING
+        if any((writes or w) and lba < b + n and b < lba + blocks for b, n, w in seen):
+            return True
+        seen.append((lba, blocks, writes))
+    return False
+
+
 def post(world: World, token: int, req: Request, indirect: bool) -> None:
     """Allocate and fill the request's buffers and make it available (the same
     addresses in both worlds: their allocators run alike)."""
@@ -228,6 +251,7 @@ def worlds_of(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
        held=st.sampled_from([None] * 6 + [0, 2, 4]))
 def test_both_paths_answer_every_request_alike(worlds_of, batches, packed, indirect,
                                                 attention, held):
+    assume(not any(unordered_overlap(batch) for batch in batches))
     worlds = worlds_of(packed)
     for world in worlds:
         if attention is not None:
