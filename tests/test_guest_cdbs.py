@@ -1,5 +1,5 @@
 """Random CDBs from a real Linux guest, one sequence, on each data plane: sg_raw sends
-400 commands -- READ and WRITE of every size with fields in and out of range, protection
+300 commands -- READ and WRITE of every size with fields in and out of range, protection
 and FUA bits, buffers too short or too long, and around them every opcode the target
 knows and some it does not, with random fields -- to a RAM, a page-cache file, an
 O_DIRECT io_uring file and a null LUN. What the guest sees of each (sg_raw's status,
@@ -29,7 +29,7 @@ pytestmark = [
 
 MiB = 1 << 20
 DISK = 16 * MiB
-COMMANDS = 400
+COMMANDS = 300
 SEED = 2026
 BLK = bytes((i * 13 + 7) & 0xFF for i in range(64 * 1024))   # what writes carry
 #: the LUNs, by address: ram, page-cache file, O_DIRECT io_uring file, null
@@ -118,8 +118,8 @@ def run(image, plane: str, directory: Path, commands) -> tuple[list[str], str]: 
             f"2:0=null:{DISK}"]
     with ServeProcess(luns, queues=2, extra=["--dataplane", plane]) as serve:
         result = run_guest(image, script(commands), GuestOptions(
-            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480,
-            files={"/root/blk": BLK}))
+            vhost_user_socket=serve.socket, scan_targets=serve.targets, vcpus=2, queues=2,
+            timeout=480, files={"/root/blk": BLK}))
         log = serve.output()
         stats = serve.read_stats()
     ctx = f"{result.output[-4000:]}\n--- serve ({plane}) ---\n{log[-3000:]}"

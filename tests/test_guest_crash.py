@@ -104,7 +104,7 @@ def test_backend_killed_three_times_mid_io_loses_nothing(tmp_path: Path, ring: s
     logs = []
     try:
         opts = GuestOptions(vhost_user_socket=sock, vcpus=2, queues=2, reconnect_ms=300,
-                            timeout=420,
+                            timeout=420, scan_targets=serve.targets,
                             vhost_user_options={"packed": True} if ring == "packed" else {})
         with Guest(image, SCRIPT, opts) as g:
             g.wait_for("FIO-STARTED", timeout=180)

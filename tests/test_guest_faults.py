@@ -85,7 +85,7 @@ IRQ=$(grep virtio0-request /proc/interrupts | cut -d: -f1 | tr -d ' ')
 CPU=$(cat /proc/irq/$IRQ/effective_affinity_list)
 echo "IRQ $IRQ on CPU $CPU"
 fio --ioengine=libaio --direct=1 --rw=randread --bs=4k --iodepth=1 --size=16M \
-    --time_based --runtime=8 --percentile_list=50 --eta=never --output-format=terse \
+    --time_based --runtime=5 --percentile_list=50 --eta=never --output-format=terse \
     --name=plain --filename=$D1 --cpus_allowed=$((1 - CPU)) --rate_iops=200 \
     --name=delayed --filename=$D2 --cpus_allowed=$CPU >/tmp/lat 2>&1 \
     || { tail -5 /tmp/lat; fail 30 "fio latency run"; }
@@ -163,7 +163,8 @@ def test_error_delay_hang_filters_under_a_real_guest(tmp_path: Path) -> None:
     serve = ServeProcess(luns, queues=1, extra=extra).start()
     try:
         rpc_path = serve.socket + ".rpc"
-        options = GuestOptions(vhost_user_socket=serve.socket, vcpus=2, queues=1, timeout=600)
+        options = GuestOptions(vhost_user_socket=serve.socket, vcpus=2, queues=1, timeout=600,
+                               scan_targets=serve.targets)
         with Guest(image, SCRIPT, options) as guest, Client(rpc_path, timeout=120) as rpc:
             (error_filter,) = rpc.call("filter_list", target=0, lun=0)
             guest.wait_for("STEP UNERROR", timeout=400)

@@ -249,6 +249,7 @@ def test_luns_queues_and_two_guests(guest_image, rig: Rig) -> None:  # type: ign
     # ---------------------------------------------------------------- boot 1
     r1 = run_guest(guest_image, BOOT1, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
                                               queues=2, timeout=480,
+                                              scan_targets=serve.targets,
                                               files={"/root/pattern": PATTERN}))
     ctx = f"{r1.output}\n--- serve log ---\n{_tail(serve)}"
     assert r1.status == 0, f"guest 1 failed (status {r1.status}):\n{ctx}"
@@ -296,7 +297,8 @@ def test_luns_queues_and_two_guests(guest_image, rig: Rig) -> None:  # type: ign
     # ---------------------------------------------------------------- boot 2
     assert serve.proc is not None and serve.proc.poll() is None, _tail(serve)
     r2 = run_guest(guest_image, BOOT2, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
-                                              queues=2, timeout=480))
+                                              queues=2, timeout=480,
+                                              scan_targets=serve.targets))
     ctx2 = f"{r2.output}\n--- serve log ---\n{_tail(serve)}"
     assert r2.status == 0, f"guest 2 failed (status {r2.status}):\n{ctx2}"
     assert "GUEST2-DONE" in r2.output, ctx2

@@ -147,7 +147,7 @@ def test_a_guest_moves_there_and_back_while_writing(tmp_path: Path, ring: str,
     guest = None
     try:
         opts = GuestOptions(vhost_user_socket=a.socket, vcpus=2, queues=2, qmp=True,
-                            timeout=480,
+                            timeout=480, scan_targets=a.targets,
                             vhost_user_options={"packed": True} if ring == "packed" else {})
         guest = Guest(build_guest(), SCRIPT, opts).start()
         guest.wait_for("FIO-PASS 1", timeout=240)
@@ -191,7 +191,7 @@ def test_a_failed_migration_leaves_the_guest_on_its_disks(tmp_path: Path) -> Non
     guest = None
     try:
         opts = GuestOptions(vhost_user_socket=a.socket, vcpus=2, queues=2, qmp=True,
-                            timeout=420)
+                            timeout=420, scan_targets=a.targets)
         guest = Guest(build_guest(), SCRIPT, opts).start()
         guest.wait_for("FIO-PASS 1", timeout=240)
         crawl = {"max-bandwidth": 4 * MiB}  # far too slow to finish: it is stopped first

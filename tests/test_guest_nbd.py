@@ -76,7 +76,8 @@ def test_guest_fio_verify_over_nbd(guest_image, tmp_path: Path) -> None:  # type
     try:
         serve.start()
         result = run_guest(guest_image, SCRIPT, GuestOptions(
-            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480))
+            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480,
+            scan_targets=serve.targets))
         log = serve.output()[-3000:]
         ctx = f"{result.output}\n--- serve log ---\n{log}"
         assert result.status == 0, f"guest failed (status {result.status}):\n{ctx}"

@@ -71,7 +71,7 @@ def test_packed_rings_from_a_real_guest_across_a_reboot(guest_image, plane: str)
                       queues=2, extra=["--dataplane", plane]) as serve:
         result = run_guest(guest_image, BEFORE, GuestOptions(
             vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=480,
-            after_reboot=AFTER, vhost_user_options={"packed": True}))
+            scan_targets=serve.targets, after_reboot=AFTER, vhost_user_options={"packed": True}))
         log = serve.output()
         assert result.status == 0, f"{result.output}\n--- back-end ---\n{log[-3000:]}"
         out = result.output

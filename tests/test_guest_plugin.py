@@ -63,7 +63,8 @@ def test_python_plugins_serve_a_guest() -> None:
             f"0:1=python:{EXAMPLES}/lba_disk.py:LbaDisk,size=16M,ro"]
     with ServeProcess(luns, queues=1) as serve:
         result = run_guest(image, SCRIPT, GuestOptions(
-            vhost_user_socket=serve.socket, vcpus=2, queues=1, timeout=480))
+            vhost_user_socket=serve.socket, vcpus=2, queues=1, timeout=480,
+            scan_targets=serve.targets))
         log = serve.output()[-3000:]
     ctx = f"{result.output}\n--- serve log ---\n{log}"
     assert result.status == 0, f"guest failed (status {result.status}):\n{ctx}"

@@ -50,7 +50,8 @@ def record(image, directory: Path, ios: int = RECORD_IOS) -> Path:  # type: igno
                       directory=directory,
                       extra=["--filter", f"0:0=trace:file={trace}"]) as serve:
         result = run_guest(image, RECORD.replace("@IOS@", str(ios)), GuestOptions(
-            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=300))
+            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=300,
+            scan_targets=serve.targets))
         assert "RECORDED" in result.output, result.output
     return trace
 
@@ -102,9 +103,9 @@ def test_vscsi_replay_sends_what_the_guest_sent_when_it_sent_it(recorded, tmp_pa
     --speed 1 on time at the median (a replay that ignored the recorded times, or read
     them in the wrong unit, would be off by seconds). How close the arrivals come at p99
     is a host's figure, measured by bench/replay_timing.py in rounds (docs/replay.md):
-    in steady flow within 2 ms, but the burst after an idle gap of seconds arrives up to
-    30-40 ms late on these machines, whose hypervisor takes back memory a process left
-    untouched, in the replay and in the backend alike."""
+    in steady flow within 1-3 ms, but the burst after an idle gap arrives up to 20-60 ms
+    late on these machines, whose hypervisor takes back memory a process left untouched,
+    in the replay and in the backend alike."""
     rep, m = replay_once(recorded, tmp_path / "run")
     late = rep["late_ms"]
     print(f"arrival |replayed - recorded|: {m.describe()}; the replay sent late by "
@@ -131,7 +132,7 @@ def test_a_recorded_guest_workload_replays_in_fio(recorded, tmp_path, guest_imag
                       directory=tmp_path) as serve:
         result = run_guest(guest_image, REPLAY, GuestOptions(
             vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=300,
-            files={"/iolog": iolog}))
+            scan_targets=serve.targets, files={"/iolog": iolog}))
     m = re.search(r"FIO-JSON (\{.*\})", result.output)
     assert m, result.output
     job = json.loads(m.group(1))["jobs"][0]

@@ -110,7 +110,8 @@ def test_lun_add_resize_remove_under_a_live_guest(guest_image, serve: ServeProce
     from vscsi.vm import Guest, GuestOptions
 
     rpc_path = serve.socket + ".rpc"
-    options = GuestOptions(vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=600)
+    options = GuestOptions(vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=600,
+                           scan_targets=serve.targets)
     with Guest(guest_image, SCRIPT, options) as guest, Client(rpc_path, timeout=120) as rpc:
         guest.wait_for("STEP ADD", timeout=400)
         added = rpc.call("lun_add", spec="0:1=ram:64M")

@@ -35,7 +35,8 @@ def test_blk_mq_per_cpu_map_shows_as_queue_changes(guest_image) -> None:  # type
 
     with ServeProcess([f"{t}:0=ram:16M" for t in range(3)], queues=2) as serve:
         result = run_guest(guest_image, SCRIPT, GuestOptions(
-            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=300))
+            vhost_user_socket=serve.socket, vcpus=2, queues=2, timeout=300,
+            scan_targets=serve.targets))
         assert "STEERING-DONE" in result.output, result.output
         with Client(serve.socket + ".rpc") as rpc:
             steering = rpc.call("steering")

@@ -32,7 +32,8 @@ class Match:
         return (f"p50 {self.p(50):.3f} ms, p99 {self.p(99):.3f} ms, max "
                 f"{self.arrival_ms[-1]:.3f} ms over {len(self.arrival_ms)} commands")
 
-    def after_idle(self, gap: float = 1.0, within: float = 0.05) -> tuple[list[float], list[float]]:
+    def after_idle(self, gap: float = 0.25,
+                   within: float = 0.05) -> tuple[list[float], list[float]]:
         """The arrival errors (sorted) of the commands recorded ``within`` seconds after
         the trace was idle ``gap`` seconds or more, and of the others: how much of the
         tail a host's cold start makes."""

@@ -444,7 +444,7 @@ D0=$(blk 0:0:0:0); D1=$(blk 0:0:0:1)
 [ -b "$D1" ] || fail 11 "no disk 0:0:0:1"
 echo "FIO-START $D0"
 fio --name=r --filename=$D0 --rw=randread --bs=4k --ioengine=libaio --iodepth=4 \
-    --direct=1 --time_based --runtime=8 --eta=never >/tmp/o 2>&1 \
+    --direct=1 --time_based --runtime=6 --eta=never >/tmp/o 2>&1 \
   || { tail -20 /tmp/o; fail 12 "fio on $D0"; }
 echo TOP-GUEST-DONE
 """

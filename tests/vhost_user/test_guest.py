@@ -75,7 +75,8 @@ def test_guest_reboot_keeps_the_backend(guest_image, serve: ServeProcess) -> Non
     after = ("B=$(vscsi-dev 0:0:1:0) || exit 20\n"
              "echo SUM2 $(dd if=$B bs=4k count=64 iflag=direct 2>/dev/null | md5sum)\n")
     result = run_guest(guest_image, before, GuestOptions(vhost_user_socket=serve.socket, vcpus=2,
-                                                   queues=2, timeout=420, after_reboot=after))
+                                                   queues=2, timeout=420, after_reboot=after,
+                                                   scan_targets=serve.targets))
     assert result.status == 0, f"{result.output}\n--- back-end ---\n{serve.output()[-3000:]}"
     sums = dict(line.split(" ", 1) for line in result.output.splitlines()
                 if line.startswith(("SUM1 ", "SUM2 ")))

@@ -42,6 +42,9 @@ class ServeProcess:
                     "--queues", str(queues), *extra]
         for lun in luns:
             self.cmd += ["--lun", lun]
+        # the targets it serves at start (a LUN spec begins T:L=): what a guest's boot
+        # scans (GuestOptions.scan_targets) instead of all 256, seconds under TCG
+        self.targets = tuple(sorted({int(lun.split(":", 1)[0]) for lun in luns}))
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- life
