@@ -451,7 +451,7 @@ def print_tables(console: Console, results: dict) -> None:
             t.add_column(col, justify="right")
         for n, row in rows.items():
             t.add_row(str(n), fmt_spread(row["q1"]), fmt_spread(row["qn"]),
-                      fmt_spread(row["ratio"], "{:.2f}"), gvq._num(row["seed_ratio"], "{:.2f}"))
+                      fmt_spread(row["ratio"], "{:.2f}"), gvq.fmt_num(row["seed_ratio"], "{:.2f}"))
         console.print(t)
     t = Table(title=f"multiqueue ({many}) over single queue, median \\[min-max of the rounds' "
                     f"ratios]")
@@ -462,7 +462,7 @@ def print_tables(console: Console, results: dict) -> None:
     counts = sorted({n for rows in summary.values() for n in rows})
     for n in counts:
         t.add_row(str(n), *(fmt_spread(summary[d].get(n, {}).get("ratio"), "{:.2f}")
-                            for d in summary), gvq._num(seed_ratio(n), "{:.2f}"))
+                            for d in summary), gvq.fmt_num(seed_ratio(n), "{:.2f}"))
     console.print(t)
     st = results.get("steering")
     if st:

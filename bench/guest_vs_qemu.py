@@ -530,7 +530,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def _num(v: float | None, fmt: str = "{:.1f}") -> str:
+def fmt_num(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
@@ -550,16 +550,16 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
         cells = []
         for b in backends:
             m = row["backends"][b.name]
-            cell = _num(m["mb_s"])
+            cell = fmt_num(m["mb_s"])
             if b.kind in ("ours", "qsd") and row["job"] == "idle":
-                cell = _num(m.get("cpu_pct"), "{:.2f}% CPU")
+                cell = fmt_num(m.get("cpu_pct"), "{:.2f}% CPU")
             elif b.kind in ("ours", "qsd"):
-                cell += "\n" + _num(m["cpu_us_per_req"], "{:.1f} µs")
-                cell += "\n" + _num(m.get("sys_us_per_req"), "({:.1f})")
-                cell += "\n" + _num(m.get("wakeups_per_req"), "{:.2f} wake")
-            cell += "\n" + _num(m.get("irqs_per_req"), "{:.2f} irq")
-            cell += "\n" + _num(m.get("guest_cpu_us_per_req"), "{:.0f} µs")
-            cell += "\n" + _num(m.get("guest_busy_pct"), "({:.0f}%)")
+                cell += "\n" + fmt_num(m["cpu_us_per_req"], "{:.1f} µs")
+                cell += "\n" + fmt_num(m.get("sys_us_per_req"), "({:.1f})")
+                cell += "\n" + fmt_num(m.get("wakeups_per_req"), "{:.2f} wake")
+            cell += "\n" + fmt_num(m.get("irqs_per_req"), "{:.2f} irq")
+            cell += "\n" + fmt_num(m.get("guest_cpu_us_per_req"), "{:.0f} µs")
+            cell += "\n" + fmt_num(m.get("guest_busy_pct"), "({:.0f}%)")
             cells.append(cell)
         t.add_row(row["job"], str(row["queues"]), *cells)
     console.print(t)
@@ -572,7 +572,7 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
             r.add_column(n, justify="right")
         for row in rows:
             r.add_row(row["job"], str(row["queues"]),
-                      *(_num(row["ratios"][n], "{:.2f}") for n in names))
+                      *(fmt_num(row["ratios"][n], "{:.2f}") for n in names))
         console.print(r)
     sc = results.get("scaling", {})
     if any(v["ratio"] for v in sc.values()):
@@ -580,7 +580,8 @@ def print_tables(console: Console, results: dict, backends: list[Backend]) -> No
         for col in ("backend", "1 queue", "2 queues", "2q / 1q"):
             s.add_column(col, justify="left" if col == "backend" else "right")
         for name, v in sc.items():
-            s.add_row(name, _num(v["q1_mb_s"]), _num(v["q2_mb_s"]), _num(v["ratio"], "{:.2f}"))
+            s.add_row(name, fmt_num(v["q1_mb_s"]), fmt_num(v["q2_mb_s"]),
+                      fmt_num(v["ratio"], "{:.2f}"))
         console.print(s)
 
 

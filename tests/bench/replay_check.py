@@ -1,7 +1,7 @@
 """What a replay's test checks, given the recorded trace and the trace the replayed
 backend wrote: the same commands (operation, LBA, blocks) in the same order per queue,
-and how far the arrival times differ; and how late the host wakes a sleeper meanwhile,
-which says whether the arrival times can be judged at all."""
+and how far the arrival times differ; for bench/replay_timing.py also which commands
+came after an idle gap, and how late the host wakes a sleeper meanwhile."""
 
 from __future__ import annotations
 
@@ -9,21 +9,23 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from vscsi.bench.replay import arrival_order
 from vscsi.bench.trace import Record, read_trace
-
-
-def percentile(ordered: list[float], pct: float) -> float:
-    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+from vscsi.metrics import percentile
 
 
 @dataclass
 class Match:
     per_queue: dict[int, int]            # queue -> commands matched
-    arrival_ms: list[float]              # |recorded - replayed| offsets, sorted
     # (recorded time, |recorded - replayed| in ms) of each command, in recorded order
-    by_time: list[tuple[float, float]] = field(default_factory=list)
+    by_time: list[tuple[float, float]]
+
+    @cached_property
+    def arrival_ms(self) -> list[float]:
+        """The arrival errors, sorted."""
+        return sorted(err for _, err in self.by_time)
 
     def p(self, pct: float) -> float:
         return percentile(self.arrival_ms, pct)
@@ -78,17 +80,16 @@ def match(recorded: str, replayed: str, keep=lambda r: True) -> Match:
         pairs += zip(want, got[start:start + len(w)], strict=True)
         per_queue[q] = len(w)
     shift = statistics.median(b.time - a.time for a, b in pairs)
-    by_time = sorted((a.time, abs(b.time - a.time - shift) * 1e3) for a, b in pairs)
-    return Match(per_queue, sorted(e for _, e in by_time), by_time)
+    return Match(per_queue, sorted((a.time, abs(b.time - a.time - shift) * 1e3)
+                                   for a, b in pairs))
 
 
 @dataclass
 class HostWakeups:
     """While in its ``with``, a thread sleeps ``period`` seconds at a time and counts how
-    late the host woke it (cyclictest's measure, in a test's terms). A replay sent on time
-    needs two such wake-ups per command (the replay's, the backend's); a host that makes
-    every sleeper late by milliseconds makes any replay late with it, so the arrival
-    times of that run say nothing about the replay."""
+    late the host woke it (cyclictest's measure, in a bench's terms). A replay sent on
+    time needs two such wake-ups per command (the replay's, the backend's): a host that
+    makes every sleeper late by milliseconds makes any replay late with it."""
 
     period: float = 0.002
     late_ms: list[float] = field(default_factory=list)

@@ -50,7 +50,8 @@ cdef class CompiledCoalescer:
         return self.since + self.delay if self.held else -1.0
 
     def deadline(self):
-        return self.since + self.delay if self.held else None
+        cdef double due = self.deadline_c()
+        return None if due < 0 else due
 
     cpdef bint flush(self) except -1:
         cdef long held = self.held

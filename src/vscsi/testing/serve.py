@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from vscsi.scsi.spec import parse_lun_spec
+
 
 class ServeProcess:
     """``vscsi serve --socket PATH --queues N --lun ... --stats FILE [extra...]``; started
@@ -42,9 +44,9 @@ class ServeProcess:
                     "--queues", str(queues), *extra]
         for lun in luns:
             self.cmd += ["--lun", lun]
-        # the targets it serves at start (a LUN spec begins T:L=): what a guest's boot
-        # scans (GuestOptions.scan_targets) instead of all 256, seconds under TCG
-        self.targets = tuple(sorted({int(lun.split(":", 1)[0]) for lun in luns}))
+        # the targets it serves at start: what a guest's boot scans
+        # (GuestOptions.scan_targets) instead of all 256, seconds under TCG
+        self.targets = tuple(sorted({parse_lun_spec(lun).target for lun in luns}))
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- life
